@@ -1,0 +1,1 @@
+//! gridproxy-curtail: grid signals, the pure policy engine, actuators and the ledger.

@@ -1,0 +1,1 @@
+//! gridproxy: the daemon. Listeners, upstream sessions, routing, control.
