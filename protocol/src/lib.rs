@@ -1,1 +1,16 @@
+//! gridproxy-protocol: the sans-IO core of gridproxy. No tokio, no sockets, no clock reads.
+//!
+//! - [`sv1`]: Stratum V1 JSON-RPC messages and a bounded line codec.
+//! - [`sv2`]: Stratum V2 Noise handshake helpers and an encrypted frame codec over `stratum-core`.
+//! - [`share`]: block header assembly, sha256d, target checks.
+//! - [`difficulty`]: difficulty ↔ target conversion and power-of-two rounding.
+//! - [`extranonce`]: per-miner extranonce prefix allocation inside an upstream channel.
+//! - [`vardiff`]: per-miner variable difficulty as a pure state machine.
+#![warn(missing_docs)]
 
+pub mod difficulty;
+pub mod extranonce;
+pub mod share;
+pub mod sv1;
+pub mod sv2;
+pub mod vardiff;

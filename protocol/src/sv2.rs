@@ -1,0 +1,1 @@
+//! Stratum V2 transport helpers (owned by the SV2 work).
