@@ -1,0 +1,1534 @@
+//! The pure, deterministic curtailment policy engine.
+//!
+//! [`Engine`] is a sans-IO state machine in the style of `quinn-proto`: it
+//! never reads a clock or touches the network. Its caller passes `now` into
+//! every call, feeds it inputs through `handle_*` methods and drains its
+//! outputs through `poll_*` methods.
+//!
+//! # Driving the engine
+//!
+//! ```text
+//! loop {
+//!     // inputs, in any order, as they arrive:
+//!     engine.handle_signal(now, signal)?;          // price, DR event, site load, override …
+//!     engine.handle_ack(now, command_id, ack)?;    // actuator answered
+//!     engine.handle_telemetry(now, miner, reading)?; // verification
+//!     engine.handle_timeout(now);                  // when poll_timeout() has passed
+//!     // outputs:
+//!     while let Some(cmd) = engine.poll_action(now) { actuators.send(cmd) }
+//!     while let Some(ev) = engine.poll_event() { ledger.record(ev) }
+//!     sleep_until(engine.poll_timeout());
+//! }
+//! ```
+//!
+//! # What it decides
+//!
+//! Every replan computes a target for each miner ([`Target`]-like: run,
+//! power-limit to W, or curtail) from, in order of precedence:
+//!
+//! 1. a manual override (`RunAll`, `CurtailAll`, `CapKw`);
+//! 2. the safe state, when a required signal is older than its max age;
+//! 3. economics: a miner runs while the price is below its breakeven
+//!    (`1000 × hashprice ÷ (24 × J/TH) × (1 − fee) ÷ PUE`), with a hysteresis
+//!    band and an optional forecast check before waking;
+//! 4. a fleet kW cap: the tightest of active DR events, a dispatch target,
+//!    the balance cap (`contract − other site load`) and an override cap. The
+//!    cap is met by curtailing least efficient miners first, then lowering
+//!    power targets on the next ones to land just below it.
+//!
+//! Targets become commands through a dispatcher that honours min on/off
+//! dwell, a max command rate (sliding one-second window), and staggered
+//! restore (at most N wakes per interval). Each command is verified by
+//! telemetry; a curtailment that fails escalates sleep → power target → park.
+
+mod dispatch;
+mod planner;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::fleet::{ControlSurface, Fleet, FleetError, MinerId, MinerSpec, MinerState, Telemetry};
+use crate::signal::{
+    DispatchSignal, DrEvent, DrTarget, ManualOverride, OverrideMode, PriceSignal, Signal,
+    SignalError, SiteLoadSignal,
+};
+use crate::time::Timestamp;
+
+use dispatch::{Class, QEntry, RateLimiter};
+
+/// Identifier of a command, unique for the life of a ledger (it continues
+/// across restarts via [`Resume::next_command_id`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CommandId(pub u64);
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cmd#{}", self.0)
+    }
+}
+
+/// An upstream pool as numbered by the proxy's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PoolId(pub u32);
+
+/// What to do to one miner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    /// Firmware: stop hashing, standby power.
+    Sleep,
+    /// Firmware: resume hashing.
+    Wake,
+    /// Firmware: set a power target, W (the nominal power clears a limit).
+    SetPowerTarget(u32),
+    /// Proxy: withhold work from the miner.
+    Park,
+    /// Proxy: give work again.
+    Unpark,
+    /// Proxy: route the miner's work to a pool.
+    Reroute(PoolId),
+}
+
+impl Action {
+    /// Whether the proxy (not the firmware) carries it out. Such actions are
+    /// verified by their acknowledgement alone.
+    pub fn is_proxy_side(self) -> bool {
+        matches!(self, Action::Park | Action::Unpark | Action::Reroute(_))
+    }
+
+    /// Stable lower-case name (used in the ledger).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Sleep => "sleep",
+            Action::Wake => "wake",
+            Action::SetPowerTarget(_) => "set_power_target",
+            Action::Park => "park",
+            Action::Unpark => "unpark",
+            Action::Reroute(_) => "reroute",
+        }
+    }
+
+    /// Numeric argument (watts or pool id), if any.
+    pub fn value(self) -> Option<u32> {
+        match self {
+            Action::SetPowerTarget(w) => Some(w),
+            Action::Reroute(p) => Some(p.0),
+            _ => None,
+        }
+    }
+
+    /// Rebuild from [`as_str`](Self::as_str) and [`value`](Self::value).
+    pub fn from_parts(name: &str, value: Option<u32>) -> Option<Action> {
+        Some(match (name, value) {
+            ("sleep", _) => Action::Sleep,
+            ("wake", _) => Action::Wake,
+            ("set_power_target", Some(w)) => Action::SetPowerTarget(w),
+            ("park", _) => Action::Park,
+            ("unpark", _) => Action::Unpark,
+            ("reroute", Some(p)) => Action::Reroute(PoolId(p)),
+            _ => return None,
+        })
+    }
+}
+
+/// A command for an actuator, emitted by [`Engine::poll_action`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Its id; answer with [`Engine::handle_ack`].
+    pub id: CommandId,
+    /// Target miner.
+    pub miner: MinerId,
+    /// The miner's control surface (selects the actuator).
+    pub surface: ControlSurface,
+    /// What to do.
+    pub action: Action,
+    /// When the engine issued it.
+    pub issued_at: Timestamp,
+    /// Whether the miner is meant to stay below nominal after it (what the
+    /// ledger uses to rebuild the curtailed set after a crash).
+    pub curtail: bool,
+}
+
+/// An actuator's answer to a command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ack {
+    /// Accepted by the firmware or proxy. Firmware actions still await
+    /// telemetry; some firmware reports success without effect.
+    Ok,
+    /// Refused or not deliverable.
+    Failed(String),
+}
+
+/// Where the fleet goes when a required signal is stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SafeState {
+    /// Curtail every miner (Soluna-style auto-curtail without dispatch).
+    CurtailAll,
+    /// Drop the constraint that signal drove; keep mining.
+    KeepRunning,
+    /// Keep using the last value of the signal.
+    HoldLast,
+}
+
+/// Max age of one kind of signal and what its staleness means.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Freshness {
+    /// Older than this (by its own `at`) is stale. A signal never received
+    /// is stale this long after the engine started.
+    pub max_age: Duration,
+    /// What to do while stale.
+    pub on_stale: SafeState,
+}
+
+/// Staleness rules per signal kind (`None`: not required).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Staleness {
+    /// Energy price (only checked when [`PolicyConfig::economics`] is set).
+    pub price: Option<Freshness>,
+    /// Site load (only checked when [`PolicyConfig::contract_kw`] is set or
+    /// a site load was ever received).
+    pub site_load: Option<Freshness>,
+    /// Dispatch heartbeat (only checked once a dispatch was received).
+    pub dispatch: Option<Freshness>,
+}
+
+impl Default for Staleness {
+    fn default() -> Self {
+        Staleness {
+            price: Some(Freshness {
+                max_age: Duration::from_secs(15 * 60),
+                on_stale: SafeState::KeepRunning,
+            }),
+            site_load: Some(Freshness {
+                max_age: Duration::from_secs(10),
+                on_stale: SafeState::HoldLast,
+            }),
+            dispatch: Some(Freshness {
+                max_age: Duration::from_secs(4 * 60),
+                on_stale: SafeState::CurtailAll,
+            }),
+        }
+    }
+}
+
+/// Mining economics for price mode.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Economics {
+    /// Hashprice, $ per PH/s per day (updated by [`Signal::Hashprice`]).
+    pub hashprice_usd_per_ph_day: f64,
+    /// Pool fee as a fraction (0.02 = 2 %).
+    pub pool_fee: f64,
+    /// Power usage effectiveness of the site (≥ 1).
+    pub pue: f64,
+    /// Half-width of the hysteresis band around each breakeven, $/MWh.
+    pub hysteresis_usd_per_mwh: f64,
+}
+
+impl Economics {
+    /// Breakeven energy price, $/MWh, for a miner of `j_per_th`.
+    pub fn breakeven_usd_per_mwh(&self, j_per_th: f64) -> f64 {
+        1000.0 * self.hashprice_usd_per_ph_day / (24.0 * j_per_th) * (1.0 - self.pool_fee) / self.pue
+    }
+}
+
+/// Engine configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyConfig {
+    /// Price mode; `None` disables it (mine at any price).
+    pub economics: Option<Economics>,
+    /// Balance mode: contracted site kW to hold while another load swings.
+    pub contract_kw: Option<f64>,
+    /// Headroom kept under the contract, kW.
+    pub balance_margin_kw: f64,
+    /// Fraction below a kW cap to aim for (0.005 = land 0.5 % under).
+    pub target_margin: f64,
+    /// Min time a miner stays on after waking before a price decision may
+    /// curtail it.
+    pub min_on: Duration,
+    /// Min time a miner stays off before it may wake.
+    pub min_off: Duration,
+    /// Obligations (DR, dispatch, balance, override, safe state) may curtail
+    /// a miner inside its min-on dwell.
+    pub obligations_override_min_on: bool,
+    /// Max commands issued in any one-second window.
+    pub max_commands_per_sec: u32,
+    /// Miners restored per batch.
+    pub restore_batch: u32,
+    /// Time between restore batches.
+    pub restore_interval: Duration,
+    /// Signal max ages and safe states.
+    pub staleness: Staleness,
+    /// Time for an actuator to acknowledge a command.
+    pub ack_timeout: Duration,
+    /// Slack over a miner's ramp latency before a command counts as
+    /// unverified.
+    pub verify_grace: Duration,
+    /// Power tolerance in verification, fraction of nominal W.
+    pub verify_tolerance: f64,
+    /// Hashrate above this fraction of nominal counts as hashing.
+    pub hashing_frac: f64,
+    /// Hashrate at or below this fraction of nominal counts as asleep.
+    pub idle_hashrate_frac: f64,
+    /// Power-target changes smaller than this are not sent, W.
+    pub limit_deadband_w: f64,
+    /// Restore/adjust attempts before a miner is reported unresponsive.
+    pub max_retries: u8,
+    /// Wait between restore retries.
+    pub retry_backoff: Duration,
+    /// Extra time allowed before a future DR event's start, on top of the
+    /// estimated time to issue its commands and the miners' ramp.
+    pub dr_lead_margin: Duration,
+    /// After [`Engine::resume`], recovered curtailed miners are held
+    /// curtailed until a fresh signal arrives or this much time passes.
+    pub resume_hold: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            economics: None,
+            contract_kw: None,
+            balance_margin_kw: 0.0,
+            target_margin: 0.005,
+            min_on: Duration::from_secs(300),
+            min_off: Duration::from_secs(600),
+            obligations_override_min_on: true,
+            max_commands_per_sec: 50,
+            restore_batch: 50,
+            restore_interval: Duration::from_secs(30),
+            staleness: Staleness::default(),
+            ack_timeout: Duration::from_secs(10),
+            verify_grace: Duration::from_secs(30),
+            verify_tolerance: 0.05,
+            hashing_frac: 0.3,
+            idle_hashrate_frac: 0.05,
+            limit_deadband_w: 25.0,
+            max_retries: 3,
+            retry_backoff: Duration::from_secs(30),
+            dr_lead_margin: Duration::from_secs(10),
+            resume_hold: Duration::from_secs(300),
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Check ranges.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let bad = |m: &'static str| Err(PolicyError::InvalidConfig(m));
+        if let Some(e) = &self.economics {
+            if !(e.hashprice_usd_per_ph_day.is_finite() && e.hashprice_usd_per_ph_day >= 0.0) {
+                return bad("hashprice must be >= 0");
+            }
+            if !(0.0..1.0).contains(&e.pool_fee) {
+                return bad("pool_fee must be in [0, 1)");
+            }
+            if !(e.pue.is_finite() && e.pue >= 1.0) {
+                return bad("pue must be >= 1");
+            }
+            if !(e.hysteresis_usd_per_mwh.is_finite() && e.hysteresis_usd_per_mwh >= 0.0) {
+                return bad("hysteresis must be >= 0");
+            }
+        }
+        if self.contract_kw.is_some_and(|c| !(c.is_finite() && c >= 0.0)) {
+            return bad("contract_kw must be >= 0");
+        }
+        if !(self.balance_margin_kw.is_finite() && self.balance_margin_kw >= 0.0) {
+            return bad("balance_margin_kw must be >= 0");
+        }
+        if !(0.0..0.5).contains(&self.target_margin) {
+            return bad("target_margin must be in [0, 0.5)");
+        }
+        if self.max_commands_per_sec == 0 {
+            return bad("max_commands_per_sec must be >= 1");
+        }
+        if self.restore_batch == 0 {
+            return bad("restore_batch must be >= 1");
+        }
+        if !(0.0..1.0).contains(&self.verify_tolerance)
+            || !(0.0..=1.0).contains(&self.hashing_frac)
+            || !(0.0..1.0).contains(&self.idle_hashrate_frac)
+        {
+            return bad("verification fractions out of range");
+        }
+        if !(self.limit_deadband_w.is_finite() && self.limit_deadband_w >= 0.0) {
+            return bad("limit_deadband_w must be >= 0");
+        }
+        Ok(())
+    }
+}
+
+/// The constraint that shaped a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Nothing binding: every miner runs.
+    Normal,
+    /// Prices curtail the miners whose breakeven they exceed.
+    Price,
+    /// A DR event's kW limit binds.
+    DrEvent,
+    /// A dispatch kW target binds.
+    Dispatch,
+    /// The balance cap (contract − other load) binds.
+    Balance,
+    /// A manual override decides.
+    Override,
+    /// A stale signal put the fleet in its safe state (curtail all).
+    SafeState,
+}
+
+impl Mode {
+    /// Stable lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::Price => "price",
+            Mode::DrEvent => "dr_event",
+            Mode::Dispatch => "dispatch",
+            Mode::Balance => "balance",
+            Mode::Override => "override",
+            Mode::SafeState => "safe_state",
+        }
+    }
+}
+
+/// One timed step of a [`Plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedAction {
+    /// Estimated issue time (after dwell, rate limit and restore batching).
+    pub at: Timestamp,
+    /// Miner.
+    pub miner: MinerId,
+    /// Next action for it.
+    pub action: Action,
+}
+
+/// The engine's current plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// When it was made.
+    pub at: Timestamp,
+    /// Binding constraint.
+    pub mode: Mode,
+    /// Whether a stale signal applies its safe state.
+    pub safe_state: bool,
+    /// Fleet cap in force, kW.
+    pub cap_kw: Option<f64>,
+    /// Fleet draw once every target is reached, kW (fleet model).
+    pub expected_kw: f64,
+    /// Whether `expected_kw` is at or under `cap_kw`.
+    pub feasible: bool,
+    /// Estimated time the last curtailing action has taken effect.
+    pub reach_at: Timestamp,
+    /// Miners with a pending step, each with its next action, by time.
+    pub actions: Vec<PlannedAction>,
+}
+
+/// A record of one replan, for the ledger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// When.
+    pub at: Timestamp,
+    /// Binding constraint.
+    pub mode: Mode,
+    /// Fleet cap, kW.
+    pub cap_kw: Option<f64>,
+    /// Expected fleet draw, kW.
+    pub expected_kw: f64,
+    /// Miners whose target changed.
+    pub changes: usize,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+/// Life cycle of a DR event inside the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrEventState {
+    /// Known, not yet acting.
+    Scheduled,
+    /// Its cap applies (from its start minus the ramp lead).
+    Active,
+    /// Over (window end or ended by signal).
+    Ended,
+}
+
+impl DrEventState {
+    /// Stable lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrEventState::Scheduled => "scheduled",
+            DrEventState::Active => "active",
+            DrEventState::Ended => "ended",
+        }
+    }
+}
+
+/// Why a command failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailReason {
+    /// The actuator refused it.
+    Rejected(String),
+    /// No acknowledgement within [`PolicyConfig::ack_timeout`].
+    AckTimeout,
+    /// Acknowledged, but telemetry did not confirm it in time.
+    NotVerified,
+}
+
+/// Things the caller should record or surface (drained by
+/// [`Engine::poll_event`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PolicyEvent {
+    /// A replan changed targets, mode or cap.
+    Decision(Decision),
+    /// Telemetry (or, for proxy actions, the ack) confirmed a command.
+    Verified {
+        /// Command.
+        command: CommandId,
+        /// Miner.
+        miner: MinerId,
+        /// When.
+        at: Timestamp,
+    },
+    /// A command failed.
+    CommandFailed {
+        /// Command.
+        command: CommandId,
+        /// Miner.
+        miner: MinerId,
+        /// When.
+        at: Timestamp,
+        /// Why.
+        reason: FailReason,
+    },
+    /// A curtailment moved to its next method.
+    Escalated {
+        /// Miner.
+        miner: MinerId,
+        /// Failed action.
+        from: Action,
+        /// Next action.
+        to: Action,
+        /// When.
+        at: Timestamp,
+    },
+    /// Every method failed, or restores kept failing.
+    Unresponsive {
+        /// Miner.
+        miner: MinerId,
+        /// When.
+        at: Timestamp,
+    },
+    /// Telemetry contradicts an applied curtailment; it is re-sent.
+    Drift {
+        /// Miner.
+        miner: MinerId,
+        /// When.
+        at: Timestamp,
+    },
+    /// Safe state entered (`Some(reason)`) or left (`None`).
+    SafeState {
+        /// When.
+        at: Timestamp,
+        /// Which signal is stale.
+        stale: Option<String>,
+    },
+    /// A DR event changed state.
+    DrEvent {
+        /// When.
+        at: Timestamp,
+        /// The event.
+        event: DrEvent,
+        /// New state.
+        state: DrEventState,
+        /// Site kW when it was received (what a shed is measured from).
+        baseline_kw: f64,
+    },
+}
+
+/// What a restarted engine needs from the ledger (see
+/// [`Ledger::recover`](crate::ledger::Ledger::recover)).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// First command id to use.
+    pub next_command_id: u64,
+    /// Miners whose last command left them curtailed, with that command.
+    pub curtailed: Vec<(MinerId, Action, Timestamp)>,
+    /// DR events not ended, with their baseline kW.
+    pub events: Vec<(DrEvent, f64)>,
+}
+
+/// Engine errors.
+#[derive(Debug, Error, PartialEq)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// Bad configuration.
+    #[error("invalid policy config: {0}")]
+    InvalidConfig(&'static str),
+    /// A signal failed validation.
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    /// Fleet error.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// No such miner.
+    #[error("unknown miner {0}")]
+    UnknownMiner(MinerId),
+    /// No such command in flight (late, duplicate or foreign ack).
+    #[error("unknown or completed command {0}")]
+    UnknownCommand(CommandId),
+}
+
+/// Per-miner target computed by the planner.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Target {
+    Run,
+    Limit(u32),
+    /// `forced`: an obligation, may skip the min-on dwell.
+    Curtail {
+        forced: bool,
+    },
+}
+
+/// What the engine believes has been applied to a miner.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Applied {
+    sleep: bool,
+    limit: Option<u32>,
+    parked: bool,
+    pool: Option<PoolId>,
+}
+
+/// One step of the curtail escalation chain.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CurtailStep {
+    Sleep,
+    Limit(u32),
+    Park,
+}
+
+#[derive(Clone, Debug)]
+struct Ctl {
+    target: Target,
+    applied: Applied,
+    inflight: Option<CommandId>,
+    gen: u32,
+    /// Hashing (not asleep, not parked), for dwell.
+    on: bool,
+    /// Last on/off transition.
+    since: Timestamp,
+    econ_on: bool,
+    esc: u8,
+    limit_broken: bool,
+    retries: u8,
+    restoring: bool,
+    held: bool,
+    unresponsive: bool,
+}
+
+impl Ctl {
+    fn new() -> Ctl {
+        Ctl {
+            target: Target::Run,
+            applied: Applied::default(),
+            inflight: None,
+            gen: 0,
+            on: true,
+            since: Timestamp::ZERO,
+            econ_on: true,
+            esc: 0,
+            limit_broken: false,
+            retries: 0,
+            restoring: false,
+            held: false,
+            unresponsive: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Inflight {
+    idx: u32,
+    action: Action,
+    issued_at: Timestamp,
+    deadline: Timestamp,
+    acked: bool,
+}
+
+#[derive(Clone, Debug)]
+struct EventSlot {
+    ev: DrEvent,
+    baseline_kw: f64,
+    state: DrEventState,
+    activation: Timestamp,
+}
+
+/// The policy engine. See the [module documentation](self) for the call
+/// order.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: PolicyConfig,
+    fleet: Fleet,
+    ctl: Vec<Ctl>,
+    /// Miner indices, least efficient first.
+    order: Vec<u32>,
+    /// `rank[idx]`: position of `idx` in `order`.
+    rank: Vec<u32>,
+    started: Timestamp,
+
+    price: Option<PriceSignal>,
+    site_load: Option<SiteLoadSignal>,
+    dispatch_sig: Option<DispatchSignal>,
+    events: Vec<EventSlot>,
+    override_: Option<ManualOverride>,
+    route: Option<PoolId>,
+
+    stale: Option<String>,
+    plan: Plan,
+    last_decision: Option<(Mode, Option<f64>)>,
+    dirty: bool,
+    next_replan_at: Option<Timestamp>,
+    hold_until: Option<Timestamp>,
+    resumed_at: Option<Timestamp>,
+
+    queues: [BinaryHeap<Reverse<QEntry>>; 3],
+    inflight: HashMap<CommandId, Inflight>,
+    deadlines: BinaryHeap<Reverse<(Timestamp, u64)>>,
+    rate: RateLimiter,
+    restore_window: (Timestamp, u32),
+    next_command: u64,
+    out: VecDeque<PolicyEvent>,
+    scratch: Vec<Target>,
+}
+
+impl Engine {
+    /// An engine for `fleet`, every miner assumed hashing with no command
+    /// history. Call [`resume`](Self::resume) next if a ledger has history.
+    pub fn new(cfg: PolicyConfig, fleet: Fleet, now: Timestamp) -> Result<Engine, PolicyError> {
+        cfg.validate()?;
+        let n = fleet.len();
+        let mut e = Engine {
+            rate: RateLimiter::new(cfg.max_commands_per_sec),
+            cfg,
+            fleet,
+            ctl: vec![Ctl::new(); n],
+            order: Vec::new(),
+            rank: Vec::new(),
+            started: now,
+            price: None,
+            site_load: None,
+            dispatch_sig: None,
+            events: Vec::new(),
+            override_: None,
+            route: None,
+            stale: None,
+            plan: Plan {
+                at: now,
+                mode: Mode::Normal,
+                safe_state: false,
+                cap_kw: None,
+                expected_kw: 0.0,
+                feasible: true,
+                reach_at: now,
+                actions: Vec::new(),
+            },
+            last_decision: None,
+            dirty: true,
+            next_replan_at: None,
+            hold_until: None,
+            resumed_at: None,
+            queues: [BinaryHeap::new(), BinaryHeap::new(), BinaryHeap::new()],
+            inflight: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            restore_window: (Timestamp::ZERO, 0),
+            next_command: 1,
+            out: VecDeque::new(),
+            scratch: Vec::new(),
+        };
+        e.rebuild_order();
+        e.replan(now);
+        Ok(e)
+    }
+
+    /// Restore state recovered from the ledger after a restart: command ids
+    /// continue, open DR events come back, and miners whose last command
+    /// curtailed them stay curtailed (no command is re-sent; wakes wait for a
+    /// fresh signal or [`PolicyConfig::resume_hold`], then the min-off dwell
+    /// from the recorded time, then restore batching).
+    pub fn resume(&mut self, now: Timestamp, resume: Resume) -> Result<(), PolicyError> {
+        self.next_command = self.next_command.max(resume.next_command_id);
+        for (id, action, at) in resume.curtailed {
+            let Some(idx) = self.fleet.index_of(id) else {
+                continue; // miner removed from inventory since
+            };
+            {
+                let c = &mut self.ctl[idx as usize];
+                match action {
+                    Action::Sleep => c.applied.sleep = true,
+                    Action::Park => c.applied.parked = true,
+                    Action::SetPowerTarget(w) => c.applied.limit = Some(w),
+                    _ => continue,
+                }
+                c.held = true;
+                c.econ_on = false;
+                c.on = !c.applied.sleep && !c.applied.parked;
+                c.since = at;
+                c.target = Target::Curtail { forced: false };
+                c.gen = c.gen.wrapping_add(1);
+                c.esc = 0;
+            }
+            // Point the escalation chain at what was applied, so nothing is re-sent.
+            for esc in 0..3u8 {
+                let step = self.curtail_step_at(idx, esc);
+                let matches = matches!(
+                    (step, action),
+                    (Some(CurtailStep::Sleep), Action::Sleep)
+                        | (Some(CurtailStep::Limit(_)), Action::SetPowerTarget(_))
+                        | (Some(CurtailStep::Park), Action::Park)
+                );
+                if matches {
+                    self.ctl[idx as usize].esc = esc;
+                    break;
+                }
+            }
+            let state = self.derive_state(idx);
+            self.fleet.by_index_mut(idx).state = state;
+        }
+        for (ev, baseline_kw) in resume.events {
+            if ev.end.is_some_and(|end| end <= now) {
+                continue;
+            }
+            self.events.retain(|s| s.ev.id != ev.id);
+            self.events.push(EventSlot {
+                activation: ev.start,
+                ev,
+                baseline_kw,
+                state: DrEventState::Scheduled,
+            });
+        }
+        self.resumed_at = Some(now);
+        self.hold_until = Some(now + self.cfg.resume_hold);
+        self.replan(now);
+        Ok(())
+    }
+
+    /// Add a miner to the fleet at runtime (assumed hashing).
+    pub fn add_miner(&mut self, spec: MinerSpec) -> Result<(), PolicyError> {
+        self.fleet.insert(spec)?;
+        self.ctl.push(Ctl::new());
+        self.rebuild_order();
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn rebuild_order(&mut self) {
+        let n = self.fleet.len() as u32;
+        let mut order: Vec<u32> = (0..n).collect();
+        let fleet = &self.fleet;
+        order.sort_by(|&a, &b| {
+            let (sa, sb) = (&fleet.by_index(a).spec, &fleet.by_index(b).spec);
+            sb.j_per_th()
+                .total_cmp(&sa.j_per_th())
+                .then(sa.id.cmp(&sb.id))
+        });
+        let mut rank = vec![0u32; n as usize];
+        for (r, &idx) in order.iter().enumerate() {
+            rank[idx as usize] = r as u32;
+        }
+        self.order = order;
+        self.rank = rank;
+    }
+
+    // ----- getters -----
+
+    /// The configuration.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// The fleet with believed states and last telemetry.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// The current plan (as of the last replan).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Which signal is stale, if the safe state applies.
+    pub fn stale_signal(&self) -> Option<&str> {
+        self.stale.as_deref()
+    }
+
+    /// Commands issued and not yet verified or failed.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether the miner is currently meant to be curtailed (not hashing at
+    /// nominal), as of the last plan.
+    pub fn is_curtail_target(&self, miner: MinerId) -> Option<bool> {
+        let idx = self.fleet.index_of(miner)?;
+        Some(!matches!(self.ctl[idx as usize].target, Target::Run))
+    }
+
+    /// The power target the plan gives the miner, if it is a fine-tune limit.
+    pub fn limit_target(&self, miner: MinerId) -> Option<u32> {
+        let idx = self.fleet.index_of(miner)?;
+        match self.ctl[idx as usize].target {
+            Target::Limit(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// DR events known to the engine with their state.
+    pub fn dr_events(&self) -> impl Iterator<Item = (&DrEvent, DrEventState)> {
+        self.events.iter().map(|s| (&s.ev, s.state))
+    }
+
+    // ----- inputs -----
+
+    /// Feed a signal. Replans immediately; the new plan is in
+    /// [`plan`](Self::plan) and its commands come out of
+    /// [`poll_action`](Self::poll_action).
+    pub fn handle_signal(&mut self, now: Timestamp, signal: Signal) -> Result<(), PolicyError> {
+        signal.validate()?;
+        if self.dirty {
+            self.replan(now);
+        }
+        if self
+            .resumed_at
+            .is_some_and(|r| signal.at() >= r && !matches!(signal, Signal::Route(_)))
+        {
+            self.release_held();
+        }
+        match signal {
+            Signal::Price(p) => {
+                if self.price.as_ref().is_none_or(|old| p.at >= old.at) {
+                    self.price = Some(p);
+                }
+            }
+            Signal::Hashprice(h) => {
+                if let Some(e) = self.cfg.economics.as_mut() {
+                    e.hashprice_usd_per_ph_day = h.usd_per_ph_day;
+                }
+            }
+            Signal::DrEvent(ev) => {
+                let baseline_kw = match self.events.iter().find(|s| s.ev.id == ev.id) {
+                    Some(s) => s.baseline_kw,
+                    None => self.plan.expected_kw + self.external_kw().unwrap_or(0.0),
+                };
+                self.events.retain(|s| s.ev.id != ev.id);
+                self.out.push_back(PolicyEvent::DrEvent {
+                    at: now,
+                    event: ev.clone(),
+                    state: DrEventState::Scheduled,
+                    baseline_kw,
+                });
+                self.events.push(EventSlot {
+                    activation: ev.start,
+                    ev,
+                    baseline_kw,
+                    state: DrEventState::Scheduled,
+                });
+            }
+            Signal::DrEnd { id, .. } => {
+                if let Some(pos) = self.events.iter().position(|s| s.ev.id == id) {
+                    let s = self.events.remove(pos);
+                    self.out.push_back(PolicyEvent::DrEvent {
+                        at: now,
+                        event: s.ev,
+                        state: DrEventState::Ended,
+                        baseline_kw: s.baseline_kw,
+                    });
+                }
+            }
+            Signal::Dispatch(d) => {
+                if self.dispatch_sig.is_none_or(|old| d.at >= old.at) {
+                    self.dispatch_sig = Some(d);
+                }
+            }
+            Signal::SiteLoad(s) => {
+                if self.site_load.is_none_or(|old| s.at >= old.at) {
+                    self.site_load = Some(s);
+                }
+            }
+            Signal::Override(o) => {
+                if matches!(o.mode, OverrideMode::RunAll) {
+                    self.release_held();
+                }
+                self.override_ = match o.mode {
+                    OverrideMode::Clear => None,
+                    _ => Some(o),
+                };
+            }
+            Signal::Route(r) => {
+                self.route = r.pool;
+                for idx in 0..self.ctl.len() as u32 {
+                    self.enqueue(idx, now);
+                }
+            }
+        }
+        self.replan(now);
+        Ok(())
+    }
+
+    /// Feed a telemetry reading. Confirms the miner's in-flight command if
+    /// the reading shows its effect, and detects drift (a curtailed miner
+    /// hashing again), which re-sends the curtailment.
+    pub fn handle_telemetry(
+        &mut self,
+        now: Timestamp,
+        miner: MinerId,
+        t: Telemetry,
+    ) -> Result<(), PolicyError> {
+        let idx = self.fleet.index_of(miner).ok_or(PolicyError::UnknownMiner(miner))?;
+        if !(t.power_w.is_finite() && t.hashrate_ths.is_finite()) {
+            return Err(PolicyError::Signal(SignalError::OutOfRange {
+                kind: "telemetry",
+                field: "power_w/hashrate_ths",
+                value: t.power_w,
+            }));
+        }
+        {
+            let m = self.fleet.by_index_mut(idx);
+            if m.telemetry.is_some_and(|old| old.at > t.at) {
+                return Ok(()); // out of order
+            }
+            m.telemetry = Some(t);
+        }
+        let c = &self.ctl[idx as usize];
+        if let Some(id) = c.inflight {
+            let inf = &self.inflight[&id];
+            if !inf.action.is_proxy_side()
+                && t.at > inf.issued_at
+                && self.verifies(idx, inf.action, &t)
+            {
+                self.complete_ok(id, now);
+            }
+        } else if let Some(step) = self.drift(idx, &t) {
+            let c = &mut self.ctl[idx as usize];
+            match step {
+                Action::Sleep => c.applied.sleep = false,
+                _ => c.applied.limit = None,
+            }
+            c.on = !c.applied.sleep && !c.applied.parked;
+            self.out.push_back(PolicyEvent::Drift { miner, at: now });
+            self.enqueue(idx, now);
+        }
+        let state = self.derive_state(idx);
+        self.fleet.by_index_mut(idx).state = state;
+        Ok(())
+    }
+
+    /// Feed an actuator's answer to a command.
+    pub fn handle_ack(&mut self, now: Timestamp, id: CommandId, ack: Ack) -> Result<(), PolicyError> {
+        let inf = self.inflight.get_mut(&id).ok_or(PolicyError::UnknownCommand(id))?;
+        match ack {
+            Ack::Failed(reason) => self.complete_fail(id, now, FailReason::Rejected(reason)),
+            Ack::Ok if inf.action.is_proxy_side() => self.complete_ok(id, now),
+            Ack::Ok => {
+                inf.acked = true;
+                let idx = inf.idx;
+                let action = inf.action;
+                let ramp = self.fleet.by_index(idx).spec.ramp;
+                let latency = match action {
+                    Action::Sleep => ramp.sleep_latency,
+                    Action::Wake => ramp.wake_latency,
+                    _ => ramp.limit_latency,
+                };
+                let deadline = inf.issued_at + latency + self.cfg.verify_grace;
+                inf.deadline = deadline;
+                let issued_at = inf.issued_at;
+                self.deadlines.push(Reverse((deadline, id.0)));
+                if let Some(t) = self.fleet.by_index(idx).telemetry {
+                    if t.at > issued_at && self.verifies(idx, action, &t) {
+                        self.complete_ok(id, now);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advance time: fail commands past their deadline (escalating
+    /// curtailments), and replan when a signal went stale, an event window
+    /// opened or closed, or an override lapsed.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        while let Some(&Reverse((dl, id))) = self.deadlines.peek() {
+            if dl > now {
+                break;
+            }
+            self.deadlines.pop();
+            let id = CommandId(id);
+            if let Some(inf) = self.inflight.get(&id) {
+                if inf.deadline == dl {
+                    let reason = if inf.acked {
+                        FailReason::NotVerified
+                    } else {
+                        FailReason::AckTimeout
+                    };
+                    self.complete_fail(id, now, reason);
+                }
+            }
+        }
+        if self.next_replan_at.is_some_and(|t| t <= now) {
+            self.dirty = true;
+        }
+        if self.dirty {
+            self.replan(now);
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next command to send, if one is due and the rate limit allows.
+    /// Call until it returns `None`.
+    #[must_use]
+    pub fn poll_action(&mut self, now: Timestamp) -> Option<Command> {
+        if self.dirty {
+            self.replan(now);
+        }
+        for class in 0..3 {
+            while let Some(&Reverse(e)) = self.queues[class].peek() {
+                let c = &self.ctl[e.idx as usize];
+                if e.gen != c.gen || c.inflight.is_some() || c.unresponsive {
+                    self.queues[class].pop();
+                    continue;
+                }
+                if e.not_before > now {
+                    break;
+                }
+                let Some(step) = self.next_step(e.idx) else {
+                    self.queues[class].pop();
+                    continue;
+                };
+                let dwell = self.dwell_until(e.idx, step);
+                if dwell > now {
+                    self.queues[class].pop();
+                    self.queues[class].push(Reverse(QEntry {
+                        not_before: dwell,
+                        ..e
+                    }));
+                    continue;
+                }
+                let restore_start = self.class_of(e.idx, step) == Class::Restore
+                    && !self.ctl[e.idx as usize].restoring;
+                if restore_start {
+                    let (start, count) = self.restore_window;
+                    let end = start + self.cfg.restore_interval;
+                    if now >= end {
+                        self.restore_window = (now, 0);
+                    } else if count >= self.cfg.restore_batch {
+                        self.queues[class].pop();
+                        self.queues[class].push(Reverse(QEntry {
+                            not_before: end,
+                            ..e
+                        }));
+                        continue;
+                    }
+                }
+                if !self.rate.allows(now) {
+                    return None;
+                }
+                self.queues[class].pop();
+                if restore_start {
+                    self.restore_window.1 += 1;
+                    self.ctl[e.idx as usize].restoring = true;
+                }
+                return Some(self.issue(e.idx, step, now));
+            }
+        }
+        None
+    }
+
+    /// Every command due now, in order (convenience over
+    /// [`poll_action`](Self::poll_action)).
+    #[must_use]
+    pub fn poll_actions(&mut self, now: Timestamp) -> Vec<Command> {
+        std::iter::from_fn(|| self.poll_action(now)).collect()
+    }
+
+    /// The next event to record or surface.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<PolicyEvent> {
+        self.out.pop_front()
+    }
+
+    /// When the engine next needs [`handle_timeout`](Self::handle_timeout)
+    /// or [`poll_action`](Self::poll_action), if ever. Call after draining
+    /// `poll_action`.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let mut t: Option<Timestamp> = self.next_replan_at;
+        let mut consider = |x: Timestamp| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some(&Reverse((dl, _))) = self.deadlines.peek() {
+            consider(dl);
+        }
+        for q in &self.queues {
+            if let Some(&Reverse(e)) = q.peek() {
+                consider(e.not_before.max(self.rate.next_slot(e.not_before)));
+            }
+        }
+        t
+    }
+
+    // ----- command life cycle -----
+
+    fn issue(&mut self, idx: u32, action: Action, now: Timestamp) -> Command {
+        let id = CommandId(self.next_command);
+        self.next_command += 1;
+        let deadline = now + self.cfg.ack_timeout;
+        self.inflight.insert(
+            id,
+            Inflight {
+                idx,
+                action,
+                issued_at: now,
+                deadline,
+                acked: false,
+            },
+        );
+        self.deadlines.push(Reverse((deadline, id.0)));
+        self.rate.record(now);
+        let c = &mut self.ctl[idx as usize];
+        c.inflight = Some(id);
+        let spec = &self.fleet.by_index(idx).spec;
+        Command {
+            id,
+            miner: spec.id,
+            surface: spec.surface,
+            action,
+            issued_at: now,
+            curtail: !matches!(c.target, Target::Run),
+        }
+    }
+
+    fn apply(&mut self, idx: u32, action: Action, now: Timestamp) {
+        let nominal = self.fleet.by_index(idx).spec.nominal_w;
+        let c = &mut self.ctl[idx as usize];
+        match action {
+            Action::Sleep => c.applied.sleep = true,
+            Action::Wake => c.applied.sleep = false,
+            Action::SetPowerTarget(w) => {
+                c.applied.limit = if f64::from(w) >= nominal.floor() {
+                    None
+                } else {
+                    Some(w)
+                }
+            }
+            Action::Park => c.applied.parked = true,
+            Action::Unpark => c.applied.parked = false,
+            Action::Reroute(p) => c.applied.pool = Some(p),
+        }
+        let on = !c.applied.sleep && !c.applied.parked;
+        if on != c.on {
+            c.on = on;
+            c.since = now;
+        }
+    }
+
+    fn complete_ok(&mut self, id: CommandId, now: Timestamp) {
+        let Some(inf) = self.inflight.remove(&id) else {
+            return;
+        };
+        let idx = inf.idx;
+        self.ctl[idx as usize].inflight = None;
+        self.apply(idx, inf.action, now);
+        let c = &mut self.ctl[idx as usize];
+        if !matches!(inf.action, Action::Reroute(_)) {
+            c.retries = 0;
+        }
+        let done = self.next_step(idx).is_none();
+        let c = &mut self.ctl[idx as usize];
+        if matches!(c.target, Target::Run) && done {
+            c.esc = 0;
+            c.limit_broken = false;
+            c.restoring = false;
+            c.unresponsive = false;
+        }
+        let state = self.derive_state(idx);
+        self.fleet.by_index_mut(idx).state = state;
+        self.out.push_back(PolicyEvent::Verified {
+            command: id,
+            miner: self.fleet.by_index(idx).spec.id,
+            at: now,
+        });
+        self.enqueue(idx, now);
+    }
+
+    fn complete_fail(&mut self, id: CommandId, now: Timestamp, reason: FailReason) {
+        let Some(inf) = self.inflight.remove(&id) else {
+            return;
+        };
+        let idx = inf.idx;
+        let miner = self.fleet.by_index(idx).spec.id;
+        {
+            let c = &mut self.ctl[idx as usize];
+            c.inflight = None;
+            // Told but unconfirmed: remember, so a restore undoes it.
+            if inf.acked {
+                match inf.action {
+                    Action::Sleep => c.applied.sleep = true,
+                    Action::SetPowerTarget(w) => c.applied.limit = Some(w),
+                    _ => {}
+                }
+            }
+        }
+        self.out.push_back(PolicyEvent::CommandFailed {
+            command: id,
+            miner,
+            at: now,
+            reason,
+        });
+        let target = self.ctl[idx as usize].target;
+        let esc = self.ctl[idx as usize].esc;
+        let step_action = self.curtail_step_at(idx, esc).map(step_to_action);
+        match target {
+            Target::Curtail { .. } if step_action == Some(inf.action) => {
+                let c = &mut self.ctl[idx as usize];
+                c.esc = c.esc.saturating_add(1);
+                let next = self.curtail_step_at(idx, esc + 1);
+                match next {
+                    Some(step) => self.out.push_back(PolicyEvent::Escalated {
+                        miner,
+                        from: inf.action,
+                        to: step_to_action(step),
+                        at: now,
+                    }),
+                    None => {
+                        self.ctl[idx as usize].unresponsive = true;
+                        self.out.push_back(PolicyEvent::Unresponsive { miner, at: now });
+                    }
+                }
+                self.dirty = true;
+                self.enqueue(idx, now);
+            }
+            Target::Limit(_) if matches!(inf.action, Action::SetPowerTarget(_)) => {
+                self.ctl[idx as usize].limit_broken = true;
+                self.dirty = true;
+            }
+            _ => {
+                let c = &mut self.ctl[idx as usize];
+                c.retries = c.retries.saturating_add(1);
+                if c.retries > self.cfg.max_retries {
+                    c.unresponsive = true;
+                    self.out.push_back(PolicyEvent::Unresponsive { miner, at: now });
+                } else {
+                    self.enqueue_at(idx, now + self.cfg.retry_backoff);
+                }
+            }
+        }
+        let state = self.derive_state(idx);
+        self.fleet.by_index_mut(idx).state = state;
+    }
+
+    /// Whether telemetry `t` shows `action` took effect.
+    fn verifies(&self, idx: u32, action: Action, t: &Telemetry) -> bool {
+        let spec = &self.fleet.by_index(idx).spec;
+        let tol = self.cfg.verify_tolerance * spec.nominal_w;
+        match action {
+            Action::Sleep => {
+                t.power_w <= spec.ramp.sleep_w + tol
+                    && t.hashrate_ths <= self.cfg.idle_hashrate_frac * spec.nominal_ths
+            }
+            Action::Wake => t.hashrate_ths >= self.cfg.hashing_frac * spec.nominal_ths,
+            Action::SetPowerTarget(w) => t.power_w <= f64::from(w) + tol && t.hashrate_ths > 0.0,
+            _ => false,
+        }
+    }
+
+    /// The applied curtailment that telemetry `t` contradicts, if any.
+    fn drift(&self, idx: u32, t: &Telemetry) -> Option<Action> {
+        let c = &self.ctl[idx as usize];
+        if matches!(c.target, Target::Run) {
+            return None;
+        }
+        let spec = &self.fleet.by_index(idx).spec;
+        if c.applied.sleep && !c.applied.parked && t.hashrate_ths >= self.cfg.hashing_frac * spec.nominal_ths {
+            return Some(Action::Sleep);
+        }
+        if let Some(w) = c.applied.limit {
+            let tol = self.cfg.verify_tolerance * spec.nominal_w;
+            if !c.applied.sleep && t.power_w > f64::from(w) + tol {
+                return Some(Action::SetPowerTarget(w));
+            }
+        }
+        None
+    }
+
+    fn derive_state(&self, idx: u32) -> MinerState {
+        let c = &self.ctl[idx as usize];
+        let m = self.fleet.by_index(idx);
+        if c.applied.parked {
+            MinerState::Parked
+        } else if c.applied.sleep {
+            MinerState::Sleeping
+        } else if let Some(w) = c.applied.limit {
+            MinerState::PowerLimited(w)
+        } else if m
+            .telemetry
+            .is_some_and(|t| t.hashrate_ths >= self.cfg.hashing_frac * m.spec.nominal_ths)
+        {
+            MinerState::Hashing
+        } else {
+            MinerState::Unknown
+        }
+    }
+
+    // ----- per-miner reconcile -----
+
+    /// Step `esc` of the miner's curtail chain: sleep (if the firmware can),
+    /// power target at its minimum (if it can), park.
+    fn curtail_step_at(&self, idx: u32, esc: u8) -> Option<CurtailStep> {
+        let spec = &self.fleet.by_index(idx).spec;
+        let caps = spec.capabilities();
+        let mut k = esc;
+        if caps.sleep {
+            if k == 0 {
+                return Some(CurtailStep::Sleep);
+            }
+            k -= 1;
+        }
+        if caps.power_target && !self.ctl[idx as usize].limit_broken {
+            if k == 0 {
+                return Some(CurtailStep::Limit(spec.ramp.min_power_w as u32));
+            }
+            k -= 1;
+        }
+        (k == 0).then_some(CurtailStep::Park)
+    }
+
+    /// Next command to move the miner toward its target, if any.
+    fn next_step(&self, idx: u32) -> Option<Action> {
+        let c = &self.ctl[idx as usize];
+        if c.inflight.is_some() {
+            return None;
+        }
+        let spec = &self.fleet.by_index(idx).spec;
+        let a = c.applied;
+        let power = match c.target {
+            Target::Curtail { .. } => match self.curtail_step_at(idx, c.esc) {
+                Some(CurtailStep::Sleep) if !a.sleep => Some(Action::Sleep),
+                Some(CurtailStep::Limit(w)) if a.limit != Some(w) => Some(Action::SetPowerTarget(w)),
+                Some(CurtailStep::Park) if !a.parked => Some(Action::Park),
+                _ => None,
+            },
+            Target::Limit(w) => {
+                if a.parked {
+                    Some(Action::Unpark)
+                } else if a.sleep {
+                    Some(Action::Wake)
+                } else {
+                    let current = a.limit.map_or(spec.nominal_w, f64::from);
+                    ((current - f64::from(w)).abs() > self.cfg.limit_deadband_w)
+                        .then_some(Action::SetPowerTarget(w))
+                }
+            }
+            Target::Run => {
+                if a.parked {
+                    Some(Action::Unpark)
+                } else if a.sleep {
+                    Some(Action::Wake)
+                } else {
+                    a.limit
+                        .is_some()
+                        .then_some(Action::SetPowerTarget(spec.nominal_w.floor() as u32))
+                }
+            }
+        };
+        power.or_else(|| match (self.route, a.pool) {
+            (Some(p), cur) if cur != Some(p) && !a.parked => Some(Action::Reroute(p)),
+            _ => None,
+        })
+    }
+
+    fn class_of(&self, idx: u32, step: Action) -> Class {
+        let c = &self.ctl[idx as usize];
+        match step {
+            Action::Sleep | Action::Park => Class::Curtail,
+            Action::Wake | Action::Unpark => Class::Restore,
+            Action::SetPowerTarget(w) => {
+                let nominal = self.fleet.by_index(idx).spec.nominal_w;
+                let current = c.applied.limit.map_or(nominal, f64::from);
+                if f64::from(w) < current {
+                    Class::Curtail
+                } else {
+                    Class::Adjust
+                }
+            }
+            Action::Reroute(_) => Class::Adjust,
+        }
+    }
+
+    /// Earliest time dwell rules allow `step`.
+    fn dwell_until(&self, idx: u32, step: Action) -> Timestamp {
+        let c = &self.ctl[idx as usize];
+        match step {
+            Action::Sleep | Action::Park if c.on => {
+                let forced = matches!(c.target, Target::Curtail { forced: true });
+                if forced && self.cfg.obligations_override_min_on {
+                    Timestamp::ZERO
+                } else {
+                    c.since + self.cfg.min_on
+                }
+            }
+            Action::Wake | Action::Unpark if !c.on => c.since + self.cfg.min_off,
+            _ => Timestamp::ZERO,
+        }
+    }
+
+    fn enqueue(&mut self, idx: u32, now: Timestamp) {
+        self.enqueue_at(idx, now);
+    }
+
+    fn enqueue_at(&mut self, idx: u32, not_before: Timestamp) {
+        let c = &self.ctl[idx as usize];
+        if c.inflight.is_some() || c.unresponsive {
+            return;
+        }
+        let Some(step) = self.next_step(idx) else {
+            return;
+        };
+        let class = self.class_of(idx, step);
+        let rank = match class {
+            Class::Restore => self.order.len() as u32 - self.rank[idx as usize],
+            _ => self.rank[idx as usize],
+        };
+        let not_before = not_before.max(self.dwell_until(idx, step));
+        self.queues[class as usize].push(Reverse(QEntry {
+            not_before,
+            rank,
+            idx,
+            gen: c.gen,
+        }));
+    }
+
+    fn release_held(&mut self) {
+        if self.hold_until.take().is_some() {
+            for c in &mut self.ctl {
+                c.held = false;
+            }
+            self.dirty = true;
+        }
+    }
+
+    fn external_kw(&self) -> Option<f64> {
+        self.site_load.map(|s| s.external_kw)
+    }
+}
+
+fn step_to_action(s: CurtailStep) -> Action {
+    match s {
+        CurtailStep::Sleep => Action::Sleep,
+        CurtailStep::Limit(w) => Action::SetPowerTarget(w),
+        CurtailStep::Park => Action::Park,
+    }
+}
