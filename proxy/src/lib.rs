@@ -1,1 +1,17 @@
-//! gridproxy: the daemon. Listeners, upstream sessions, routing, control.
+//! gridproxy: the daemon.
+//!
+//! - [`config`]: the TOML file, validated.
+//! - [`upstream`]: one task per pool (SV2 extended channel or SV1), publishing jobs on a `watch`.
+//! - [`downstream`]: listeners and one task per miner (SV1 here; SV2 in `downstream::sv2`).
+//! - [`router`]: which pool each miner hashes for: priority failover, fail-back, weighted split, park, move.
+//! - [`stats`]: per-worker and per-pool counters.
+//! - [`proxy`]: wiring it all together (`Proxy::start`).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod downstream;
+pub mod proxy;
+pub mod router;
+pub mod stats;
+pub mod sv2_io;
+pub mod upstream;

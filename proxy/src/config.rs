@@ -1,0 +1,362 @@
+//! TOML configuration: pools, listeners, limits, difficulty.
+//!
+//! Every key has a default except the pool list; unknown keys are refused so a
+//! typo does not silently fall back to a default.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Upstream pools, by priority (lowest `priority` first).
+    pub pools: Vec<PoolConfig>,
+    /// Downstream listeners.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Per-connection and global limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Miner difficulty.
+    #[serde(default)]
+    pub difficulty: DifficultyConfig,
+    /// Failover and split.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Extranonce layout.
+    #[serde(default)]
+    pub extranonce: ExtranonceConfig,
+}
+
+/// Upstream protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolProtocol {
+    /// Stratum V2 over Noise.
+    Sv2,
+    /// Stratum V1 (JSON lines).
+    Sv1,
+}
+
+/// One upstream pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// A short name for logs and stats.
+    pub name: String,
+    /// host:port (an IP address; names are not resolved here).
+    pub address: SocketAddr,
+    /// `sv2` or `sv1`.
+    pub protocol: PoolProtocol,
+    /// SV2: the pool's authority public key (base58), pinned.
+    #[serde(default)]
+    pub authority_pubkey: Option<String>,
+    /// Account / user identity sent upstream.
+    pub user: String,
+    /// SV1 password.
+    #[serde(default = "default_password")]
+    pub password: String,
+    /// Lower is preferred; equal priorities share by `weight`.
+    #[serde(default)]
+    pub priority: u32,
+    /// Share of hashrate among pools of the same priority (any positive scale).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// SV2: nominal hashrate announced when opening the channel (H/s).
+    #[serde(default = "default_nominal")]
+    pub nominal_hashrate: f32,
+}
+
+fn default_password() -> String {
+    "x".into()
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_nominal() -> f32 {
+    1.0e6
+}
+
+/// Listener addresses. Loopback unless configured otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// SV1 (JSON lines) listener.
+    #[serde(default = "default_sv1")]
+    pub sv1: Option<SocketAddr>,
+    /// SV2 (Noise) listener.
+    #[serde(default)]
+    pub sv2: Option<SocketAddr>,
+    /// SV2 listener authority public key (base58).
+    #[serde(default)]
+    pub sv2_authority_pubkey: Option<String>,
+    /// SV2 listener authority secret key (base58).
+    #[serde(default)]
+    pub sv2_authority_secret: Option<String>,
+}
+
+fn default_sv1() -> Option<SocketAddr> {
+    Some("127.0.0.1:3333".parse().expect("literal"))
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            sv1: default_sv1(),
+            sv2: None,
+            sv2_authority_pubkey: None,
+            sv2_authority_secret: None,
+        }
+    }
+}
+
+/// Limits that keep one bad peer from hurting the rest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest SV1 line (bytes).
+    pub max_line: usize,
+    /// Largest SV2 frame payload (bytes).
+    pub max_frame: usize,
+    /// Concurrent downstream connections.
+    pub max_connections: usize,
+    /// Submits per second per connection before it is dropped (sustained).
+    pub submits_per_second: u32,
+    /// Time to finish subscribe/authorize (or the Noise handshake), seconds.
+    pub handshake_timeout_secs: u64,
+    /// Drop a connection silent for this long, seconds.
+    pub idle_timeout_secs: u64,
+    /// Longest worker name kept (longer names are truncated).
+    pub max_worker_name: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line: gridproxy_protocol::sv1::DEFAULT_MAX_LINE,
+            max_frame: 64 * 1024,
+            max_connections: 19_000,
+            submits_per_second: 200,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 600,
+            max_worker_name: 128,
+        }
+    }
+}
+
+impl Limits {
+    /// Handshake timeout as a Duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    /// Idle timeout as a Duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+/// Miner difficulty settings (vardiff).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DifficultyConfig {
+    /// First difficulty given to a miner.
+    pub initial: f64,
+    /// Floor (rounded up to a power of two).
+    pub min: f64,
+    /// Ceiling.
+    pub max: f64,
+    /// Shares per minute per miner to aim for.
+    pub shares_per_minute: f64,
+    /// Retarget interval, seconds.
+    pub retarget_secs: u64,
+    /// Honour `mining.suggest_difficulty` (within min/max).
+    pub accept_suggestions: bool,
+}
+
+impl Default for DifficultyConfig {
+    fn default() -> Self {
+        Self {
+            initial: 4096.0,
+            min: 1.0,
+            max: 1e15,
+            shares_per_minute: 12.0,
+            retarget_secs: 60,
+            accept_suggestions: true,
+        }
+    }
+}
+
+/// Failover and split settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Fail over when a connected pool sends no job for this long, seconds.
+    pub no_job_timeout_secs: u64,
+    /// A recovered higher-priority pool must stay up this long before miners move back, seconds.
+    pub failback_cooldown_secs: u64,
+    /// Rebalance the weighted split this often, seconds.
+    pub rebalance_secs: u64,
+    /// Upstream reconnect delay (first; doubles up to 10 s), milliseconds.
+    pub reconnect_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            no_job_timeout_secs: 120,
+            failback_cooldown_secs: 60,
+            rebalance_secs: 10,
+            reconnect_ms: 200,
+        }
+    }
+}
+
+/// How the upstream extranonce space is split.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtranonceConfig {
+    /// Bytes that tell miners apart (3 = 16.7 M miners).
+    pub miner_bytes: usize,
+    /// Bytes each miner rolls (extranonce2 size, 4–8).
+    pub extranonce2_size: usize,
+}
+
+impl Default for ExtranonceConfig {
+    fn default() -> Self {
+        Self {
+            miner_bytes: 3,
+            extranonce2_size: 4,
+        }
+    }
+}
+
+/// A config error naming the file, line and key where possible.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// file
+        path: String,
+        /// io error
+        source: std::io::Error,
+    },
+    /// TOML or type errors (the message carries line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// file
+        path: String,
+        /// parser message
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// file
+        path: String,
+        /// offending key
+        key: String,
+        /// what is wrong
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: p.clone(), source: e })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parse and validate config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Invalid { path: origin.to_string(), key, message };
+        if self.pools.is_empty() {
+            return Err(bad("pools".into(), "at least one [[pools]] entry is needed".into()));
+        }
+        for (i, p) in self.pools.iter().enumerate() {
+            if p.protocol == PoolProtocol::Sv2 {
+                match &p.authority_pubkey {
+                    None => return Err(bad(format!("pools[{i}].authority_pubkey"), "required for an sv2 pool (pin the pool's key)".into())),
+                    Some(k) => {
+                        k.parse::<gridproxy_protocol::sv2::AuthorityPublicKey>()
+                            .map_err(|e| bad(format!("pools[{i}].authority_pubkey"), e.to_string()))?;
+                    }
+                }
+            }
+            if !(p.weight.is_finite() && p.weight > 0.0) {
+                return Err(bad(format!("pools[{i}].weight"), "must be a positive number".into()));
+            }
+        }
+        let en = &self.extranonce;
+        if !(4..=8).contains(&en.extranonce2_size) {
+            return Err(bad("extranonce.extranonce2_size".into(), "must be 4..=8 (longer breaks some firmware)".into()));
+        }
+        if !(1..=4).contains(&en.miner_bytes) {
+            return Err(bad("extranonce.miner_bytes".into(), "must be 1..=4".into()));
+        }
+        let d = &self.difficulty;
+        if !(d.min > 0.0 && d.max >= d.min && d.initial > 0.0 && d.shares_per_minute > 0.0) {
+            return Err(bad("difficulty".into(), "need 0 < min <= max, initial > 0, shares_per_minute > 0".into()));
+        }
+        if self.listen.sv2.is_some() && (self.listen.sv2_authority_pubkey.is_none() || self.listen.sv2_authority_secret.is_none()) {
+            return Err(bad("listen.sv2_authority_secret".into(), "an sv2 listener needs sv2_authority_pubkey and sv2_authority_secret".into()));
+        }
+        if self.limits.max_connections == 0 || self.limits.max_line < 256 {
+            return Err(bad("limits".into(), "max_connections must be > 0 and max_line >= 256".into()));
+        }
+        Ok(())
+    }
+
+    /// Pools sorted by priority, keeping file order within a priority.
+    pub fn pool_order(&self) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.pools.len()).collect();
+        idx.sort_by_key(|&i| self.pools[i].priority);
+        idx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72";
+
+    fn ok(extra: &str) -> String {
+        format!("[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv2'\nauthority_pubkey='{KEY}'\nuser='u'\n{extra}")
+    }
+
+    #[test]
+    fn minimal_config_parses_with_loopback_defaults() {
+        let c = Config::parse(&ok(""), "t.toml").unwrap();
+        assert_eq!(c.listen.sv1.unwrap().ip().to_string(), "127.0.0.1");
+        assert_eq!(c.extranonce.extranonce2_size, 4);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let e = Config::parse(&ok("[limits]\nmax_lien = 5\n"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("max_lien") && e.contains("line 7"), "{e}");
+        let e = Config::parse(&ok("[extranonce]\nextranonce2_size = 12\n"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("extranonce.extranonce2_size"), "{e}");
+        let e = Config::parse("[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv2'\nuser='u'\n", "t.toml").unwrap_err().to_string();
+        assert!(e.contains("pools[0].authority_pubkey"), "{e}");
+        let e = Config::parse(&ok("").replace(KEY, "notakey"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("pools[0].authority_pubkey"), "{e}");
+        let e = Config::parse(&ok("").replace("127.0.0.1:1", "nowhere"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("address") && e.contains("line 3"), "{e}");
+    }
+}

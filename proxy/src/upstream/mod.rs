@@ -1,0 +1,124 @@
+//! Upstream sessions. Each pool gets one task that owns its connection,
+//! reconnects with backoff, and publishes a [`PoolView`] (current job, share
+//! target, extranonce space) on a `watch` channel. Miner sessions read the
+//! view and send [`UpShare`]s back on a bounded mpsc; the task accounts the
+//! pool's answers to each share's worker.
+//!
+//! Jobs are normalised so SV1 and SV2 upstreams look alike downstream:
+//! `coinbase_prefix` already includes whatever extranonce the pool fixed
+//! (SV2 channel prefix, SV1 extranonce1); the proxy rolls the next
+//! `rollable` bytes.
+
+pub mod sv1;
+pub mod sv2;
+
+use crate::stats::{PoolStats, WorkerStats};
+use gridproxy_protocol::difficulty::Target;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// A job id as the pool knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UpJobId {
+    /// SV2 job id.
+    Sv2(u32),
+    /// SV1 job id string.
+    Sv1(String),
+}
+
+/// A job normalised across upstream protocols.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpJob {
+    /// The pool's id for the job.
+    pub id: UpJobId,
+    /// Block version before rolling.
+    pub version: u32,
+    /// Version bits miners may roll (0 = none).
+    pub version_mask: u32,
+    /// Previous block hash, internal byte order.
+    pub prev_hash: [u8; 32],
+    /// Compact network target.
+    pub nbits: u32,
+    /// Job time.
+    pub ntime: u32,
+    /// Coinbase bytes before the proxy's rollable extranonce bytes.
+    pub coinbase_prefix: Vec<u8>,
+    /// Coinbase bytes after them.
+    pub coinbase_suffix: Vec<u8>,
+    /// Merkle branch, internal byte order.
+    pub merkle_branch: Vec<[u8; 32]>,
+    /// Earlier jobs are void (new block).
+    pub clean: bool,
+}
+
+/// A share worth sending to the pool.
+#[derive(Debug)]
+pub struct UpShare {
+    /// The pool's job id.
+    pub job_id: UpJobId,
+    /// Exactly `rollable` bytes: miner part ‖ extranonce2 ‖ padding.
+    pub extranonce: Vec<u8>,
+    /// Header time.
+    pub ntime: u32,
+    /// Header nonce.
+    pub nonce: u32,
+    /// Full block version (after rolling).
+    pub version: u32,
+    /// Difficulty the share was judged at upstream (for accounting).
+    pub difficulty: f64,
+    /// The worker to credit with the pool's answer.
+    pub worker: Arc<WorkerStats>,
+    /// The connection epoch of the view the share was built from; shares
+    /// from an earlier connection are not sent.
+    pub epoch: u64,
+}
+
+/// What miners need to know about a pool right now.
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    /// Connected, set up and has a job.
+    pub live: bool,
+    /// Increments on every (re)connect.
+    pub epoch: u64,
+    /// The latest job.
+    pub job: Option<Arc<UpJob>>,
+    /// The pool's share target for this channel.
+    pub target: Target,
+    /// Extranonce bytes the proxy may roll.
+    pub rollable: usize,
+    /// Where to send shares.
+    pub submit: mpsc::Sender<UpShare>,
+}
+
+/// The handles to one running upstream.
+#[derive(Clone)]
+pub struct PoolHandle {
+    /// Index in the config's pool list.
+    pub index: usize,
+    /// Counters.
+    pub stats: Arc<PoolStats>,
+    /// The live view.
+    pub view: watch::Receiver<PoolView>,
+}
+
+/// Bound on shares queued for one pool (back-pressure, not buffering).
+pub const SUBMIT_QUEUE: usize = 65_536;
+
+/// Create the view channel and share queue for a pool.
+pub fn channels() -> (watch::Sender<PoolView>, watch::Receiver<PoolView>, mpsc::Receiver<UpShare>) {
+    let (tx, rx) = mpsc::channel(SUBMIT_QUEUE);
+    let (vtx, vrx) = watch::channel(PoolView {
+        live: false,
+        epoch: 0,
+        job: None,
+        target: Target::MAX,
+        rollable: 0,
+        submit: tx,
+    });
+    (vtx, vrx, rx)
+}
+
+/// Backoff for reconnects: doubles from `first` up to 10 s.
+pub fn next_backoff(cur: std::time::Duration) -> std::time::Duration {
+    (cur * 2).min(std::time::Duration::from_secs(10))
+}

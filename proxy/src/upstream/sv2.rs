@@ -1,0 +1,412 @@
+//! SV2 upstream: Noise with the pool's authority key pinned, one extended
+//! channel, jobs normalised into [`UpJob`]s, shares sent as
+//! `SubmitSharesExtended` and the pool's answers credited per worker.
+
+use super::{next_backoff, PoolView, UpJob, UpJobId, UpShare};
+use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
+use crate::sv2_io::{connect_noise, next_msg, unix_now};
+use crate::stats::{PoolStats, WorkerStats};
+use futures::SinkExt;
+use gridproxy_protocol::difficulty::Target;
+use gridproxy_protocol::sv2::{
+    common_messages_sv2::{Protocol, SetupConnectionOwned},
+    mining_sv2::{OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned},
+    AuthorityPublicKey, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// BIP320 general-purpose version bits, granted when the pool allows rolling.
+pub const BIP320_MASK: u32 = 0x1fff_e000;
+
+/// Everything one SV2 upstream task needs.
+pub struct Sv2Upstream {
+    /// Pool settings.
+    pub pool: PoolConfig,
+    /// Routing timeouts.
+    pub routing: RoutingConfig,
+    /// Extranonce layout (how many bytes to ask for).
+    pub extranonce: ExtranonceConfig,
+    /// Counters.
+    pub stats: Arc<PoolStats>,
+}
+
+struct Pending {
+    worker: Arc<WorkerStats>,
+    difficulty: f64,
+}
+
+/// Per-connection state.
+struct Conn {
+    channel_id: u32,
+    extranonce_prefix: Vec<u8>,
+    rollable: usize,
+    target: Target,
+    future_jobs: HashMap<u32, Job>,
+    last_job: Option<Job>,
+    tip: Option<([u8; 32], u32, u32)>,
+    seq: u32,
+    pending: BTreeMap<u32, Pending>,
+    last_job_at: Instant,
+}
+
+#[derive(Clone)]
+struct Job {
+    id: u32,
+    version: u32,
+    rolling: bool,
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+    path: Vec<[u8; 32]>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Transport / Noise / framing problems, including a wrong authority key.
+    #[error(transparent)]
+    Sv2(#[from] gridproxy_protocol::sv2::Sv2Error),
+    /// The pool said no or broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+    /// No job for the configured time.
+    #[error("no job from the pool for {0:?}")]
+    NoJob(Duration),
+    /// Shutting down.
+    #[error("shutdown")]
+    Shutdown,
+}
+
+impl Sv2Upstream {
+    /// Run until shutdown: connect, serve, reconnect with backoff.
+    pub async fn run(
+        self,
+        view: watch::Sender<PoolView>,
+        mut shares: mpsc::Receiver<UpShare>,
+        shutdown: CancellationToken,
+    ) {
+        let key: AuthorityPublicKey = match self.pool.authority_pubkey.as_deref().map(str::parse) {
+            Some(Ok(k)) => k,
+            _ => {
+                // Config validation refuses this; keep the task from spinning anyway.
+                warn!(pool = %self.pool.name, "no valid authority_pubkey; upstream disabled");
+                return;
+            }
+        };
+        let first = Duration::from_millis(self.routing.reconnect_ms.max(10));
+        let mut backoff = first;
+        loop {
+            let started = Instant::now();
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => Err(UpstreamError::Shutdown),
+                r = self.session(&key, &view, &mut shares) => r,
+            };
+            view.send_modify(|v| v.live = false);
+            match r {
+                Err(UpstreamError::Shutdown) => return,
+                Err(e) => warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down"),
+                Ok(()) => {}
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = first;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff);
+        }
+    }
+
+    async fn open(&self, key: &AuthorityPublicKey) -> Result<(Framed<TcpStream, NoiseCodec>, Conn), UpstreamError> {
+        let addr = self.pool.address;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| UpstreamError::Protocol(format!("connect {addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut framed = connect_noise(stream, key).await.map_err(|e| match e {
+            gridproxy_protocol::sv2::Sv2Error::BadCertificate => UpstreamError::Protocol(format!(
+                "pool {} at {addr} is not signed by the pinned authority_pubkey {key}: refusing it",
+                self.pool.name
+            )),
+            other => other.into(),
+        })?;
+        let setup = SetupConnectionOwned {
+            protocol: Protocol::MiningProtocol,
+            min_version: 2,
+            max_version: 2,
+            flags: 0,
+            endpoint_host: addr.ip().to_string().try_into().map_err(|_| proto("endpoint host"))?,
+            endpoint_port: addr.port(),
+            vendor: "gridproxy".to_string().try_into().map_err(|_| proto("vendor"))?,
+            hardware_version: "proxy".to_string().try_into().map_err(|_| proto("hw"))?,
+            firmware: env!("CARGO_PKG_VERSION").to_string().try_into().map_err(|_| proto("fw"))?,
+            device_id: "gridproxy".to_string().try_into().map_err(|_| proto("device"))?,
+        };
+        framed.send(Message::Common(CommonMessagesOwned::SetupConnection(setup))).await?;
+        match next_msg(&mut framed).await? {
+            Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}
+            Message::Common(CommonMessagesOwned::SetupConnectionError(e)) => {
+                return Err(UpstreamError::Protocol(format!(
+                    "SetupConnection refused: {}",
+                    String::from_utf8_lossy(e.error_code.as_bytes())
+                )))
+            }
+            other => return Err(UpstreamError::Protocol(format!("expected SetupConnection.Success, got {}", name(&other)))),
+        }
+        let need = (self.extranonce.miner_bytes + self.extranonce.extranonce2_size) as u16;
+        let open = OpenExtendedMiningChannelOwned {
+            request_id: 1,
+            user_identity: truncate_identity(&self.pool.user).try_into().map_err(|_| proto("user identity"))?,
+            nominal_hash_rate: self.pool.nominal_hashrate,
+            max_target: [0xff; 32].into(),
+            min_extranonce_size: need,
+        };
+        framed.send(Message::Mining(MiningOwned::OpenExtendedMiningChannel(open))).await?;
+        // Jobs may come right after the success; they are handled in the main loop.
+        loop {
+            match next_msg(&mut framed).await? {
+                Message::Mining(MiningOwned::OpenExtendedMiningChannelSuccess(s)) => {
+                    let rollable = s.extranonce_size as usize;
+                    if rollable < need as usize {
+                        return Err(UpstreamError::Protocol(format!(
+                            "pool gave {rollable} extranonce bytes, need {need}"
+                        )));
+                    }
+                    let conn = Conn {
+                        channel_id: s.channel_id,
+                        extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),
+                        rollable,
+                        target: Target::from_le_bytes(s.target.to_array()),
+                        future_jobs: HashMap::new(),
+                        last_job: None,
+                        tip: None,
+                        seq: 0,
+                        pending: BTreeMap::new(),
+                        last_job_at: Instant::now(),
+                    };
+                    return Ok((framed, conn));
+                }
+                Message::Mining(MiningOwned::OpenMiningChannelError(e)) => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "OpenExtendedMiningChannel refused: {}",
+                        String::from_utf8_lossy(e.error_code.as_bytes())
+                    )))
+                }
+                other => debug!(pool = %self.pool.name, msg = name(&other), "ignored before channel open"),
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        key: &AuthorityPublicKey,
+        view: &watch::Sender<PoolView>,
+        shares: &mut mpsc::Receiver<UpShare>,
+    ) -> Result<(), UpstreamError> {
+        let (mut framed, mut conn) = tokio::time::timeout(Duration::from_secs(10), self.open(key))
+            .await
+            .map_err(|_| UpstreamError::Protocol("setup timed out".into()))??;
+        self.stats.connects.inc();
+        let epoch = view.borrow().epoch + 1;
+        view.send_modify(|v| {
+            v.epoch = epoch;
+            v.live = false;
+            v.job = None;
+            v.target = conn.target;
+            v.rollable = conn.rollable;
+        });
+        info!(pool = %self.pool.name, channel = conn.channel_id, rollable = conn.rollable, "sv2 upstream channel open");
+        let no_job = Duration::from_secs(self.routing.no_job_timeout_secs.max(1));
+        let result = loop {
+            let deadline = conn.last_job_at + no_job;
+            tokio::select! {
+                f = next_msg(&mut framed) => {
+                    let msg = match f {
+                        Ok(m) => m,
+                        Err(e) => break Err(e.into()),
+                    };
+                    if let Err(e) = self.handle(&mut conn, msg, view, epoch) {
+                        break Err(e);
+                    }
+                }
+                s = shares.recv() => {
+                    let Some(s) = s else { break Ok(()) };
+                    // Send this share and whatever else is queued in one flush.
+                    let mut batch = vec![s];
+                    while batch.len() < 256 {
+                        match shares.try_recv() {
+                            Ok(s) => batch.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut err = None;
+                    for s in batch {
+                        if s.epoch != epoch {
+                            continue; // built for an earlier connection: the pool no longer knows its job
+                        }
+                        let UpJobId::Sv2(job_id) = s.job_id else { continue };
+                        conn.seq = conn.seq.wrapping_add(1);
+                        let submit = SubmitSharesExtendedOwned {
+                            channel_id: conn.channel_id,
+                            sequence_number: conn.seq,
+                            job_id,
+                            nonce: s.nonce,
+                            ntime: s.ntime,
+                            version: s.version,
+                            extranonce: match s.extranonce.try_into() {
+                                Ok(e) => e,
+                                Err(_) => continue,
+                            },
+                        };
+                        conn.pending.insert(conn.seq, Pending { worker: s.worker, difficulty: s.difficulty });
+                        self.stats.submitted.inc();
+                        if let Err(e) = framed.feed(Message::Mining(MiningOwned::SubmitSharesExtended(submit))).await {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                    if let Some(e) = err { break Err(e.into()); }
+                    if let Err(e) = SinkExt::<Message>::flush(&mut framed).await { break Err(e.into()); }
+                }
+                _ = tokio::time::sleep_until(deadline) => break Err(UpstreamError::NoJob(no_job)),
+            }
+        };
+        if !conn.pending.is_empty() {
+            warn!(pool = %self.pool.name, unanswered = conn.pending.len(), "connection ended with shares unanswered");
+        }
+        result
+    }
+
+    fn handle(&self, c: &mut Conn, msg: Message, view: &watch::Sender<PoolView>, epoch: u64) -> Result<(), UpstreamError> {
+        let Message::Mining(m) = msg else {
+            debug!(pool = %self.pool.name, msg = name(&msg), "ignored");
+            return Ok(());
+        };
+        match m {
+            MiningOwned::NewExtendedMiningJob(j) if j.channel_id == c.channel_id => {
+                self.stats.jobs.inc();
+                let job = Job {
+                    id: j.job_id,
+                    version: j.version,
+                    rolling: j.version_rolling_allowed,
+                    prefix: j.coinbase_tx_prefix.as_bytes().to_vec(),
+                    suffix: j.coinbase_tx_suffix.as_bytes().to_vec(),
+                    path: j.merkle_path.iter().map(|h| h.to_array()).collect(),
+                };
+                match j.min_ntime.into_inner() {
+                    None => {
+                        c.future_jobs.insert(job.id, job);
+                    }
+                    Some(t) => {
+                        if let Some(tip) = c.tip.as_mut() {
+                            tip.2 = tip.2.max(t);
+                        }
+                        c.last_job = Some(job);
+                        self.publish(c, view, false, epoch);
+                    }
+                }
+            }
+            MiningOwned::SetNewPrevHash(p) if p.channel_id == c.channel_id => {
+                c.tip = Some((p.prev_hash.to_array(), p.nbits, p.min_ntime));
+                if let Some(job) = c.future_jobs.remove(&p.job_id) {
+                    c.last_job = Some(job);
+                }
+                c.future_jobs.clear();
+                self.publish(c, view, true, epoch);
+            }
+            MiningOwned::SetTarget(t) if t.channel_id == c.channel_id => {
+                c.target = Target::from_le_bytes(t.maximum_target.to_array());
+                let target = c.target;
+                view.send_modify(|v| v.target = target);
+            }
+            MiningOwned::SetExtranoncePrefix(p) if p.channel_id == c.channel_id => {
+                c.extranonce_prefix = p.extranonce_prefix.as_bytes().to_vec();
+                self.publish(c, view, true, epoch);
+            }
+            MiningOwned::SubmitSharesSuccess(s) if s.channel_id == c.channel_id => {
+                let acked: Vec<u32> = c.pending.range(..=s.last_sequence_number).map(|(k, _)| *k).collect();
+                if acked.len() as u32 != s.new_submits_accepted_count {
+                    debug!(pool = %self.pool.name, ours = acked.len(), theirs = s.new_submits_accepted_count, "ack count differs");
+                }
+                for k in acked {
+                    if let Some(p) = c.pending.remove(&k) {
+                        p.worker.upstream_accepted.inc();
+                        self.stats.accept(p.difficulty);
+                    }
+                }
+            }
+            MiningOwned::SubmitSharesError(e) if e.channel_id == c.channel_id => {
+                let reason = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
+                if let Some(p) = c.pending.remove(&e.sequence_number) {
+                    p.worker.upstream_rejected.inc();
+                }
+                self.stats.reject(&reason);
+                debug!(pool = %self.pool.name, seq = e.sequence_number, %reason, "pool rejected share");
+            }
+            MiningOwned::CloseChannel(cc) if cc.channel_id == c.channel_id => {
+                return Err(UpstreamError::Protocol(format!(
+                    "pool closed the channel: {}",
+                    String::from_utf8_lossy(cc.reason_code.as_bytes())
+                )));
+            }
+            other => debug!(pool = %self.pool.name, msg = ?std::mem::discriminant(&other), "ignored mining message"),
+        }
+        Ok(())
+    }
+
+    fn publish(&self, c: &mut Conn, view: &watch::Sender<PoolView>, clean: bool, epoch: u64) {
+        let (Some(job), Some((prev_hash, nbits, min_ntime))) = (&c.last_job, c.tip) else {
+            return;
+        };
+        c.last_job_at = Instant::now();
+        let mut prefix = Vec::with_capacity(job.prefix.len() + c.extranonce_prefix.len());
+        prefix.extend_from_slice(&job.prefix);
+        prefix.extend_from_slice(&c.extranonce_prefix);
+        let up = Arc::new(UpJob {
+            id: UpJobId::Sv2(job.id),
+            version: job.version,
+            version_mask: if job.rolling { BIP320_MASK } else { 0 },
+            prev_hash,
+            nbits,
+            ntime: min_ntime.max(unix_now()),
+            coinbase_prefix: prefix,
+            coinbase_suffix: job.suffix.clone(),
+            merkle_branch: job.path.clone(),
+            clean,
+        });
+        let (target, rollable) = (c.target, c.rollable);
+        view.send_modify(|v| {
+            v.epoch = epoch;
+            v.live = true;
+            v.job = Some(up);
+            v.target = target;
+            v.rollable = rollable;
+        });
+    }
+}
+
+fn proto(what: &str) -> UpstreamError {
+    UpstreamError::Protocol(format!("{what} does not fit its SV2 field"))
+}
+
+/// SV2 `user_identity` is at most 255 bytes; cut at a char boundary.
+pub fn truncate_identity(s: &str) -> String {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn name(m: &Message) -> String {
+    let s = format!("{m:?}");
+    s.chars().take(60).collect()
+}
