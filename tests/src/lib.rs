@@ -489,11 +489,11 @@ pub async fn start_pool_with(tp_addr: SocketAddr, opts: PoolOptions) -> Pool {
     clean_env(&mut cmd);
     cmd.envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut process = PeerProcess::spawn("pool_sv2", dir, cmd);
-    // Listening is not enough: it must also have a template to hand out jobs.
+    // The pool binds first, then waits for a template before accepting: this line means
+    // both. (No TCP probe: it would show up in the pool's logs and client counts.)
     let ready = process
         .wait_for_log("ready to accept connections", STARTUP_TIMEOUT)
-        .await
-        && wait_for_port(addr, STARTUP_TIMEOUT).await;
+        .await;
     assert!(
         ready,
         "pool_sv2 did not become ready on {addr} (TP {tp_addr}); log tail:\n{}",
@@ -614,7 +614,10 @@ pub async fn start_translator_with(pool: &Pool, opts: TranslatorOptions) -> Tran
     clean_env(&mut cmd);
     cmd.envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut process = PeerProcess::spawn("translator_sv2", dir, cmd);
-    let up = wait_for_port(sv1_addr, STARTUP_TIMEOUT).await;
+    // Logged right after the bind. (No TCP probe: it would register as an SV1 client.)
+    let up = process
+        .wait_for_log(&format!("listening on {sv1_addr}"), STARTUP_TIMEOUT)
+        .await;
     assert!(
         up,
         "translator_sv2 did not listen on {sv1_addr}; log tail:\n{}",

@@ -186,3 +186,38 @@ async fn fixture_miner_refuses_a_pool_with_another_authority_key() {
     let err = miners.last_error().unwrap_or_default();
     assert!(err.contains("certificate"), "unexpected error: {err}");
 }
+
+/// Harness check for `start_translator`: an SV1 fixture miner behind SRI's translator gets
+/// shares accepted by the pool (counted by the pool itself, not by the translator's SV1 acks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_accepts_sv1_shares_through_the_sri_translator() {
+    use gridproxy_fixtures::{
+        stats::MinerStats,
+        sv1_miner::{self, Sv1MinerConfig},
+    };
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let tp = start_tp_with(quiet_tp()).await;
+    let pool = start_pool(tp.addr()).await;
+    let tproxy = start_translator(&pool).await;
+    let stats = Arc::new(MinerStats::default());
+    let stop = CancellationToken::new();
+    let cfg = Sv1MinerConfig {
+        hashrate: 100_000.0,
+        ..Sv1MinerConfig::new(tproxy.sv1_addr, "sv1-behind-tproxy")
+    };
+    let miner = tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
+    let accepted = pool
+        .wait_shares_accepted(2.0, Duration::from_secs(60))
+        .await;
+    stop.cancel();
+    let _ = miner.await;
+    assert!(
+        accepted,
+        "pool accepted < 2 shares via the translator; miner {stats:?}\ntranslator log:\n{}",
+        tproxy.process.log_tail(3000)
+    );
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    assert!(stats.accepted.get() >= 1, "{stats:?}");
+}
