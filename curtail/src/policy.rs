@@ -670,8 +670,8 @@ struct EventSlot {
 }
 
 /// The policy engine. See the [module documentation](self) for the call
-/// order.
-#[derive(Debug)]
+/// order. `Clone` gives an independent copy (what-if planning, backtests).
+#[derive(Clone, Debug)]
 pub struct Engine {
     cfg: PolicyConfig,
     fleet: Fleet,

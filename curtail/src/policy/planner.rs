@@ -448,6 +448,21 @@ impl Engine {
         };
         let saving = |idx: u32| self.fleet.by_index(idx).spec.nominal_w - self.curtail_w(idx);
 
+        // 0. Miners already curtailing by escalation stay curtailed while the
+        //    cap binds (counted at what they really draw): flipping them back
+        //    would undo a half-finished escalation.
+        for idx in 0..out.len() as u32 {
+            let c = &self.ctl[idx as usize];
+            if out[idx as usize] == Target::Run
+                && c.esc > 0
+                && matches!(c.target, Target::Curtail { .. })
+            {
+                out[idx as usize] = Target::Curtail { forced: true };
+                let s = saving(idx);
+                r -= s;
+                total -= s;
+            }
+        }
         // 1. Whole miners, least efficient first, while they fit.
         let mut boundary = self.order.len();
         for (pos, &idx) in self.order.iter().enumerate() {
