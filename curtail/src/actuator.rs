@@ -100,7 +100,8 @@ pub trait Actuator: Send + Sync {
 /// Reads miner telemetry (power, hashrate) for verification and M&V.
 pub trait TelemetrySource: Send + Sync {
     /// One reading of `miner`.
-    fn read(&self, miner: MinerId) -> impl Future<Output = Result<Telemetry, ActuatorError>> + Send;
+    fn read(&self, miner: MinerId)
+        -> impl Future<Output = Result<Telemetry, ActuatorError>> + Send;
 }
 
 /// Why a signal source failed.

@@ -194,13 +194,22 @@ impl MinerSpec {
         }
         let r = &self.ramp;
         if !ok(r.min_power_w) || r.min_power_w > self.nominal_w {
-            return Err(FleetError::InvalidSpec(self.id, "min_power_w must be in 0..=nominal_w"));
+            return Err(FleetError::InvalidSpec(
+                self.id,
+                "min_power_w must be in 0..=nominal_w",
+            ));
         }
         if !ok(r.sleep_w) || r.sleep_w > self.nominal_w {
-            return Err(FleetError::InvalidSpec(self.id, "sleep_w must be in 0..=nominal_w"));
+            return Err(FleetError::InvalidSpec(
+                self.id,
+                "sleep_w must be in 0..=nominal_w",
+            ));
         }
         if !ok(r.parked_w) || r.parked_w > self.nominal_w {
-            return Err(FleetError::InvalidSpec(self.id, "parked_w must be in 0..=nominal_w"));
+            return Err(FleetError::InvalidSpec(
+                self.id,
+                "parked_w must be in 0..=nominal_w",
+            ));
         }
         Ok(())
     }

@@ -191,6 +191,15 @@ impl Ledger {
         Ledger::init(Connection::open(path)?)
     }
 
+    /// Open the ledger at `path` and recover the engine's [`Resume`] from it
+    /// in one step (what a daemon does at start-up, before
+    /// [`Engine::resume`](crate::policy::Engine::resume)).
+    pub fn open_and_recover(path: impl AsRef<Path>) -> Result<(Ledger, Resume), LedgerError> {
+        let l = Ledger::open(path)?;
+        let r = l.recover()?;
+        Ok((l, r))
+    }
+
     /// An in-memory ledger (tests, backtests).
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
         Ledger::init(Connection::open_in_memory()?)
@@ -364,9 +373,14 @@ impl Ledger {
     pub fn record_policy_event(&self, e: &PolicyEvent) -> Result<(), LedgerError> {
         match e {
             PolicyEvent::Decision(d) => self.record_decision(d),
-            PolicyEvent::Verified { command, at, .. } => self.insert_ack(*at, *command, "verified", None),
+            PolicyEvent::Verified { command, at, .. } => {
+                self.insert_ack(*at, *command, "verified", None)
+            }
             PolicyEvent::CommandFailed {
-                command, at, reason, ..
+                command,
+                at,
+                reason,
+                ..
             } => {
                 let (outcome, detail) = match reason {
                     FailReason::Rejected(d) => ("failed", Some(d.as_str())),
@@ -381,8 +395,12 @@ impl Ledger {
                 state,
                 baseline_kw,
             } => self.record_event(*at, event, *state, *baseline_kw),
-            PolicyEvent::Escalated { miner, at, .. } => self.note(*at, "escalated", Some(*miner), e),
-            PolicyEvent::Unresponsive { miner, at } => self.note(*at, "unresponsive", Some(*miner), e),
+            PolicyEvent::Escalated { miner, at, .. } => {
+                self.note(*at, "escalated", Some(*miner), e)
+            }
+            PolicyEvent::Unresponsive { miner, at } => {
+                self.note(*at, "unresponsive", Some(*miner), e)
+            }
             PolicyEvent::Drift { miner, at } => self.note(*at, "drift", Some(*miner), e),
             PolicyEvent::SafeState { at, .. } => self.note(*at, "safe_state", None, e),
         }
@@ -397,7 +415,12 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         self.conn.execute(
             "INSERT INTO notes (at_ms, kind, miner, body) VALUES (?1, ?2, ?3, ?4)",
-            params![ms(at), kind, miner.map(miner_i64), serde_json::to_string(e)?],
+            params![
+                ms(at),
+                kind,
+                miner.map(miner_i64),
+                serde_json::to_string(e)?
+            ],
         )?;
         Ok(())
     }
@@ -440,7 +463,11 @@ impl Ledger {
              ORDER BY e.seq",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?, r.get::<_, String>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, f64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
         })?;
         for row in rows {
             let (body, baseline, state) = row?;
@@ -512,9 +539,9 @@ impl Ledger {
         TABLES
             .iter()
             .map(|t| {
-                let n: i64 = self
-                    .conn
-                    .query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+                let n: i64 =
+                    self.conn
+                        .query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
                 Ok((*t, n as u64))
             })
             .collect()

@@ -235,7 +235,8 @@ pub struct Economics {
 impl Economics {
     /// Breakeven energy price, $/MWh, for a miner of `j_per_th`.
     pub fn breakeven_usd_per_mwh(&self, j_per_th: f64) -> f64 {
-        1000.0 * self.hashprice_usd_per_ph_day / (24.0 * j_per_th) * (1.0 - self.pool_fee) / self.pue
+        1000.0 * self.hashprice_usd_per_ph_day / (24.0 * j_per_th) * (1.0 - self.pool_fee)
+            / self.pue
     }
 }
 
@@ -337,7 +338,10 @@ impl PolicyConfig {
                 return bad("hysteresis must be >= 0");
             }
         }
-        if self.contract_kw.is_some_and(|c| !(c.is_finite() && c >= 0.0)) {
+        if self
+            .contract_kw
+            .is_some_and(|c| !(c.is_finite() && c >= 0.0))
+        {
             return bad("contract_kw must be >= 0");
         }
         if !(self.balance_margin_kw.is_finite() && self.balance_margin_kw >= 0.0) {
@@ -857,7 +861,10 @@ impl Engine {
         &self.fleet
     }
 
-    /// The current plan (as of the last replan).
+    /// The plan made at the last replan (`plan().at`): targets, expected
+    /// draw, and the pending steps with their estimated issue times as of
+    /// then. It is not updated as commands go out; the next input that
+    /// changes targets replaces it.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
@@ -989,7 +996,10 @@ impl Engine {
         miner: MinerId,
         t: Telemetry,
     ) -> Result<(), PolicyError> {
-        let idx = self.fleet.index_of(miner).ok_or(PolicyError::UnknownMiner(miner))?;
+        let idx = self
+            .fleet
+            .index_of(miner)
+            .ok_or(PolicyError::UnknownMiner(miner))?;
         if !(t.power_w.is_finite() && t.hashrate_ths.is_finite()) {
             return Err(PolicyError::Signal(SignalError::OutOfRange {
                 kind: "telemetry",
@@ -1029,8 +1039,16 @@ impl Engine {
     }
 
     /// Feed an actuator's answer to a command.
-    pub fn handle_ack(&mut self, now: Timestamp, id: CommandId, ack: Ack) -> Result<(), PolicyError> {
-        let inf = self.inflight.get_mut(&id).ok_or(PolicyError::UnknownCommand(id))?;
+    pub fn handle_ack(
+        &mut self,
+        now: Timestamp,
+        id: CommandId,
+        ack: Ack,
+    ) -> Result<(), PolicyError> {
+        let inf = self
+            .inflight
+            .get_mut(&id)
+            .ok_or(PolicyError::UnknownCommand(id))?;
         match ack {
             Ack::Failed(reason) => self.complete_fail(id, now, FailReason::Rejected(reason)),
             Ack::Ok if inf.action.is_proxy_side() => self.complete_ok(id, now),
@@ -1305,7 +1323,8 @@ impl Engine {
                     }),
                     None => {
                         self.ctl[idx as usize].unresponsive = true;
-                        self.out.push_back(PolicyEvent::Unresponsive { miner, at: now });
+                        self.out
+                            .push_back(PolicyEvent::Unresponsive { miner, at: now });
                     }
                 }
                 self.dirty = true;
@@ -1320,7 +1339,8 @@ impl Engine {
                 c.retries = c.retries.saturating_add(1);
                 if c.retries > self.cfg.max_retries {
                     c.unresponsive = true;
-                    self.out.push_back(PolicyEvent::Unresponsive { miner, at: now });
+                    self.out
+                        .push_back(PolicyEvent::Unresponsive { miner, at: now });
                 } else {
                     self.enqueue_at(idx, now + self.cfg.retry_backoff);
                 }
@@ -1352,7 +1372,10 @@ impl Engine {
             return None;
         }
         let spec = &self.fleet.by_index(idx).spec;
-        if c.applied.sleep && !c.applied.parked && t.hashrate_ths >= self.cfg.hashing_frac * spec.nominal_ths {
+        if c.applied.sleep
+            && !c.applied.parked
+            && t.hashrate_ths >= self.cfg.hashing_frac * spec.nominal_ths
+        {
             return Some(Action::Sleep);
         }
         if let Some(w) = c.applied.limit {
@@ -1417,7 +1440,9 @@ impl Engine {
         let power = match c.target {
             Target::Curtail { .. } => match self.curtail_step_at(idx, c.esc) {
                 Some(CurtailStep::Sleep) if !a.sleep => Some(Action::Sleep),
-                Some(CurtailStep::Limit(w)) if a.limit != Some(w) => Some(Action::SetPowerTarget(w)),
+                Some(CurtailStep::Limit(w)) if a.limit != Some(w) => {
+                    Some(Action::SetPowerTarget(w))
+                }
                 Some(CurtailStep::Park) if !a.parked => Some(Action::Park),
                 _ => None,
             },

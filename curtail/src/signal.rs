@@ -267,17 +267,33 @@ impl Signal {
     pub fn validate(&self) -> Result<(), SignalError> {
         match self {
             Signal::Price(p) => {
-                check("price", "usd_per_mwh", p.usd_per_mwh, -MAX_ABS_PRICE, MAX_ABS_PRICE)?;
+                check(
+                    "price",
+                    "usd_per_mwh",
+                    p.usd_per_mwh,
+                    -MAX_ABS_PRICE,
+                    MAX_ABS_PRICE,
+                )?;
                 if p.forecast.len() > MAX_FORECAST_POINTS {
                     return Err(SignalError::ForecastTooLong(p.forecast.len()));
                 }
                 for f in &p.forecast {
-                    check("price", "forecast", f.usd_per_mwh, -MAX_ABS_PRICE, MAX_ABS_PRICE)?;
+                    check(
+                        "price",
+                        "forecast",
+                        f.usd_per_mwh,
+                        -MAX_ABS_PRICE,
+                        MAX_ABS_PRICE,
+                    )?;
                 }
             }
-            Signal::Hashprice(h) => {
-                check("hashprice", "usd_per_ph_day", h.usd_per_ph_day, 0.0, MAX_ABS_PRICE)?
-            }
+            Signal::Hashprice(h) => check(
+                "hashprice",
+                "usd_per_ph_day",
+                h.usd_per_ph_day,
+                0.0,
+                MAX_ABS_PRICE,
+            )?,
             Signal::DrEvent(e) => {
                 if e.id.is_empty() || e.id.len() > MAX_EVENT_ID_LEN {
                     return Err(SignalError::BadEventId(e.id.len()));

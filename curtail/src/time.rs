@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A point in time: milliseconds since 1970-01-01T00:00:00Z.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(u64);
 
@@ -115,7 +117,10 @@ mod tests {
     #[test]
     fn arithmetic_saturates() {
         let t = Timestamp::from_secs(10);
-        assert_eq!(t + Duration::from_millis(1500), Timestamp::from_millis(11_500));
+        assert_eq!(
+            t + Duration::from_millis(1500),
+            Timestamp::from_millis(11_500)
+        );
         assert_eq!(t - Duration::from_secs(20), Timestamp::ZERO);
         assert_eq!(Timestamp::from_secs(5) - t, Duration::ZERO);
         assert_eq!(t - Timestamp::from_secs(4), Duration::from_secs(6));

@@ -77,9 +77,12 @@ fn write_reopen_recover() {
         ])
         .unwrap();
         l.record_command(&cmd(4, 2, Action::Wake, false)).unwrap();
-        l.record_command(&cmd(5, 4, Action::SetPowerTarget(2100), true)).unwrap();
-        l.record_command(&cmd(6, 5, Action::SetPowerTarget(3500), false)).unwrap();
-        l.record_ack(Timestamp::from_secs(1002), CommandId(1), &Ack::Ok).unwrap();
+        l.record_command(&cmd(5, 4, Action::SetPowerTarget(2100), true))
+            .unwrap();
+        l.record_command(&cmd(6, 5, Action::SetPowerTarget(3500), false))
+            .unwrap();
+        l.record_ack(Timestamp::from_secs(1002), CommandId(1), &Ack::Ok)
+            .unwrap();
         l.record_policy_event(&PolicyEvent::Verified {
             command: CommandId(1),
             miner: MinerId(1),
@@ -95,7 +98,8 @@ fn write_reopen_recover() {
             (&e2, DrEventState::Active),
             (&e2, DrEventState::Ended),
         ] {
-            l.record_event(Timestamp::from_secs(1990), e, st, 500.0).unwrap();
+            l.record_event(Timestamp::from_secs(1990), e, st, 500.0)
+                .unwrap();
         }
         l.record_interval(&Interval {
             start: Timestamp::from_secs(0),
@@ -106,16 +110,19 @@ fn write_reopen_recover() {
         })
         .unwrap();
     }
-    let l = Ledger::open(dir.db()).unwrap();
+    let (l, r) = Ledger::open_and_recover(dir.db()).unwrap();
     l.integrity_check().unwrap();
-    let r = l.recover().unwrap();
     assert_eq!(r.next_command_id, 7);
     assert_eq!(
         r.curtailed,
         vec![
             (MinerId(1), Action::Sleep, Timestamp::from_secs(1001)),
             (MinerId(3), Action::Park, Timestamp::from_secs(1003)),
-            (MinerId(4), Action::SetPowerTarget(2100), Timestamp::from_secs(1005)),
+            (
+                MinerId(4),
+                Action::SetPowerTarget(2100),
+                Timestamp::from_secs(1005)
+            ),
         ],
         "miner 2 was woken and miner 5 restored to nominal: not curtailed"
     );
@@ -142,7 +149,10 @@ fn write_reopen_recover() {
 fn records_are_append_only() {
     let l = Ledger::open_in_memory().unwrap();
     l.record_command(&cmd(1, 1, Action::Sleep, true)).unwrap();
-    assert!(l.conn.execute("UPDATE commands SET action = 'wake'", []).is_err());
+    assert!(l
+        .conn
+        .execute("UPDATE commands SET action = 'wake'", [])
+        .is_err());
     assert!(l.conn.execute("DELETE FROM commands", []).is_err());
     // A duplicate command id is refused, not overwritten.
     assert!(matches!(
@@ -156,7 +166,10 @@ fn records_are_append_only() {
     // A failed batch leaves nothing behind.
     let mut l = l;
     assert!(l
-        .record_commands(&[cmd(2, 2, Action::Sleep, true), cmd(1, 3, Action::Sleep, true)])
+        .record_commands(&[
+            cmd(2, 2, Action::Sleep, true),
+            cmd(1, 3, Action::Sleep, true)
+        ])
         .is_err());
     assert!(l.command(CommandId(2)).unwrap().is_none());
 }
@@ -192,7 +205,7 @@ fn sigkill_child_writer() {
     let start = std::time::Instant::now();
     let mut id = 1u64;
     while id < 1_000_000 && start.elapsed() < Duration::from_secs(60) {
-        if id % 3 == 0 {
+        if matches!(id % 3, 0) {
             // A batch transaction of 5.
             let batch: Vec<_> = (id..id + 5)
                 .map(|i| cmd(i, i % 100, Action::Sleep, true))
@@ -205,7 +218,8 @@ fn sigkill_child_writer() {
             o.flush().unwrap();
             id += 5;
         } else {
-            l.record_command(&cmd(id, id % 100, Action::Sleep, true)).unwrap();
+            l.record_command(&cmd(id, id % 100, Action::Sleep, true))
+                .unwrap();
             l.record_ack(Timestamp::from_secs(id), CommandId(id), &Ack::Ok)
                 .unwrap();
             let mut o = out.lock();
@@ -246,8 +260,15 @@ fn survives_sigkill_mid_write() {
     // Child::kill sends SIGKILL on Unix: no destructor, no clean close.
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "child must have been killed, got {status:?}");
-    assert!(committed.len() >= 400, "child wrote only {}", committed.len());
+    assert!(
+        !status.success(),
+        "child must have been killed, got {status:?}"
+    );
+    assert!(
+        committed.len() >= 400,
+        "child wrote only {}",
+        committed.len()
+    );
 
     let l = Ledger::open(dir.db()).unwrap();
     l.integrity_check().unwrap();
@@ -326,7 +347,10 @@ fn restart_does_not_wake_curtailed_miners() {
     for m in &curtailed {
         assert_eq!(e.is_curtail_target(*m), Some(true), "{m}");
     }
-    assert!(e.poll_actions(t1).is_empty(), "nothing re-sent, nothing woken");
+    assert!(
+        e.poll_actions(t1).is_empty(),
+        "nothing re-sent, nothing woken"
+    );
     // Event still applies; once it ends, wakes respect min-off from the recorded time.
     let end = t1 + Duration::from_secs(60);
     e.handle_signal(
@@ -351,7 +375,10 @@ fn restart_does_not_wake_curtailed_miners() {
     let wakes = e.poll_actions(later);
     assert!(!wakes.is_empty());
     assert!(wakes.iter().all(|c| c.action == Action::Wake));
-    assert!(wakes.iter().all(|c| c.id.0 > curtailed.len() as u64), "ids continue");
+    assert!(
+        wakes.iter().all(|c| c.id.0 > curtailed.len() as u64),
+        "ids continue"
+    );
 }
 
 fn cfg_min_off() -> Duration {

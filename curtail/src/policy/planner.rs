@@ -203,9 +203,17 @@ impl Engine {
             (c.mode, Some(c.watts / 1000.0), c.reason.clone())
         } else if econ_binding {
             let p = self.price.as_ref().map_or(f64::NAN, |p| p.usd_per_mwh);
-            (Mode::Price, cap.as_ref().map(|c| c.watts / 1000.0), format!("price {p:.2} $/MWh"))
+            (
+                Mode::Price,
+                cap.as_ref().map(|c| c.watts / 1000.0),
+                format!("price {p:.2} $/MWh"),
+            )
         } else {
-            (Mode::Normal, cap.as_ref().map(|c| c.watts / 1000.0), "no binding constraint".into())
+            (
+                Mode::Normal,
+                cap.as_ref().map(|c| c.watts / 1000.0),
+                "no binding constraint".into(),
+            )
         };
         let mut reason = why;
         if let Some(s) = &self.stale {
@@ -323,7 +331,9 @@ impl Engine {
         if let Some(d) = self.dispatch_sig {
             let usable = matches!(stale.dispatch, None | Some(SafeState::HoldLast));
             if let (true, Some(kw)) = (usable, d.target_kw) {
-                tighten(&mut cap, kw * 1000.0, Mode::Dispatch, || format!("dispatch {kw:.1} kW"));
+                tighten(&mut cap, kw * 1000.0, Mode::Dispatch, || {
+                    format!("dispatch {kw:.1} kW")
+                });
             }
         }
         if let (Some(contract), Some(s)) = (self.cfg.contract_kw, self.site_load) {
@@ -343,7 +353,9 @@ impl Engine {
             ..
         }) = &self.override_
         {
-            tighten(&mut cap, kw * 1000.0, Mode::Override, || format!("override cap {kw:.1} kW by {by}"));
+            tighten(&mut cap, kw * 1000.0, Mode::Override, || {
+                format!("override cap {kw:.1} kW by {by}")
+            });
         }
         cap
     }
@@ -500,7 +512,9 @@ impl Engine {
             if range < 1.0 {
                 continue;
             }
-            let w = (spec.nominal_w - r.min(range)).floor().max(spec.ramp.min_power_w);
+            let w = (spec.nominal_w - r.min(range))
+                .floor()
+                .max(spec.ramp.min_power_w);
             let cut = spec.nominal_w - w;
             out[idx as usize] = Target::Limit(w as u32);
             r -= cut;

@@ -94,7 +94,11 @@ impl Sim {
                 m
             })
             .collect();
-        let by_id = miners.iter().enumerate().map(|(i, m)| (m.spec.id, i)).collect();
+        let by_id = miners
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.spec.id, i))
+            .collect();
         let mut s = Sim {
             e,
             now: t(0),
@@ -134,6 +138,66 @@ impl Sim {
         }
     }
 
+    /// Advance to `until` jumping straight to the next thing that can
+    /// happen (the engine's `poll_timeout` or a simulated effect landing),
+    /// sending telemetry only for miners whose state changed. Checks that
+    /// `poll_timeout` never leaves work undone.
+    fn run_event_driven(&mut self, until: Timestamp) -> usize {
+        let mut steps = 0;
+        loop {
+            let next_effect = self.effects.iter().map(|e| e.0).min();
+            let next = [self.e.poll_timeout(), next_effect]
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or(until, |n| n.min(until));
+            if next <= self.now && steps > 0 && next == until {
+                break;
+            }
+            self.now = next.max(self.now);
+            steps += 1;
+            let now = self.now;
+            let due: Vec<_> = self
+                .effects
+                .iter()
+                .filter(|e| e.0 <= now)
+                .copied()
+                .collect();
+            self.effects.retain(|e| e.0 > now);
+            for (_, i, a) in due {
+                let m = &mut self.miners[i];
+                match a {
+                    Action::Sleep => m.asleep = true,
+                    Action::Wake => m.asleep = false,
+                    Action::SetPowerTarget(w) => {
+                        m.limit = (f64::from(w) < m.spec.nominal_w.floor()).then_some(f64::from(w))
+                    }
+                    _ => {}
+                }
+                m.settle();
+                let m = &self.miners[i];
+                self.e
+                    .handle_telemetry(
+                        now,
+                        m.spec.id,
+                        Telemetry {
+                            at: now,
+                            power_w: m.power,
+                            hashrate_ths: m.hash,
+                        },
+                    )
+                    .unwrap();
+            }
+            self.e.handle_timeout(now);
+            self.dispatch();
+            if self.now >= until {
+                break;
+            }
+            assert!(steps < 1_000_000, "poll_timeout loops");
+        }
+        steps
+    }
+
     fn run_until(&mut self, at: Timestamp) {
         while self.now < at {
             self.now = self.now + Duration::from_secs(1);
@@ -143,7 +207,12 @@ impl Sim {
 
     fn tick(&mut self) {
         let now = self.now;
-        let due: Vec<_> = self.effects.iter().filter(|e| e.0 <= now).copied().collect();
+        let due: Vec<_> = self
+            .effects
+            .iter()
+            .filter(|e| e.0 <= now)
+            .copied()
+            .collect();
         self.effects.retain(|e| e.0 > now);
         for (_, i, a) in due {
             let m = &mut self.miners[i];
@@ -224,7 +293,12 @@ impl Sim {
     fn max_in_any_second(&self) -> usize {
         let times: Vec<u64> = self.log.iter().map(|c| c.issued_at.as_millis()).collect();
         (0..times.len())
-            .map(|i| times[i..].iter().take_while(|&&u| u < times[i] + 1000).count())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|&&u| u < times[i] + 1000)
+                    .count()
+            })
             .max()
             .unwrap_or(0)
     }
@@ -272,7 +346,11 @@ fn breakeven_matches_design_figures() {
 /// not inside the hysteresis band.
 #[test]
 fn price_series_turns_models_off_and_on_in_efficiency_order() {
-    let models = [("A-15", 200.0, 3000.0), ("B-21.5", 140.0, 3010.0), ("C-29.5", 95.0, 2802.5)];
+    let models = [
+        ("A-15", 200.0, 3000.0),
+        ("B-21.5", 140.0, 3010.0),
+        ("C-29.5", 95.0, 2802.5),
+    ];
     let specs: Vec<_> = (0..6u64)
         .map(|i| {
             let (m, ths, w) = models[(i / 2) as usize];
@@ -307,7 +385,10 @@ fn price_series_turns_models_off_and_on_in_efficiency_order() {
     s.price(60.0); // above C's 55.8 + 2
     s.run(300);
     assert_eq!(s.log.len(), 2);
-    assert!(s.log.iter().all(|c| c.action == Action::Sleep && model_of(c.miner) == "C-29.5"));
+    assert!(s
+        .log
+        .iter()
+        .all(|c| c.action == Action::Sleep && model_of(c.miner) == "C-29.5"));
 
     s.price(80.0); // above B's 76.6 + 2
     s.run(300);
@@ -323,10 +404,16 @@ fn price_series_turns_models_off_and_on_in_efficiency_order() {
     // $100 is under A's breakeven, but A has been off only 30 s: min-off holds it.
     s.price(100.0);
     s.run(10);
-    assert!(first(&s, Action::Wake, "A-15", t(0)).is_none(), "min-off dwell");
+    assert!(
+        first(&s, Action::Wake, "A-15", t(0)).is_none(),
+        "min-off dwell"
+    );
     s.run(300);
     let a_on = first(&s, Action::Wake, "A-15", t(0)).unwrap();
-    assert!(a_on >= a_slept_from + Duration::from_secs(300), "woke at {a_on}, slept at {a_slept_from}");
+    assert!(
+        a_on >= a_slept_from + Duration::from_secs(300),
+        "woke at {a_on}, slept at {a_slept_from}"
+    );
     assert!(first(&s, Action::Wake, "B-21.5", t(0)).is_none());
 
     s.price(70.0); // under B's 76.6 - 2
@@ -356,7 +443,13 @@ fn price_series_turns_models_off_and_on_in_efficiency_order() {
 /// A forecast spike inside the min-on window keeps an off miner off.
 #[test]
 fn forecast_spike_defers_wake() {
-    let specs = vec![MinerSpec::new(MinerId(1), "C", 95.0, 2802.5, ControlSurface::LuxOs)];
+    let specs = vec![MinerSpec::new(
+        MinerId(1),
+        "C",
+        95.0,
+        2802.5,
+        ControlSurface::LuxOs,
+    )];
     let cfg = PolicyConfig {
         economics: Some(Economics {
             hashprice_usd_per_ph_day: 39.5,
@@ -387,7 +480,11 @@ fn forecast_spike_defers_wake() {
     let sig = spike(&s, 3600);
     s.signal(Signal::Price(sig));
     s.run(20);
-    assert_eq!(s.log.last().unwrap().action, Action::Wake, "spike beyond min-on: wake");
+    assert_eq!(
+        s.log.last().unwrap().action,
+        Action::Wake,
+        "spike beyond min-on: wake"
+    );
 }
 
 /// DR "shed to 40 % of site kW within 60 s": the fleet lands within ±2 % of
@@ -415,12 +512,23 @@ fn dr_shed_to_40_percent_within_60s() {
     let plan = s.e.plan().clone();
     assert_eq!(plan.mode, Mode::DrEvent);
     assert!(plan.feasible);
-    assert!(plan.reach_at <= deadline, "reach {} > deadline {deadline}", plan.reach_at);
+    assert!(
+        plan.reach_at <= deadline,
+        "reach {} > deadline {deadline}",
+        plan.reach_at
+    );
     let err = (plan.expected_kw - target_kw) / target_kw;
-    assert!((-0.02..=0.0).contains(&err), "plan {:.1} kW vs target {target_kw:.1} kW", plan.expected_kw);
+    assert!(
+        (-0.02..=0.0).contains(&err),
+        "plan {:.1} kW vs target {target_kw:.1} kW",
+        plan.expected_kw
+    );
     let measured = s.fleet_kw();
     let err = (measured - target_kw) / target_kw;
-    assert!((-0.02..=0.0).contains(&err), "measured {measured:.1} kW vs target {target_kw:.1} kW at the deadline");
+    assert!(
+        (-0.02..=0.0).contains(&err),
+        "measured {measured:.1} kW vs target {target_kw:.1} kW at the deadline"
+    );
 
     // Not everything asleep; fine-tuned with power targets.
     let hashing = s.miners.iter().filter(|m| m.hash > 0.0).count();
@@ -432,7 +540,12 @@ fn dr_shed_to_40_percent_within_60s() {
     // Least efficient first: every sleeper is at least as inefficient as any
     // miner still at full power.
     let jth = |m: &SimMiner| m.spec.j_per_th();
-    let min_asleep = s.miners.iter().filter(|m| m.asleep).map(jth).fold(f64::MAX, f64::min);
+    let min_asleep = s
+        .miners
+        .iter()
+        .filter(|m| m.asleep)
+        .map(jth)
+        .fold(f64::MAX, f64::min);
     let max_full = s
         .miners
         .iter()
@@ -473,7 +586,7 @@ fn kw_limit_and_override_cap() {
     }));
     s.run(120);
     let kw = s.fleet_kw();
-    assert!(kw <= 101.0 && kw >= 101.0 * 0.98, "{kw}");
+    assert!((101.0 * 0.98..=101.0).contains(&kw), "{kw}");
     s.signal(Signal::Override(ManualOverride {
         at: s.now,
         mode: OverrideMode::CapKw(60.0),
@@ -483,7 +596,7 @@ fn kw_limit_and_override_cap() {
     s.run(120);
     assert_eq!(s.e.plan().mode, Mode::Override);
     let kw = s.fleet_kw();
-    assert!(kw <= 60.0 && kw >= 60.0 * 0.98, "{kw}");
+    assert!((60.0 * 0.98..=60.0).contains(&kw), "{kw}");
 }
 
 /// Balance: site total held at the contract while the other load swings.
@@ -504,8 +617,14 @@ fn balance_holds_site_at_contract() {
         }));
         s.run(150);
         let site = s.fleet_kw() + external;
-        assert!(site <= 500.0, "site {site} over contract with other load {external}");
-        assert!(site >= 500.0 * 0.98, "site {site} well under contract with other load {external}");
+        assert!(
+            site <= 500.0,
+            "site {site} over contract with other load {external}"
+        );
+        assert!(
+            site >= 500.0 * 0.98,
+            "site {site} well under contract with other load {external}"
+        );
         assert_eq!(s.e.plan().mode, Mode::Balance);
     }
 }
@@ -545,11 +664,17 @@ fn stale_price_goes_to_safe_state() {
         .iter()
         .any(|e| matches!(e, PolicyEvent::SafeState { stale: Some(_), .. })));
     s.run(60);
-    assert!(s.miners.iter().all(|m| m.asleep), "all asleep in safe state");
+    assert!(
+        s.miners.iter().all(|m| m.asleep),
+        "all asleep in safe state"
+    );
     s.price(30.0);
     s.run(200);
     assert_eq!(s.e.stale_signal(), None);
-    assert!(s.miners.iter().all(|m| !m.asleep), "restored after fresh price");
+    assert!(
+        s.miners.iter().all(|m| !m.asleep),
+        "restored after fresh price"
+    );
 }
 
 /// Keep-running safe state: a stale high price stops curtailing.
@@ -628,7 +753,10 @@ fn max_commands_per_second_respected() {
     let plan = s.e.plan();
     assert_eq!(plan.actions.len(), 1000);
     let spread = plan.actions[999].at - plan.actions[0].at;
-    assert!(spread >= Duration::from_millis(49_000), "plan spreads by rate: {spread:?}");
+    assert!(
+        spread >= Duration::from_millis(49_000),
+        "plan spreads by rate: {spread:?}"
+    );
     // Poll at sub-second granularity too: the limit is a sliding window.
     for _ in 0..120 {
         for _ in 0..4 {
@@ -702,7 +830,15 @@ fn staggered_restore_in_batches() {
 fn escalation_sleep_then_power_target_then_park() {
     // Ten Whatsminers (sleep + power target).
     let specs: Vec<_> = (0..10)
-        .map(|i| MinerSpec::new(MinerId(i), "M50S", 126.0, 3276.0, ControlSurface::Whatsminer))
+        .map(|i| {
+            MinerSpec::new(
+                MinerId(i),
+                "M50S",
+                126.0,
+                3276.0,
+                ControlSurface::Whatsminer,
+            )
+        })
         .collect();
     let mut s = Sim::new(base_cfg(), specs);
     // Needs 3 miners asleep: ids ordered by id within the same model.
@@ -719,25 +855,39 @@ fn escalation_sleep_then_power_target_then_park() {
     s.run(300);
 
     let actions = |s: &Sim, id: u64| -> Vec<Action> {
-        s.commands_for(MinerId(id)).iter().map(|c| c.action).collect()
+        s.commands_for(MinerId(id))
+            .iter()
+            .map(|c| c.action)
+            .collect()
     };
     let min_w = (3276.0f64 * 0.6).floor() as u32;
     assert_eq!(
         actions(&s, 0),
         vec![Action::Sleep, Action::SetPowerTarget(min_w), Action::Park]
     );
-    assert_eq!(s.e.fleet().get(MinerId(0)).unwrap().state, MinerState::Parked);
-    assert_eq!(actions(&s, 1), vec![Action::Sleep, Action::SetPowerTarget(min_w)]);
+    assert_eq!(
+        s.e.fleet().get(MinerId(0)).unwrap().state,
+        MinerState::Parked
+    );
+    assert_eq!(
+        actions(&s, 1),
+        vec![Action::Sleep, Action::SetPowerTarget(min_w)]
+    );
     assert_eq!(
         s.e.fleet().get(MinerId(1)).unwrap().state,
         MinerState::PowerLimited(min_w)
     );
-    assert_eq!(actions(&s, 2), vec![Action::Sleep, Action::SetPowerTarget(min_w)]);
+    assert_eq!(
+        actions(&s, 2),
+        vec![Action::Sleep, Action::SetPowerTarget(min_w)]
+    );
     let escalations: Vec<_> = s
         .events
         .iter()
         .filter_map(|e| match e {
-            PolicyEvent::Escalated { miner, from, to, .. } => Some((miner.0, *from, *to)),
+            PolicyEvent::Escalated {
+                miner, from, to, ..
+            } => Some((miner.0, *from, *to)),
             _ => None,
         })
         .collect();
@@ -776,7 +926,10 @@ fn drift_resends_curtailment() {
     s.miners[0].asleep = false;
     s.miners[0].settle();
     s.run(60);
-    assert!(s.events.iter().any(|e| matches!(e, PolicyEvent::Drift { .. })));
+    assert!(s
+        .events
+        .iter()
+        .any(|e| matches!(e, PolicyEvent::Drift { .. })));
     assert_eq!(s.log.len(), n + 1);
     assert!(s.miners[0].asleep);
 }
@@ -804,7 +957,10 @@ fn acks_for_unknown_commands_are_errors() {
         at: s.now,
         external_kw: f64::INFINITY,
     });
-    assert!(matches!(s.e.handle_signal(s.now, bad), Err(PolicyError::Signal(_))));
+    assert!(matches!(
+        s.e.handle_signal(s.now, bad),
+        Err(PolicyError::Signal(_))
+    ));
 }
 
 /// Same inputs, same outputs: the engine is deterministic.
@@ -823,4 +979,44 @@ fn deterministic() {
         s.log
     };
     assert_eq!(run(), run());
+}
+
+/// Driven only by `poll_timeout` (no fixed tick): a DR event is met, the
+/// restore after it comes back in batches, nothing is left pending, and the
+/// driver wakes up a bounded number of times.
+#[test]
+fn event_driven_by_poll_timeout() {
+    let specs = mixed_fleet(60);
+    let site_kw: f64 = specs.iter().map(|s| s.nominal_w).sum::<f64>() / 1000.0;
+    let cfg = PolicyConfig {
+        restore_batch: 10,
+        min_off: Duration::from_secs(120),
+        ..base_cfg()
+    };
+    let mut s = Sim::new(cfg, specs);
+    let start = s.now + Duration::from_secs(60);
+    let end = start + Duration::from_secs(600);
+    s.signal(Signal::DrEvent(DrEvent {
+        id: "ev".into(),
+        target: DrTarget::LimitKw(0.5 * site_kw),
+        start,
+        end: Some(end),
+        issued_at: s.now,
+    }));
+    let steps = s.run_event_driven(start);
+    let kw = s.fleet_kw();
+    assert!(
+        (0.49 * site_kw..=0.5 * site_kw).contains(&kw),
+        "{kw} at start"
+    );
+    let steps2 = s.run_event_driven(end + Duration::from_secs(900));
+    assert!(s.miners.iter().all(|m| !m.asleep && m.limit.is_none()));
+    assert_eq!(s.e.in_flight(), 0);
+    let far = s.now + Duration::from_secs(86_400);
+    s.e.handle_timeout(far);
+    assert!(s.e.poll_actions(far).is_empty(), "nothing left behind");
+    assert!(steps + steps2 < 2000, "{steps} + {steps2} wake-ups");
+    let wakes: Vec<_> = s.log.iter().filter(|c| c.action == Action::Wake).collect();
+    assert!(!wakes.is_empty());
+    assert!(wakes.iter().all(|w| w.issued_at >= end));
 }
