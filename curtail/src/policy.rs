@@ -23,7 +23,7 @@
 //!
 //! # What it decides
 //!
-//! Every replan computes a target for each miner ([`Target`]-like: run,
+//! Every replan computes a target for each miner (run,
 //! power-limit to W, or curtail) from, in order of precedence:
 //!
 //! 1. a manual override (`RunAll`, `CurtailAll`, `CapKw`);
@@ -1039,6 +1039,9 @@ impl Engine {
     }
 
     /// Feed an actuator's answer to a command.
+    ///
+    /// `Err(UnknownCommand)` for an ack that arrives after its command was
+    /// already confirmed by telemetry or failed on a deadline: benign, log it.
     pub fn handle_ack(
         &mut self,
         now: Timestamp,

@@ -244,7 +244,8 @@ impl Engine {
     fn stale(&self, now: Timestamp, wake_at: &mut impl FnMut(Timestamp)) -> Stale {
         let mut check = |rule: Option<Freshness>, last: Option<Timestamp>| {
             let f = rule?;
-            let last = last.unwrap_or(self.started).max(self.started.min(now));
+            // Never received: stale `max_age` after start (a start-up grace).
+            let last = last.unwrap_or(self.started);
             let deadline = last + f.max_age;
             if now > deadline {
                 Some(f.on_stale)
