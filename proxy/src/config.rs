@@ -268,7 +268,10 @@ impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: p.clone(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: p.clone(),
+            source: e,
+        })?;
         Self::parse(&text, &p)
     }
 
@@ -283,40 +286,72 @@ impl Config {
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |key: String, message: String| ConfigError::Invalid { path: origin.to_string(), key, message };
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key,
+            message,
+        };
         if self.pools.is_empty() {
-            return Err(bad("pools".into(), "at least one [[pools]] entry is needed".into()));
+            return Err(bad(
+                "pools".into(),
+                "at least one [[pools]] entry is needed".into(),
+            ));
         }
         for (i, p) in self.pools.iter().enumerate() {
             if p.protocol == PoolProtocol::Sv2 {
                 match &p.authority_pubkey {
-                    None => return Err(bad(format!("pools[{i}].authority_pubkey"), "required for an sv2 pool (pin the pool's key)".into())),
+                    None => {
+                        return Err(bad(
+                            format!("pools[{i}].authority_pubkey"),
+                            "required for an sv2 pool (pin the pool's key)".into(),
+                        ))
+                    }
                     Some(k) => {
                         k.parse::<gridproxy_protocol::sv2::AuthorityPublicKey>()
-                            .map_err(|e| bad(format!("pools[{i}].authority_pubkey"), e.to_string()))?;
+                            .map_err(|e| {
+                                bad(format!("pools[{i}].authority_pubkey"), e.to_string())
+                            })?;
                     }
                 }
             }
             if !(p.weight.is_finite() && p.weight > 0.0) {
-                return Err(bad(format!("pools[{i}].weight"), "must be a positive number".into()));
+                return Err(bad(
+                    format!("pools[{i}].weight"),
+                    "must be a positive number".into(),
+                ));
             }
         }
         let en = &self.extranonce;
         if !(4..=8).contains(&en.extranonce2_size) {
-            return Err(bad("extranonce.extranonce2_size".into(), "must be 4..=8 (longer breaks some firmware)".into()));
+            return Err(bad(
+                "extranonce.extranonce2_size".into(),
+                "must be 4..=8 (longer breaks some firmware)".into(),
+            ));
         }
         if !(1..=4).contains(&en.miner_bytes) {
             return Err(bad("extranonce.miner_bytes".into(), "must be 1..=4".into()));
         }
         let d = &self.difficulty;
         if !(d.min > 0.0 && d.max >= d.min && d.initial > 0.0 && d.shares_per_minute > 0.0) {
-            return Err(bad("difficulty".into(), "need 0 < min <= max, initial > 0, shares_per_minute > 0".into()));
+            return Err(bad(
+                "difficulty".into(),
+                "need 0 < min <= max, initial > 0, shares_per_minute > 0".into(),
+            ));
         }
-        if self.listen.sv2.is_some() && (self.listen.sv2_authority_pubkey.is_none() || self.listen.sv2_authority_secret.is_none()) {
-            return Err(bad("listen.sv2_authority_secret".into(), "an sv2 listener needs sv2_authority_pubkey and sv2_authority_secret".into()));
+        if self.listen.sv2.is_some()
+            && (self.listen.sv2_authority_pubkey.is_none()
+                || self.listen.sv2_authority_secret.is_none())
+        {
+            return Err(bad(
+                "listen.sv2_authority_secret".into(),
+                "an sv2 listener needs sv2_authority_pubkey and sv2_authority_secret".into(),
+            ));
         }
         if self.limits.max_connections == 0 || self.limits.max_line < 256 {
-            return Err(bad("limits".into(), "max_connections must be > 0 and max_line >= 256".into()));
+            return Err(bad(
+                "limits".into(),
+                "max_connections must be > 0 and max_line >= 256".into(),
+            ));
         }
         Ok(())
     }
@@ -348,15 +383,28 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_line() {
-        let e = Config::parse(&ok("[limits]\nmax_lien = 5\n"), "t.toml").unwrap_err().to_string();
+        let e = Config::parse(&ok("[limits]\nmax_lien = 5\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_lien") && e.contains("line 7"), "{e}");
-        let e = Config::parse(&ok("[extranonce]\nextranonce2_size = 12\n"), "t.toml").unwrap_err().to_string();
+        let e = Config::parse(&ok("[extranonce]\nextranonce2_size = 12\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("extranonce.extranonce2_size"), "{e}");
-        let e = Config::parse("[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv2'\nuser='u'\n", "t.toml").unwrap_err().to_string();
+        let e = Config::parse(
+            "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv2'\nuser='u'\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
-        let e = Config::parse(&ok("").replace(KEY, "notakey"), "t.toml").unwrap_err().to_string();
+        let e = Config::parse(&ok("").replace(KEY, "notakey"), "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
-        let e = Config::parse(&ok("").replace("127.0.0.1:1", "nowhere"), "t.toml").unwrap_err().to_string();
+        let e = Config::parse(&ok("").replace("127.0.0.1:1", "nowhere"), "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("address") && e.contains("line 3"), "{e}");
     }
 }

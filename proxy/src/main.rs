@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "gridproxy", version, about = "Stratum V1/V2 mining proxy that turns a mining site into a grid asset")]
+#[command(
+    name = "gridproxy",
+    version,
+    about = "Stratum V1/V2 mining proxy that turns a mining site into a grid asset"
+)]
 struct Cli {
     /// Log as JSON lines instead of readable text.
     #[arg(long, global = true)]
@@ -35,8 +39,11 @@ enum Cmd {
 }
 
 fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -58,7 +65,10 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(2)
             }
         },
-        Cmd::Run { config, status_every } => {
+        Cmd::Run {
+            config,
+            status_every,
+        } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {

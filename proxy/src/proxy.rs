@@ -35,15 +35,29 @@ impl Proxy {
             let stop = shutdown.clone();
             match pool.protocol {
                 PoolProtocol::Sv2 => {
-                    let up = Sv2Upstream { pool: pool.clone(), routing: cfg.routing.clone(), extranonce: cfg.extranonce.clone(), stats: stats.clone() };
+                    let up = Sv2Upstream {
+                        pool: pool.clone(),
+                        routing: cfg.routing.clone(),
+                        extranonce: cfg.extranonce.clone(),
+                        stats: stats.clone(),
+                    };
                     tokio::spawn(up.run(vtx, srx, stop));
                 }
                 PoolProtocol::Sv1 => {
-                    let up = Sv1Upstream { pool: pool.clone(), routing: cfg.routing.clone(), extranonce: cfg.extranonce.clone(), stats: stats.clone() };
+                    let up = Sv1Upstream {
+                        pool: pool.clone(),
+                        routing: cfg.routing.clone(),
+                        extranonce: cfg.extranonce.clone(),
+                        stats: stats.clone(),
+                    };
                     tokio::spawn(up.run(vtx, srx, stop));
                 }
             }
-            handles.push(PoolHandle { index, stats, view: vrx });
+            handles.push(PoolHandle {
+                index,
+                stats,
+                view: vrx,
+            });
         }
         let router = Router::new(&cfg, handles);
         router.spawn_monitor(shutdown.clone());
@@ -51,12 +65,19 @@ impl Proxy {
         let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone());
         let mut sv1_addr = None;
         if let Some(addr) = cfg.listen.sv1 {
-            let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("bind sv1 listener {addr}: {e}"))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("bind sv1 listener {addr}: {e}"))?;
             sv1_addr = Some(l.local_addr()?);
             tokio::spawn(downstream::serve_sv1(ctx.clone(), l));
         }
         let sv2_addr = None;
-        Ok(Proxy { ctx, sv1_addr, sv2_addr, shutdown })
+        Ok(Proxy {
+            ctx,
+            sv1_addr,
+            sv2_addr,
+            shutdown,
+        })
     }
 }
 

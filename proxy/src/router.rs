@@ -109,7 +109,14 @@ impl Router {
             state: Mutex::new(State {
                 miners: HashMap::new(),
                 next_id: 1,
-                health: vec![Health { live: false, live_since: None, has_failed: false }; n],
+                health: vec![
+                    Health {
+                        live: false,
+                        live_since: None,
+                        has_failed: false
+                    };
+                    n
+                ],
             }),
         })
     }
@@ -125,13 +132,26 @@ impl Router {
 
     fn split_group(&self) -> Vec<usize> {
         let best = self.order.first().map(|&i| self.priority[i]).unwrap_or(0);
-        self.order.iter().copied().filter(|&i| self.priority[i] == best).collect()
+        self.order
+            .iter()
+            .copied()
+            .filter(|&i| self.priority[i] == best)
+            .collect()
     }
 
     /// Pool totals of measured hashrate by home, within the split group.
     fn home_totals(&self, st: &State, group: &[usize]) -> (HashMap<usize, f64>, f64) {
-        let known: Vec<f64> = st.miners.values().map(|e| hr(&e.hashrate)).filter(|h| *h > 0.0).collect();
-        let avg = if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
+        let known: Vec<f64> = st
+            .miners
+            .values()
+            .map(|e| hr(&e.hashrate))
+            .filter(|h| *h > 0.0)
+            .collect();
+        let avg = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
         let mut totals: HashMap<usize, f64> = group.iter().map(|&p| (p, 0.0)).collect();
         for e in st.miners.values() {
             if let Some(t) = totals.get_mut(&e.home) {
@@ -162,7 +182,11 @@ impl Router {
         st.next_id += 1;
         let hashrate = Arc::new(AtomicU64::new(0f64.to_bits()));
         let mut entry = Entry {
-            tx: watch::channel(Assignment { pool: None, parked: false }).0,
+            tx: watch::channel(Assignment {
+                pool: None,
+                parked: false,
+            })
+            .0,
             worker: worker.to_string(),
             home,
             pinned: None,
@@ -173,7 +197,12 @@ impl Router {
         let (tx, rx) = watch::channel(a);
         entry.tx = tx;
         st.miners.insert(id, entry);
-        Lease { router: self.clone(), id, assignment: rx, hashrate }
+        Lease {
+            router: self.clone(),
+            id,
+            assignment: rx,
+            hashrate,
+        }
     }
 
     fn unregister(&self, id: u64) {
@@ -183,32 +212,52 @@ impl Router {
     fn usable_home(&self, h: &Health, now: Instant) -> bool {
         h.live
             && (!h.has_failed
-                || h.live_since.is_some_and(|t| now.duration_since(t) >= Duration::from_secs(self.cfg.failback_cooldown_secs)))
+                || h.live_since.is_some_and(|t| {
+                    now.duration_since(t) >= Duration::from_secs(self.cfg.failback_cooldown_secs)
+                }))
     }
 
     fn effective(&self, st: &State, e: &Entry) -> Assignment {
         if e.parked {
-            return Assignment { pool: None, parked: true };
+            return Assignment {
+                pool: None,
+                parked: true,
+            };
         }
         let now = Instant::now();
         let want = e.pinned.unwrap_or(e.home);
         if self.usable_home(&st.health[want], now) {
-            return Assignment { pool: Some(want), parked: false };
+            return Assignment {
+                pool: Some(want),
+                parked: false,
+            };
         }
         // Failover: stay on a live pool of the same standing if the miner is already there,
         // else the best live pool by priority.
         let current = e.tx.borrow().pool;
         if let Some(c) = current {
-            if st.health[c].live && c != want && self.priority[c] <= self.best_live_priority(st).unwrap_or(u32::MAX) {
-                return Assignment { pool: Some(c), parked: false };
+            if st.health[c].live
+                && c != want
+                && self.priority[c] <= self.best_live_priority(st).unwrap_or(u32::MAX)
+            {
+                return Assignment {
+                    pool: Some(c),
+                    parked: false,
+                };
             }
         }
         let pool = self.order.iter().copied().find(|&p| st.health[p].live);
-        Assignment { pool, parked: false }
+        Assignment {
+            pool,
+            parked: false,
+        }
     }
 
     fn best_live_priority(&self, st: &State) -> Option<u32> {
-        self.order.iter().find(|&&p| st.health[p].live).map(|&p| self.priority[p])
+        self.order
+            .iter()
+            .find(|&&p| st.health[p].live)
+            .map(|&p| self.priority[p])
     }
 
     /// Recompute every miner's assignment; send the ones that changed.
@@ -251,15 +300,32 @@ impl Router {
             let (totals, avg) = self.home_totals(&st, &group);
             let sum: f64 = totals.values().sum();
             let dev = |p: usize| totals[&p] - self.weight[p] / wsum * sum;
-            let over = group.iter().copied().max_by(|&a, &b| dev(a).total_cmp(&dev(b))).unwrap_or(group[0]);
-            let under = group.iter().copied().min_by(|&a, &b| dev(a).total_cmp(&dev(b))).unwrap_or(group[0]);
+            let over = group
+                .iter()
+                .copied()
+                .max_by(|&a, &b| dev(a).total_cmp(&dev(b)))
+                .unwrap_or(group[0]);
+            let under = group
+                .iter()
+                .copied()
+                .min_by(|&a, &b| dev(a).total_cmp(&dev(b)))
+                .unwrap_or(group[0]);
             let gap = dev(over).min(-dev(under));
             // Move the unpinned miner from `over` whose hashrate best fits the gap.
             let pick = st
                 .miners
                 .iter()
                 .filter(|(_, e)| e.home == over && e.pinned.is_none())
-                .map(|(id, e)| (*id, { let h = hr(&e.hashrate); if h > 0.0 { h } else { avg } }))
+                .map(|(id, e)| {
+                    (*id, {
+                        let h = hr(&e.hashrate);
+                        if h > 0.0 {
+                            h
+                        } else {
+                            avg
+                        }
+                    })
+                })
                 .filter(|(_, h)| *h <= 2.0 * gap)
                 .min_by(|a, b| (a.1 - gap).abs().total_cmp(&(b.1 - gap).abs()));
             match pick {
@@ -313,7 +379,12 @@ impl Router {
     pub fn shares(&self) -> Vec<PoolShare> {
         let st = self.lock();
         let mut v: Vec<PoolShare> = (0..self.pools.len())
-            .map(|p| PoolShare { pool: p, miners: 0, hashrate: 0.0, live: st.health[p].live })
+            .map(|p| PoolShare {
+                pool: p,
+                miners: 0,
+                hashrate: 0.0,
+                live: st.health[p].live,
+            })
             .collect();
         for e in st.miners.values() {
             if let Some(p) = e.tx.borrow().pool {

@@ -98,7 +98,8 @@ impl WorkerStats {
     /// Count an accepted share of `difficulty`.
     pub fn accept(&self, difficulty: f64) {
         self.accepted.inc();
-        self.diff_micro.fetch_add((difficulty * 1e6) as u64, Relaxed);
+        self.diff_micro
+            .fetch_add((difficulty * 1e6) as u64, Relaxed);
         self.last_share_ms.store(now_ms(), Relaxed);
     }
     /// Count a rejected share.
@@ -118,7 +119,11 @@ impl WorkerStats {
         WorkerSnapshot {
             name: self.name.clone(),
             accepted: self.accepted.get(),
-            rejected: RejectReason::ALL.iter().map(|r| (*r, self.rejected(*r))).filter(|(_, n)| *n > 0).collect(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| (*r, self.rejected(*r)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             forwarded: self.forwarded.get(),
             upstream_accepted: self.upstream_accepted.get(),
             upstream_rejected: self.upstream_rejected.get(),
@@ -176,21 +181,33 @@ pub struct PoolStats {
 impl PoolStats {
     /// New counters for `name`.
     pub fn new(name: &str) -> Self {
-        Self { name: name.to_string(), ..Default::default() }
+        Self {
+            name: name.to_string(),
+            ..Default::default()
+        }
     }
     /// Count an acknowledged share.
     pub fn accept(&self, difficulty: f64) {
         self.accepted.inc();
-        self.diff_micro.fetch_add((difficulty * 1e6) as u64, Relaxed);
+        self.diff_micro
+            .fetch_add((difficulty * 1e6) as u64, Relaxed);
     }
     /// Count a rejection with the pool's reason.
     pub fn reject(&self, reason: &str) {
         self.rejected.inc();
-        *self.reasons.lock().unwrap_or_else(|e| e.into_inner()).entry(reason.to_string()).or_default() += 1;
+        *self
+            .reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason.to_string())
+            .or_default() += 1;
     }
     /// Reject reasons.
     pub fn reasons(&self) -> HashMap<String, u64> {
-        self.reasons.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
     /// Accepted difficulty sum.
     pub fn difficulty_sum(&self) -> f64 {
@@ -209,7 +226,12 @@ impl Registry {
     pub fn worker(&self, name: &str) -> Arc<WorkerStats> {
         let mut m = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(name.to_string())
-            .or_insert_with(|| Arc::new(WorkerStats { name: name.to_string(), ..Default::default() }))
+            .or_insert_with(|| {
+                Arc::new(WorkerStats {
+                    name: name.to_string(),
+                    ..Default::default()
+                })
+            })
             .clone()
     }
     /// Snapshots of every worker, sorted by name.
@@ -221,10 +243,17 @@ impl Registry {
     }
     /// Look up a worker without creating it.
     pub fn get(&self, name: &str) -> Option<Arc<WorkerStats>> {
-        self.workers.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

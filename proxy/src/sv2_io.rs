@@ -12,11 +12,17 @@ use tokio_util::codec::Framed;
 
 /// Seconds since the Unix epoch (certificate validity, job times).
 pub fn unix_now() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
 }
 
 fn eof(what: &str) -> Sv2Error {
-    Sv2Error::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what.to_string()))
+    Sv2Error::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        what.to_string(),
+    ))
 }
 
 /// Initiator handshake pinned to `authority`; returns the encrypted transport.
@@ -27,7 +33,10 @@ pub async fn connect_noise<S: AsyncRead + AsyncWrite + Unpin>(
     let (hs, first) = InitiatorHandshake::new(authority)?;
     let mut framed = Framed::new(stream, HandshakeCodec::initiator());
     framed.send(&first[..]).await?;
-    let reply = framed.next().await.ok_or_else(|| eof("peer closed during the handshake"))??;
+    let reply = framed
+        .next()
+        .await
+        .ok_or_else(|| eof("peer closed during the handshake"))??;
     let codec = hs.finish(&reply, unix_now())?;
     Ok(framed.map_codec(|_| codec))
 }
@@ -41,7 +50,10 @@ pub async fn accept_noise<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Framed<S, NoiseCodec>, Sv2Error> {
     let hs = ResponderHandshake::new(authority, cert_validity)?;
     let mut framed = Framed::new(stream, HandshakeCodec::responder());
-    let first = framed.next().await.ok_or_else(|| eof("peer closed during the handshake"))??;
+    let first = framed
+        .next()
+        .await
+        .ok_or_else(|| eof("peer closed during the handshake"))??;
     let (reply, codec) = hs.respond(&first, unix_now())?;
     framed.send(&reply[..]).await?;
     Ok(framed.map_codec(|_| codec.with_max_payload(max_frame)))
@@ -51,6 +63,9 @@ pub async fn accept_noise<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn next_msg<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, NoiseCodec>,
 ) -> Result<Message, Sv2Error> {
-    let frame = framed.next().await.ok_or_else(|| eof("peer closed the connection"))??;
+    let frame = framed
+        .next()
+        .await
+        .ok_or_else(|| eof("peer closed the connection"))??;
     frame.to_message()
 }

@@ -28,26 +28,51 @@ pub struct Ctx {
 
 impl Ctx {
     /// Build the shared context.
-    pub fn new(cfg: Arc<Config>, registry: Arc<Registry>, router: Arc<Router>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        cfg: Arc<Config>,
+        registry: Arc<Registry>,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let en = &cfg.extranonce;
-        let alloc = ExtranonceAllocator::new(vec![], en.miner_bytes + en.extranonce2_size, en.miner_bytes, en.extranonce2_size)
-            .expect("config validation keeps the split consistent");
-        Arc::new(Self { cfg, registry, router, slots: Mutex::new(alloc), shutdown })
+        let alloc = ExtranonceAllocator::new(
+            vec![],
+            en.miner_bytes + en.extranonce2_size,
+            en.miner_bytes,
+            en.extranonce2_size,
+        )
+        .expect("config validation keeps the split consistent");
+        Arc::new(Self {
+            cfg,
+            registry,
+            router,
+            slots: Mutex::new(alloc),
+            shutdown,
+        })
     }
 
     /// A unique miner part.
     pub fn allocate_slot(&self) -> Result<Slot, ExtranonceError> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).allocate()
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate()
     }
 
     /// Give a miner part back.
     pub fn release_slot(&self, slot: &Slot) {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).release(slot)
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(slot)
     }
 
     /// Miners holding a slot now.
     pub fn slots_in_use(&self) -> u64 {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).in_use()
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_use()
     }
 }
 

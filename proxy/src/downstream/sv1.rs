@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use gridproxy_protocol::difficulty::{hash_difficulty, Target};
 use gridproxy_protocol::extranonce::Slot;
 use gridproxy_protocol::share::{self, prevhash_to_sv1, rolled_version};
-use gridproxy_protocol::sv1::{self, encode, ClientMethod, LineCodec, Notify, Sv1Error, Submit};
+use gridproxy_protocol::sv1::{self, encode, ClientMethod, LineCodec, Notify, Submit, Sv1Error};
 use gridproxy_protocol::vardiff::{Vardiff, VardiffConfig};
 use serde_json::Value;
 use std::collections::{HashSet, VecDeque};
@@ -125,7 +125,9 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     s.tokens = s.bucket_size();
     let end = s.run(stream).await;
     match &end {
-        Close::Reason(r) => info!(peer = %s.peer, worker = s.worker_name(), reason = %r, "miner disconnected"),
+        Close::Reason(r) => {
+            info!(peer = %s.peer, worker = s.worker_name(), reason = %r, "miner disconnected")
+        }
         other => debug!(peer = %s.peer, worker = s.worker_name(), ?other, "miner disconnected"),
     }
 }
@@ -203,7 +205,8 @@ impl Session {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = tokio::time::timeout(Duration::from_secs(10), wr.write_all(self.out.as_bytes())).await;
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), wr.write_all(self.out.as_bytes())).await;
         self.out.clear();
         match r {
             Ok(Ok(())) => Ok(()),
@@ -232,7 +235,9 @@ impl Session {
         match req.method {
             ClientMethod::Configure(c) => {
                 let wants = c.extensions.iter().any(|e| e == "version-rolling");
-                let mask = wants.then(|| c.version_rolling_mask.unwrap_or(u32::MAX) & crate::upstream::sv2::BIP320_MASK);
+                let mask = wants.then(|| {
+                    c.version_rolling_mask.unwrap_or(u32::MAX) & crate::upstream::sv2::BIP320_MASK
+                });
                 self.granted_mask = mask;
                 self.sent_mask = mask;
                 self.out.push_str(&encode::configure_result(&id, &c, mask));
@@ -249,7 +254,12 @@ impl Session {
                 }
                 let slot = self.slot.as_ref().expect("just set");
                 let sub_id = format!("{:08x}", slot.index());
-                self.out.push_str(&encode::subscribe_result(&id, &sub_id, &slot.prefix, self.en2_size));
+                self.out.push_str(&encode::subscribe_result(
+                    &id,
+                    &sub_id,
+                    &slot.prefix,
+                    self.en2_size,
+                ));
                 self.maybe_start();
             }
             ClientMethod::Authorize { user, .. } => {
@@ -296,7 +306,8 @@ impl Session {
     fn take_token(&mut self) -> Result<(), String> {
         let now = Instant::now();
         let rate = self.ctx.cfg.limits.submits_per_second as f64;
-        self.tokens = (self.tokens + now.duration_since(self.tokens_at).as_secs_f64() * rate).min(self.bucket_size());
+        self.tokens = (self.tokens + now.duration_since(self.tokens_at).as_secs_f64() * rate)
+            .min(self.bucket_size());
         self.tokens_at = now;
         if self.tokens < 1.0 {
             return Err(format!("submit flood: more than {rate}/s sustained"));
@@ -313,7 +324,9 @@ impl Session {
     }
 
     fn on_assignment(&mut self) {
-        let Some(lease) = self.lease.as_mut() else { return };
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
         let a: Assignment = *lease.assignment.borrow_and_update();
         let current = self.view.as_ref().map(|(p, _)| *p);
         if a.pool != current {
@@ -330,7 +343,9 @@ impl Session {
     }
 
     fn on_view_change(&mut self) {
-        let Some((_, rx)) = self.view.as_mut() else { return };
+        let Some((_, rx)) = self.view.as_mut() else {
+            return;
+        };
         let v = rx.borrow_and_update();
         let epoch_changed = self.jobs.back().is_some_and(|j| j.epoch != v.epoch);
         let same_job = match (&v.job, self.jobs.back()) {
@@ -349,7 +364,9 @@ impl Session {
 
     /// Send the assigned pool's current job (if live) as a new local job.
     fn send_current_job(&mut self, force_clean: bool) {
-        let Some((_, rx)) = self.view.as_ref() else { return };
+        let Some((_, rx)) = self.view.as_ref() else {
+            return;
+        };
         let v = rx.borrow().clone();
         let Some(up) = v.job.clone() else { return };
         if !v.live || v.rollable < self.miner_bytes + self.en2_size {
@@ -432,14 +449,21 @@ impl Session {
         let worker = self.worker.clone().ok_or(RejectReason::Unauthorized)?;
         let slot = self.slot.as_ref().ok_or(RejectReason::Unauthorized)?;
         let id = u32::from_str_radix(&s.job_id, 16).map_err(|_| RejectReason::StaleJob)?;
-        let job = self.jobs.iter().find(|j| j.id == id).ok_or(RejectReason::StaleJob)?;
+        let job = self
+            .jobs
+            .iter()
+            .find(|j| j.id == id)
+            .ok_or(RejectReason::StaleJob)?;
         if s.extranonce2.len() != self.en2_size {
             return Err(RejectReason::Invalid);
         }
-        if s.ntime.wrapping_sub(job.up.ntime) > NTIME_AHEAD && job.up.ntime.wrapping_sub(s.ntime) > 600 {
+        if s.ntime.wrapping_sub(job.up.ntime) > NTIME_AHEAD
+            && job.up.ntime.wrapping_sub(s.ntime) > 600
+        {
             return Err(RejectReason::Invalid);
         }
-        let version = rolled_version(job.up.version, s.version_bits, job.mask).map_err(|_| RejectReason::Invalid)?;
+        let version = rolled_version(job.up.version, s.version_bits, job.mask)
+            .map_err(|_| RejectReason::Invalid)?;
         let mut en2 = [0u8; 8];
         en2[8 - s.extranonce2.len()..].copy_from_slice(&s.extranonce2);
         let key = (job.id, u64::from_be_bytes(en2), s.ntime, s.nonce, version);
@@ -451,8 +475,22 @@ impl Session {
         extranonce.extend_from_slice(&slot.prefix);
         extranonce.extend_from_slice(&s.extranonce2);
         extranonce.resize(job.rollable, 0);
-        let root = share::merkle_root(&[&job.up.coinbase_prefix, &extranonce, &job.up.coinbase_suffix], &job.up.merkle_branch);
-        let hash = share::sha256d(&share::header(version, &job.up.prev_hash, &root, s.ntime, job.up.nbits, s.nonce));
+        let root = share::merkle_root(
+            &[
+                &job.up.coinbase_prefix,
+                &extranonce,
+                &job.up.coinbase_suffix,
+            ],
+            &job.up.merkle_branch,
+        );
+        let hash = share::sha256d(&share::header(
+            version,
+            &job.up.prev_hash,
+            &root,
+            s.ntime,
+            job.up.nbits,
+            s.nonce,
+        ));
         let check = share::check(&hash, &job.target, &job.up_target, job.up.nbits);
         if !check.meets_miner {
             return Err(RejectReason::LowDifficulty);
@@ -487,7 +525,9 @@ impl Session {
     }
 }
 
-async fn changed(view: &mut Option<(usize, watch::Receiver<PoolView>)>) -> Result<(), watch::error::RecvError> {
+async fn changed(
+    view: &mut Option<(usize, watch::Receiver<PoolView>)>,
+) -> Result<(), watch::error::RecvError> {
     match view {
         Some((_, rx)) => rx.changed().await,
         None => std::future::pending().await,

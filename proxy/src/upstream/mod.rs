@@ -105,7 +105,11 @@ pub struct PoolHandle {
 pub const SUBMIT_QUEUE: usize = 65_536;
 
 /// Create the view channel and share queue for a pool.
-pub fn channels() -> (watch::Sender<PoolView>, watch::Receiver<PoolView>, mpsc::Receiver<UpShare>) {
+pub fn channels() -> (
+    watch::Sender<PoolView>,
+    watch::Receiver<PoolView>,
+    mpsc::Receiver<UpShare>,
+) {
     let (tx, rx) = mpsc::channel(SUBMIT_QUEUE);
     let (vtx, vrx) = watch::channel(PoolView {
         live: false,

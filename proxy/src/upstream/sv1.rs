@@ -39,7 +39,10 @@ enum Pending {
     Configure,
     Subscribe,
     Authorize,
-    Submit { worker: Arc<WorkerStats>, difficulty: f64 },
+    Submit {
+        worker: Arc<WorkerStats>,
+        difficulty: f64,
+    },
 }
 
 struct Conn {
@@ -56,7 +59,12 @@ struct Conn {
 
 impl Sv1Upstream {
     /// Run until shutdown.
-    pub async fn run(self, view: watch::Sender<PoolView>, mut shares: mpsc::Receiver<UpShare>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        view: watch::Sender<PoolView>,
+        mut shares: mpsc::Receiver<UpShare>,
+        shutdown: CancellationToken,
+    ) {
         let first = Duration::from_millis(self.routing.reconnect_ms.max(10));
         let mut backoff = first;
         loop {
@@ -86,7 +94,11 @@ impl Sv1Upstream {
         c.pending.push_back(p);
     }
 
-    async fn session(&self, view: &watch::Sender<PoolView>, shares: &mut mpsc::Receiver<UpShare>) -> Result<(), String> {
+    async fn session(
+        &self,
+        view: &watch::Sender<PoolView>,
+        shares: &mut mpsc::Receiver<UpShare>,
+    ) -> Result<(), String> {
         let addr = self.pool.address;
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
             .await
@@ -109,9 +121,23 @@ impl Sv1Upstream {
         self.request(&mut c, &mut out, "mining.configure",
             json!([["version-rolling"], {"version-rolling.mask": format!("{ASK_MASK:08x}"), "version-rolling.min-bit-count": 2}]),
             Pending::Configure);
-        self.request(&mut c, &mut out, "mining.subscribe", json!(["gridproxy/0.1"]), Pending::Subscribe);
-        self.request(&mut c, &mut out, "mining.authorize", json!([self.pool.user, self.pool.password]), Pending::Authorize);
-        wr.write_all(out.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        self.request(
+            &mut c,
+            &mut out,
+            "mining.subscribe",
+            json!(["gridproxy/0.1"]),
+            Pending::Subscribe,
+        );
+        self.request(
+            &mut c,
+            &mut out,
+            "mining.authorize",
+            json!([self.pool.user, self.pool.password]),
+            Pending::Authorize,
+        );
+        wr.write_all(out.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         let epoch = view.borrow().epoch + 1;
         view.send_modify(|v| {
             v.epoch = epoch;
@@ -169,7 +195,14 @@ impl Sv1Upstream {
         }
     }
 
-    fn handle(&self, c: &mut Conn, m: ServerMessage, view: &watch::Sender<PoolView>, epoch: u64, need: usize) -> Result<(), String> {
+    fn handle(
+        &self,
+        c: &mut Conn,
+        m: ServerMessage,
+        view: &watch::Sender<PoolView>,
+        epoch: u64,
+        need: usize,
+    ) -> Result<(), String> {
         match m {
             ServerMessage::Response { result, error, .. } => match c.pending.pop_front() {
                 None => debug!(pool = %self.pool.name, "response to nothing pending"),
@@ -196,7 +229,10 @@ impl Sv1Upstream {
                 }
                 Some(Pending::Authorize) => {
                     if result != Value::Bool(true) {
-                        return Err(format!("pool refused authorize for {}: {error:?}", self.pool.user));
+                        return Err(format!(
+                            "pool refused authorize for {}: {error:?}",
+                            self.pool.user
+                        ));
                     }
                     c.authorized = true;
                     self.stats.connects.inc();
@@ -234,7 +270,8 @@ impl Sv1Upstream {
                     merkle_branch: n.merkle_branch,
                     clean: n.clean_jobs,
                 });
-                let (target, rollable, live) = (c.target, c.en2_size, c.authorized && c.en2_size >= need);
+                let (target, rollable, live) =
+                    (c.target, c.en2_size, c.authorized && c.en2_size >= need);
                 view.send_modify(|v| {
                     v.epoch = epoch;
                     v.live = live;
@@ -252,9 +289,14 @@ impl Sv1Upstream {
                     c.next_target = Some(t);
                 }
             }
-            ServerMessage::SetExtranonce { extranonce1, extranonce2_size } => {
+            ServerMessage::SetExtranonce {
+                extranonce1,
+                extranonce2_size,
+            } => {
                 if extranonce2_size < need {
-                    return Err(format!("pool set extranonce2 size {extranonce2_size}; need {need}"));
+                    return Err(format!(
+                        "pool set extranonce2 size {extranonce2_size}; need {need}"
+                    ));
                 }
                 c.en1 = extranonce1;
                 c.en2_size = extranonce2_size;
@@ -266,7 +308,9 @@ impl Sv1Upstream {
             }
             ServerMessage::SetVersionMask(m) => c.mask = m & ASK_MASK,
             ServerMessage::Reconnect => return Err("pool sent client.reconnect".into()),
-            ServerMessage::Other(method) => debug!(pool = %self.pool.name, %method, "ignored notification"),
+            ServerMessage::Other(method) => {
+                debug!(pool = %self.pool.name, %method, "ignored notification")
+            }
         }
         Ok(())
     }

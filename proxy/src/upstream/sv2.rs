@@ -4,8 +4,8 @@
 
 use super::{next_backoff, PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
-use crate::sv2_io::{connect_noise, next_msg, unix_now};
 use crate::stats::{PoolStats, WorkerStats};
+use crate::sv2_io::{connect_noise, next_msg, unix_now};
 use futures::SinkExt;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::sv2::{
@@ -46,6 +46,8 @@ struct Pending {
 /// Per-connection state.
 struct Conn {
     channel_id: u32,
+    /// SRI pools send jobs and prev hashes to the group channel.
+    group_id: u32,
     extranonce_prefix: Vec<u8>,
     rollable: usize,
     target: Target,
@@ -55,6 +57,12 @@ struct Conn {
     seq: u32,
     pending: BTreeMap<u32, Pending>,
     last_job_at: Instant,
+}
+
+impl Conn {
+    fn is_mine(&self, channel_id: u32) -> bool {
+        channel_id == self.channel_id || channel_id == self.group_id
+    }
 }
 
 #[derive(Clone)]
@@ -111,7 +119,9 @@ impl Sv2Upstream {
             view.send_modify(|v| v.live = false);
             match r {
                 Err(UpstreamError::Shutdown) => return,
-                Err(e) => warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down"),
+                Err(e) => {
+                    warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down")
+                }
                 Ok(()) => {}
             }
             if started.elapsed() > Duration::from_secs(30) {
@@ -125,7 +135,10 @@ impl Sv2Upstream {
         }
     }
 
-    async fn open(&self, key: &AuthorityPublicKey) -> Result<(Framed<TcpStream, NoiseCodec>, Conn), UpstreamError> {
+    async fn open(
+        &self,
+        key: &AuthorityPublicKey,
+    ) -> Result<(Framed<TcpStream, NoiseCodec>, Conn), UpstreamError> {
         let addr = self.pool.address;
         let stream = TcpStream::connect(addr)
             .await
@@ -143,14 +156,29 @@ impl Sv2Upstream {
             min_version: 2,
             max_version: 2,
             flags: 0,
-            endpoint_host: addr.ip().to_string().try_into().map_err(|_| proto("endpoint host"))?,
+            endpoint_host: addr
+                .ip()
+                .to_string()
+                .try_into()
+                .map_err(|_| proto("endpoint host"))?,
             endpoint_port: addr.port(),
-            vendor: "gridproxy".to_string().try_into().map_err(|_| proto("vendor"))?,
+            vendor: "gridproxy"
+                .to_string()
+                .try_into()
+                .map_err(|_| proto("vendor"))?,
             hardware_version: "proxy".to_string().try_into().map_err(|_| proto("hw"))?,
-            firmware: env!("CARGO_PKG_VERSION").to_string().try_into().map_err(|_| proto("fw"))?,
-            device_id: "gridproxy".to_string().try_into().map_err(|_| proto("device"))?,
+            firmware: env!("CARGO_PKG_VERSION")
+                .to_string()
+                .try_into()
+                .map_err(|_| proto("fw"))?,
+            device_id: "gridproxy"
+                .to_string()
+                .try_into()
+                .map_err(|_| proto("device"))?,
         };
-        framed.send(Message::Common(CommonMessagesOwned::SetupConnection(setup))).await?;
+        framed
+            .send(Message::Common(CommonMessagesOwned::SetupConnection(setup)))
+            .await?;
         match next_msg(&mut framed).await? {
             Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}
             Message::Common(CommonMessagesOwned::SetupConnectionError(e)) => {
@@ -159,17 +187,28 @@ impl Sv2Upstream {
                     String::from_utf8_lossy(e.error_code.as_bytes())
                 )))
             }
-            other => return Err(UpstreamError::Protocol(format!("expected SetupConnection.Success, got {}", name(&other)))),
+            other => {
+                return Err(UpstreamError::Protocol(format!(
+                    "expected SetupConnection.Success, got {}",
+                    name(&other)
+                )))
+            }
         }
         let need = (self.extranonce.miner_bytes + self.extranonce.extranonce2_size) as u16;
         let open = OpenExtendedMiningChannelOwned {
             request_id: 1,
-            user_identity: truncate_identity(&self.pool.user).try_into().map_err(|_| proto("user identity"))?,
+            user_identity: truncate_identity(&self.pool.user)
+                .try_into()
+                .map_err(|_| proto("user identity"))?,
             nominal_hash_rate: self.pool.nominal_hashrate,
             max_target: [0xff; 32].into(),
             min_extranonce_size: need,
         };
-        framed.send(Message::Mining(MiningOwned::OpenExtendedMiningChannel(open))).await?;
+        framed
+            .send(Message::Mining(MiningOwned::OpenExtendedMiningChannel(
+                open,
+            )))
+            .await?;
         // Jobs may come right after the success; they are handled in the main loop.
         loop {
             match next_msg(&mut framed).await? {
@@ -182,6 +221,7 @@ impl Sv2Upstream {
                     }
                     let conn = Conn {
                         channel_id: s.channel_id,
+                        group_id: s.group_channel_id,
                         extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),
                         rollable,
                         target: Target::from_le_bytes(s.target.to_array()),
@@ -200,7 +240,9 @@ impl Sv2Upstream {
                         String::from_utf8_lossy(e.error_code.as_bytes())
                     )))
                 }
-                other => debug!(pool = %self.pool.name, msg = name(&other), "ignored before channel open"),
+                other => {
+                    debug!(pool = %self.pool.name, msg = name(&other), "ignored before channel open")
+                }
             }
         }
     }
@@ -285,13 +327,19 @@ impl Sv2Upstream {
         result
     }
 
-    fn handle(&self, c: &mut Conn, msg: Message, view: &watch::Sender<PoolView>, epoch: u64) -> Result<(), UpstreamError> {
+    fn handle(
+        &self,
+        c: &mut Conn,
+        msg: Message,
+        view: &watch::Sender<PoolView>,
+        epoch: u64,
+    ) -> Result<(), UpstreamError> {
         let Message::Mining(m) = msg else {
             debug!(pool = %self.pool.name, msg = name(&msg), "ignored");
             return Ok(());
         };
         match m {
-            MiningOwned::NewExtendedMiningJob(j) if j.channel_id == c.channel_id => {
+            MiningOwned::NewExtendedMiningJob(j) if c.is_mine(j.channel_id) => {
                 self.stats.jobs.inc();
                 let job = Job {
                     id: j.job_id,
@@ -314,7 +362,7 @@ impl Sv2Upstream {
                     }
                 }
             }
-            MiningOwned::SetNewPrevHash(p) if p.channel_id == c.channel_id => {
+            MiningOwned::SetNewPrevHash(p) if c.is_mine(p.channel_id) => {
                 c.tip = Some((p.prev_hash.to_array(), p.nbits, p.min_ntime));
                 if let Some(job) = c.future_jobs.remove(&p.job_id) {
                     c.last_job = Some(job);
@@ -322,17 +370,21 @@ impl Sv2Upstream {
                 c.future_jobs.clear();
                 self.publish(c, view, true, epoch);
             }
-            MiningOwned::SetTarget(t) if t.channel_id == c.channel_id => {
+            MiningOwned::SetTarget(t) if c.is_mine(t.channel_id) => {
                 c.target = Target::from_le_bytes(t.maximum_target.to_array());
                 let target = c.target;
                 view.send_modify(|v| v.target = target);
             }
-            MiningOwned::SetExtranoncePrefix(p) if p.channel_id == c.channel_id => {
+            MiningOwned::SetExtranoncePrefix(p) if c.is_mine(p.channel_id) => {
                 c.extranonce_prefix = p.extranonce_prefix.as_bytes().to_vec();
                 self.publish(c, view, true, epoch);
             }
             MiningOwned::SubmitSharesSuccess(s) if s.channel_id == c.channel_id => {
-                let acked: Vec<u32> = c.pending.range(..=s.last_sequence_number).map(|(k, _)| *k).collect();
+                let acked: Vec<u32> = c
+                    .pending
+                    .range(..=s.last_sequence_number)
+                    .map(|(k, _)| *k)
+                    .collect();
                 if acked.len() as u32 != s.new_submits_accepted_count {
                     debug!(pool = %self.pool.name, ours = acked.len(), theirs = s.new_submits_accepted_count, "ack count differs");
                 }
@@ -357,7 +409,9 @@ impl Sv2Upstream {
                     String::from_utf8_lossy(cc.reason_code.as_bytes())
                 )));
             }
-            other => debug!(pool = %self.pool.name, msg = ?std::mem::discriminant(&other), "ignored mining message"),
+            other => {
+                debug!(pool = %self.pool.name, msg = ?std::mem::discriminant(&other), "ignored mining message")
+            }
         }
         Ok(())
     }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# gridproxy's test command: installs what the tests need (Debian packages and
+# the real SRI peers, built once into a cache folder), then runs format and
+# lint checks and the whole test suite.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -- NAME    # only tests matching NAME (after the checks)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+log "installing test peers (cached in ${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy})"
+bash scripts/peers.sh install
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo test"
+filter=()
+if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
+cargo test --workspace -- "${filter[@]}"

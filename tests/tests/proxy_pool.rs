@@ -1,0 +1,139 @@
+//! gridproxy between fixture SV1 miners and the real SRI `pool_sv2` (fed by the
+//! fixture TP): shares flow, and the proxy's per-worker counts agree with what
+//! the pool acknowledged.
+
+use gridproxy::config::Config;
+use gridproxy::proxy::Proxy;
+use gridproxy_fixtures::stats::MinerStats;
+use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
+use gridproxy_tests::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Proxy config with SV2 upstream pools (priority order as given).
+pub fn proxy_config(pools: &[(&str, SocketAddr, &str, u32, f64)], extra: &str) -> Config {
+    let mut s = String::new();
+    for (name, addr, key, prio, weight) in pools {
+        s.push_str(&format!(
+            "[[pools]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{key}\"\nuser = \"gridproxy-test\"\npriority = {prio}\nweight = {weight}\nnominal_hashrate = 250000.0\n\n"
+        ));
+    }
+    s.push_str("[listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\nshares_per_minute = 20.0\n\n");
+    s.push_str("[routing]\nreconnect_ms = 100\n");
+    s.push_str(extra);
+    Config::parse(&s, "test").expect("valid test config")
+}
+
+/// Start `n` fixture SV1 miners against `addr`, all counting into one stats block.
+pub fn start_miners(
+    addr: SocketAddr,
+    n: usize,
+    prefix: &str,
+    hashrate: f64,
+) -> (Arc<MinerStats>, CancellationToken) {
+    let stats = Arc::new(MinerStats::default());
+    let stop = CancellationToken::new();
+    for i in 0..n {
+        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
+        cfg.hashrate = hashrate;
+        // Half with version rolling, half without, as in a mixed fleet.
+        cfg.version_rolling = i % 2 == 0;
+        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
+    }
+    (stats, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_sv1_miners_through_gridproxy_into_pool_sv2() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    // The tip stays put on blocks found, so no share is stale by a race: counts must match exactly.
+    let tp = start_tp_with(gridproxy_fixtures::tp::TpConfig {
+        new_tip_on_solution: false,
+        ..Default::default()
+    })
+    .await;
+    let pool = start_pool(tp.addr()).await;
+    let key = pool.authority_pubkey.to_string();
+    let proxy = Proxy::start(proxy_config(&[("sri", pool.addr, &key, 0, 1.0)], ""))
+        .await
+        .unwrap();
+    let addr = proxy.sv1_addr.unwrap();
+    let (miners, stop) = start_miners(addr, 100, "site.rig", 5_000.0);
+
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    assert!(
+        wait_until(Duration::from_secs(60), || up.accepted.get() >= 30).await,
+        "pool acknowledged {} shares (sent {}), miners accepted {} rejected {}; pool log:\n{}",
+        up.accepted.get(),
+        up.submitted.get(),
+        miners.accepted.get(),
+        miners.rejected.get(),
+        pool.process.log_tail(3000)
+    );
+    stop.cancel();
+    // Let in-flight acknowledgements land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert_eq!(
+        miners.rejected.get(),
+        0,
+        "reasons: {:?}",
+        miners.reject_reasons()
+    );
+    assert!(miners.accepted.get() >= 30);
+    let workers = proxy.ctx.registry.snapshot();
+    assert_eq!(
+        workers.len(),
+        100,
+        "every miner authorized under its own name"
+    );
+    let sum = |f: fn(&gridproxy::stats::WorkerSnapshot) -> u64| workers.iter().map(f).sum::<u64>();
+    // What the miners were told equals what the proxy counted per worker.
+    assert_eq!(sum(|w| w.accepted), miners.accepted.get());
+    // Per-worker pool acknowledgements add up to the pool's own count of acks to us...
+    assert_eq!(sum(|w| w.upstream_accepted), up.accepted.get());
+    assert_eq!(
+        sum(|w| w.upstream_rejected),
+        0,
+        "pool rejects: {:?}",
+        up.reasons()
+    );
+    // ...and to what pool_sv2 itself reports as accepted (its metrics lag ≤ 1 s).
+    let acked = up.accepted.get() as f64;
+    let ok = wait_until_async(Duration::from_secs(10), || async {
+        pool.shares_accepted().await >= acked
+    })
+    .await;
+    let theirs = pool.shares_accepted().await;
+    assert!(
+        ok && theirs == acked,
+        "pool_sv2 reports {theirs} accepted, gridproxy counted {acked}"
+    );
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    // More than one worker's shares reached the pool.
+    assert!(workers.iter().filter(|w| w.upstream_accepted > 0).count() > 10);
+    proxy.shutdown.cancel();
+}
+
+/// Poll an async condition.
+async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
