@@ -127,18 +127,14 @@ impl Target {
         if !(difficulty.is_finite() && difficulty > 0.0) {
             return Target::MAX;
         }
-        // difficulty = m · 2^e with an integer mantissa of at most 53 bits.
+        // difficulty = m · 2^e with an integer mantissa of at most 53 bits, and
+        // DIFF1 = 0xFFFF · 2^208, so target = 0xFFFF · 2^(208 − e) / m, exactly.
         let (m, e) = decompose(difficulty);
-        let shifted = if e >= 0 {
-            DIFF1.shr(e as u32)
+        if e <= 208 {
+            div_shifted(0xFFFF, (208 - e) as u32, m)
         } else {
-            let s = (-e) as u32;
-            if DIFF1.bits() + s > 256 {
-                return Target::MAX;
-            }
-            DIFF1.shl(s)
-        };
-        shifted.div_u64(m)
+            DIFF1.shr(e as u32).div_u64(m)
+        }
     }
 
     /// The pool difficulty this target corresponds to (`DIFF1 / target`).
@@ -149,6 +145,32 @@ impl Target {
         }
         DIFF1.to_f64() / t
     }
+}
+
+/// floor(a · 2^shift / m), saturating at [`Target::MAX`]; long division by
+/// 64-bit limbs so no intermediate exceeds 128 bits.
+fn div_shifted(a: u64, shift: u32, m: u64) -> Target {
+    let (limbs, bits) = ((shift / 64) as usize, shift % 64);
+    let top = (a as u128) << bits;
+    let mut num = vec![(top >> 64) as u64, top as u64];
+    num.extend(std::iter::repeat_n(0u64, limbs));
+    let mut q = Vec::with_capacity(num.len());
+    let mut rem: u128 = 0;
+    for limb in num {
+        let cur = (rem << 64) | limb as u128;
+        q.push((cur / m as u128) as u64);
+        rem = cur % m as u128;
+    }
+    // q is big-endian by limb; anything above 256 bits saturates.
+    let n = q.len();
+    if n > 4 && q[..n - 4].iter().any(|&l| l != 0) {
+        return Target::MAX;
+    }
+    let mut t = [0u64; 4];
+    for (i, limb) in q.iter().rev().take(4).enumerate() {
+        t[i] = *limb;
+    }
+    Target(t)
 }
 
 /// Split a positive finite f64 into (odd-free integer mantissa, exponent).
@@ -264,6 +286,15 @@ mod tests {
         let t = Target::from_difficulty(3.0);
         assert!((t.to_difficulty() - 3.0).abs() < 1e-12);
         assert_eq!(Target::from_difficulty(0.0), Target::MAX);
+        // Fractional difficulties as pools send them (SRI translator, CPU-scale): no overflow.
+        for d in [0.00011641377829718635, 4.656612873077393e-6, 1.0 / 65536.0, 1e-9] {
+            let back = Target::from_difficulty(d).to_difficulty();
+            assert!((back - d).abs() / d < 1e-12, "{d} -> {back}");
+        }
+        assert_eq!(
+            Target::from_difficulty(1.0 / 65536.0),
+            hex_be("0000ffff00000000000000000000000000000000000000000000000000000000")
+        );
         assert_eq!(Target::from_difficulty(f64::NAN), Target::MAX);
         assert_eq!(Target::from_difficulty(1e-300), Target::MAX);
     }
