@@ -23,7 +23,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("share_validation");
     g.throughput(Throughput::Elements(1));
     let header = [5u8; 80];
-    g.bench_function("sha256d_80B_floor", |b| b.iter(|| sha256d(black_box(&header))));
+    g.bench_function("sha256d_80B_floor", |b| {
+        b.iter(|| sha256d(black_box(&header)))
+    });
 
     let j = job();
     let en = [9u8; 8];
@@ -33,7 +35,12 @@ fn bench(c: &mut Criterion) {
         &[&j.coinbase_prefix, &en, &j.coinbase_suffix],
         &j.merkle_branch,
     );
-    let hj = HeaderJob { version: j.version, prev_hash: j.prev_hash, merkle_root: root, nbits: j.nbits };
+    let hj = HeaderJob {
+        version: j.version,
+        prev_hash: j.prev_hash,
+        merkle_root: root,
+        nbits: j.nbits,
+    };
     let mut nonce = 0u32;
     g.bench_function("header_hash_check", |b| {
         b.iter(|| {
@@ -45,7 +52,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("full_with_merkle_12", |b| {
         b.iter(|| {
             nonce = nonce.wrapping_add(1);
-            let w = Work { extranonce: &en, ntime: 1633002641, nonce: black_box(nonce), version_bits: Some(0x4000) };
+            let w = Work {
+                extranonce: &en,
+                ntime: 1633002641,
+                nonce: black_box(nonce),
+                version_bits: Some(0x4000),
+            };
             let h = j.hash(&w, 0x1fffe000).unwrap();
             check(&h, &miner, &upstream, j.nbits)
         })

@@ -81,11 +81,7 @@ pub fn merkle_root(coinbase_parts: &[&[u8]], branch: &[[u8; 32]]) -> [u8; 32] {
 }
 
 /// Apply rolled version bits under a mask (BIP310 / BIP320).
-pub fn rolled_version(
-    base: u32,
-    version_bits: Option<u32>,
-    mask: u32,
-) -> Result<u32, WorkError> {
+pub fn rolled_version(base: u32, version_bits: Option<u32>, mask: u32) -> Result<u32, WorkError> {
     match version_bits {
         None => Ok(base),
         Some(bits) => {
@@ -123,7 +119,11 @@ impl Job {
     /// The header the miner hashed for this work.
     pub fn header(&self, work: &Work<'_>, version_mask: u32) -> Result<Header, WorkError> {
         let root = merkle_root(
-            &[&self.coinbase_prefix, work.extranonce, &self.coinbase_suffix],
+            &[
+                &self.coinbase_prefix,
+                work.extranonce,
+                &self.coinbase_suffix,
+            ],
             &self.merkle_branch,
         );
         let version = rolled_version(self.version, work.version_bits, version_mask)?;
@@ -333,36 +333,110 @@ mod tests {
         let mut bad_en = en.clone();
         bad_en[7] ^= 1;
         let cases: Vec<(&str, Job, Work)> = vec![
-            ("nonce", job.clone(), Work { nonce: good.nonce + 1, ..good.clone() }),
-            ("ntime", job.clone(), Work { ntime: good.ntime + 1, ..good.clone() }),
-            ("extranonce", job.clone(), Work { extranonce: &bad_en, ..good.clone() }),
-            ("version bits", job.clone(), Work { version_bits: Some(0x1fffc000), ..good.clone() }),
-            ("no rolling", job.clone(), Work { version_bits: None, ..good.clone() }),
-            ("nbits", Job { nbits: 0x170ed0ec, ..job.clone() }, good.clone()),
-            ("branch", { let mut j = job.clone(); j.merkle_branch[3][0] ^= 0x80; j }, good.clone()),
-            ("prev hash", { let mut j = job.clone(); j.prev_hash[31] ^= 1; j }, good.clone()),
-            ("coinbase", { let mut j = job.clone(); j.coinbase_suffix[0] ^= 1; j }, good.clone()),
+            (
+                "nonce",
+                job.clone(),
+                Work {
+                    nonce: good.nonce + 1,
+                    ..good.clone()
+                },
+            ),
+            (
+                "ntime",
+                job.clone(),
+                Work {
+                    ntime: good.ntime + 1,
+                    ..good.clone()
+                },
+            ),
+            (
+                "extranonce",
+                job.clone(),
+                Work {
+                    extranonce: &bad_en,
+                    ..good.clone()
+                },
+            ),
+            (
+                "version bits",
+                job.clone(),
+                Work {
+                    version_bits: Some(0x1fffc000),
+                    ..good.clone()
+                },
+            ),
+            (
+                "no rolling",
+                job.clone(),
+                Work {
+                    version_bits: None,
+                    ..good.clone()
+                },
+            ),
+            (
+                "nbits",
+                Job {
+                    nbits: 0x170ed0ec,
+                    ..job.clone()
+                },
+                good.clone(),
+            ),
+            (
+                "branch",
+                {
+                    let mut j = job.clone();
+                    j.merkle_branch[3][0] ^= 0x80;
+                    j
+                },
+                good.clone(),
+            ),
+            (
+                "prev hash",
+                {
+                    let mut j = job.clone();
+                    j.prev_hash[31] ^= 1;
+                    j
+                },
+                good.clone(),
+            ),
+            (
+                "coinbase",
+                {
+                    let mut j = job.clone();
+                    j.coinbase_suffix[0] ^= 1;
+                    j
+                },
+                good.clone(),
+            ),
         ];
         for (what, j, w) in cases {
             let h = j.hash(&w, mask).unwrap();
             assert_ne!(display_hex(&h), B702861_HASH, "{what}");
-            assert!(!net.is_met_by(&h), "corrupted {what} still meets the network target");
+            assert!(
+                !net.is_met_by(&h),
+                "corrupted {what} still meets the network target"
+            );
         }
     }
 
     #[test]
     fn version_bits_outside_mask_are_refused() {
-        assert_eq!(rolled_version(0x2000_0000, Some(0x0000_2000), 0x1fffe000), Ok(0x2000_2000));
+        assert_eq!(
+            rolled_version(0x2000_0000, Some(0x0000_2000), 0x1fffe000),
+            Ok(0x2000_2000)
+        );
         // Full version form with the same outside bits is fine.
-        assert_eq!(rolled_version(0x2000_0000, Some(0x2000_4000), 0x1fffe000), Ok(0x2000_4000));
+        assert_eq!(
+            rolled_version(0x2000_0000, Some(0x2000_4000), 0x1fffe000),
+            Ok(0x2000_4000)
+        );
         assert!(rolled_version(0x2000_0000, Some(0x4000_0000), 0x1fffe000).is_err());
         assert!(rolled_version(0x2000_0000, Some(0x0000_2000), 0).is_err());
     }
 
     #[test]
     fn sv1_prevhash_word_swap() {
-        let internal =
-            h32("5f3b2119529dc4013ff0f427a457bed706e7b5b8dec309000000000000000000");
+        let internal = h32("5f3b2119529dc4013ff0f427a457bed706e7b5b8dec309000000000000000000");
         let sv1 = prevhash_to_sv1(&internal);
         assert_eq!(
             hex::encode(sv1),
@@ -384,6 +458,9 @@ mod tests {
             merkle_root: root,
             nbits: job.nbits,
         };
-        assert_eq!(display_hex(&hj.hash(0x3fffe004, 1633002641, 1104860899)), B702861_HASH);
+        assert_eq!(
+            display_hex(&hj.hash(0x3fffe004, 1633002641, 1104860899)),
+            B702861_HASH
+        );
     }
 }

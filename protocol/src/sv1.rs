@@ -403,7 +403,8 @@ impl<'a> Params<'a> {
     /// A big-endian u32 as 8 hex digits (ntime, nonce, nbits, version).
     fn hex_u32(&self, i: usize, name: &str) -> Result<u32, Sv1Error> {
         let s = self.str(i, name)?;
-        parse_hex_u32(s).ok_or_else(|| self.bad(format!("param {i} ({name}) is not a hex u32: {s:?}")))
+        parse_hex_u32(s)
+            .ok_or_else(|| self.bad(format!("param {i} ({name}) is not a hex u32: {s:?}")))
     }
 
     fn f64(&self, i: usize, name: &str) -> Result<f64, Sv1Error> {
@@ -584,7 +585,11 @@ fn parse_rpc_error(e: &Value) -> RpcError {
         },
         Value::Object(o) => RpcError {
             code: o.get("code").and_then(Value::as_i64).unwrap_or(20),
-            message: o.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+            message: o
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         },
         Value::String(s) => RpcError {
             code: 20,
@@ -644,7 +649,10 @@ pub mod encode {
             match (ext.as_str(), granted_mask) {
                 ("version-rolling", Some(mask)) => {
                     o.insert("version-rolling".into(), Value::Bool(true));
-                    o.insert("version-rolling.mask".into(), Value::String(format!("{mask:08x}")));
+                    o.insert(
+                        "version-rolling.mask".into(),
+                        Value::String(format!("{mask:08x}")),
+                    );
                 }
                 (name, _) => {
                     o.insert(name.to_string(), Value::Bool(false));
@@ -665,7 +673,8 @@ pub mod encode {
             branch.push_str(&hex::encode(b));
             branch.push('"');
         }
-        let mut s = String::with_capacity(256 + 2 * (n.coinb1.len() + n.coinb2.len()) + branch.len());
+        let mut s =
+            String::with_capacity(256 + 2 * (n.coinb1.len() + n.coinb2.len()) + branch.len());
         // Hand-built: this goes to every miner on every job.
         let _ = write!(
             s,
@@ -696,7 +705,9 @@ pub mod encode {
 
     /// `mining.set_version_mask`.
     pub fn set_version_mask(mask: u32) -> String {
-        line(json!({"id": null, "method": "mining.set_version_mask", "params": [format!("{mask:08x}")]}))
+        line(
+            json!({"id": null, "method": "mining.set_version_mask", "params": [format!("{mask:08x}")]}),
+        )
     }
 
     /// A client request.
@@ -773,7 +784,9 @@ mod tests {
         let configure = br#"{"id": 1, "method": "mining.configure", "params": [["version-rolling"], {"version-rolling.mask": "1fffe000", "version-rolling.min-bit-count": 2}]}"#;
         let r = parse_client(configure).unwrap();
         assert_eq!(r.id, json!(1));
-        let ClientMethod::Configure(cfg) = r.method else { panic!() };
+        let ClientMethod::Configure(cfg) = r.method else {
+            panic!()
+        };
         assert_eq!(cfg.version_rolling_mask, Some(0x1fffe000));
         assert_eq!(cfg.version_rolling_min_bits, Some(2));
         let answer = encode::configure_result(&r.id, &cfg, Some(0x1fffe000));
@@ -786,15 +799,24 @@ mod tests {
         let sub = br#"{"id": 2, "method": "mining.subscribe", "params": ["bmminer/2.0.0"]}"#;
         assert_eq!(
             parse_client(sub).unwrap().method,
-            ClientMethod::Subscribe { user_agent: Some("bmminer/2.0.0".into()), session_id: None }
+            ClientMethod::Subscribe {
+                user_agent: Some("bmminer/2.0.0".into()),
+                session_id: None
+            }
         );
         let auth = br#"{"params": ["acct.worker1", "x"], "id": 3, "method": "mining.authorize"}"#;
         assert_eq!(
             parse_client(auth).unwrap().method,
-            ClientMethod::Authorize { user: "acct.worker1".into(), password: Some("x".into()) }
+            ClientMethod::Authorize {
+                user: "acct.worker1".into(),
+                password: Some("x".into())
+            }
         );
         let sugg = br#"{"id": 4, "method": "mining.suggest_difficulty", "params": [1024]}"#;
-        assert_eq!(parse_client(sugg).unwrap().method, ClientMethod::SuggestDifficulty(1024.0));
+        assert_eq!(
+            parse_client(sugg).unwrap().method,
+            ClientMethod::SuggestDifficulty(1024.0)
+        );
         // cpuminer reuses id 4 for every submit.
         for nonce in ["1b2c3d4e", "00000001"] {
             let s = format!(
@@ -802,7 +824,9 @@ mod tests {
             );
             let r = parse_client(s.as_bytes()).unwrap();
             assert_eq!(r.id, json!(4));
-            let ClientMethod::Submit(sub) = r.method else { panic!() };
+            let ClientMethod::Submit(sub) = r.method else {
+                panic!()
+            };
             assert_eq!(sub.ntime, 0x6155a491);
             assert_eq!(sub.version_bits, Some(0x1fffe000));
             assert_eq!(sub.extranonce2, vec![0, 0, 0, 0]);
@@ -810,22 +834,38 @@ mod tests {
 
         // Server side, in the shape pools send.
         let sub_res = br#"{"id":2,"result":[[["mining.set_difficulty","deadbeef"],["mining.notify","deadbeef"]],"08000002",4],"error":null}"#;
-        let ServerMessage::Response { result, error, .. } = parse_server(sub_res).unwrap() else { panic!() };
+        let ServerMessage::Response { result, error, .. } = parse_server(sub_res).unwrap() else {
+            panic!()
+        };
         assert!(error.is_none());
         assert_eq!(parse_subscribe_result(&result), Some((vec![8, 0, 0, 2], 4)));
         let notify = br#"{"params":["6a1f","19213b5f01c49d5227f4f03fd7be57a4b8b5e7060009c3de0000000000000000","02000000010000000000000000000000000000000000000000000000000000000000000000ffffffff58038db90a","ffffffff","f0a4506db7e1d2deb5bfc216b67dbb04b389997172322ffbea33909b6817f77b","20000004","170ed0eb","6155a491",true],"id":null,"method":"mining.notify"}"#;
         // Branch must be an array: this one is not, and must be refused.
-        assert!(matches!(parse_server(notify), Err(Sv1Error::BadParams { .. })));
+        assert!(matches!(
+            parse_server(notify),
+            Err(Sv1Error::BadParams { .. })
+        ));
         let notify = br#"{"params":["6a1f","19213b5f01c49d5227f4f03fd7be57a4b8b5e7060009c3de0000000000000000","0200","ffffffff",["f0a4506db7e1d2deb5bfc216b67dbb04b389997172322ffbea33909b6817f77b"],"20000004","170ed0eb","6155a491",true],"id":null,"method":"mining.notify"}"#;
-        let ServerMessage::Notify(n) = parse_server(notify).unwrap() else { panic!() };
-        assert_eq!((n.version, n.nbits, n.ntime, n.clean_jobs), (0x20000004, 0x170ed0eb, 0x6155a491, true));
+        let ServerMessage::Notify(n) = parse_server(notify).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (n.version, n.nbits, n.ntime, n.clean_jobs),
+            (0x20000004, 0x170ed0eb, 0x6155a491, true)
+        );
         // Our encoder round-trips.
-        assert_eq!(parse_server(encode::notify(&n).trim_end().as_bytes()).unwrap(), ServerMessage::Notify(n));
+        assert_eq!(
+            parse_server(encode::notify(&n).trim_end().as_bytes()).unwrap(),
+            ServerMessage::Notify(n)
+        );
         let rej = br#"{"id":4,"result":null,"error":[23,"Low difficulty share",null]}"#;
-        let ServerMessage::Response { error: Some(e), .. } = parse_server(rej).unwrap() else { panic!() };
+        let ServerMessage::Response { error: Some(e), .. } = parse_server(rej).unwrap() else {
+            panic!()
+        };
         assert_eq!((e.code, e.message.as_str()), (23, "Low difficulty share"));
         assert_eq!(
-            parse_server(br#"{"id":null,"method":"mining.set_difficulty","params":[0.5]}"#).unwrap(),
+            parse_server(br#"{"id":null,"method":"mining.set_difficulty","params":[0.5]}"#)
+                .unwrap(),
             ServerMessage::SetDifficulty(0.5)
         );
     }
@@ -837,7 +877,13 @@ mod tests {
         assert_eq!(parse_client(&[0xff, 0xfe]), Err(Sv1Error::InvalidUtf8));
         assert_eq!(parse_client(br#"{"id":1}"#), Err(Sv1Error::NotAMessage));
         let e = parse_client(br#"{"id":7,"method":"mining.hack","params":[]}"#).unwrap_err();
-        assert_eq!(e, Sv1Error::UnknownMethod { id: json!(7), method: "mining.hack".into() });
+        assert_eq!(
+            e,
+            Sv1Error::UnknownMethod {
+                id: json!(7),
+                method: "mining.hack".into()
+            }
+        );
         assert_eq!(e.request_id(), Some(&json!(7)));
         for bad in [
             r#"{"id":1,"method":"mining.submit","params":["w","j","zz","6155a491","00000001"]}"#,
@@ -857,8 +903,14 @@ mod tests {
             }
         }
         // Errors render a message a log line can carry.
-        let e = parse_client(br#"{"id":1,"method":"mining.submit","params":["w","j","zz","6155a491","00000001"]}"#).unwrap_err();
-        assert_eq!(e.to_string(), "mining.submit: param 2 (extranonce2) is not hex: \"zz\"");
+        let e = parse_client(
+            br#"{"id":1,"method":"mining.submit","params":["w","j","zz","6155a491","00000001"]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mining.submit: param 2 (extranonce2) is not hex: \"zz\""
+        );
     }
 
     #[test]
