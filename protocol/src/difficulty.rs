@@ -93,15 +93,6 @@ impl Target {
         Target(r)
     }
 
-    fn bits(&self) -> u32 {
-        for i in (0..4).rev() {
-            if self.0[i] != 0 {
-                return 64 * i as u32 + 64 - self.0[i].leading_zeros();
-            }
-        }
-        0
-    }
-
     fn div_u64(self, d: u64) -> Self {
         let mut r = [0u64; 4];
         let mut rem: u128 = 0;
@@ -287,7 +278,12 @@ mod tests {
         assert!((t.to_difficulty() - 3.0).abs() < 1e-12);
         assert_eq!(Target::from_difficulty(0.0), Target::MAX);
         // Fractional difficulties as pools send them (SRI translator, CPU-scale): no overflow.
-        for d in [0.00011641377829718635, 4.656612873077393e-6, 1.0 / 65536.0, 1e-9] {
+        for d in [
+            0.00011641377829718635,
+            4.656612873077393e-6,
+            1.0 / 65536.0,
+            1e-9,
+        ] {
             let back = Target::from_difficulty(d).to_difficulty();
             assert!((back - d).abs() / d < 1e-12, "{d} -> {back}");
         }

@@ -676,9 +676,9 @@ pub mod encode {
         let mut s =
             String::with_capacity(256 + 2 * (n.coinb1.len() + n.coinb2.len()) + branch.len());
         // Hand-built: this goes to every miner on every job.
-        let _ = write!(
+        let _ = writeln!(
             s,
-            "{{\"id\":null,\"method\":\"mining.notify\",\"params\":[{},\"{}\",\"{}\",\"{}\",[{}],\"{:08x}\",\"{:08x}\",\"{:08x}\",{}]}}\n",
+            "{{\"id\":null,\"method\":\"mining.notify\",\"params\":[{},\"{}\",\"{}\",\"{}\",[{}],\"{:08x}\",\"{:08x}\",\"{:08x}\",{}]}}",
             Value::String(n.job_id.clone()),
             hex::encode(n.prev_hash),
             hex::encode(&n.coinb1),

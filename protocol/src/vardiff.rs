@@ -69,7 +69,8 @@ impl Vardiff {
 
     /// Force a difficulty (e.g. `mining.suggest_difficulty`), within limits.
     pub fn set(&mut self, difficulty: f64, now: Instant) -> f64 {
-        self.difficulty = round_pow2(difficulty, self.cfg.min_difficulty).min(self.cfg.max_difficulty);
+        self.difficulty =
+            round_pow2(difficulty, self.cfg.min_difficulty).min(self.cfg.max_difficulty);
         self.window_start = now;
         self.shares = 0;
         self.difficulty
@@ -107,7 +108,8 @@ impl Vardiff {
         if ratio < self.cfg.tolerance && ratio > 1.0 / self.cfg.tolerance {
             return None;
         }
-        let next = round_pow2(self.difficulty * ratio, self.cfg.min_difficulty).min(self.cfg.max_difficulty);
+        let next = round_pow2(self.difficulty * ratio, self.cfg.min_difficulty)
+            .min(self.cfg.max_difficulty);
         if next == self.difficulty {
             return None;
         }
@@ -151,7 +153,10 @@ mod tests {
     #[test]
     fn floor_and_powers_of_two() {
         let t0 = Instant::now();
-        let cfg = VardiffConfig { min_difficulty: 256.0, ..Default::default() };
+        let cfg = VardiffConfig {
+            min_difficulty: 256.0,
+            ..Default::default()
+        };
         let mut v = Vardiff::new(cfg, 1.0, t0);
         assert_eq!(v.difficulty(), 256.0);
         // Silence keeps stepping down but never below the floor.
@@ -169,8 +174,16 @@ mod tests {
         for _ in 0..12 {
             v.on_share();
         }
-        assert_eq!(v.poll(t0 + Duration::from_secs(30)), None, "window not over");
-        assert_eq!(v.poll(t0 + Duration::from_secs(60)), None, "12/min is the goal");
+        assert_eq!(
+            v.poll(t0 + Duration::from_secs(30)),
+            None,
+            "window not over"
+        );
+        assert_eq!(
+            v.poll(t0 + Duration::from_secs(60)),
+            None,
+            "12/min is the goal"
+        );
         // A flood retargets early, capped at max_step per step.
         for _ in 0..1000 {
             v.on_share();

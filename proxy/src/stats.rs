@@ -16,8 +16,11 @@ pub enum RejectReason {
     StaleJob,
     /// The same work was already submitted.
     Duplicate,
-    /// Valid work, but above the miner's target.
+    /// Above the miner's current target, but meets an easier target it was
+    /// given recently (a difficulty change raced the share).
     LowDifficulty,
+    /// Above every target the miner was given: a bad nonce or corrupted work.
+    BadNonce,
     /// Malformed work (bad extranonce2 size, version bits outside the mask, ntime out of range).
     Invalid,
     /// Not authorized / not subscribed.
@@ -26,10 +29,11 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// All reasons, for reporting.
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         Self::StaleJob,
         Self::Duplicate,
         Self::LowDifficulty,
+        Self::BadNonce,
         Self::Invalid,
         Self::Unauthorized,
     ];
@@ -39,6 +43,7 @@ impl RejectReason {
             Self::StaleJob => (21, "Stale job"),
             Self::Duplicate => (22, "Duplicate share"),
             Self::LowDifficulty => (23, "Low difficulty share"),
+            Self::BadNonce => (20, "Invalid share: bad nonce"),
             Self::Invalid => (20, "Invalid share"),
             Self::Unauthorized => (24, "Unauthorized worker"),
         }
@@ -48,7 +53,7 @@ impl RejectReason {
         match self {
             Self::StaleJob => "stale-share",
             Self::Duplicate => "duplicate-share",
-            Self::LowDifficulty => "difficulty-too-low",
+            Self::LowDifficulty | Self::BadNonce => "difficulty-too-low",
             Self::Invalid => "invalid-job-id",
             Self::Unauthorized => "invalid-channel-id",
         }
@@ -79,7 +84,7 @@ pub struct WorkerStats {
     pub name: String,
     /// Shares answered "accepted" to the miner.
     pub accepted: Counter,
-    rejected: [Counter; 5],
+    rejected: [Counter; 6],
     /// Shares forwarded upstream.
     pub forwarded: Counter,
     /// Forwarded shares the pool acknowledged.
@@ -176,6 +181,8 @@ pub struct PoolStats {
     diff_micro: AtomicU64,
     /// Reject reasons the pool gave.
     reasons: Mutex<HashMap<String, u64>>,
+    /// Why the last connection attempt or session failed.
+    last_error: Mutex<Option<String>>,
 }
 
 impl PoolStats {
@@ -205,6 +212,17 @@ impl PoolStats {
     /// Reject reasons.
     pub fn reasons(&self) -> HashMap<String, u64> {
         self.reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    /// Record why the upstream is down.
+    pub fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+    /// Why the upstream last failed, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

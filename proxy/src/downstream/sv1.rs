@@ -493,7 +493,19 @@ impl Session {
         ));
         let check = share::check(&hash, &job.target, &job.up_target, job.up.nbits);
         if !check.meets_miner {
-            return Err(RejectReason::LowDifficulty);
+            // Honest miners miss only by racing a difficulty change: the share then
+            // meets an easier target this miner still has a job for.
+            let easiest = self
+                .jobs
+                .iter()
+                .map(|j| j.target)
+                .max()
+                .unwrap_or(job.target);
+            return Err(if easiest.is_met_by(&hash) {
+                RejectReason::LowDifficulty
+            } else {
+                RejectReason::BadNonce
+            });
         }
         if self.seen.len() >= MAX_SEEN {
             self.seen.clear();

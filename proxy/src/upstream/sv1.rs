@@ -76,6 +76,7 @@ impl Sv1Upstream {
             view.send_modify(|v| v.live = false);
             if let Err(e) = r {
                 warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down");
+                self.stats.set_error(Some(e));
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = first;
@@ -236,6 +237,7 @@ impl Sv1Upstream {
                     }
                     c.authorized = true;
                     self.stats.connects.inc();
+                    self.stats.set_error(None);
                     info!(pool = %self.pool.name, en2 = c.en2_size, mask = format!("{:08x}", c.mask), "sv1 upstream ready");
                 }
                 Some(Pending::Submit { worker, difficulty }) => match error {

@@ -257,6 +257,7 @@ impl Sv2Upstream {
             .await
             .map_err(|_| UpstreamError::Protocol("setup timed out".into()))??;
         self.stats.connects.inc();
+        self.stats.set_error(None);
         let epoch = view.borrow().epoch + 1;
         view.send_modify(|v| {
             v.epoch = epoch;
