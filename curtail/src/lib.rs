@@ -23,9 +23,14 @@
 //! - [`actuator`]: traits the I/O edge implements: firmware/proxy
 //!   [`Actuator`](actuator::Actuator)s, [`TelemetrySource`](actuator::TelemetrySource),
 //!   [`SignalSource`](actuator::SignalSource).
+//! - [`actuators`]: firmware clients behind those traits (LuxOS, Braiins OS
+//!   gRPC, Whatsminer, VNish, stock telemetry), the dispatching
+//!   [`FleetActuator`](actuators::FleetActuator), and telemetry
+//!   verification of commands.
 #![warn(missing_docs)]
 
 pub mod actuator;
+pub mod actuators;
 pub mod fleet;
 pub mod ledger;
 pub mod policy;

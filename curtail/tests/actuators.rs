@@ -1,0 +1,339 @@
+//! Firmware clients against the fixtures' emulators on loopback.
+//!
+//! Each emulator runs on its own 127.0.0.x address (port 0) with ramp times
+//! scaled by [`SCALE`]. Each test is bounded by [`TEST_LIMIT`]; each client
+//! call by [`TIMEOUT`].
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use gridproxy_curtail::actuator::{Actuator, ActuatorError, TelemetrySource};
+use gridproxy_curtail::actuators::verify::{confirm, expected_band, VerifyError};
+use gridproxy_curtail::actuators::{FleetActuator, MinerEndpoint};
+use gridproxy_curtail::fleet::{ControlSurface, MinerId, MinerSpec};
+use gridproxy_curtail::policy::{Action, Command, CommandId, PoolId};
+use gridproxy_curtail::time::Timestamp;
+use gridproxy_fixtures::firmware::model::{Mode, ModelConfig};
+use gridproxy_fixtures::firmware::{
+    braiins, luxos, stock, vnish, whatsminer, EmulatorHandle, Fault,
+};
+
+/// Ramp times ×0.05: sleep 200 ms, wake 400 ms, full power step 300 ms.
+const SCALE: f64 = 0.05;
+/// Client timeout per operation.
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// Upper bound on any one test.
+const TEST_LIMIT: Duration = Duration::from_secs(30);
+/// Scheduling slack on a shared 2-core machine.
+const SLACK: Duration = Duration::from_millis(1500);
+const POLL: Duration = Duration::from_millis(20);
+const PASSWORD: &str = "s3cret";
+const M: MinerId = MinerId(1);
+
+fn addr(last: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0)
+}
+
+fn model() -> ModelConfig {
+    ModelConfig::s19j_pro().with_time_scale(SCALE)
+}
+
+fn spec(surface: ControlSurface) -> MinerSpec {
+    let m = model();
+    let mut s = MinerSpec::new(M, "S19j Pro", m.nominal_ths, m.nominal_w, surface);
+    s.ramp.sleep_w = m.sleep_w;
+    s
+}
+
+/// Start `surface`'s emulator on 127.0.0.`ip` and a fleet actuator for it
+/// with `password`.
+async fn setup(surface: ControlSurface, ip: u8, password: &str) -> (EmulatorHandle, FleetActuator) {
+    let a = addr(ip);
+    let emu = match surface {
+        ControlSurface::LuxOs => luxos::spawn(a, model()).await,
+        ControlSurface::BraiinsOs => braiins::spawn(a, model(), PASSWORD).await,
+        ControlSurface::Whatsminer => whatsminer::spawn(a, model(), PASSWORD).await,
+        ControlSurface::Vnish => vnish::spawn(a, model(), PASSWORD).await,
+        ControlSurface::AntminerStock | ControlSurface::None => stock::spawn(a, model()).await,
+    }
+    .expect("bind emulator");
+    let mut fleet = FleetActuator::new(TIMEOUT);
+    let ep = MinerEndpoint::new(surface, emu.addr()).with_credentials("root", password);
+    fleet.insert(M, &ep);
+    (emu, fleet)
+}
+
+fn command(surface: ControlSurface, action: Action) -> Command {
+    Command {
+        id: CommandId(1),
+        miner: M,
+        surface,
+        action,
+        issued_at: Timestamp::ZERO,
+        curtail: true,
+    }
+}
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .expect("test exceeded its time bound");
+}
+
+/// Sleep, wake and a power target, each acked then confirmed by telemetry
+/// within the scaled ramp time.
+async fn control_cycle(surface: ControlSurface, ip: u8) {
+    let (emu, fleet) = setup(surface, ip, PASSWORD).await;
+    let spec = spec(surface);
+    let cfg = model();
+
+    let before = fleet.read(M).await.expect("telemetry");
+    assert!((before.power_w - cfg.nominal_w).abs() < 2.0, "{before:?}");
+    assert!(
+        (before.hashrate_ths - cfg.nominal_ths).abs() < 0.5,
+        "{before:?}"
+    );
+
+    // Sleep: power ramps down to standby within the (scaled) sleep time.
+    let t = Instant::now();
+    fleet
+        .execute(&command(surface, Action::Sleep))
+        .await
+        .expect("sleep ack");
+    let band = expected_band(Action::Sleep, &spec, None).unwrap();
+    let got = confirm(&fleet, M, band, cfg.scaled(cfg.sleep_time) + SLACK, POLL)
+        .await
+        .expect("sleep confirmed by telemetry");
+    assert!(t.elapsed() <= cfg.scaled(cfg.sleep_time) + SLACK);
+    assert!(got.hashrate_ths < 20.0, "{got:?}");
+    assert_eq!(emu.state().mode, Mode::Sleeping);
+    // It settles at standby power with no hashrate.
+    tokio::time::sleep(cfg.scaled(cfg.sleep_time)).await;
+    let asleep = fleet.read(M).await.unwrap();
+    assert!(
+        asleep.power_w <= cfg.sleep_w + 1.0 && asleep.hashrate_ths == 0.0,
+        "{asleep:?}"
+    );
+
+    // Wake: back to nominal within the (scaled) wake time.
+    let t = Instant::now();
+    fleet
+        .execute(&command(surface, Action::Wake))
+        .await
+        .expect("wake ack");
+    let band = expected_band(Action::Wake, &spec, None).unwrap();
+    let got = confirm(&fleet, M, band, cfg.scaled(cfg.wake_time) + SLACK, POLL)
+        .await
+        .expect("wake confirmed by telemetry");
+    assert!(t.elapsed() <= cfg.scaled(cfg.wake_time) + SLACK);
+    assert!(got.hashrate_ths > 90.0, "{got:?}");
+
+    // Power target: at or below 2500 W (LuxOS/VNish step to a profile).
+    fleet
+        .execute(&command(surface, Action::SetPowerTarget(2500)))
+        .await
+        .expect("power target ack");
+    let band = expected_band(Action::SetPowerTarget(2500), &spec, None).unwrap();
+    let got = confirm(&fleet, M, band, cfg.scaled(cfg.limit_time) + SLACK, POLL)
+        .await
+        .expect("power target confirmed by telemetry");
+    assert!(got.power_w >= cfg.min_power_w, "{got:?}");
+    assert!(matches!(emu.state().mode, Mode::PowerLimited(w) if w <= 2500));
+}
+
+/// Every fault yields its typed error (or timeout) in bounded time.
+async fn fault_suite(surface: ControlSurface, ip: u8) {
+    let (emu, fleet) = setup(surface, ip, PASSWORD).await;
+    let spec = spec(surface);
+    let cfg = model();
+    let sleep = command(surface, Action::Sleep);
+
+    // Reject: the firmware's refusal, typed.
+    emu.set_fault(Fault::Reject);
+    let r = fleet.execute(&sleep).await;
+    assert!(
+        matches!(r, Err(ActuatorError::Rejected { miner: M, .. })),
+        "{r:?}"
+    );
+    assert_eq!(emu.state().mode, Mode::Hashing);
+
+    // Wrong state: acked, claims to sleep, still draws power; telemetry
+    // verification catches it.
+    emu.set_fault(Fault::WrongState);
+    fleet
+        .execute(&sleep)
+        .await
+        .expect("wrong-state firmware acks");
+    assert_eq!(emu.state().reported_mode, Mode::Sleeping);
+    let band = expected_band(Action::Sleep, &spec, None).unwrap();
+    let r = confirm(&fleet, M, band, cfg.scaled(cfg.sleep_time) * 2, POLL).await;
+    match r {
+        Err(VerifyError::NotConfirmed { last_w, .. }) => {
+            assert!(last_w > cfg.nominal_w - 2.0, "{last_w}")
+        }
+        other => panic!("wrong state not detected: {other:?}"),
+    }
+
+    // Slow but within the timeout: succeeds, late.
+    emu.set_fault(Fault::Slow(Duration::from_millis(150)));
+    let t = Instant::now();
+    fleet.read(M).await.expect("slow telemetry still answers");
+    assert!(t.elapsed() >= Duration::from_millis(150));
+
+    // Slow beyond the timeout, and unresponsive: a timeout, not a hang.
+    // (A cgminer-style emulator, like real firmware, may still carry out a
+    // command it answers too late: only telemetry tells.)
+    for fault in [Fault::Slow(TIMEOUT * 3), Fault::Unresponsive] {
+        emu.set_fault(fault);
+        let t = Instant::now();
+        let r = fleet.execute(&sleep).await;
+        assert_eq!(r, Err(ActuatorError::Timeout { miner: M }), "{fault:?}");
+        let r = fleet.read(M).await;
+        assert_eq!(r, Err(ActuatorError::Timeout { miner: M }), "{fault:?}");
+        assert!(
+            t.elapsed() < 2 * TIMEOUT + SLACK,
+            "{fault:?}: {:?}",
+            t.elapsed()
+        );
+    }
+
+    // Back to normal: the same client recovers.
+    emu.set_fault(Fault::None);
+    fleet.execute(&sleep).await.expect("recovered");
+}
+
+/// Wrong credentials give an auth error, not a hang or a panic.
+async fn wrong_password(surface: ControlSurface, ip: u8) {
+    let (_emu, fleet) = setup(surface, ip, "not-the-password").await;
+    let r = fleet.execute(&command(surface, Action::Sleep)).await;
+    assert_eq!(r, Err(ActuatorError::Auth { miner: M }));
+}
+
+#[tokio::test]
+async fn luxos_sleep_wake_power_target() {
+    bounded(control_cycle(ControlSurface::LuxOs, 11)).await;
+}
+
+#[tokio::test]
+async fn luxos_faults() {
+    bounded(fault_suite(ControlSurface::LuxOs, 12)).await;
+}
+
+#[tokio::test]
+async fn braiins_sleep_wake_power_target() {
+    bounded(control_cycle(ControlSurface::BraiinsOs, 21)).await;
+}
+
+#[tokio::test]
+async fn braiins_faults() {
+    bounded(fault_suite(ControlSurface::BraiinsOs, 22)).await;
+}
+
+#[tokio::test]
+async fn braiins_wrong_password() {
+    bounded(wrong_password(ControlSurface::BraiinsOs, 23)).await;
+}
+
+#[tokio::test]
+async fn whatsminer_sleep_wake_power_target() {
+    bounded(control_cycle(ControlSurface::Whatsminer, 31)).await;
+}
+
+#[tokio::test]
+async fn whatsminer_faults() {
+    bounded(fault_suite(ControlSurface::Whatsminer, 32)).await;
+}
+
+#[tokio::test]
+async fn whatsminer_wrong_password() {
+    bounded(wrong_password(ControlSurface::Whatsminer, 33)).await;
+}
+
+#[tokio::test]
+async fn vnish_sleep_wake_power_target() {
+    bounded(control_cycle(ControlSurface::Vnish, 41)).await;
+}
+
+#[tokio::test]
+async fn vnish_faults() {
+    bounded(fault_suite(ControlSurface::Vnish, 42)).await;
+}
+
+#[tokio::test]
+async fn vnish_wrong_password() {
+    bounded(wrong_password(ControlSurface::Vnish, 43)).await;
+}
+
+#[tokio::test]
+async fn stock_is_telemetry_only() {
+    bounded(async {
+        let (emu, fleet) = setup(ControlSurface::None, 51, "").await;
+        let t = fleet.read(M).await.expect("stock telemetry");
+        assert!((t.power_w - model().nominal_w).abs() < 2.0, "{t:?}");
+        assert!(!fleet.handles(ControlSurface::None));
+        let r = fleet
+            .execute(&command(ControlSurface::None, Action::Sleep))
+            .await;
+        assert!(matches!(r, Err(ActuatorError::Unsupported { .. })), "{r:?}");
+        emu.set_fault(Fault::Unresponsive);
+        assert_eq!(
+            fleet.read(M).await,
+            Err(ActuatorError::Timeout { miner: M })
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dispatch_errors_are_typed() {
+    bounded(async {
+        let (_emu, fleet) = setup(ControlSurface::LuxOs, 61, "").await;
+        // Proxy-side actions belong to the proxy's actuator.
+        let r = fleet
+            .execute(&command(ControlSurface::LuxOs, Action::Reroute(PoolId(2))))
+            .await;
+        assert!(matches!(r, Err(ActuatorError::Unsupported { .. })), "{r:?}");
+        // A command for another surface than the registered one.
+        let r = fleet
+            .execute(&command(ControlSurface::Vnish, Action::Sleep))
+            .await;
+        assert!(matches!(r, Err(ActuatorError::Rejected { .. })), "{r:?}");
+        // Unknown miner.
+        let mut cmd = command(ControlSurface::LuxOs, Action::Sleep);
+        cmd.miner = MinerId(99);
+        assert_eq!(
+            fleet.execute(&cmd).await,
+            Err(ActuatorError::UnknownMiner(MinerId(99)))
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nothing_listening_is_unreachable_fast() {
+    bounded(async {
+        // Bind then drop to get a closed port.
+        let closed = std::net::TcpListener::bind(addr(71))
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        for surface in [
+            ControlSurface::LuxOs,
+            ControlSurface::BraiinsOs,
+            ControlSurface::Whatsminer,
+            ControlSurface::Vnish,
+        ] {
+            let mut fleet = FleetActuator::new(TIMEOUT);
+            fleet.insert(M, &MinerEndpoint::new(surface, closed));
+            let r = fleet.execute(&command(surface, Action::Sleep)).await;
+            assert!(
+                matches!(
+                    r,
+                    Err(ActuatorError::Unreachable { .. } | ActuatorError::Timeout { .. })
+                ),
+                "{surface:?}: {r:?}"
+            );
+        }
+    })
+    .await;
+}
