@@ -122,7 +122,7 @@ pub fn channels() -> (
     (vtx, vrx, rx)
 }
 
-/// Backoff for reconnects: doubles from `first` up to 10 s.
+/// Backoff for reconnects: doubles from `first` up to 5 s.
 pub fn next_backoff(cur: std::time::Duration) -> std::time::Duration {
-    (cur * 2).min(std::time::Duration::from_secs(10))
+    (cur * 2).min(std::time::Duration::from_secs(5))
 }

@@ -120,7 +120,8 @@ impl Sv2Upstream {
             match r {
                 Err(UpstreamError::Shutdown) => return,
                 Err(e) => {
-                    warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down")
+                    warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down");
+                    self.stats.set_error(Some(e.to_string()));
                 }
                 Ok(()) => {}
             }

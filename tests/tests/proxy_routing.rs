@@ -1,0 +1,402 @@
+//! gridproxy against real `pool_sv2` instances: honest reject reasons, a
+//! pinned authority key, and failover / fail-back without miner reconnects.
+
+use gridproxy::config::Config;
+use gridproxy::proxy::Proxy;
+use gridproxy::stats::RejectReason;
+use gridproxy_fixtures::stats::MinerStats;
+use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
+use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_protocol::difficulty::Target;
+use gridproxy_protocol::share::{prevhash_from_sv1, Job, Work};
+use gridproxy_protocol::sv1::{self, ServerMessage};
+use gridproxy_tests::*;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+fn config(pools: &[(&str, SocketAddr, String, u32)], extra: &str) -> Config {
+    let mut s = String::new();
+    for (name, addr, key, prio) in pools {
+        s.push_str(&format!(
+            "[[pools]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{key}\"\nuser = \"gridproxy-test\"\npriority = {prio}\nnominal_hashrate = 250000.0\n\n"
+        ));
+    }
+    s.push_str("[listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\nshares_per_minute = 20.0\n\n");
+    s.push_str(extra);
+    Config::parse(&s, "test").expect("valid test config")
+}
+
+fn miners(addr: SocketAddr, n: usize, prefix: &str) -> (Arc<MinerStats>, CancellationToken) {
+    let stats = Arc::new(MinerStats::default());
+    let stop = CancellationToken::new();
+    for i in 0..n {
+        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
+        cfg.hashrate = 5_000.0;
+        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
+    }
+    (stats, stop)
+}
+
+/// A hand-driven SV1 client for exact conversations.
+struct RawMiner {
+    rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    en1: Vec<u8>,
+    en2_size: usize,
+    difficulty: f64,
+    jobs: Vec<(String, Job)>,
+}
+
+impl RawMiner {
+    async fn connect(addr: SocketAddr, user: &str) -> Self {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (rd, wr) = s.into_split();
+        let mut m = RawMiner {
+            rd: BufReader::new(rd),
+            wr,
+            en1: vec![],
+            en2_size: 0,
+            difficulty: 0.0,
+            jobs: vec![],
+        };
+        m.send(json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}))
+            .await;
+        let r = m.response().await;
+        let (en1, size) = sv1::parse_subscribe_result(&r.0).unwrap();
+        (m.en1, m.en2_size) = (en1, size);
+        m.send(json!({"id": 2, "method": "mining.authorize", "params": [user, "x"]}))
+            .await;
+        assert_eq!(m.response().await.0, Value::Bool(true));
+        m
+    }
+
+    async fn send(&mut self, v: Value) {
+        self.wr
+            .write_all(format!("{v}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// Read until a response arrives; notifications update state on the way.
+    async fn response(&mut self) -> (Value, Option<sv1::RpcError>) {
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.rd.read_line(&mut line))
+                .await
+                .expect("proxy answers")
+                .unwrap();
+            assert!(n > 0, "proxy closed the connection");
+            match sv1::parse_server(line.trim_end().as_bytes()).unwrap() {
+                ServerMessage::Response { result, error, .. } => return (result, error),
+                ServerMessage::SetDifficulty(d) => self.difficulty = d,
+                ServerMessage::Notify(n) => self.jobs.push((
+                    n.job_id.clone(),
+                    Job {
+                        version: n.version,
+                        prev_hash: prevhash_from_sv1(&n.prev_hash),
+                        coinbase_prefix: n.coinb1,
+                        coinbase_suffix: n.coinb2,
+                        merkle_branch: n.merkle_branch,
+                        nbits: n.nbits,
+                        ntime: n.ntime,
+                    },
+                )),
+                _ => {}
+            }
+        }
+    }
+
+    /// Read notifications until `n` jobs are known.
+    async fn wait_jobs(&mut self, n: usize) {
+        while self.jobs.len() < n {
+            let mut line = String::new();
+            tokio::time::timeout(Duration::from_secs(30), self.rd.read_line(&mut line))
+                .await
+                .expect("a job arrives")
+                .unwrap();
+            match sv1::parse_server(line.trim_end().as_bytes()).unwrap() {
+                ServerMessage::SetDifficulty(d) => self.difficulty = d,
+                ServerMessage::Notify(n) => self.jobs.push((
+                    n.job_id.clone(),
+                    Job {
+                        version: n.version,
+                        prev_hash: prevhash_from_sv1(&n.prev_hash),
+                        coinbase_prefix: n.coinb1,
+                        coinbase_suffix: n.coinb2,
+                        merkle_branch: n.merkle_branch,
+                        nbits: n.nbits,
+                        ntime: n.ntime,
+                    },
+                )),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// First nonce on job `idx` whose hash meets `meets` and fails `fails` (if given).
+    fn find(&self, idx: usize, en2: &[u8], meets: Option<Target>, fails: Option<Target>) -> u32 {
+        let job = &self.jobs[idx].1;
+        let mut en = self.en1.clone();
+        en.extend_from_slice(en2);
+        for nonce in 0..u32::MAX {
+            let h = job
+                .hash(
+                    &Work {
+                        extranonce: &en,
+                        ntime: job.ntime,
+                        nonce,
+                        version_bits: None,
+                    },
+                    0,
+                )
+                .unwrap();
+            if meets.is_none_or(|t| t.is_met_by(&h)) && fails.is_none_or(|t| !t.is_met_by(&h)) {
+                return nonce;
+            }
+        }
+        unreachable!()
+    }
+
+    async fn submit(
+        &mut self,
+        job_id: &str,
+        en2: &[u8],
+        ntime: u32,
+        nonce: u32,
+    ) -> Result<(), (i64, String)> {
+        let p = json!([
+            "raw.1",
+            job_id,
+            hex::encode(en2),
+            format!("{ntime:08x}"),
+            format!("{nonce:08x}")
+        ]);
+        self.send(json!({"id": 4, "method": "mining.submit", "params": p}))
+            .await;
+        match self.response().await {
+            (Value::Bool(true), None) => Ok(()),
+            (_, Some(e)) => Err((e.code, e.message)),
+            (r, None) => panic!("odd answer {r}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_share_gets_its_own_reject_reason() {
+    let tp = start_tp_with(TpConfig {
+        new_tip_on_solution: false,
+        template_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = Proxy::start(config(
+        &[("sri", pool.addr, pool.authority_pubkey.to_string(), 0)],
+        "",
+    ))
+    .await
+    .unwrap();
+    let mut m = RawMiner::connect(proxy.sv1_addr.unwrap(), "raw.1").await;
+    m.wait_jobs(1).await;
+    let (job_a, ntime) = (m.jobs[0].0.clone(), m.jobs[0].1.ntime);
+    let d0 = Target::from_difficulty(m.difficulty);
+    let en2 = vec![0, 0, 0, 1];
+
+    let good = m.find(0, &en2, Some(d0), None);
+    assert_eq!(
+        m.submit(&job_a, &en2, ntime, good).await,
+        Ok(()),
+        "a valid share is accepted"
+    );
+    assert_eq!(
+        m.submit(&job_a, &en2, ntime, good).await,
+        Err((22, "Duplicate share".into()))
+    );
+    assert_eq!(
+        m.submit("abcdef", &en2, ntime, good).await,
+        Err((21, "Stale job".into()))
+    );
+    let bad = m.find(0, &en2, None, Some(d0));
+    assert_eq!(
+        m.submit(&job_a, &en2, ntime, bad).await,
+        Err((20, "Invalid share: bad nonce".into()))
+    );
+    assert_eq!(
+        m.submit(&job_a, &[0, 1], ntime, good).await,
+        Err((20, "Invalid share".into())),
+        "wrong extranonce2 size"
+    );
+
+    // Raise the difficulty: the next job is judged at d1; a share meeting only d0 is low difficulty.
+    m.send(
+        json!({"id": 5, "method": "mining.suggest_difficulty", "params": [m.difficulty * 1024.0]}),
+    )
+    .await;
+    assert_eq!(m.response().await.0, Value::Bool(true));
+    m.wait_jobs(2).await;
+    let d1 = Target::from_difficulty(m.difficulty);
+    assert!(d1 < d0);
+    let job_b = m.jobs[1].0.clone();
+    let low = m.find(1, &en2, Some(d0), Some(d1));
+    assert_eq!(
+        m.submit(&job_b, &en2, ntime, low).await,
+        Err((23, "Low difficulty share".into()))
+    );
+
+    let w = proxy.ctx.registry.get("raw.1").unwrap();
+    assert_eq!(w.accepted.get(), 1);
+    for (r, n) in [
+        (RejectReason::Duplicate, 1),
+        (RejectReason::StaleJob, 1),
+        (RejectReason::BadNonce, 1),
+        (RejectReason::Invalid, 1),
+        (RejectReason::LowDifficulty, 1),
+        (RejectReason::Unauthorized, 0),
+    ] {
+        assert_eq!(w.rejected(r), n, "{r:?}");
+    }
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_pool_authority_key_is_refused() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    let tp = start_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let wrong = gridproxy_protocol::sv2::AuthorityKeypair::from_secret_bytes([7u8; 32])
+        .unwrap()
+        .public()
+        .to_string();
+    assert_ne!(wrong, pool.authority_pubkey.to_string());
+    let proxy = Proxy::start(config(&[("sri", pool.addr, wrong.clone(), 0)], ""))
+        .await
+        .unwrap();
+    let stats = proxy.ctx.router.pools()[0].stats.clone();
+    assert!(wait_until(Duration::from_secs(10), || stats.last_error().is_some()).await);
+    let err = stats.last_error().unwrap();
+    assert!(
+        err.contains("not signed by the pinned authority_pubkey") && err.contains(&wrong),
+        "{err}"
+    );
+    assert!(!proxy.ctx.router.pools()[0].view.borrow().live);
+    assert_eq!(stats.connects.get(), 0, "no channel was opened");
+    proxy.shutdown.cancel();
+}
+
+/// Start `pool_sv2` again from a killed pool's config (same ports, same TP).
+async fn restart_pool(old: &Pool) -> PeerProcess {
+    let dir = PeerProcess::make_dir("pool_sv2_restarted");
+    std::fs::copy(old.process.dir().join("pool.toml"), dir.join("pool.toml")).unwrap();
+    let mut cmd = Command::new(peer_bin("pool_sv2"));
+    cmd.arg("-c").arg(dir.join("pool.toml"));
+    clean_env(&mut cmd);
+    let mut p = PeerProcess::spawn("pool_sv2", dir, cmd);
+    assert!(
+        p.wait_for_log("ready to accept connections", Duration::from_secs(30))
+            .await,
+        "{}",
+        p.log_tail(2000)
+    );
+    assert!(wait_for_port(old.addr, Duration::from_secs(10)).await);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_backup_and_failback_without_reconnecting_miners() {
+    let quiet = || TpConfig {
+        new_tip_on_solution: false,
+        ..Default::default()
+    };
+    let (tp_a, tp_b) = (start_tp_with(quiet()).await, start_tp_with(quiet()).await);
+    let mut primary = start_pool(tp_a.addr()).await;
+    let backup = start_pool(tp_b.addr()).await;
+    let key = primary.authority_pubkey.to_string();
+    let cfg = config(
+        &[
+            ("primary", primary.addr, key.clone(), 0),
+            ("backup", backup.addr, key, 1),
+        ],
+        "[routing]\nreconnect_ms = 100\nfailback_cooldown_secs = 3\n",
+    );
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let n = 20;
+    let (stats, stop) = miners(proxy.sv1_addr.unwrap(), n, "fo");
+    let pools = proxy.ctx.router.pools().to_vec();
+    let (a, b) = (pools[0].stats.clone(), pools[1].stats.clone());
+    assert!(
+        wait_until(Duration::from_secs(60), || a.accepted.get() >= 5).await,
+        "primary got no shares"
+    );
+    assert_eq!(b.submitted.get(), 0, "backup idle while the primary is up");
+    assert!(wait_until(Duration::from_secs(10), || stats.connects.get() == n as u64).await);
+
+    // Kill the primary: every miner must get a backup job within 1 s, on its existing connection.
+    let jobs_before = stats.jobs.get();
+    let t0 = Instant::now();
+    primary.process.kill();
+    assert!(
+        wait_until(Duration::from_secs(5), || stats.jobs.get()
+            >= jobs_before + n as u64)
+        .await
+    );
+    let switch = t0.elapsed();
+    println!("failover: all {n} miners had a backup job {switch:?} after the primary was killed");
+    assert!(switch < Duration::from_secs(1), "failover took {switch:?}");
+    assert!(
+        wait_until(Duration::from_secs(60), || b.accepted.get() >= 5).await,
+        "backup got no shares"
+    );
+    assert_eq!(stats.connects.get(), n as u64, "no miner reconnected");
+    assert_eq!(stats.disconnects.get(), 0);
+
+    // Bring the primary back: after the 3 s cooldown the miners return, still without reconnecting.
+    let restarted = restart_pool(&primary).await;
+    let a_before = a.submitted.get();
+    let t1 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(60), || a.submitted.get() > a_before + 5).await,
+        "no fail-back"
+    );
+    let back = t1.elapsed();
+    println!("fail-back: shares flowed to the restarted primary {back:?} after it came up (cooldown 3 s)");
+    assert!(
+        back >= Duration::from_secs(2),
+        "fail-back ignored the cooldown ({back:?})"
+    );
+    let b_sent = b.submitted.get();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        b.submitted.get() <= b_sent + 2,
+        "backup still receiving shares after fail-back"
+    );
+    assert_eq!(stats.connects.get(), n as u64, "no miner reconnected");
+
+    stop.cancel();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Counts stay consistent: every pool ack is credited to exactly one worker.
+    let workers = proxy.ctx.registry.snapshot();
+    let credited: u64 = workers.iter().map(|w| w.upstream_accepted).sum();
+    assert_eq!(credited, a.accepted.get() + b.accepted.get());
+    assert_eq!(
+        workers.iter().map(|w| w.accepted).sum::<u64>(),
+        stats.accepted.get()
+    );
+    // The backup's own count matches what gridproxy credited for it.
+    assert!(
+        backup
+            .wait_shares_accepted(b.accepted.get() as f64, Duration::from_secs(5))
+            .await
+    );
+    assert_eq!(backup.shares_accepted().await, b.accepted.get() as f64);
+    drop(restarted);
+    proxy.shutdown.cancel();
+}
