@@ -13,7 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-fn miners(addr: SocketAddr, n: usize, prefix: &str, hashrate: f64) -> (Arc<MinerStats>, CancellationToken) {
+fn miners(
+    addr: SocketAddr,
+    n: usize,
+    prefix: &str,
+    hashrate: f64,
+) -> (Arc<MinerStats>, CancellationToken) {
     let stats = Arc::new(MinerStats::default());
     let stop = CancellationToken::new();
     for i in 0..n {
@@ -27,15 +32,25 @@ fn miners(addr: SocketAddr, n: usize, prefix: &str, hashrate: f64) -> (Arc<Miner
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_sv1_miners_through_translator_into_pool() {
-    let tp = start_tp_with(TpConfig { new_tip_on_solution: false, ..Default::default() }).await;
+    let tp = start_tp_with(TpConfig {
+        new_tip_on_solution: false,
+        ..Default::default()
+    })
+    .await;
     let pool = start_pool(tp.addr()).await;
     let tproxy = start_translator_with(
         &pool,
-        TranslatorOptions { min_individual_miner_hashrate: 20_000.0, shares_per_minute: 60.0, ..Default::default() },
+        TranslatorOptions {
+            min_individual_miner_hashrate: 20_000.0,
+            shares_per_minute: 60.0,
+            ..Default::default()
+        },
     )
     .await;
     let (stats, stop) = miners(tproxy.sv1_addr, 5, "direct", 20_000.0);
-    let ok = pool.wait_shares_accepted(10.0, Duration::from_secs(90)).await;
+    let ok = pool
+        .wait_shares_accepted(10.0, Duration::from_secs(90))
+        .await;
     stop.cancel();
     assert!(
         ok,
@@ -52,7 +67,11 @@ async fn fixture_sv1_miners_through_translator_into_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gridproxy_sv1_upstream_through_translator_into_pool() {
-    let tp = start_tp_with(TpConfig { new_tip_on_solution: false, ..Default::default() }).await;
+    let tp = start_tp_with(TpConfig {
+        new_tip_on_solution: false,
+        ..Default::default()
+    })
+    .await;
     let pool = start_pool(tp.addr()).await;
     // One SV1 "miner" (gridproxy) carrying 100 miners' work: 8-byte extranonce2 to split.
     let tproxy = start_translator_with(
@@ -70,7 +89,9 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
          [listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\n\n[routing]\nreconnect_ms = 100\n",
         tproxy.sv1_addr
     );
-    let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap()).await.unwrap();
+    let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap())
+        .await
+        .unwrap();
     let (stats, stop) = miners(proxy.sv1_addr.unwrap(), 100, "site.rig", 5_000.0);
     let up = proxy.ctx.router.pools()[0].stats.clone();
     let ok = wait_until(Duration::from_secs(90), || up.accepted.get() >= 30).await;
@@ -85,14 +106,32 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
         tproxy.process.log_tail(2000)
     );
     assert_eq!(stats.rejected.get(), 0, "{:?}", stats.reject_reasons());
-    assert_eq!(up.rejected.get(), 0, "translator rejected: {:?}", up.reasons());
+    assert_eq!(
+        up.rejected.get(),
+        0,
+        "translator rejected: {:?}",
+        up.reasons()
+    );
     let workers = proxy.ctx.registry.snapshot();
     assert_eq!(workers.len(), 100);
-    assert_eq!(workers.iter().map(|w| w.accepted).sum::<u64>(), stats.accepted.get());
-    assert_eq!(workers.iter().map(|w| w.upstream_accepted).sum::<u64>(), up.accepted.get());
+    assert_eq!(
+        workers.iter().map(|w| w.accepted).sum::<u64>(),
+        stats.accepted.get()
+    );
+    assert_eq!(
+        workers.iter().map(|w| w.upstream_accepted).sum::<u64>(),
+        up.accepted.get()
+    );
     // The translator forwarded our shares to the real pool, which accepted them.
-    assert!(pool.wait_shares_accepted(1.0, Duration::from_secs(10)).await);
+    assert!(
+        pool.wait_shares_accepted(1.0, Duration::from_secs(10))
+            .await
+    );
     let pool_acc = pool.shares_accepted().await;
-    assert!(pool_acc <= up.accepted.get() as f64, "pool {pool_acc} > translator acks {}", up.accepted.get());
+    assert!(
+        pool_acc <= up.accepted.get() as f64,
+        "pool {pool_acc} > translator acks {}",
+        up.accepted.get()
+    );
     proxy.shutdown.cancel();
 }
