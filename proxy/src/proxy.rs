@@ -5,6 +5,7 @@ use crate::downstream::{self, Ctx};
 use crate::router::Router;
 use crate::stats::{PoolStats, Registry};
 use crate::upstream::{self, sv1::Sv1Upstream, sv2::Sv2Upstream, PoolHandle};
+use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -71,7 +72,23 @@ impl Proxy {
             sv1_addr = Some(l.local_addr()?);
             tokio::spawn(downstream::serve_sv1(ctx.clone(), l));
         }
-        let sv2_addr = None;
+        let mut sv2_addr = None;
+        if let Some(addr) = cfg.listen.sv2 {
+            let (Some(public), Some(secret)) = (
+                cfg.listen.sv2_authority_pubkey.as_deref(),
+                cfg.listen.sv2_authority_secret.as_deref(),
+            ) else {
+                anyhow::bail!("listen.sv2 needs sv2_authority_pubkey and sv2_authority_secret");
+            };
+            let authority = AuthorityKeypair::from_strs(public, secret).map_err(|e| {
+                anyhow::anyhow!("listen.sv2_authority_pubkey / sv2_authority_secret: {e}")
+            })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("bind sv2 listener {addr}: {e}"))?;
+            sv2_addr = Some(l.local_addr()?);
+            tokio::spawn(downstream::serve_sv2(ctx.clone(), l, authority));
+        }
         Ok(Proxy {
             ctx,
             sv1_addr,

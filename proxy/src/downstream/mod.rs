@@ -1,13 +1,22 @@
 //! Downstream listeners: accept miners, cap connections, one task each.
+//!
+//! - [`channel`]: the protocol-neutral per-channel core (jobs, validation, vardiff, pool switch).
+//! - [`sv1`]: one SV1 connection = one channel.
+//! - [`sv2`]: one SV2 connection (Noise) with any number of standard / extended channels.
 
+pub mod channel;
 pub mod sv1;
+pub mod sv2;
 
 use crate::config::Config;
 use crate::router::Router;
 use crate::stats::Registry;
 use gridproxy_protocol::extranonce::{ExtranonceAllocator, ExtranonceError, Slot};
+use gridproxy_protocol::sv2::AuthorityKeypair;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -22,6 +31,8 @@ pub struct Ctx {
     pub router: Arc<Router>,
     /// Proxy-wide miner extranonce parts (locked on subscribe/disconnect only).
     slots: Mutex<ExtranonceAllocator>,
+    /// Downstream connections (SV1 and SV2 together) up to `limits.max_connections`.
+    connections: Arc<Semaphore>,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
 }
@@ -34,6 +45,7 @@ impl Ctx {
         router: Arc<Router>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let max_connections = cfg.limits.max_connections;
         let en = &cfg.extranonce;
         let alloc = ExtranonceAllocator::new(
             vec![],
@@ -47,6 +59,7 @@ impl Ctx {
             registry,
             router,
             slots: Mutex::new(alloc),
+            connections: Arc::new(Semaphore::new(max_connections)),
             shutdown,
         })
     }
@@ -78,8 +91,29 @@ impl Ctx {
 
 /// Accept SV1 miners until shutdown. Connections past the limit are closed at once.
 pub async fn serve_sv1(ctx: Arc<Ctx>, listener: TcpListener) {
-    let limit = Arc::new(Semaphore::new(ctx.cfg.limits.max_connections));
-    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "sv1 listener up");
+    accept_loop(ctx, listener, "sv1", sv1::serve).await
+}
+
+/// Accept SV2 miners (Noise, certified by `authority`) until shutdown.
+/// Connections past the limit are closed at once.
+pub async fn serve_sv2(ctx: Arc<Ctx>, listener: TcpListener, authority: AuthorityKeypair) {
+    let authority = Arc::new(authority);
+    accept_loop(ctx, listener, "sv2", move |ctx, stream, peer| {
+        sv2::serve(ctx, stream, peer, authority.clone())
+    })
+    .await
+}
+
+async fn accept_loop<F, Fut>(ctx: Arc<Ctx>, listener: TcpListener, kind: &'static str, serve: F)
+where
+    F: Fn(Arc<Ctx>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(%addr, "{kind} listener up");
     loop {
         let (stream, peer) = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -87,20 +121,20 @@ pub async fn serve_sv1(ctx: Arc<Ctx>, listener: TcpListener) {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    warn!(error = %e, "{kind} accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
             warn!(%peer, max = ctx.cfg.limits.max_connections, "connection limit reached; closing");
             drop(stream);
             continue;
         };
-        let ctx = ctx.clone();
+        let fut = serve(ctx.clone(), stream, peer);
         tokio::spawn(async move {
-            sv1::serve(ctx, stream, peer).await;
+            fut.await;
             drop(permit);
         });
     }

@@ -1,0 +1,758 @@
+//! The protocol-neutral core of one miner channel, shared by SV1 sessions and
+//! SV2 channels: local jobs derived from the assigned pool's [`PoolView`],
+//! per-job targets, share validation with an honest [`RejectReason`], a
+//! duplicate set, forwarding of shares that meet the pool's target as
+//! [`UpShare`]s, vardiff and the measured-hashrate window, and the switch to
+//! another pool when the router's assignment changes.
+//!
+//! The protocol layer owns the socket and the encoding: it feeds the core
+//! wake-ups ([`ChannelCore::wake`] then [`ChannelCore::on_wake`]) and shares
+//! ([`ChannelCore::check`]) and turns the returned [`Out`]s into
+//! `mining.notify` / `mining.set_difficulty` or `NewMiningJob` /
+//! `SetNewPrevHash` / `SetTarget`.
+//!
+//! A channel's extranonce is its proxy-wide miner part ([`SlotGuard`]); the
+//! pool's own extranonce lives in the coinbase prefix and any padding in the
+//! suffix, so a channel can change pools without the miner noticing more
+//! than a clean job.
+
+use super::Ctx;
+use crate::router::{Assignment, Lease};
+use crate::stats::{RejectReason, WorkerStats};
+use crate::upstream::{PoolView, UpJob, UpShare};
+use gridproxy_protocol::difficulty::{hash_difficulty, hashrate_from_shares, Target};
+use gridproxy_protocol::extranonce::{ExtranonceError, Slot};
+use gridproxy_protocol::share::{self, rolled_version};
+use gridproxy_protocol::vardiff::{Vardiff, VardiffConfig};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+/// Jobs kept per channel (older ones answer "stale").
+pub const MAX_JOBS: usize = 8;
+/// Duplicate-detection entries kept per channel before the oldest jobs are forgotten.
+const MAX_SEEN: usize = 1 << 16;
+/// Seconds a share's ntime may run ahead of the job's.
+const NTIME_AHEAD: u32 = 7200;
+/// Seconds a share's ntime may lag the job's.
+const NTIME_BEHIND: u32 = 600;
+/// After a channel-wide target got harder, shares meeting the previous target
+/// are still accepted this long (they were in flight when the miner learned).
+pub const RETARGET_GRACE: Duration = Duration::from_secs(5);
+
+/// A miner part held by one channel; given back to the proxy on drop.
+pub struct SlotGuard {
+    ctx: Arc<Ctx>,
+    slot: Slot,
+}
+
+impl SlotGuard {
+    /// Take a free miner part.
+    pub fn allocate(ctx: &Arc<Ctx>) -> Result<Self, ExtranonceError> {
+        Ok(Self {
+            slot: ctx.allocate_slot()?,
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// The miner part (SV1 extranonce1, SV2 extranonce_prefix).
+    pub fn prefix(&self) -> &[u8] {
+        &self.slot.prefix
+    }
+
+    /// The slot's index (unique among live channels).
+    pub fn index(&self) -> u64 {
+        self.slot.index()
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.ctx.release_slot(&self.slot);
+    }
+}
+
+/// A worker's counters with this channel counted in `connections`; uncounted on drop.
+pub struct WorkerGuard(Arc<WorkerStats>);
+
+impl WorkerGuard {
+    /// The stats for `name` (created on first use), counting one more connection.
+    pub fn new(ctx: &Ctx, name: &str) -> Self {
+        let w = ctx.registry.worker(name);
+        w.connections.fetch_add(1, Relaxed);
+        Self(w)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.0
+    }
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Submits-per-second guard (token bucket): a flood closes the connection.
+#[derive(Debug, Clone)]
+pub struct SubmitBucket {
+    rate: f64,
+    size: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl SubmitBucket {
+    /// Sustained `per_second`, bursts up to twice that (at least 10).
+    pub fn new(per_second: u32) -> Self {
+        let rate = per_second as f64;
+        let size = (rate * 2.0).max(10.0);
+        Self {
+            rate,
+            size,
+            tokens: size,
+            at: Instant::now(),
+        }
+    }
+
+    /// Take one token; Err (with the reason) when the miner floods.
+    pub fn take(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.size);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return Err(format!("submit flood: more than {}/s sustained", self.rate));
+        }
+        self.tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// How the miner's extranonce is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtranonceMode {
+    /// The miner rolls `extranonce2_size` bytes after its miner part (SV1, SV2 extended).
+    Rolled,
+    /// The extranonce is the miner part followed by zeros; the proxy computes
+    /// each job's merkle root (SV2 standard channels).
+    Fixed,
+}
+
+/// What a difficulty change applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetScope {
+    /// Each job keeps the target it was issued with; a change issues a new job
+    /// (SV1: `mining.set_difficulty` then `mining.notify`).
+    PerJob,
+    /// A change applies to every live job at once (SV2 `SetTarget`); the
+    /// previous, easier target stays valid for [`RETARGET_GRACE`].
+    Channel,
+}
+
+/// How a channel is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelSetup {
+    /// Extranonce handling.
+    pub extranonce: ExtranonceMode,
+    /// Difficulty semantics.
+    pub scope: TargetScope,
+    /// First difficulty (rounded to a power of two within the floor and ceiling).
+    pub initial_difficulty: f64,
+    /// Floor for this channel, at least the configured one (a miner's
+    /// `max_target` can only raise it).
+    pub min_difficulty: f64,
+    /// Version bits the miner may roll, before intersecting with what the pool allows.
+    pub version_allowed: u32,
+}
+
+/// A job to announce to the miner.
+#[derive(Debug, Clone)]
+pub struct JobOut {
+    /// Channel-local job id.
+    pub id: u32,
+    /// The pool's job it is derived from.
+    pub up: Arc<UpJob>,
+    /// Earlier jobs are void (new block, pool switch, first job).
+    pub clean: bool,
+    /// The job's difficulty.
+    pub difficulty: f64,
+    /// The job's target.
+    pub target: Target,
+    /// Version bits the miner may roll on it.
+    pub version_mask: u32,
+    /// Coinbase bytes after the miner's extranonce: zero padding ‖ the pool's suffix.
+    pub coinbase_suffix: Vec<u8>,
+    /// For [`ExtranonceMode::Fixed`] channels: the header's merkle root.
+    pub merkle_root: Option<[u8; 32]>,
+}
+
+/// What the protocol layer must tell the miner.
+#[derive(Debug, Clone)]
+pub enum Out {
+    /// A new job.
+    Job(JobOut),
+    /// A new channel target ([`TargetScope::Channel`] only).
+    Target {
+        /// The difficulty.
+        difficulty: f64,
+        /// Its target.
+        target: Target,
+    },
+}
+
+/// What woke a channel (see [`ChannelCore::wake`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The assigned pool's view changed.
+    View,
+    /// The router changed the assignment.
+    Assignment,
+    /// Vardiff / hashrate window is due.
+    Tick,
+}
+
+/// One submitted share, protocol-neutral.
+#[derive(Debug, Clone, Copy)]
+pub struct Work<'a> {
+    /// Channel-local job id.
+    pub job_id: u32,
+    /// The rolled extranonce bytes; None on [`ExtranonceMode::Fixed`] channels.
+    pub extranonce2: Option<&'a [u8]>,
+    /// Header time.
+    pub ntime: u32,
+    /// Header nonce.
+    pub nonce: u32,
+    /// Rolled version (bits or the whole version), if any.
+    pub version_bits: Option<u32>,
+}
+
+/// A share the channel accepted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accepted {
+    /// The difficulty it was credited at.
+    pub difficulty: f64,
+    /// It was forwarded to the pool.
+    pub forwarded: bool,
+}
+
+struct LocalJob {
+    id: u32,
+    up: Arc<UpJob>,
+    epoch: u64,
+    target: Target,
+    difficulty: f64,
+    up_target: Target,
+    rollable: usize,
+    mask: u32,
+    merkle_root: Option<[u8; 32]>,
+    submit: mpsc::Sender<UpShare>,
+}
+
+/// Duplicate key: job, extranonce2, ntime, nonce, version.
+type SeenKey = (u32, u64, u32, u32, u32);
+
+/// One miner channel's state (see the module docs).
+pub struct ChannelCore {
+    ctx: Arc<Ctx>,
+    slot: SlotGuard,
+    worker: WorkerGuard,
+    lease: Lease,
+    setup: ChannelSetup,
+    en2_size: usize,
+    zero_en2: Vec<u8>,
+    view: Option<(usize, watch::Receiver<PoolView>)>,
+    jobs: VecDeque<LocalJob>,
+    next_job: u32,
+    vardiff: Vardiff,
+    /// Previous (easier) channel target and its difficulty, valid until the instant.
+    grace: Option<(Target, f64, Instant)>,
+    seen: HashSet<SeenKey>,
+    window: (f64, Instant),
+}
+
+impl ChannelCore {
+    /// A channel for `worker` on miner part `slot`, registered with the router as `lease`.
+    pub fn new(
+        ctx: Arc<Ctx>,
+        slot: SlotGuard,
+        worker: WorkerGuard,
+        lease: Lease,
+        setup: ChannelSetup,
+    ) -> Self {
+        let d = &ctx.cfg.difficulty;
+        let vcfg = VardiffConfig {
+            shares_per_minute: d.shares_per_minute,
+            min_difficulty: setup.min_difficulty.max(d.min),
+            max_difficulty: d.max,
+            retarget_interval: Duration::from_secs(d.retarget_secs.max(1)),
+            ..VardiffConfig::default()
+        };
+        let now = Instant::now();
+        let en2_size = ctx.cfg.extranonce.extranonce2_size;
+        Self {
+            vardiff: Vardiff::new(vcfg, setup.initial_difficulty, now.into_std()),
+            en2_size,
+            zero_en2: vec![0; en2_size],
+            ctx,
+            slot,
+            worker,
+            lease,
+            setup,
+            view: None,
+            jobs: VecDeque::new(),
+            next_job: 1,
+            grace: None,
+            seen: HashSet::new(),
+            window: (0.0, now),
+        }
+    }
+
+    /// The worker's counters.
+    pub fn worker(&self) -> &Arc<WorkerStats> {
+        self.worker.stats()
+    }
+
+    /// The channel's miner part.
+    pub fn slot(&self) -> &SlotGuard {
+        &self.slot
+    }
+
+    /// Current difficulty.
+    pub fn difficulty(&self) -> f64 {
+        self.vardiff.difficulty()
+    }
+
+    /// Current channel target.
+    pub fn target(&self) -> Target {
+        Target::from_difficulty(self.vardiff.difficulty())
+    }
+
+    /// Extranonce bytes the miner rolls (or that are fixed to zero).
+    pub fn extranonce2_size(&self) -> usize {
+        self.en2_size
+    }
+
+    /// Change which version bits the miner may roll (SV1 `mining.configure`);
+    /// takes effect with the next job.
+    pub fn set_version_allowed(&mut self, mask: u32) {
+        self.setup.version_allowed = mask;
+    }
+
+    /// Start: the current job of the assigned pool, if one is live.
+    pub fn start(&mut self) -> Option<Out> {
+        self.on_assignment()
+    }
+
+    /// Wait for something that changes the channel. Cancel-safe. Err means the
+    /// channel cannot go on (the proxy is shutting down its pool or router).
+    pub async fn wake(&mut self) -> Result<Wake, String> {
+        let at = Instant::from_std(self.vardiff.poll_timeout());
+        tokio::select! {
+            r = view_changed(&mut self.view) => match r {
+                Ok(()) => Ok(Wake::View),
+                Err(_) => Err("upstream task ended".into()),
+            },
+            r = self.lease.assignment.changed() => match r {
+                Ok(()) => Ok(Wake::Assignment),
+                Err(_) => Err("router dropped the miner".into()),
+            },
+            _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),
+        }
+    }
+
+    /// Act on a wake-up; returns what to tell the miner.
+    pub fn on_wake(&mut self, w: Wake) -> Option<Out> {
+        match w {
+            Wake::View => self.on_view_change(),
+            Wake::Assignment => self.on_assignment(),
+            Wake::Tick => self.on_tick(),
+        }
+    }
+
+    /// Force a difficulty (SV1 `mining.suggest_difficulty`, SV2 `UpdateChannel`).
+    pub fn set_difficulty(&mut self, difficulty: f64) -> Option<Out> {
+        let old = (self.target(), self.difficulty());
+        self.vardiff.set(difficulty, Instant::now().into_std());
+        self.difficulty_changed(old)
+    }
+
+    /// Replace the channel's floor and difficulty (SV2 `UpdateChannel` with a
+    /// new `max_target`). A channel-scope channel always answers with its target.
+    pub fn reconfigure(&mut self, difficulty: f64, min_difficulty: f64) -> Option<Out> {
+        let d = &self.ctx.cfg.difficulty;
+        let old = (self.target(), self.difficulty());
+        self.setup.min_difficulty = min_difficulty;
+        let vcfg = VardiffConfig {
+            shares_per_minute: d.shares_per_minute,
+            min_difficulty: min_difficulty.max(d.min),
+            max_difficulty: d.max,
+            retarget_interval: Duration::from_secs(d.retarget_secs.max(1)),
+            ..VardiffConfig::default()
+        };
+        self.vardiff = Vardiff::new(vcfg, difficulty, Instant::now().into_std());
+        self.difficulty_changed(old)
+    }
+
+    fn difficulty_changed(&mut self, old: (Target, f64)) -> Option<Out> {
+        match self.setup.scope {
+            TargetScope::PerJob => {
+                if self.jobs.is_empty() {
+                    None
+                } else {
+                    self.issue_job(false).map(Out::Job)
+                }
+            }
+            TargetScope::Channel => {
+                let (target, difficulty) = (self.target(), self.difficulty());
+                for j in self.jobs.iter_mut() {
+                    j.target = target;
+                    j.difficulty = difficulty;
+                }
+                if target < old.0 {
+                    // Harder: shares found at the old target may already be on the wire.
+                    let keep = match self.grace {
+                        Some((t, _, until)) if until > Instant::now() && t > old.0 => self.grace,
+                        _ => Some((old.0, old.1, Instant::now() + RETARGET_GRACE)),
+                    };
+                    self.grace = keep;
+                } else if self.grace.is_some_and(|(t, _, _)| t <= target) {
+                    self.grace = None;
+                }
+                Some(Out::Target { difficulty, target })
+            }
+        }
+    }
+
+    fn on_assignment(&mut self) -> Option<Out> {
+        let a: Assignment = *self.lease.assignment.borrow_and_update();
+        let current = self.view.as_ref().map(|(p, _)| *p);
+        if a.pool != current {
+            self.jobs.clear();
+            self.seen.clear();
+            self.view = a
+                .pool
+                .and_then(|p| Some((p, self.ctx.router.pools().get(p)?.view.clone())));
+            if let Some(p) = a.pool {
+                debug!(worker = %self.worker().name, pool = p, "miner assigned");
+            }
+        }
+        if self.view.is_some() {
+            self.issue_job(true).map(Out::Job)
+        } else {
+            None
+        }
+    }
+
+    fn on_view_change(&mut self) -> Option<Out> {
+        let (_, rx) = self.view.as_mut()?;
+        let v = rx.borrow_and_update();
+        let epoch_changed = self.jobs.back().is_some_and(|j| j.epoch != v.epoch);
+        let same_job = match (&v.job, self.jobs.back()) {
+            (Some(j), Some(l)) => Arc::ptr_eq(j, &l.up) && l.up_target == v.target,
+            _ => false,
+        };
+        drop(v);
+        if epoch_changed {
+            self.jobs.clear();
+            self.seen.clear();
+        }
+        if same_job {
+            None
+        } else {
+            self.issue_job(false).map(Out::Job)
+        }
+    }
+
+    fn on_tick(&mut self) -> Option<Out> {
+        let now = Instant::now();
+        // Measured hashrate for the router's split.
+        let secs = now.duration_since(self.window.1).as_secs_f64();
+        if secs >= 5.0 {
+            let h = hashrate_from_shares(self.window.0, secs);
+            let old = f64::from_bits(self.lease.hashrate.load(Relaxed));
+            let new = if old > 0.0 { 0.5 * old + 0.5 * h } else { h };
+            self.lease.hashrate.store(new.to_bits(), Relaxed);
+            self.window = (0.0, now);
+        }
+        let old = (self.target(), self.difficulty());
+        self.vardiff.poll(now.into_std())?;
+        self.difficulty_changed(old)
+    }
+
+    /// Derive a local job from the assigned pool's current job (if live).
+    fn issue_job(&mut self, force_clean: bool) -> Option<JobOut> {
+        let (_, rx) = self.view.as_ref()?;
+        let v = rx.borrow().clone();
+        let up = v.job.clone()?;
+        let miner_bytes = self.slot.prefix().len();
+        if !v.live || v.rollable < miner_bytes + self.en2_size {
+            return None;
+        }
+        let new_tip = self
+            .jobs
+            .back()
+            .is_some_and(|l| l.up.prev_hash != up.prev_hash || l.up.nbits != up.nbits);
+        let clean = force_clean || up.clean || self.jobs.is_empty() || new_tip;
+        if clean {
+            self.jobs.clear();
+            self.seen.clear();
+        }
+        let difficulty = self.vardiff.difficulty();
+        let mask = self.setup.version_allowed & up.version_mask;
+        let id = self.next_job;
+        self.next_job = self.next_job.wrapping_add(1).max(1);
+        let pad = v.rollable - miner_bytes - self.en2_size;
+        let mut coinbase_suffix = vec![0u8; pad];
+        coinbase_suffix.extend_from_slice(&up.coinbase_suffix);
+        let merkle_root = (self.setup.extranonce == ExtranonceMode::Fixed).then(|| {
+            let mut extranonce = Vec::with_capacity(v.rollable);
+            extranonce.extend_from_slice(self.slot.prefix());
+            extranonce.resize(v.rollable, 0);
+            share::merkle_root(
+                &[&up.coinbase_prefix, &extranonce, &up.coinbase_suffix],
+                &up.merkle_branch,
+            )
+        });
+        if self.jobs.len() == MAX_JOBS {
+            self.jobs.pop_front();
+        }
+        let target = Target::from_difficulty(difficulty);
+        self.jobs.push_back(LocalJob {
+            id,
+            up: up.clone(),
+            epoch: v.epoch,
+            target,
+            difficulty,
+            up_target: v.target,
+            rollable: v.rollable,
+            mask,
+            merkle_root,
+            submit: v.submit.clone(),
+        });
+        Some(JobOut {
+            id,
+            up,
+            clean,
+            difficulty,
+            target,
+            version_mask: mask,
+            coinbase_suffix,
+            merkle_root,
+        })
+    }
+
+    /// Validate a share; Ok means the miner is told "accepted". Counts the
+    /// worker's accepted shares (rejections are counted by the caller, which
+    /// also rejects shares that never reach a channel).
+    pub fn check(&mut self, s: &Work<'_>) -> Result<Accepted, RejectReason> {
+        let job = self
+            .jobs
+            .iter()
+            .find(|j| j.id == s.job_id)
+            .ok_or(RejectReason::StaleJob)?;
+        let en2 = match (self.setup.extranonce, s.extranonce2) {
+            (ExtranonceMode::Fixed, _) => &self.zero_en2[..],
+            (ExtranonceMode::Rolled, Some(e)) => e,
+            (ExtranonceMode::Rolled, None) => return Err(RejectReason::Invalid),
+        };
+        if en2.len() != self.en2_size {
+            return Err(RejectReason::Invalid);
+        }
+        if s.ntime.wrapping_sub(job.up.ntime) > NTIME_AHEAD
+            && job.up.ntime.wrapping_sub(s.ntime) > NTIME_BEHIND
+        {
+            return Err(RejectReason::Invalid);
+        }
+        let version = rolled_version(job.up.version, s.version_bits, job.mask)
+            .map_err(|_| RejectReason::Invalid)?;
+        let mut en2_key = [0u8; 8];
+        en2_key[8 - en2.len()..].copy_from_slice(en2);
+        let key = (
+            job.id,
+            u64::from_be_bytes(en2_key),
+            s.ntime,
+            s.nonce,
+            version,
+        );
+        if self.seen.contains(&key) {
+            return Err(RejectReason::Duplicate);
+        }
+        // Full upstream extranonce: miner part ‖ extranonce2 ‖ zero padding.
+        let mut extranonce = Vec::with_capacity(job.rollable);
+        extranonce.extend_from_slice(self.slot.prefix());
+        extranonce.extend_from_slice(en2);
+        extranonce.resize(job.rollable, 0);
+        let root = match job.merkle_root {
+            Some(r) => r,
+            None => share::merkle_root(
+                &[
+                    &job.up.coinbase_prefix,
+                    &extranonce,
+                    &job.up.coinbase_suffix,
+                ],
+                &job.up.merkle_branch,
+            ),
+        };
+        let hash = share::sha256d(&share::header(
+            version,
+            &job.up.prev_hash,
+            &root,
+            s.ntime,
+            job.up.nbits,
+            s.nonce,
+        ));
+        let check = share::check(&hash, &job.target, &job.up_target, job.up.nbits);
+        let now = Instant::now();
+        let grace = self.grace.filter(|(_, _, until)| *until > now);
+        let credited = if check.meets_miner {
+            job.difficulty
+        } else {
+            match grace {
+                Some((t, d, _)) if t.is_met_by(&hash) => d,
+                _ => {
+                    // Honest miners miss only by racing a difficulty change: the share then
+                    // meets an easier target this miner still has a job for.
+                    let easiest = self
+                        .jobs
+                        .iter()
+                        .map(|j| j.target)
+                        .chain(grace.map(|g| g.0))
+                        .max()
+                        .unwrap_or(job.target);
+                    return Err(if easiest.is_met_by(&hash) {
+                        RejectReason::LowDifficulty
+                    } else {
+                        RejectReason::BadNonce
+                    });
+                }
+            }
+        };
+        if self.seen.len() >= MAX_SEEN {
+            self.seen.clear();
+        }
+        self.seen.insert(key);
+        let worker = self.worker.stats().clone();
+        worker.accept(credited);
+        self.window.0 += credited;
+        if check.meets_miner {
+            self.vardiff.on_share();
+        }
+        let mut forwarded = false;
+        if check.meets_upstream {
+            let share = UpShare {
+                job_id: job.up.id.clone(),
+                extranonce,
+                ntime: s.ntime,
+                nonce: s.nonce,
+                version,
+                difficulty: job.up_target.to_difficulty().min(hash_difficulty(&hash)),
+                worker: worker.clone(),
+                epoch: job.epoch,
+            };
+            match job.submit.try_send(share) {
+                Ok(()) => {
+                    worker.forwarded.inc();
+                    forwarded = true;
+                }
+                Err(_) => debug!(worker = %worker.name, "upstream queue full; share not forwarded"),
+            }
+        }
+        if check.meets_network {
+            info!(worker = %worker.name, hash = %share::display_hex(&hash), "block found");
+        }
+        Ok(Accepted {
+            difficulty: credited,
+            forwarded,
+        })
+    }
+}
+
+async fn view_changed(
+    view: &mut Option<(usize, watch::Receiver<PoolView>)>,
+) -> Result<(), watch::error::RecvError> {
+    match view {
+        Some((_, rx)) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The difficulty at which a miner of `hashrate` H/s finds `shares_per_minute`
+/// shares, rounded down to a power of two, never below `floor` (itself rounded
+/// up to a power of two).
+pub fn difficulty_for_hashrate(hashrate: f64, shares_per_minute: f64, floor: f64) -> f64 {
+    let raw = hashrate * 60.0 / (shares_per_minute * 4_294_967_296.0);
+    gridproxy_protocol::difficulty::round_pow2(raw, floor)
+}
+
+/// The smallest power-of-two difficulty whose target is at or below `max_target`.
+pub fn difficulty_floor_for_target(max_target: Target) -> f64 {
+    let d = max_target.to_difficulty();
+    if !(d.is_finite() && d > 0.0) {
+        return f64::MAX;
+    }
+    let mut p = 2f64.powi(d.log2().ceil() as i32);
+    // Float error in to_difficulty: step up until the target really fits.
+    while Target::from_difficulty(p) > max_target && p < f64::MAX / 2.0 {
+        p *= 2.0;
+    }
+    p
+}
+
+/// Cut a worker name to `max` bytes at a char boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashrate_difficulty_is_a_power_of_two_with_floor() {
+        // 2^32 H/s at 60 shares/min = difficulty 1.
+        assert_eq!(difficulty_for_hashrate(4_294_967_296.0, 60.0, 1e-9), 1.0);
+        assert_eq!(
+            difficulty_for_hashrate(3.0 * 4_294_967_296.0, 60.0, 1e-9),
+            2.0
+        );
+        assert_eq!(difficulty_for_hashrate(1.0, 60.0, 0.5), 0.5);
+        assert_eq!(difficulty_for_hashrate(f64::NAN, 60.0, 0.25), 0.25);
+    }
+
+    #[test]
+    fn max_target_floor_fits() {
+        assert_eq!(difficulty_floor_for_target(Target::MAX), 2f64.powi(-32));
+        let t = Target::from_difficulty(3.0);
+        let d = difficulty_floor_for_target(t);
+        assert_eq!(d, 4.0);
+        assert!(Target::from_difficulty(d) <= t);
+        let t = Target::from_difficulty(4.0);
+        assert_eq!(difficulty_floor_for_target(t), 4.0);
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[tokio::test]
+    async fn bucket_refuses_a_flood() {
+        let mut b = SubmitBucket::new(5);
+        for _ in 0..10 {
+            b.take().unwrap();
+        }
+        assert!(b.take().is_err());
+    }
+}

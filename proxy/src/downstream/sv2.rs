@@ -1,0 +1,756 @@
+//! One SV2 miner connection: Noise responder with gridproxy's own authority
+//! key, `SetupConnection` (mining protocol only), then any number of standard
+//! and extended channels, each a [`ChannelCore`] running in its own task.
+//!
+//! ```text
+//! socket ── connection task ── SubmitShares / UpdateChannel ──▶ channel task (ChannelCore)
+//!              ▲   (Noise, framing, Setup, Open/Close, flood guard)       │
+//!              └──────────── jobs, SetTarget, SubmitShares.Success/Error ─┘ (bounded mpsc)
+//! ```
+//!
+//! - Standard channel: the extranonce is fixed to the channel's miner part
+//!   followed by zeros, so every job is a `NewMiningJob` whose merkle root the
+//!   proxy computes.
+//! - Extended channel: `extranonce_prefix` = miner part, `extranonce_size` =
+//!   the configured extranonce2 size; jobs are `NewExtendedMiningJob`s.
+//! - New block (or pool switch): a future job then `SetNewPrevHash`; same-block
+//!   update: a job with `min_ntime`; vardiff: `SetTarget` (valid for every live job).
+//!
+//! The proxy never sends `SetExtranoncePrefix` (a miner part never changes)
+//! and never closes a channel on its own: SRI's `mining_device` panics on
+//! `CloseChannel`, `SetExtranoncePrefix` and `OpenMiningChannel.Error`.
+//! Errors that end the connection are logged with the peer and the reason.
+
+use super::channel::{
+    self, ChannelCore, ChannelSetup, ExtranonceMode, JobOut, Out, SlotGuard, SubmitBucket,
+    TargetScope, Work, WorkerGuard,
+};
+use super::Ctx;
+use crate::stats::RejectReason;
+use crate::sv2_io::accept_noise;
+use futures::{SinkExt, StreamExt};
+use gridproxy_protocol::difficulty::Target;
+use gridproxy_protocol::sv2::{
+    binary_sv2::{Seq0255Owned, Sv2OptionOwned, U256Owned},
+    common_messages_sv2::{
+        Protocol, SetupConnectionErrorOwned, SetupConnectionOwned, SetupConnectionSuccessOwned,
+        ERROR_CODE_SETUP_CONNECTION_PROTOCOL_VERSION_MISMATCH,
+        ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_FEATURE_FLAGS,
+        ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL,
+    },
+    mining_sv2::{
+        NewExtendedMiningJobOwned, NewMiningJobOwned, OpenExtendedMiningChannelSuccessOwned,
+        OpenMiningChannelErrorOwned, OpenStandardMiningChannelSuccessOwned, SetNewPrevHashOwned,
+        SetTargetOwned, SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
+        SubmitSharesSuccessOwned, UpdateChannelErrorOwned, UpdateChannelOwned,
+        ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
+        ERROR_CODE_OPEN_MINING_CHANNEL_EXTENDED_CHANNELS_NOT_SUPPORTED_FOR_STANDARD_JOBS,
+        ERROR_CODE_OPEN_MINING_CHANNEL_INVALID_NOMINAL_HASHRATE,
+        ERROR_CODE_OPEN_MINING_CHANNEL_MAX_TARGET_OUT_OF_RANGE,
+        ERROR_CODE_OPEN_MINING_CHANNEL_MIN_EXTRANONCE_SIZE_TOO_LARGE,
+        ERROR_CODE_UPDATE_CHANNEL_INVALID_CHANNEL_ID,
+        ERROR_CODE_UPDATE_CHANNEL_INVALID_NOMINAL_HASHRATE,
+        ERROR_CODE_UPDATE_CHANNEL_MAX_TARGET_OUT_OF_RANGE,
+    },
+    AuthorityKeypair, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tracing::{debug, info};
+
+/// The only SV2 protocol version.
+const VERSION: u16 = 2;
+/// `SetupConnection` flag (mining protocol): the device understands standard jobs only.
+pub const REQUIRES_STANDARD_JOBS: u32 = 1;
+/// `SetupConnection` flag (mining protocol): the device wants to choose its own work.
+pub const REQUIRES_WORK_SELECTION: u32 = 1 << 1;
+/// How long the certificate handed out in the handshake is valid.
+const CERT_VALIDITY: Duration = Duration::from_secs(3600);
+/// A write that takes longer means the miner does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued from all channel tasks to the connection's writer.
+const OUT_QUEUE: usize = 1024;
+/// Channels one connection may hold (each one holds a miner part and a router entry).
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 4096;
+
+/// Why a connection ended (logged).
+#[derive(Debug)]
+enum Close {
+    Eof,
+    Shutdown,
+    Reason(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Standard,
+    Extended,
+}
+
+/// From the connection task to one channel task.
+enum Cmd {
+    Standard(SubmitSharesStandard),
+    Extended(SubmitSharesExtendedOwned),
+    /// `UpdateChannel`: a new difficulty (None: keep) and floor.
+    Update {
+        difficulty: Option<f64>,
+        floor: f64,
+    },
+}
+
+/// The connection's handle on one channel task.
+struct ChannelEntry {
+    tx: mpsc::Sender<Cmd>,
+    bucket: SubmitBucket,
+}
+
+struct Conn {
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    requires_standard: bool,
+    channels: HashMap<u32, ChannelEntry>,
+    next_channel: u32,
+    tasks: JoinSet<(u32, Option<String>)>,
+    out_tx: mpsc::Sender<Message>,
+    out_rx: mpsc::Receiver<Message>,
+    /// Messages to write at the end of this turn.
+    out: Vec<Message>,
+    /// Flood guard for submits on unknown channels.
+    stray: SubmitBucket,
+    inbox_size: usize,
+}
+
+/// Serve one SV2 connection until it closes.
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    authority: Arc<AuthorityKeypair>,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = ctx.cfg.limits.clone();
+    let deadline = Instant::now() + limits.handshake_timeout();
+    let hs = accept_noise(stream, &authority, CERT_VALIDITY, limits.max_frame);
+    let framed = match tokio::time::timeout_at(deadline, hs).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            info!(%peer, reason = %e, "sv2 miner disconnected during the noise handshake");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, timeout = ?limits.handshake_timeout(), "sv2 miner disconnected: noise handshake timed out");
+            return;
+        }
+    };
+    let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+    let sps = limits.submits_per_second;
+    let mut conn = Conn {
+        peer,
+        requires_standard: false,
+        channels: HashMap::new(),
+        next_channel: 1,
+        tasks: JoinSet::new(),
+        out_tx,
+        out_rx,
+        out: Vec::new(),
+        stray: SubmitBucket::new(sps),
+        // More than a full flood-guard bucket: a full inbox means the channel is stuck.
+        inbox_size: (sps as usize * 2).max(10) + 64,
+        ctx,
+    };
+    let end = conn.run(framed, deadline).await;
+    let channels = conn.channels.len();
+    match end {
+        Close::Reason(r) => {
+            info!(%peer, channels, reason = %r, "sv2 miner disconnected")
+        }
+        other => debug!(%peer, channels, ?other, "sv2 miner disconnected"),
+    }
+}
+
+type Transport = Framed<TcpStream, NoiseCodec>;
+
+impl Conn {
+    async fn run(&mut self, mut framed: Transport, deadline: Instant) -> Close {
+        let first = match tokio::time::timeout_at(deadline, framed.next()).await {
+            Err(_) => {
+                return Close::Reason("no SetupConnection before the handshake timeout".into())
+            }
+            Ok(None) => return Close::Eof,
+            Ok(Some(Err(e))) => return Close::Reason(format!("malformed frame: {e}")),
+            Ok(Some(Ok(f))) => f,
+        };
+        let setup = match first.to_message() {
+            Ok(Message::Common(CommonMessagesOwned::SetupConnection(s))) => s,
+            Ok(other) => {
+                return Close::Reason(format!("expected SetupConnection, got {}", name(&other)))
+            }
+            Err(e) => return Close::Reason(format!("malformed frame: {e}")),
+        };
+        let refused = self.on_setup(&setup);
+        if let Err(e) = self.flush(&mut framed).await {
+            return e;
+        }
+        if let Some(why) = refused {
+            return Close::Reason(why);
+        }
+        let limits = self.ctx.cfg.limits.clone();
+        let mut idle_deadline = Instant::now() + limits.idle_timeout();
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                f = framed.next() => {
+                    let frame = match f {
+                        None => return Close::Eof,
+                        Some(Err(e)) => return Close::Reason(format!("malformed frame: {e}")),
+                        Some(Ok(f)) => f,
+                    };
+                    idle_deadline = Instant::now() + limits.idle_timeout();
+                    let r = match frame.to_message() {
+                        Ok(m) => self.on_msg(m),
+                        Err(e) => Err(format!("malformed frame: {e}")),
+                    };
+                    if let Err(why) = r {
+                        let _ = self.flush(&mut framed).await;
+                        return Close::Reason(why);
+                    }
+                }
+                Some(m) = self.out_rx.recv() => {
+                    self.out.push(m);
+                    while self.out.len() < 256 {
+                        match self.out_rx.try_recv() {
+                            Ok(m) => self.out.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(r) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match r {
+                        Ok((id, None)) => debug!(peer = %self.peer, channel = id, "channel closed"),
+                        Ok((id, Some(why))) => return Close::Reason(format!("channel {id}: {why}")),
+                        Err(e) if e.is_panic() => return Close::Reason("channel task panicked".into()),
+                        Err(_) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    return Close::Reason(format!("idle for {:?}", limits.idle_timeout()));
+                }
+            }
+            if let Err(e) = self.flush(&mut framed).await {
+                return e;
+            }
+        }
+    }
+
+    async fn flush(&mut self, framed: &mut Transport) -> Result<(), Close> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let msgs = std::mem::take(&mut self.out);
+        let write = async {
+            for m in msgs {
+                framed.feed(m).await?;
+            }
+            SinkExt::<Message>::flush(framed).await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Close::Reason(format!("write: {e}"))),
+            Err(_) => Err(Close::Reason(
+                "miner does not read (write timed out)".into(),
+            )),
+        }
+    }
+
+    /// Answer `SetupConnection`; Some(reason) when refused (the connection then closes).
+    fn on_setup(&mut self, s: &SetupConnectionOwned) -> Option<String> {
+        debug!(
+            peer = %self.peer,
+            vendor = %String::from_utf8_lossy(s.vendor.as_bytes()),
+            hardware = %String::from_utf8_lossy(s.hardware_version.as_bytes()),
+            firmware = %String::from_utf8_lossy(s.firmware.as_bytes()),
+            device = %String::from_utf8_lossy(s.device_id.as_bytes()),
+            flags = s.flags,
+            "sv2 SetupConnection"
+        );
+        let refuse = |flags: u32, code: &str| {
+            Message::Common(CommonMessagesOwned::SetupConnectionError(
+                SetupConnectionErrorOwned {
+                    flags,
+                    error_code: code.to_string().try_into().expect("short error code"),
+                },
+            ))
+        };
+        if s.protocol != Protocol::MiningProtocol {
+            self.out
+                .push(refuse(0, ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL));
+            return Some(format!(
+                "SetupConnection for {:?}: only the mining protocol is served",
+                s.protocol
+            ));
+        }
+        if !(s.min_version <= VERSION && VERSION <= s.max_version) {
+            self.out.push(refuse(
+                0,
+                ERROR_CODE_SETUP_CONNECTION_PROTOCOL_VERSION_MISMATCH,
+            ));
+            return Some(format!(
+                "SetupConnection versions {}..={} do not include {VERSION}",
+                s.min_version, s.max_version
+            ));
+        }
+        let unsupported = s.flags & REQUIRES_WORK_SELECTION;
+        if unsupported != 0 {
+            self.out.push(refuse(
+                unsupported,
+                ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_FEATURE_FLAGS,
+            ));
+            return Some("SetupConnection requires work selection (not supported)".into());
+        }
+        self.requires_standard = s.flags & REQUIRES_STANDARD_JOBS != 0;
+        self.out.push(Message::Common(
+            CommonMessagesOwned::SetupConnectionSuccess(SetupConnectionSuccessOwned {
+                used_version: VERSION,
+                flags: 0,
+            }),
+        ));
+        None
+    }
+
+    /// Handle one message; Err closes the connection with that reason.
+    fn on_msg(&mut self, msg: Message) -> Result<(), String> {
+        let m = match msg {
+            Message::Mining(m) => m,
+            Message::Common(CommonMessagesOwned::SetupConnection(_)) => {
+                return Err("SetupConnection sent twice".into())
+            }
+            other => return Err(format!("unexpected message {}", name(&other))),
+        };
+        match m {
+            MiningOwned::OpenStandardMiningChannel(o) => {
+                self.open(OpenRequest {
+                    request_id: o.request_id,
+                    user: String::from_utf8_lossy(o.user_identity.as_bytes()).into_owned(),
+                    nominal: o.nominal_hash_rate,
+                    max_target: Target::from_le_bytes(o.max_target.to_array()),
+                    kind: Kind::Standard,
+                    min_extranonce_size: 0,
+                });
+            }
+            MiningOwned::OpenExtendedMiningChannel(o) => {
+                self.open(OpenRequest {
+                    request_id: o.request_id,
+                    user: String::from_utf8_lossy(o.user_identity.as_bytes()).into_owned(),
+                    nominal: o.nominal_hash_rate,
+                    max_target: Target::from_le_bytes(o.max_target.to_array()),
+                    kind: Kind::Extended,
+                    min_extranonce_size: o.min_extranonce_size,
+                });
+            }
+            MiningOwned::SubmitSharesStandard(s) => {
+                self.submit(s.channel_id, s.sequence_number, Cmd::Standard(s))?
+            }
+            MiningOwned::SubmitSharesExtended(s) => {
+                self.submit(s.channel_id, s.sequence_number, Cmd::Extended(s))?
+            }
+            MiningOwned::UpdateChannel(u) => self.update(u)?,
+            MiningOwned::CloseChannel(c) => {
+                // Dropping the sender ends the channel task once it has answered
+                // what was already queued; its miner part and router entry go with it.
+                if self.channels.remove(&c.channel_id).is_some() {
+                    debug!(
+                        peer = %self.peer,
+                        channel = c.channel_id,
+                        reason = %String::from_utf8_lossy(c.reason_code.as_bytes()),
+                        "miner closed a channel"
+                    );
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unexpected message {}",
+                    name(&Message::Mining(other))
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn open_error(&mut self, request_id: u32, code: &str) {
+        debug!(peer = %self.peer, request_id, code, "channel refused");
+        self.out
+            .push(Message::Mining(MiningOwned::OpenMiningChannelError(
+                OpenMiningChannelErrorOwned {
+                    request_id,
+                    error_code: code.to_string().try_into().expect("short error code"),
+                },
+            )));
+    }
+
+    fn open(&mut self, r: OpenRequest) {
+        let cfg = self.ctx.cfg.clone();
+        let en2_size = cfg.extranonce.extranonce2_size;
+        if r.kind == Kind::Extended && self.requires_standard {
+            return self.open_error(
+                r.request_id,
+                ERROR_CODE_OPEN_MINING_CHANNEL_EXTENDED_CHANNELS_NOT_SUPPORTED_FOR_STANDARD_JOBS,
+            );
+        }
+        if r.kind == Kind::Extended && r.min_extranonce_size as usize > en2_size {
+            return self.open_error(
+                r.request_id,
+                ERROR_CODE_OPEN_MINING_CHANNEL_MIN_EXTRANONCE_SIZE_TOO_LARGE,
+            );
+        }
+        if !(r.nominal.is_finite() && r.nominal >= 0.0) {
+            return self.open_error(
+                r.request_id,
+                ERROR_CODE_OPEN_MINING_CHANNEL_INVALID_NOMINAL_HASHRATE,
+            );
+        }
+        let floor = channel::difficulty_floor_for_target(r.max_target).max(cfg.difficulty.min);
+        if floor > cfg.difficulty.max {
+            return self.open_error(
+                r.request_id,
+                ERROR_CODE_OPEN_MINING_CHANNEL_MAX_TARGET_OUT_OF_RANGE,
+            );
+        }
+        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
+            return self.open_error(
+                r.request_id,
+                ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
+            );
+        }
+        let slot = match SlotGuard::allocate(&self.ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                info!(peer = %self.peer, error = %e, "no extranonce slot for a new channel");
+                return self.open_error(
+                    r.request_id,
+                    ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
+                );
+            }
+        };
+        let name = channel::truncate(&r.user, cfg.limits.max_worker_name);
+        let worker = WorkerGuard::new(&self.ctx, &name);
+        let lease = self.ctx.router.register(&name);
+        let initial = initial_difficulty(&self.ctx, r.nominal).max(floor);
+        let setup = ChannelSetup {
+            extranonce: match r.kind {
+                Kind::Standard => ExtranonceMode::Fixed,
+                Kind::Extended => ExtranonceMode::Rolled,
+            },
+            scope: TargetScope::Channel,
+            initial_difficulty: initial,
+            min_difficulty: floor,
+            // Whatever the pool allows (BIP320 bits when it allows rolling).
+            version_allowed: u32::MAX,
+        };
+        let core = ChannelCore::new(self.ctx.clone(), slot, worker, lease, setup);
+        let channel_id = self.next_channel;
+        self.next_channel = self.next_channel.wrapping_add(1).max(1);
+        let target = core.target();
+        let prefix = core.slot().prefix().to_vec();
+        let success = match r.kind {
+            Kind::Standard => MiningOwned::OpenStandardMiningChannelSuccess(
+                OpenStandardMiningChannelSuccessOwned {
+                    request_id: r.request_id,
+                    channel_id,
+                    target: U256Owned::from(target.to_le_bytes()),
+                    extranonce_prefix: prefix.try_into().expect("miner part <= 4 bytes"),
+                    group_channel_id: 0,
+                },
+            ),
+            Kind::Extended => MiningOwned::OpenExtendedMiningChannelSuccess(
+                OpenExtendedMiningChannelSuccessOwned {
+                    request_id: r.request_id,
+                    channel_id,
+                    target: U256Owned::from(target.to_le_bytes()),
+                    extranonce_size: en2_size as u16,
+                    extranonce_prefix: prefix.try_into().expect("miner part <= 4 bytes"),
+                    group_channel_id: 0,
+                },
+            ),
+        };
+        info!(
+            peer = %self.peer,
+            channel = channel_id,
+            kind = ?r.kind,
+            worker = %name,
+            nominal_hashrate = r.nominal,
+            difficulty = core.difficulty(),
+            "sv2 channel open"
+        );
+        // The success is written before the task can produce the channel's first job.
+        self.out.push(Message::Mining(success));
+        let (tx, rx) = mpsc::channel(self.inbox_size);
+        let ch = Sv2Channel {
+            id: channel_id,
+            kind: r.kind,
+            core,
+            target_sent: target,
+        };
+        self.tasks.spawn(ch.run(rx, self.out_tx.clone()));
+        self.channels.insert(
+            channel_id,
+            ChannelEntry {
+                tx,
+                bucket: SubmitBucket::new(self.ctx.cfg.limits.submits_per_second),
+            },
+        );
+    }
+
+    fn submit(&mut self, channel_id: u32, seq: u32, cmd: Cmd) -> Result<(), String> {
+        let Some(e) = self.channels.get_mut(&channel_id) else {
+            self.stray.take()?;
+            self.out.push(submit_error(
+                channel_id,
+                seq,
+                RejectReason::Unauthorized.sv2_code(),
+            ));
+            return Ok(());
+        };
+        e.bucket
+            .take()
+            .map_err(|why| format!("channel {channel_id}: {why}"))?;
+        e.tx.try_send(cmd).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                format!(
+                    "channel {channel_id}: share backlog full (miner does not read its answers)"
+                )
+            }
+            mpsc::error::TrySendError::Closed(_) => format!("channel {channel_id} ended"),
+        })
+    }
+
+    fn update(&mut self, u: UpdateChannelOwned) -> Result<(), String> {
+        let cfg = self.ctx.cfg.clone();
+        let error = |code: &str| {
+            Message::Mining(MiningOwned::UpdateChannelError(UpdateChannelErrorOwned {
+                channel_id: u.channel_id,
+                error_code: code.to_string().try_into().expect("short error code"),
+            }))
+        };
+        let Some(e) = self.channels.get_mut(&u.channel_id) else {
+            self.out
+                .push(error(ERROR_CODE_UPDATE_CHANNEL_INVALID_CHANNEL_ID));
+            return Ok(());
+        };
+        if !(u.nominal_hash_rate.is_finite() && u.nominal_hash_rate >= 0.0) {
+            self.out
+                .push(error(ERROR_CODE_UPDATE_CHANNEL_INVALID_NOMINAL_HASHRATE));
+            return Ok(());
+        }
+        let max_target = Target::from_le_bytes(u.maximum_target.to_array());
+        let floor = channel::difficulty_floor_for_target(max_target).max(cfg.difficulty.min);
+        if floor > cfg.difficulty.max {
+            self.out
+                .push(error(ERROR_CODE_UPDATE_CHANNEL_MAX_TARGET_OUT_OF_RANGE));
+            return Ok(());
+        }
+        let difficulty =
+            (u.nominal_hash_rate > 0.0).then(|| initial_difficulty(&self.ctx, u.nominal_hash_rate));
+        e.tx.try_send(Cmd::Update { difficulty, floor })
+            .map_err(|_| format!("channel {}: backlog full or ended", u.channel_id))
+    }
+}
+
+struct OpenRequest {
+    request_id: u32,
+    user: String,
+    nominal: f32,
+    max_target: Target,
+    kind: Kind,
+    min_extranonce_size: u16,
+}
+
+/// A channel's starting difficulty from the hashrate the miner announced.
+fn initial_difficulty(ctx: &Ctx, nominal: f32) -> f64 {
+    let d = &ctx.cfg.difficulty;
+    if nominal > 0.0 {
+        channel::difficulty_for_hashrate(nominal as f64, d.shares_per_minute, d.min).min(d.max)
+    } else {
+        d.initial
+    }
+}
+
+fn submit_error(channel_id: u32, seq: u32, code: &str) -> Message {
+    Message::Mining(MiningOwned::SubmitSharesError(SubmitSharesErrorOwned {
+        channel_id,
+        sequence_number: seq,
+        error_code: code.to_string().try_into().expect("short error code"),
+    }))
+}
+
+/// A channel task: owns the channel's core, answers its shares, sends its work.
+struct Sv2Channel {
+    id: u32,
+    kind: Kind,
+    core: ChannelCore,
+    target_sent: Target,
+}
+
+impl Sv2Channel {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Cmd>,
+        out: mpsc::Sender<Message>,
+    ) -> (u32, Option<String>) {
+        let id = self.id;
+        let mut buf = Vec::new();
+        let r: Result<(), String> = async {
+            let first = self.core.start();
+            self.emit(first, &mut buf)?;
+            loop {
+                for m in buf.drain(..) {
+                    if out.send(m).await.is_err() {
+                        return Ok(()); // the connection is gone
+                    }
+                }
+                tokio::select! {
+                    cmd = inbox.recv() => match cmd {
+                        None => return Ok(()),
+                        Some(c) => self.on_cmd(c, &mut buf)?,
+                    },
+                    w = self.core.wake() => {
+                        let o = self.core.on_wake(w?);
+                        self.emit(o, &mut buf)?;
+                    }
+                }
+            }
+        }
+        .await;
+        (id, r.err())
+    }
+
+    fn on_cmd(&mut self, c: Cmd, buf: &mut Vec<Message>) -> Result<(), String> {
+        let (seq, r) = match &c {
+            Cmd::Standard(s) => (
+                s.sequence_number,
+                self.core.check(&Work {
+                    job_id: s.job_id,
+                    extranonce2: None,
+                    ntime: s.ntime,
+                    nonce: s.nonce,
+                    version_bits: Some(s.version),
+                }),
+            ),
+            Cmd::Extended(s) => (
+                s.sequence_number,
+                self.core.check(&Work {
+                    job_id: s.job_id,
+                    extranonce2: Some(s.extranonce.as_bytes()),
+                    ntime: s.ntime,
+                    nonce: s.nonce,
+                    version_bits: Some(s.version),
+                }),
+            ),
+            Cmd::Update { difficulty, floor } => {
+                let d = difficulty.unwrap_or(self.core.difficulty()).max(*floor);
+                let o = self.core.reconfigure(d, *floor);
+                return self.emit(o, buf);
+            }
+        };
+        buf.push(match r {
+            Ok(a) => Message::Mining(MiningOwned::SubmitSharesSuccess(SubmitSharesSuccessOwned {
+                channel_id: self.id,
+                last_sequence_number: seq,
+                new_submits_accepted_count: 1,
+                new_shares_sum: a.difficulty.round().max(0.0) as u64,
+            })),
+            Err(why) => {
+                self.core.worker().reject(why);
+                submit_error(self.id, seq, why.sv2_code())
+            }
+        });
+        Ok(())
+    }
+
+    fn emit(&mut self, o: Option<Out>, buf: &mut Vec<Message>) -> Result<(), String> {
+        match o {
+            None => Ok(()),
+            Some(Out::Target { target, .. }) => {
+                self.set_target(target, buf);
+                Ok(())
+            }
+            Some(Out::Job(j)) => self.job(j, buf),
+        }
+    }
+
+    fn set_target(&mut self, target: Target, buf: &mut Vec<Message>) {
+        self.target_sent = target;
+        buf.push(Message::Mining(MiningOwned::SetTarget(SetTargetOwned {
+            channel_id: self.id,
+            maximum_target: U256Owned::from(target.to_le_bytes()),
+        })));
+    }
+
+    fn job(&mut self, j: JobOut, buf: &mut Vec<Message>) -> Result<(), String> {
+        if j.target != self.target_sent {
+            self.set_target(j.target, buf);
+        }
+        let up = &j.up;
+        // A clean job is a future job activated by SetNewPrevHash: that is what
+        // voids the miner's earlier jobs.
+        let min_ntime = Sv2OptionOwned::new((!j.clean).then_some(up.ntime));
+        let msg = match self.kind {
+            Kind::Standard => MiningOwned::NewMiningJob(NewMiningJobOwned {
+                channel_id: self.id,
+                job_id: j.id,
+                min_ntime,
+                version: up.version,
+                merkle_root: U256Owned::from(j.merkle_root.unwrap_or_default()),
+            }),
+            Kind::Extended => MiningOwned::NewExtendedMiningJob(NewExtendedMiningJobOwned {
+                channel_id: self.id,
+                job_id: j.id,
+                min_ntime,
+                version: up.version,
+                version_rolling_allowed: j.version_mask != 0,
+                merkle_path: Seq0255Owned::new(
+                    up.merkle_branch
+                        .iter()
+                        .map(|h| U256Owned::from(*h))
+                        .collect(),
+                )
+                .map_err(|e| format!("merkle path does not fit a job: {e:?}"))?,
+                coinbase_tx_prefix: up
+                    .coinbase_prefix
+                    .clone()
+                    .try_into()
+                    .map_err(|e| format!("coinbase prefix does not fit a job: {e:?}"))?,
+                coinbase_tx_suffix: j
+                    .coinbase_suffix
+                    .try_into()
+                    .map_err(|e| format!("coinbase suffix does not fit a job: {e:?}"))?,
+            }),
+        };
+        buf.push(Message::Mining(msg));
+        if j.clean {
+            buf.push(Message::Mining(MiningOwned::SetNewPrevHash(
+                SetNewPrevHashOwned {
+                    channel_id: self.id,
+                    job_id: j.id,
+                    prev_hash: U256Owned::from(up.prev_hash),
+                    min_ntime: up.ntime,
+                    nbits: up.nbits,
+                },
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A short name for a message in logs.
+fn name(m: &Message) -> String {
+    let s = format!("{m:?}");
+    s.chars().take(60).collect()
+}
