@@ -271,6 +271,8 @@ async fn stock_is_telemetry_only() {
         let t = fleet.read(M).await.expect("stock telemetry");
         assert!((t.power_w - model().nominal_w).abs() < 2.0, "{t:?}");
         assert!(!fleet.handles(ControlSurface::None));
+        assert!(!fleet.handles(ControlSurface::AntminerStock));
+        assert!(fleet.handles(ControlSurface::Vnish));
         let r = fleet
             .execute(&command(ControlSurface::None, Action::Sleep))
             .await;
@@ -333,6 +335,53 @@ async fn nothing_listening_is_unreachable_fast() {
                 ),
                 "{surface:?}: {r:?}"
             );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fleet_dispatches_by_surface() {
+    bounded(async {
+        let cfg = model();
+        let emus = [
+            (ControlSurface::LuxOs, luxos::spawn(addr(81), cfg).await),
+            (
+                ControlSurface::BraiinsOs,
+                braiins::spawn(addr(82), cfg, PASSWORD).await,
+            ),
+            (
+                ControlSurface::Whatsminer,
+                whatsminer::spawn(addr(83), cfg, PASSWORD).await,
+            ),
+            (
+                ControlSurface::Vnish,
+                vnish::spawn(addr(84), cfg, PASSWORD).await,
+            ),
+        ];
+        let mut fleet = FleetActuator::new(TIMEOUT);
+        let mut handles = Vec::new();
+        for (i, (surface, emu)) in emus.into_iter().enumerate() {
+            let emu = emu.expect("bind emulator");
+            let ep = MinerEndpoint::new(surface, emu.addr()).with_credentials("root", PASSWORD);
+            fleet.insert(MinerId(i as u64 + 1), &ep);
+            handles.push((surface, emu));
+        }
+        assert_eq!(fleet.len(), 4);
+        // All four at once: each command reaches its own firmware.
+        let cmds: Vec<Command> = handles
+            .iter()
+            .enumerate()
+            .map(|(i, (surface, _))| {
+                let mut c = command(*surface, Action::Sleep);
+                c.miner = MinerId(i as u64 + 1);
+                c
+            })
+            .collect();
+        let results = futures::future::join_all(cmds.iter().map(|c| fleet.execute(c))).await;
+        for (r, (surface, emu)) in results.into_iter().zip(&handles) {
+            assert_eq!(r, Ok(()), "{surface:?}");
+            assert_eq!(emu.state().mode, Mode::Sleeping, "{surface:?}");
         }
     })
     .await;

@@ -199,7 +199,13 @@ impl FleetActuator {
 
 impl Actuator for FleetActuator {
     fn handles(&self, surface: ControlSurface) -> bool {
-        surface.capabilities().sleep
+        matches!(
+            surface,
+            ControlSurface::LuxOs
+                | ControlSurface::BraiinsOs
+                | ControlSurface::Whatsminer
+                | ControlSurface::Vnish
+        )
     }
 
     fn execute(&self, command: &Command) -> impl Future<Output = Result<(), ActuatorError>> + Send {

@@ -32,6 +32,13 @@
 //!   target), and its I/O timeout is a fixed 5 s constant;
 //! - it pulls reqwest + rustls + aws-lc-sys into the curtail crate.
 //!
+//! Tried against the emulators (a throwaway probe, not in the tree): with
+//! the LuxOS emulator on `127.0.0.91:4028`, `asic-rs`'s LuxOS entry
+//! identified the miner, and `get_data` (watts, TH/s), `pause` and `resume`
+//! worked and moved the simulated power; `supports_set_power_limit()` was
+//! false. It works only on the standard port, though, and gives no power
+//! target, so a LuxOS client of our own is needed anyway.
+//!
 //! So all four clients are our own, written from the public API docs; none
 //! copies `asic-rs` code. `asic-rs` remains a candidate for discovery and
 //! read-only data on real sites (where the standard ports hold).

@@ -96,7 +96,8 @@ pub async fn confirm<T: TelemetrySource>(
         last = match source.read(miner).await {
             Ok(t) if band.contains(t.power_w) => return Ok(t),
             Ok(t) => Ok(t),
-            Err(e) => last.and(Err(e)),
+            // Keep the last reading if there was one; else the error.
+            Err(e) => last.or(Err(e)),
         };
         if tokio::time::Instant::now() + poll > deadline {
             break;
