@@ -10,14 +10,14 @@
 //! - [`vnish`]: VNish REST (`unlock`, `mining/pause|resume`, autotune
 //!   presets, `summary`) over a small hyper HTTP/1.1 client.
 //! - [`stock`]: stock cgminer telemetry (no control).
-//! - [`fleet`]: [`FleetActuator`](fleet::FleetActuator), dispatching each
+//! - [`fleet`]: [`FleetActuator`], dispatching each
 //!   command by the miner's [`ControlSurface`] to its client.
 //! - [`verify`]: confirm a command by telemetry (firmware may ack and do
 //!   nothing).
 //!
 //! Every client takes a [`SocketAddr`] (any port) and a timeout that bounds
 //! each whole operation, logins included: nothing waits longer, whatever the
-//! peer does. Errors are [`ClientError`]s; [`FleetActuator`](fleet::FleetActuator)
+//! peer does. Errors are [`ClientError`]s; [`FleetActuator`]
 //! maps them to [`ActuatorError`] with the miner's id.
 //!
 //! # Why not `asic-rs` (0.8.6, evaluated)
