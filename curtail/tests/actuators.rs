@@ -8,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use gridproxy_curtail::actuator::{Actuator, ActuatorError, TelemetrySource};
+use gridproxy_curtail::actuators::luxos::LuxOsClient;
 use gridproxy_curtail::actuators::verify::{confirm, expected_band, VerifyError};
-use gridproxy_curtail::actuators::{FleetActuator, MinerEndpoint};
+use gridproxy_curtail::actuators::{ClientConfig, ClientError, FleetActuator, MinerEndpoint};
 use gridproxy_curtail::fleet::{ControlSurface, MinerId, MinerSpec};
 use gridproxy_curtail::policy::{Action, Command, CommandId, PoolId};
 use gridproxy_curtail::time::Timestamp;
@@ -383,6 +384,28 @@ async fn fleet_dispatches_by_surface() {
             assert_eq!(r, Ok(()), "{surface:?}");
             assert_eq!(emu.state().mode, Mode::Sleeping, "{surface:?}");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn luxos_clients_share_the_one_session() {
+    bounded(async {
+        let emu = luxos::spawn(addr(91), model()).await.unwrap();
+        let cfg = ClientConfig::new(emu.addr()).with_timeout(TIMEOUT);
+        let (a, b) = (LuxOsClient::new(cfg.clone()), LuxOsClient::new(cfg));
+        // `a` logs on; `b`'s logon is refused (one session) and it reuses
+        // the live session instead.
+        a.sleep().await.expect("a sleeps");
+        b.wakeup().await.expect("b wakes with the shared session");
+        assert_eq!(emu.state().mode, Mode::Hashing);
+        let p = b.set_power_target(2800).await.expect("profile");
+        assert!(p.watts <= 2800 && p.name.starts_with('-'), "{p:?}");
+        // A target below every profile takes the lowest; the model accepts it.
+        let low = a.set_power_target(100).await.expect("lowest profile");
+        assert!(f64::from(low.watts) >= model().min_power_w);
+        emu.set_fault(Fault::Reject);
+        assert!(matches!(a.sleep().await, Err(ClientError::Rejected(_))));
     })
     .await;
 }
