@@ -184,7 +184,7 @@ impl Conn {
                 return Close::Reason("no SetupConnection before the handshake timeout".into())
             }
             Ok(None) => return Close::Eof,
-            Ok(Some(Err(e))) => return Close::Reason(format!("malformed frame: {e}")),
+            Ok(Some(Err(e))) => return Close::Reason(format!("bad frame: {e}")),
             Ok(Some(Ok(f))) => f,
         };
         let setup = match first.to_message() {
@@ -192,7 +192,7 @@ impl Conn {
             Ok(other) => {
                 return Close::Reason(format!("expected SetupConnection, got {}", name(&other)))
             }
-            Err(e) => return Close::Reason(format!("malformed frame: {e}")),
+            Err(e) => return Close::Reason(format!("bad frame: {e}")),
         };
         let refused = self.on_setup(&setup);
         if let Err(e) = self.flush(&mut framed).await {
@@ -210,13 +210,13 @@ impl Conn {
                 f = framed.next() => {
                     let frame = match f {
                         None => return Close::Eof,
-                        Some(Err(e)) => return Close::Reason(format!("malformed frame: {e}")),
+                        Some(Err(e)) => return Close::Reason(format!("bad frame: {e}")),
                         Some(Ok(f)) => f,
                     };
                     idle_deadline = Instant::now() + limits.idle_timeout();
                     let r = match frame.to_message() {
                         Ok(m) => self.on_msg(m),
-                        Err(e) => Err(format!("malformed frame: {e}")),
+                        Err(e) => Err(format!("bad frame: {e}")),
                     };
                     if let Err(why) = r {
                         let _ = self.flush(&mut framed).await;

@@ -1,0 +1,978 @@
+//! gridproxy's SV2 listener: SRI's `mining_device` and the fixture SV2 miners
+//! (standard and extended channels) mine through gridproxy into the real SRI
+//! `pool_sv2` (fed by the fixture TP), next to 100 SV1 miners; the proxy's
+//! per-worker upstream counts agree with what the pool acknowledged. A raw
+//! client checks the protocol edges: several channels on one connection,
+//! share answers and their error codes, UpdateChannel/CloseChannel, long
+//! user identities, refused setups, malformed and oversized frames.
+//! Needs `scripts/peers.sh install`.
+
+use gridproxy::config::Config;
+use gridproxy::proxy::Proxy;
+use gridproxy::stats::WorkerSnapshot;
+use gridproxy::sv2_io::{connect_noise, next_msg};
+use gridproxy_fixtures::stats::MinerStats;
+use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
+use gridproxy_fixtures::sv2_miner::{ChannelKind, Sv2MinerConfig, Sv2Miners};
+use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_protocol::difficulty::Target;
+use gridproxy_protocol::share;
+use gridproxy_protocol::sv2::{
+    common_messages_sv2::{Protocol, SetupConnectionOwned},
+    mining_sv2::{
+        CloseChannelOwned, OpenExtendedMiningChannelOwned, OpenStandardMiningChannelOwned,
+        SubmitSharesExtendedOwned, SubmitSharesStandard, UpdateChannelOwned,
+    },
+    AuthorityKeypair, AuthorityPublicKey, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
+};
+use gridproxy_tests::*;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::{Encoder, Framed};
+use tokio_util::sync::CancellationToken;
+
+/// These tests each run a pool, a proxy and miners on a 2-core machine: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// gridproxy's own SV2 authority (not the pool's: miners pin the proxy).
+fn proxy_authority() -> AuthorityKeypair {
+    AuthorityKeypair::from_secret_bytes([0x5a; 32]).expect("valid secret")
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Proxy config: one SV2 pool, SV1 and SV2 listeners on free ports, CPU-scale difficulty
+/// (`difficulty` adds keys to that section, `extra` whole sections).
+fn proxy_config(pool: &Pool, difficulty: &str, extra: &str) -> Config {
+    let kp = proxy_authority();
+    let s = format!(
+        r#"[[pools]]
+name = "sri"
+address = "{addr}"
+protocol = "sv2"
+authority_pubkey = "{pool_key}"
+user = "gridproxy-test"
+nominal_hashrate = 250000.0
+
+[listen]
+sv1 = "127.0.0.1:0"
+sv2 = "127.0.0.1:0"
+sv2_authority_pubkey = "{pubkey}"
+sv2_authority_secret = "{secret}"
+
+[difficulty]
+initial = 0.000003814697265625
+min = 0.000000001
+shares_per_minute = 20.0
+{difficulty}
+
+[routing]
+reconnect_ms = 100
+
+{extra}"#,
+        addr = pool.addr,
+        pool_key = pool.authority_pubkey,
+        pubkey = kp.public(),
+        secret = kp.secret_string(),
+    );
+    Config::parse(&s, "test").expect("valid test config")
+}
+
+/// TP whose tip only moves when told to, so no share races a new block.
+async fn steady_tp() -> gridproxy_fixtures::tp::MockTp {
+    start_tp_with(TpConfig {
+        new_tip_on_solution: false,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn start_proxy(pool: &Pool, difficulty: &str, extra: &str) -> Proxy {
+    let proxy = Proxy::start(proxy_config(pool, difficulty, extra))
+        .await
+        .unwrap();
+    let live = wait_until(Duration::from_secs(30), || {
+        proxy.ctx.router.pools()[0].view.borrow().live
+    })
+    .await;
+    assert!(
+        live,
+        "upstream never went live; pool log:\n{}",
+        pool.process.log_tail(3000)
+    );
+    proxy
+}
+
+/// Poll an async condition.
+async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn sum(workers: &[WorkerSnapshot], f: fn(&WorkerSnapshot) -> u64) -> u64 {
+    workers.iter().map(f).sum()
+}
+
+/// The proxy's per-worker acks add up to its pool counter, and pool_sv2's own metric agrees.
+async fn assert_upstream_accounting(proxy: &Proxy, pool: &Pool) -> u64 {
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    // Let in-flight acknowledgements land.
+    let settled = wait_until(Duration::from_secs(10), || {
+        up.submitted.get() == up.accepted.get() + up.rejected.get()
+    })
+    .await;
+    assert!(
+        settled,
+        "pool left shares unanswered: sent {} acked {} rejected {}",
+        up.submitted.get(),
+        up.accepted.get(),
+        up.rejected.get()
+    );
+    let workers = proxy.ctx.registry.snapshot();
+    let acked = up.accepted.get();
+    assert_eq!(
+        sum(&workers, |w| w.upstream_accepted),
+        acked,
+        "per-worker upstream_accepted vs pool stats"
+    );
+    assert_eq!(sum(&workers, |w| w.upstream_rejected), up.rejected.get());
+    let ok = wait_until_async(Duration::from_secs(10), || async {
+        pool.shares_accepted().await >= acked as f64
+    })
+    .await;
+    let theirs = pool.shares_accepted().await;
+    assert!(
+        ok && theirs == acked as f64,
+        "pool_sv2 reports {theirs} accepted, gridproxy counted {acked}"
+    );
+    acked
+}
+
+fn device_opts(user: &str) -> MiningDeviceOptions {
+    MiningDeviceOptions {
+        // A fraction of a core; it announces 1/20 of its measured rate, so its
+        // first target is easy and vardiff has to raise it (SetTarget).
+        handicap_us: 1,
+        nominal_hashrate_multiplier: Some(0.05),
+        user: user.into(),
+        ..MiningDeviceOptions::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) SRI mining_device → gridproxy → pool_sv2
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mining_device_through_gridproxy_into_pool_sv2() {
+    let _serial = SERIAL.lock().await;
+    init_logs();
+    let tp = steady_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(&pool, "retarget_secs = 3", "").await;
+    let key = proxy_authority().public();
+    let mut dev = spawn_mining_device(proxy.sv2_addr.unwrap(), Some(&key), device_opts("sv2.dev"));
+
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    let flowing = wait_until(Duration::from_secs(90), || up.accepted.get() >= 10).await;
+    assert!(
+        flowing,
+        "pool acknowledged {} shares from gridproxy (sent {}); proxy workers {:?}\ndevice log:\n{}\npool log:\n{}",
+        up.accepted.get(),
+        up.submitted.get(),
+        proxy.ctx.registry.snapshot(),
+        dev.log_tail(3000),
+        pool.process.log_tail(3000)
+    );
+    assert!(
+        dev.wait_for_log_count(MINING_DEVICE_ACCEPTED, 10, Duration::from_secs(30))
+            .await,
+        "device saw too few SubmitShares.Success; log:\n{}",
+        dev.log_tail(3000)
+    );
+    assert!(
+        dev.is_running(),
+        "mining_device exited:\n{}",
+        dev.log_tail(3000)
+    );
+    dev.kill();
+    let acked = assert_upstream_accounting(&proxy, &pool).await;
+
+    let w = proxy
+        .ctx
+        .registry
+        .get("sv2.dev")
+        .expect("worker by user_identity");
+    let w = w.snapshot();
+    let device_acked = dev.count_in_log(MINING_DEVICE_ACCEPTED) as u64;
+    let device_rejected = dev.count_in_log("Received SubmitSharesError") as u64;
+    eprintln!(
+        "mining_device: told accepted {device_acked}, rejected {device_rejected}; proxy worker {w:?}; pool acked {acked}"
+    );
+    // Every Success the device read is one the proxy counted (it may have died before
+    // reading the last few).
+    assert!(device_acked <= w.accepted && device_acked >= 10, "{w:?}");
+    assert_eq!(w.upstream_accepted, acked, "the only worker");
+    assert!(w.forwarded >= acked);
+    assert_eq!(w.upstream_rejected, 0);
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    assert_eq!(
+        w.rejected.iter().map(|(_, n)| n).sum::<u64>(),
+        device_rejected,
+        "proxy rejections vs device log: {:?}",
+        w.rejected
+    );
+    // Vardiff moved the device's target at least once without breaking it.
+    assert!(
+        dev.count_in_log("Received SetTarget") >= 1,
+        "{}",
+        dev.log_tail(2000)
+    );
+    proxy.shutdown.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) fixture SV2 miners, standard and extended channels
+
+fn fixture_miners(
+    addr: SocketAddr,
+    key: AuthorityPublicKey,
+    kind: ChannelKind,
+    user: &str,
+) -> Sv2Miners {
+    Sv2Miners::start(Sv2MinerConfig {
+        channel: kind,
+        count: 3,
+        user_identity: user.into(),
+        ..Sv2MinerConfig::new(addr, key, 20_000.0)
+    })
+}
+
+async fn wait_fixture(miners: &Sv2Miners, n: u64, what: &str, pool: &Pool) {
+    if let Err(s) = miners.wait_accepted(n, Duration::from_secs(60)).await {
+        panic!(
+            "{what}: only {} of {n} shares accepted: {s:?}, last error {:?}, rejects {:?}; pool log:\n{}",
+            s.accepted,
+            miners.last_error(),
+            miners.reject_reasons(),
+            pool.process.log_tail(2000)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
+    let _serial = SERIAL.lock().await;
+    init_logs();
+    let tp = steady_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(&pool, "", "").await;
+    let addr = proxy.sv2_addr.unwrap();
+    let key = proxy_authority().public();
+    let std = fixture_miners(addr, key, ChannelKind::Standard, "std");
+    let ext = fixture_miners(
+        addr,
+        key,
+        ChannelKind::Extended { extranonce_size: 4 },
+        "ext",
+    );
+    // Asks for more extranonce than the proxy hands out: refused, never opened.
+    let greedy = Sv2Miners::start(Sv2MinerConfig {
+        channel: ChannelKind::Extended { extranonce_size: 9 },
+        user_identity: "greedy".into(),
+        ..Sv2MinerConfig::new(addr, key, 1_000.0)
+    });
+
+    wait_fixture(&std, 10, "standard", &pool).await;
+    wait_fixture(&ext, 10, "extended", &pool).await;
+
+    // A new block: every channel gets a future job + SetNewPrevHash and keeps mining.
+    let (s0, e0) = (std.stats(), ext.stats());
+    tp.new_block();
+    wait_fixture(&std, s0.accepted + 10, "standard after a new block", &pool).await;
+    wait_fixture(&ext, e0.accepted + 10, "extended after a new block", &pool).await;
+    std.stop();
+    ext.stop();
+
+    let (s, e, g) = (std.stats(), ext.stats(), greedy.stats());
+    greedy.stop();
+    eprintln!("standard {s:?}\nextended {e:?}\ngreedy {g:?}");
+    assert_eq!(s.channels_opened, 3, "{s:?}");
+    assert_eq!(e.channels_opened, 3, "{e:?}");
+    assert_eq!(g.channels_opened, 0, "{g:?}");
+    assert!(g.connect_failures >= 1, "{g:?}");
+    assert!(s.jobs > 3 && e.jobs > 3);
+    // Shares in flight when the block changed are stale; nothing else is refused.
+    for r in std
+        .reject_reasons()
+        .iter()
+        .chain(ext.reject_reasons().iter())
+    {
+        assert_eq!(r, "stale-share", "unexpected rejection");
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let workers = proxy.ctx.registry.snapshot();
+    let by = |prefix: &str| -> Vec<WorkerSnapshot> {
+        workers
+            .iter()
+            .filter(|w| w.name.starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let (sw, ew) = (by("std."), by("ext."));
+    assert_eq!((sw.len(), ew.len()), (3, 3), "{workers:?}");
+    // What the miners were told equals what the proxy counted.
+    assert_eq!(sum(&sw, |w| w.accepted), s.accepted);
+    assert_eq!(sum(&ew, |w| w.accepted), e.accepted);
+    let acked = assert_upstream_accounting(&proxy, &pool).await;
+    assert!(acked > 0);
+    assert!(sum(&sw, |w| w.upstream_accepted) > 0 && sum(&ew, |w| w.upstream_accepted) > 0);
+    proxy.shutdown.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) mining_device + 100 SV1 miners at once
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mining_device_and_hundred_sv1_miners_through_gridproxy() {
+    let _serial = SERIAL.lock().await;
+    init_logs();
+    let tp = steady_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(&pool, "", "").await;
+    let key = proxy_authority().public();
+    let mut dev = spawn_mining_device(
+        proxy.sv2_addr.unwrap(),
+        Some(&key),
+        device_opts("site.sv2dev"),
+    );
+    let miners = Arc::new(MinerStats::default());
+    let stop = CancellationToken::new();
+    for i in 0..100 {
+        let mut cfg = Sv1MinerConfig::new(proxy.sv1_addr.unwrap(), format!("site.rig.{i}"));
+        cfg.hashrate = 5_000.0;
+        cfg.version_rolling = i % 2 == 0;
+        tokio::spawn(sv1_miner::run(cfg, miners.clone(), stop.clone()));
+    }
+
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    let dev_worker = || {
+        proxy
+            .ctx
+            .registry
+            .get("site.sv2dev")
+            .map(|w| w.upstream_accepted.get())
+            .unwrap_or(0)
+    };
+    let flowing = wait_until(Duration::from_secs(120), || {
+        up.accepted.get() >= 50 && dev_worker() >= 5
+    })
+    .await;
+    assert!(
+        flowing,
+        "pool acked {} (sent {}), device's share of it {}; sv1 miners accepted {} rejected {}\ndevice log:\n{}\npool log:\n{}",
+        up.accepted.get(),
+        up.submitted.get(),
+        dev_worker(),
+        miners.accepted.get(),
+        miners.rejected.get(),
+        dev.log_tail(2000),
+        pool.process.log_tail(2000)
+    );
+    stop.cancel();
+    assert!(
+        dev.is_running(),
+        "mining_device exited:\n{}",
+        dev.log_tail(3000)
+    );
+    dev.kill();
+    let acked = assert_upstream_accounting(&proxy, &pool).await;
+
+    let workers = proxy.ctx.registry.snapshot();
+    assert_eq!(workers.len(), 101, "100 SV1 workers and the SV2 device");
+    let sv1: Vec<WorkerSnapshot> = workers
+        .iter()
+        .filter(|w| w.name.starts_with("site.rig."))
+        .cloned()
+        .collect();
+    assert_eq!(
+        miners.rejected.get(),
+        0,
+        "sv1 rejects: {:?}",
+        miners.reject_reasons()
+    );
+    assert_eq!(sum(&sv1, |w| w.accepted), miners.accepted.get());
+    assert!(sv1.iter().filter(|w| w.upstream_accepted > 0).count() > 10);
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    eprintln!(
+        "pool acked {acked}: sv1 {} + mining_device {}",
+        sum(&sv1, |w| w.upstream_accepted),
+        dev_worker()
+    );
+    proxy.shutdown.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol edges with a raw client
+
+/// A raw SV2 client. Messages not yet asked for wait in `inbox`, so expectations
+/// need not guess the order in which channels' messages interleave.
+struct Client {
+    framed: Framed<TcpStream, NoiseCodec>,
+    inbox: VecDeque<Message>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let framed = connect_noise(stream, &proxy_authority().public())
+            .await
+            .expect("handshake with gridproxy's key");
+        Client {
+            framed,
+            inbox: VecDeque::new(),
+        }
+    }
+
+    /// Encode with the session's codec and write straight to the socket (the
+    /// `Framed` write buffer is never used, so nothing can be reordered).
+    async fn write(&mut self, m: Message) {
+        let mut buf = BytesMut::new();
+        self.framed.codec_mut().encode(m, &mut buf).unwrap();
+        self.framed.get_mut().write_all(&buf).await.unwrap();
+    }
+
+    async fn send(&mut self, m: MiningOwned) {
+        self.write(Message::Mining(m)).await;
+    }
+
+    async fn setup(&mut self, protocol: Protocol, flags: u32) -> Message {
+        let s = SetupConnectionOwned {
+            protocol,
+            min_version: 2,
+            max_version: 2,
+            flags,
+            endpoint_host: "127.0.0.1".to_string().try_into().unwrap(),
+            endpoint_port: 0,
+            vendor: "test".to_string().try_into().unwrap(),
+            hardware_version: "".to_string().try_into().unwrap(),
+            firmware: "".to_string().try_into().unwrap(),
+            device_id: "raw".to_string().try_into().unwrap(),
+        };
+        self.write(Message::Common(CommonMessagesOwned::SetupConnection(s)))
+            .await;
+        self.recv().await.expect("setup answer")
+    }
+
+    async fn recv(&mut self) -> Option<Message> {
+        match tokio::time::timeout(Duration::from_secs(20), next_msg(&mut self.framed)).await {
+            Ok(Ok(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Take the first message (waiting or new) that `f` maps to Some.
+    async fn expect<T>(&mut self, what: &str, f: impl Fn(&MiningOwned) -> Option<T>) -> T {
+        let hit = self.inbox.iter().position(|m| match m {
+            Message::Mining(m) => f(m).is_some(),
+            _ => false,
+        });
+        if let Some(i) = hit {
+            if let Some(Message::Mining(m)) = self.inbox.remove(i) {
+                return f(&m).expect("matched above");
+            }
+        }
+        loop {
+            match self.recv().await {
+                Some(Message::Mining(m)) => match f(&m) {
+                    Some(t) => return t,
+                    None => self.inbox.push_back(Message::Mining(m)),
+                },
+                Some(other) => self.inbox.push_back(other),
+                None => panic!(
+                    "connection ended or timed out waiting for {what}; unread: {:?}",
+                    self.inbox
+                ),
+            }
+        }
+    }
+
+    /// Whether the proxy closed the connection (within a few seconds).
+    async fn closed(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(10), next_msg(&mut self.framed)).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(_)) => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// A standard job as the miner sees it.
+#[derive(Debug, Clone)]
+struct StdWork {
+    job_id: u32,
+    version: u32,
+    merkle_root: [u8; 32],
+    prev_hash: [u8; 32],
+    nbits: u32,
+    ntime: u32,
+}
+
+/// An extended job as the miner sees it.
+#[derive(Debug, Clone)]
+struct ExtWork {
+    job_id: u32,
+    version: u32,
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+    path: Vec<[u8; 32]>,
+    prev_hash: [u8; 32],
+    nbits: u32,
+    ntime: u32,
+}
+
+fn error_code(m: &MiningOwned) -> Option<(u32, String)> {
+    match m {
+        MiningOwned::SubmitSharesError(e) => Some((
+            e.sequence_number,
+            String::from_utf8_lossy(e.error_code.as_bytes()).into_owned(),
+        )),
+        _ => None,
+    }
+}
+
+/// Find a nonce whose header hash meets (or, with `meet == false`, misses) `target`.
+fn find_nonce(hash: impl Fn(u32) -> [u8; 32], target: &Target, meet: bool) -> u32 {
+    (0..u32::MAX)
+        .find(|n| target.is_met_by(&hash(*n)) == meet)
+        .expect("some nonce")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sv2_protocol_edges_with_a_raw_client() {
+    let _serial = SERIAL.lock().await;
+    init_logs();
+    let tp = steady_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(
+        &pool,
+        "",
+        "[limits]\nmax_frame = 280\nhandshake_timeout_secs = 2\nmax_worker_name = 128\n",
+    )
+    .await;
+    let addr = proxy.sv2_addr.unwrap();
+
+    // Not the mining protocol: SetupConnection.Error, then the proxy hangs up.
+    let mut c = Client::connect(addr).await;
+    match c.setup(Protocol::TemplateDistributionProtocol, 0).await {
+        Message::Common(CommonMessagesOwned::SetupConnectionError(e)) => {
+            assert_eq!(e.error_code.as_bytes(), b"unsupported-protocol")
+        }
+        other => panic!("expected SetupConnection.Error, got {other:?}"),
+    }
+    assert!(c.closed().await);
+    // Work selection is not offered.
+    let mut c = Client::connect(addr).await;
+    match c.setup(Protocol::MiningProtocol, 0b10).await {
+        Message::Common(CommonMessagesOwned::SetupConnectionError(e)) => {
+            assert_eq!(e.error_code.as_bytes(), b"unsupported-feature-flags");
+            assert_eq!(e.flags, 0b10);
+        }
+        other => panic!("expected SetupConnection.Error, got {other:?}"),
+    }
+
+    // TCP only, no handshake: dropped after the handshake timeout.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(8), idle.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "handshake timeout: {r:?}"
+    );
+
+    // A proper connection with several channels.
+    let mut c = Client::connect(addr).await;
+    match c.setup(Protocol::MiningProtocol, 0).await {
+        Message::Common(CommonMessagesOwned::SetupConnectionSuccess(s)) => {
+            assert_eq!(s.used_version, 2)
+        }
+        other => panic!("expected SetupConnection.Success, got {other:?}"),
+    }
+    // A 200-byte user identity: kept, cut to max_worker_name for stats.
+    let long_user = format!("farm.{}", "x".repeat(195));
+    c.send(MiningOwned::OpenStandardMiningChannel(
+        OpenStandardMiningChannelOwned {
+            request_id: 1,
+            user_identity: long_user.clone().try_into().unwrap(),
+            nominal_hash_rate: 1.0,
+            max_target: [0xff; 32].into(),
+        },
+    ))
+    .await;
+    let (std_id, std_target, std_prefix) = c
+        .expect("OpenStandardMiningChannel.Success", |m| match m {
+            MiningOwned::OpenStandardMiningChannelSuccess(s) if s.request_id == 1 => Some((
+                s.channel_id,
+                Target::from_le_bytes(s.target.to_array()),
+                s.extranonce_prefix.as_bytes().to_vec(),
+            )),
+            _ => None,
+        })
+        .await;
+    assert_eq!(std_prefix.len(), 3, "miner part");
+    // nominal 1 H/s: the configured floor, rounded up to a power of two (2^-29).
+    assert_eq!(std_target, Target::from_difficulty(2f64.powi(-29)));
+    c.send(MiningOwned::OpenExtendedMiningChannel(
+        OpenExtendedMiningChannelOwned {
+            request_id: 2,
+            user_identity: "farm.ext".to_string().try_into().unwrap(),
+            nominal_hash_rate: 1.0,
+            max_target: [0xff; 32].into(),
+            min_extranonce_size: 4,
+        },
+    ))
+    .await;
+    let (ext_id, ext_size, ext_prefix) = c
+        .expect("OpenExtendedMiningChannel.Success", |m| match m {
+            MiningOwned::OpenExtendedMiningChannelSuccess(s) if s.request_id == 2 => Some((
+                s.channel_id,
+                s.extranonce_size,
+                s.extranonce_prefix.as_bytes().to_vec(),
+            )),
+            _ => None,
+        })
+        .await;
+    assert_ne!(std_id, ext_id);
+    assert_eq!(ext_size, 4);
+    assert_ne!(ext_prefix, std_prefix, "miner parts are unique");
+    // More extranonce than configured: refused, the connection stays.
+    c.send(MiningOwned::OpenExtendedMiningChannel(
+        OpenExtendedMiningChannelOwned {
+            request_id: 3,
+            user_identity: "farm.greedy".to_string().try_into().unwrap(),
+            nominal_hash_rate: 1.0,
+            max_target: [0xff; 32].into(),
+            min_extranonce_size: 9,
+        },
+    ))
+    .await;
+    let code = c
+        .expect("OpenMiningChannel.Error", |m| match m {
+            MiningOwned::OpenMiningChannelError(e) if e.request_id == 3 => {
+                Some(String::from_utf8_lossy(e.error_code.as_bytes()).into_owned())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, "min-extranonce-size-too-large");
+
+    // Each channel got a future job activated by SetNewPrevHash.
+    let j = c
+        .expect("standard future job", |m| match m {
+            MiningOwned::NewMiningJob(j) if j.channel_id == std_id => Some(j.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(
+        j.min_ntime.clone().into_inner().is_none(),
+        "first job is a future job"
+    );
+    let p = c
+        .expect("standard SetNewPrevHash", |m| match m {
+            MiningOwned::SetNewPrevHash(p) if p.channel_id == std_id => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(j.job_id, p.job_id);
+    let sw = StdWork {
+        job_id: j.job_id,
+        version: j.version,
+        merkle_root: j.merkle_root.to_array(),
+        prev_hash: p.prev_hash.to_array(),
+        nbits: p.nbits,
+        ntime: p.min_ntime,
+    };
+    let j = c
+        .expect("extended future job", |m| match m {
+            MiningOwned::NewExtendedMiningJob(j) if j.channel_id == ext_id => Some(j.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(
+        j.min_ntime.clone().into_inner().is_none(),
+        "first job is a future job"
+    );
+    let p = c
+        .expect("extended SetNewPrevHash", |m| match m {
+            MiningOwned::SetNewPrevHash(p) if p.channel_id == ext_id => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(j.job_id, p.job_id);
+    let ew = ExtWork {
+        job_id: j.job_id,
+        version: j.version,
+        prefix: j.coinbase_tx_prefix.as_bytes().to_vec(),
+        suffix: j.coinbase_tx_suffix.as_bytes().to_vec(),
+        path: j.merkle_path.iter().map(|h| h.to_array()).collect(),
+        prev_hash: p.prev_hash.to_array(),
+        nbits: p.nbits,
+        ntime: p.min_ntime,
+    };
+    assert_eq!(sw.prev_hash, ew.prev_hash);
+
+    // Standard channel: a share meeting the channel target → Success; again → duplicate;
+    // unknown job → stale; a hash above the target → difficulty-too-low.
+    let std_hash = |n: u32| {
+        share::sha256d(&share::header(
+            sw.version,
+            &sw.prev_hash,
+            &sw.merkle_root,
+            sw.ntime,
+            sw.nbits,
+            n,
+        ))
+    };
+    let good = find_nonce(std_hash, &std_target, true);
+    let bad = find_nonce(std_hash, &std_target, false);
+    let submit = |seq: u32, job_id: u32, nonce: u32| {
+        MiningOwned::SubmitSharesStandard(SubmitSharesStandard {
+            channel_id: std_id,
+            sequence_number: seq,
+            job_id,
+            nonce,
+            ntime: sw.ntime,
+            version: sw.version,
+        })
+    };
+    c.send(submit(10, sw.job_id, good)).await;
+    let ok = c
+        .expect("SubmitShares.Success", |m| match m {
+            MiningOwned::SubmitSharesSuccess(s) if s.channel_id == std_id => Some(s.clone()),
+            MiningOwned::SubmitSharesError(e) if e.channel_id == std_id => {
+                panic!("share refused: {e:?}")
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        (ok.last_sequence_number, ok.new_submits_accepted_count),
+        (10, 1)
+    );
+    c.send(submit(11, sw.job_id, good)).await;
+    c.send(submit(12, sw.job_id.wrapping_add(1000), good)).await;
+    c.send(submit(13, sw.job_id, bad)).await;
+    let mut codes = Vec::new();
+    while codes.len() < 3 {
+        codes.push(c.expect("SubmitShares.Error", error_code).await);
+    }
+    assert_eq!(
+        codes,
+        vec![
+            (11, "duplicate-share".to_string()),
+            (12, "stale-share".to_string()),
+            (13, "difficulty-too-low".to_string())
+        ]
+    );
+
+    // The standard job's merkle root is the extended coinbase with this channel's miner
+    // part and zeros in place of extranonce2 (both channels derive from the same pool job).
+    let std_root = share::merkle_root(&[&ew.prefix, &std_prefix, &[0u8; 4], &ew.suffix], &ew.path);
+    if ew.ntime == sw.ntime {
+        assert_eq!(std_root, sw.merkle_root);
+    }
+
+    // Extended channel: the miner rolls 4 bytes after its prefix.
+    let en2 = [1u8, 2, 3, 4];
+    let root = share::merkle_root(&[&ew.prefix, &ext_prefix, &en2, &ew.suffix], &ew.path);
+    let ext_hash = |n: u32| {
+        share::sha256d(&share::header(
+            ew.version,
+            &ew.prev_hash,
+            &root,
+            ew.ntime,
+            ew.nbits,
+            n,
+        ))
+    };
+    let ext_target = Target::from_difficulty(2f64.powi(-29));
+    let good = find_nonce(ext_hash, &ext_target, true);
+    let ext_submit = |seq: u32, extranonce: Vec<u8>| {
+        MiningOwned::SubmitSharesExtended(SubmitSharesExtendedOwned {
+            channel_id: ext_id,
+            sequence_number: seq,
+            job_id: ew.job_id,
+            nonce: good,
+            ntime: ew.ntime,
+            version: ew.version,
+            extranonce: extranonce.try_into().unwrap(),
+        })
+    };
+    c.send(ext_submit(20, en2.to_vec())).await;
+    c.expect("extended SubmitShares.Success", |m| match m {
+        MiningOwned::SubmitSharesSuccess(s) if s.channel_id == ext_id => {
+            assert_eq!(s.last_sequence_number, 20);
+            Some(())
+        }
+        MiningOwned::SubmitSharesError(e) if e.channel_id == ext_id => {
+            panic!("extended share refused: {e:?}")
+        }
+        _ => None,
+    })
+    .await;
+    c.send(ext_submit(21, vec![1, 2, 3])).await;
+    assert_eq!(
+        c.expect("SubmitShares.Error", error_code).await,
+        (21, "invalid-job-id".to_string()),
+        "wrong extranonce size"
+    );
+    // Unknown channel.
+    c.send(MiningOwned::SubmitSharesStandard(SubmitSharesStandard {
+        channel_id: 999,
+        sequence_number: 30,
+        job_id: 1,
+        nonce: 0,
+        ntime: 0,
+        version: 0,
+    }))
+    .await;
+    assert_eq!(
+        c.expect("SubmitShares.Error", error_code).await,
+        (30, "invalid-channel-id".to_string())
+    );
+
+    // UpdateChannel: the proxy answers with the new target.
+    c.send(MiningOwned::UpdateChannel(UpdateChannelOwned {
+        channel_id: std_id,
+        nominal_hash_rate: 1.0e6,
+        maximum_target: [0xff; 32].into(),
+    }))
+    .await;
+    let t = c
+        .expect("SetTarget", |m| match m {
+            MiningOwned::SetTarget(t) if t.channel_id == std_id => {
+                Some(Target::from_le_bytes(t.maximum_target.to_array()))
+            }
+            _ => None,
+        })
+        .await;
+    // 1 MH/s at 20 shares/min: 1e6·60/(20·2^32) ≈ 0.0007 → 2^-11.
+    assert_eq!(t, Target::from_difficulty(2f64.powi(-11)));
+    c.send(MiningOwned::UpdateChannel(UpdateChannelOwned {
+        channel_id: 777,
+        nominal_hash_rate: 1.0,
+        maximum_target: [0xff; 32].into(),
+    }))
+    .await;
+    c.expect("UpdateChannel.Error", |m| match m {
+        MiningOwned::UpdateChannelError(e) if e.channel_id == 777 => {
+            assert_eq!(e.error_code.as_bytes(), b"invalid-channel-id");
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+
+    // Worker stats: the long name cut to 128 bytes, one live connection each.
+    let long = proxy
+        .ctx
+        .registry
+        .get(&long_user[..128])
+        .expect("worker under the truncated name");
+    assert_eq!(long.accepted.get(), 1);
+    assert_eq!(
+        long.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let slots_before = proxy.ctx.slots_in_use();
+
+    // CloseChannel: the channel is gone (its miner part and router entry too).
+    c.send(MiningOwned::CloseChannel(CloseChannelOwned {
+        channel_id: std_id,
+        reason_code: "bye".to_string().try_into().unwrap(),
+    }))
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy.ctx.slots_in_use()
+            == slots_before - 1)
+        .await
+    );
+    assert_eq!(
+        long.connections.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    c.send(submit(40, sw.job_id, good)).await;
+    assert_eq!(
+        c.expect("SubmitShares.Error", error_code).await,
+        (40, "invalid-channel-id".to_string())
+    );
+
+    // A frame above max_frame (a 255-byte user identity): dropped, and only this client.
+    let mut big = Client::connect(addr).await;
+    assert!(matches!(
+        big.setup(Protocol::MiningProtocol, 1).await,
+        Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_))
+    ));
+    big.send(MiningOwned::OpenStandardMiningChannel(
+        OpenStandardMiningChannelOwned {
+            request_id: 1,
+            user_identity: "y".repeat(255).try_into().unwrap(),
+            nominal_hash_rate: 1.0,
+            max_target: [0xff; 32].into(),
+        },
+    ))
+    .await;
+    assert!(
+        big.closed().await,
+        "oversized frame must close the connection"
+    );
+
+    // Garbage after the handshake: decryption fails, the connection is dropped.
+    let mut junk = Client::connect(addr).await;
+    junk.framed.get_mut().write_all(&[0x55; 64]).await.unwrap();
+    assert!(
+        junk.closed().await,
+        "undecryptable bytes must close the connection"
+    );
+
+    // The well-behaved client is unaffected: its extended channel still answers.
+    c.send(ext_submit(50, en2.to_vec())).await;
+    assert_eq!(
+        c.expect("SubmitShares.Error", error_code).await,
+        (50, "duplicate-share".to_string())
+    );
+    drop(c);
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy.ctx.slots_in_use() == 0).await,
+        "slots leaked: {}",
+        proxy.ctx.slots_in_use()
+    );
+    proxy.shutdown.cancel();
+}
