@@ -52,20 +52,20 @@ fn init_logs() {
         .try_init();
 }
 
-/// Proxy config: one SV2 pool, SV1 and SV2 listeners on free ports, CPU-scale difficulty
-/// (`difficulty` adds keys to that section, `extra` whole sections).
-fn proxy_config(pool: &Pool, difficulty: &str, extra: &str) -> Config {
+/// Proxy config: `upstreams` SV2 pool entries (all pointing at `pool`, equal priority and
+/// weight, so miners are split between them and can be moved), SV1 and SV2 listeners on free
+/// ports, CPU-scale difficulty (`difficulty` adds keys to that section, `extra` whole sections).
+fn proxy_config(pool: &Pool, upstreams: usize, difficulty: &str, extra: &str) -> Config {
     let kp = proxy_authority();
-    let s = format!(
-        r#"[[pools]]
-name = "sri"
-address = "{addr}"
-protocol = "sv2"
-authority_pubkey = "{pool_key}"
-user = "gridproxy-test"
-nominal_hashrate = 250000.0
-
-[listen]
+    let mut s = String::new();
+    for i in 0..upstreams {
+        s.push_str(&format!(
+            "[[pools]]\nname = \"sri{i}\"\naddress = \"{}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{}\"\nuser = \"gridproxy-test\"\nnominal_hashrate = 250000.0\n\n",
+            pool.addr, pool.authority_pubkey
+        ));
+    }
+    s.push_str(&format!(
+        r#"[listen]
 sv1 = "127.0.0.1:0"
 sv2 = "127.0.0.1:0"
 sv2_authority_pubkey = "{pubkey}"
@@ -81,11 +81,9 @@ shares_per_minute = 20.0
 reconnect_ms = 100
 
 {extra}"#,
-        addr = pool.addr,
-        pool_key = pool.authority_pubkey,
         pubkey = kp.public(),
         secret = kp.secret_string(),
-    );
+    ));
     Config::parse(&s, "test").expect("valid test config")
 }
 
@@ -98,12 +96,17 @@ async fn steady_tp() -> gridproxy_fixtures::tp::MockTp {
     .await
 }
 
-async fn start_proxy(pool: &Pool, difficulty: &str, extra: &str) -> Proxy {
-    let proxy = Proxy::start(proxy_config(pool, difficulty, extra))
+async fn start_proxy(pool: &Pool, upstreams: usize, difficulty: &str, extra: &str) -> Proxy {
+    let proxy = Proxy::start(proxy_config(pool, upstreams, difficulty, extra))
         .await
         .unwrap();
     let live = wait_until(Duration::from_secs(30), || {
-        proxy.ctx.router.pools()[0].view.borrow().live
+        proxy
+            .ctx
+            .router
+            .pools()
+            .iter()
+            .all(|p| p.view.borrow().live)
     })
     .await;
     assert!(
@@ -136,29 +139,36 @@ fn sum(workers: &[WorkerSnapshot], f: fn(&WorkerSnapshot) -> u64) -> u64 {
     workers.iter().map(f).sum()
 }
 
-/// The proxy's per-worker acks add up to its pool counter, and pool_sv2's own metric agrees.
+/// The proxy's per-worker acks add up to its pool counters, and pool_sv2's own metric agrees
+/// (every upstream entry is a channel to the same pool_sv2). Returns the acks.
 async fn assert_upstream_accounting(proxy: &Proxy, pool: &Pool) -> u64 {
-    let up = proxy.ctx.router.pools()[0].stats.clone();
+    let pools = proxy.ctx.router.pools();
+    let total = |f: fn(&gridproxy::stats::PoolStats) -> u64| -> u64 {
+        pools.iter().map(|p| f(&p.stats)).sum()
+    };
     // Let in-flight acknowledgements land.
     let settled = wait_until(Duration::from_secs(10), || {
-        up.submitted.get() == up.accepted.get() + up.rejected.get()
+        total(|s| s.submitted.get()) == total(|s| s.accepted.get()) + total(|s| s.rejected.get())
     })
     .await;
     assert!(
         settled,
         "pool left shares unanswered: sent {} acked {} rejected {}",
-        up.submitted.get(),
-        up.accepted.get(),
-        up.rejected.get()
+        total(|s| s.submitted.get()),
+        total(|s| s.accepted.get()),
+        total(|s| s.rejected.get())
     );
     let workers = proxy.ctx.registry.snapshot();
-    let acked = up.accepted.get();
+    let acked = total(|s| s.accepted.get());
     assert_eq!(
         sum(&workers, |w| w.upstream_accepted),
         acked,
         "per-worker upstream_accepted vs pool stats"
     );
-    assert_eq!(sum(&workers, |w| w.upstream_rejected), up.rejected.get());
+    assert_eq!(
+        sum(&workers, |w| w.upstream_rejected),
+        total(|s| s.rejected.get())
+    );
     let ok = wait_until_async(Duration::from_secs(10), || async {
         pool.shares_accepted().await >= acked as f64
     })
@@ -191,17 +201,18 @@ async fn mining_device_through_gridproxy_into_pool_sv2() {
     init_logs();
     let tp = steady_tp().await;
     let pool = start_pool(tp.addr()).await;
-    let proxy = start_proxy(&pool, "retarget_secs = 3", "").await;
+    let proxy = start_proxy(&pool, 2, "retarget_secs = 3", "").await;
     let key = proxy_authority().public();
     let mut dev = spawn_mining_device(proxy.sv2_addr.unwrap(), Some(&key), device_opts("sv2.dev"));
 
-    let up = proxy.ctx.router.pools()[0].stats.clone();
-    let flowing = wait_until(Duration::from_secs(90), || up.accepted.get() >= 10).await;
+    let pools = proxy.ctx.router.pools();
+    let acked_by = |p: usize| pools[p].stats.accepted.get();
+    let flowing = wait_until(Duration::from_secs(90), || acked_by(0) + acked_by(1) >= 10).await;
     assert!(
         flowing,
-        "pool acknowledged {} shares from gridproxy (sent {}); proxy workers {:?}\ndevice log:\n{}\npool log:\n{}",
-        up.accepted.get(),
-        up.submitted.get(),
+        "pools acknowledged {} + {} shares from gridproxy; proxy workers {:?}\ndevice log:\n{}\npool log:\n{}",
+        acked_by(0),
+        acked_by(1),
         proxy.ctx.registry.snapshot(),
         dev.log_tail(3000),
         pool.process.log_tail(3000)
@@ -212,11 +223,31 @@ async fn mining_device_through_gridproxy_into_pool_sv2() {
         "device saw too few SubmitShares.Success; log:\n{}",
         dev.log_tail(3000)
     );
+    // Move the device to the other upstream channel: a future job + SetNewPrevHash on the
+    // same SV2 channel, no reconnect.
+    let home = proxy
+        .ctx
+        .router
+        .shares()
+        .iter()
+        .find(|s| s.miners == 1)
+        .map(|s| s.pool)
+        .expect("device assigned");
+    let other = 1 - home;
+    let before = acked_by(other);
+    assert_eq!(proxy.ctx.router.move_to(|w| w == "sv2.dev", Some(other)), 1);
+    let moved = wait_until(Duration::from_secs(60), || acked_by(other) >= before + 5).await;
+    assert!(
+        moved,
+        "no shares through upstream {other} after the move; device log:\n{}",
+        dev.log_tail(3000)
+    );
     assert!(
         dev.is_running(),
         "mining_device exited:\n{}",
         dev.log_tail(3000)
     );
+    assert!(dev.count_in_log("Received SetNewPrevHash") >= 2);
     dev.kill();
     let acked = assert_upstream_accounting(&proxy, &pool).await;
 
@@ -288,7 +319,7 @@ async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
     init_logs();
     let tp = steady_tp().await;
     let pool = start_pool(tp.addr()).await;
-    let proxy = start_proxy(&pool, "", "").await;
+    let proxy = start_proxy(&pool, 2, "", "").await;
     let addr = proxy.sv2_addr.unwrap();
     let key = proxy_authority().public();
     let std = fixture_miners(addr, key, ChannelKind::Standard, "std");
@@ -313,18 +344,29 @@ async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
     tp.new_block();
     wait_fixture(&std, s0.accepted + 10, "standard after a new block", &pool).await;
     wait_fixture(&ext, e0.accepted + 10, "extended after a new block", &pool).await;
+
+    // Everyone onto upstream 1: each channel switches pools without reconnecting.
+    let pools = proxy.ctx.router.pools();
+    let (s1, e1, before) = (std.stats(), ext.stats(), pools[1].stats.accepted.get());
+    assert_eq!(proxy.ctx.router.move_to(|_| true, Some(1)), 6);
+    wait_fixture(&std, s1.accepted + 10, "standard after a pool move", &pool).await;
+    wait_fixture(&ext, e1.accepted + 10, "extended after a pool move", &pool).await;
+    assert!(pools[1].stats.accepted.get() > before);
+    let shares = proxy.ctx.router.shares();
+    assert_eq!((shares[0].miners, shares[1].miners), (0, 6), "{shares:?}");
     std.stop();
     ext.stop();
 
     let (s, e, g) = (std.stats(), ext.stats(), greedy.stats());
     greedy.stop();
     eprintln!("standard {s:?}\nextended {e:?}\ngreedy {g:?}");
-    assert_eq!(s.channels_opened, 3, "{s:?}");
-    assert_eq!(e.channels_opened, 3, "{e:?}");
+    // Three channels each, never reopened (new block and pool move included).
+    assert_eq!((s.channels_opened, s.disconnects), (3, 0), "{s:?}");
+    assert_eq!((e.channels_opened, e.disconnects), (3, 0), "{e:?}");
     assert_eq!(g.channels_opened, 0, "{g:?}");
     assert!(g.connect_failures >= 1, "{g:?}");
     assert!(s.jobs > 3 && e.jobs > 3);
-    // Shares in flight when the block changed are stale; nothing else is refused.
+    // Shares in flight when the block or the pool changed are stale; nothing else is refused.
     for r in std
         .reject_reasons()
         .iter()
@@ -362,7 +404,7 @@ async fn mining_device_and_hundred_sv1_miners_through_gridproxy() {
     init_logs();
     let tp = steady_tp().await;
     let pool = start_pool(tp.addr()).await;
-    let proxy = start_proxy(&pool, "", "").await;
+    let proxy = start_proxy(&pool, 1, "", "").await;
     let key = proxy_authority().public();
     let mut dev = spawn_mining_device(
         proxy.sv2_addr.unwrap(),
@@ -583,6 +625,7 @@ async fn sv2_protocol_edges_with_a_raw_client() {
     let pool = start_pool(tp.addr()).await;
     let proxy = start_proxy(
         &pool,
+        1,
         "",
         "[limits]\nmax_frame = 280\nhandshake_timeout_secs = 2\nmax_worker_name = 128\n",
     )
