@@ -27,10 +27,14 @@
 //!   gRPC, Whatsminer, VNish, stock telemetry), the dispatching
 //!   [`FleetActuator`](actuators::FleetActuator), and telemetry
 //!   verification of commands.
+//! - [`driver`]: the edge task running the engine: signals in, rate-limited
+//!   commands out to actuators, telemetry polling, write-ahead ledger on its
+//!   own thread, restore from the ledger on restart, injected clock.
 #![warn(missing_docs)]
 
 pub mod actuator;
 pub mod actuators;
+pub mod driver;
 pub mod fleet;
 pub mod ledger;
 pub mod policy;
