@@ -6,9 +6,11 @@
 //! - [`router`]: which pool each miner hashes for: priority failover, fail-back, weighted split, park, move.
 //! - [`stats`]: per-worker and per-pool counters.
 //! - [`proxy`]: wiring it all together (`Proxy::start`).
+//! - [`curtail_bridge`]: park/unpark/reroute actuator for the curtailment engine (re-exports `gridproxy-curtail`).
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod curtail_bridge;
 pub mod downstream;
 pub mod proxy;
 pub mod router;
