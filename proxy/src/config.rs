@@ -29,6 +29,9 @@ pub struct Config {
     /// Extranonce layout.
     #[serde(default)]
     pub extranonce: ExtranonceConfig,
+    /// Control API, metrics and dashboard (`crate::api::config`).
+    #[serde(default)]
+    pub api: crate::api::config::ApiConfig,
 }
 
 /// Upstream protocol.

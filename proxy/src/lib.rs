@@ -9,9 +9,12 @@
 //! - [`curtail_bridge`]: park/unpark/reroute actuator for the curtailment engine (re-exports `gridproxy-curtail`).
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod config;
 pub mod curtail_bridge;
+pub mod demo;
 pub mod downstream;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod stats;

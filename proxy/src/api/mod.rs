@@ -1,0 +1,688 @@
+//! The control API, `/metrics` and the dashboard, served by axum on one
+//! listener (127.0.0.1 unless configured otherwise).
+//!
+//! - [`config`]: the `[api]` config section (listen address, bearer tokens
+//!   with `read` / `operate` roles, metric cardinality).
+//! - [`site`]: what a curtailment driver publishes (site kW, target, price,
+//!   DR events, per-miner state) and the commands it accepts.
+//! - [`live`]: sampled rates and the history behind the dashboard's plots.
+//! - [`client`]: a minimal HTTP/1.1 client for `gridproxy status` and tests.
+//!
+//! Routes (see `GET /api/v1/openapi.json`):
+//!
+//! | route | auth |
+//! |---|---|
+//! | `GET /`, `/app.js` (dashboard), `/healthz`, `/api/v1/openapi.json` | none |
+//! | `GET /metrics` | none, or `read` when `metrics_public = false` |
+//! | `GET /api/v1/{whoami,fleet,workers,pools,events,history}` | `read` |
+//! | `POST /api/v1/curtail` | `operate` |
+//!
+//! A missing or unknown token gets 401, a `read` token on an `operate`
+//! route 403.
+
+pub mod client;
+pub mod config;
+pub mod live;
+pub mod site;
+
+use crate::downstream::Ctx;
+use crate::metrics::Metrics;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use config::{ApiConfig, Role, Token};
+use live::Live;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use site::{DrEventView, LogEntry, SiteCommand, SiteHandle, SiteState};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+const APP_JS: &str = include_str!("../../assets/app.js");
+const OPENAPI_JSON: &str = include_str!("../../assets/openapi.json");
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Everything a handler needs.
+pub struct ApiState {
+    /// The proxy.
+    pub ctx: Arc<Ctx>,
+    /// The site side (may have no driver attached).
+    pub site: Arc<SiteHandle>,
+    /// Rates and history.
+    pub live: Arc<Live>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    tokens: Vec<Token>,
+    metrics_public: bool,
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Metrics (to record command latencies into).
+    pub metrics: Arc<Metrics>,
+    /// Sampled rates and history.
+    pub live: Arc<Live>,
+}
+
+/// Bind `cfg.listen` (or `listen` when given) and serve until `shutdown`.
+pub async fn start(
+    ctx: Arc<Ctx>,
+    site: Arc<SiteHandle>,
+    cfg: &ApiConfig,
+    listen: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ApiServer> {
+    let addr = listen
+        .or(cfg.listen)
+        .ok_or_else(|| anyhow::anyhow!("api.listen is not set"))?;
+    let tokens = cfg.resolve_tokens().map_err(|e| anyhow::anyhow!(e))?;
+    if tokens.is_empty() {
+        warn!("control API has no tokens: every /api/v1 call will get 401");
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("bind control API {addr}: {e}"))?;
+    let addr = listener.local_addr()?;
+    let live = Live::new(1800);
+    let every = Duration::from_secs(cfg.sample_secs.max(1));
+    live.sample(&ctx, &site);
+    live.spawn(ctx.clone(), site.clone(), every, shutdown.clone());
+    let metrics = Arc::new(Metrics::new(cfg.metrics_max_workers));
+    let state = Arc::new(ApiState {
+        ctx,
+        site,
+        live: live.clone(),
+        metrics: metrics.clone(),
+        tokens,
+        metrics_public: cfg.metrics_public,
+    });
+    let app = router(state);
+    info!(%addr, "control API and dashboard up");
+    tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "control API stopped");
+        }
+    });
+    Ok(ApiServer {
+        addr,
+        metrics,
+        live,
+    })
+}
+
+/// The axum router (exposed for in-process tests).
+pub fn router(state: Arc<ApiState>) -> Router {
+    let read = Router::new()
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/fleet", get(fleet))
+        .route("/api/v1/workers", get(workers))
+        .route("/api/v1/pools", get(pools))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/history", get(history))
+        .route("/api/v1/curtail", post(curtail))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(index))
+        .route("/index.html", get(index))
+        .route("/app.js", get(app_js))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_handler))
+        .merge(read)
+        .fallback(|| async { err(StatusCode::NOT_FOUND, "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+fn err(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// The caller, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Token holder.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// Constant-time comparison (length leaks, content does not).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn authenticate(st: &ApiState, headers: &HeaderMap) -> Result<Caller, Response> {
+    let unauthorized = |m: &str| {
+        let mut r = err(StatusCode::UNAUTHORIZED, m);
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"gridproxy\""),
+        );
+        r
+    };
+    let Some(presented) = bearer(headers) else {
+        return Err(unauthorized(
+            "missing bearer token (Authorization: Bearer <token>)",
+        ));
+    };
+    let mut found = None;
+    for t in &st.tokens {
+        if same(t.secret.as_bytes(), presented.as_bytes()) {
+            found = Some(t);
+        }
+    }
+    found
+        .map(|t| Caller {
+            name: t.name.clone(),
+            role: t.role,
+        })
+        .ok_or_else(|| unauthorized("unknown token"))
+}
+
+async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
+    let need = if req.method() == Method::GET || req.method() == Method::HEAD {
+        Role::Read
+    } else {
+        Role::Operate
+    };
+    let caller = match authenticate(&st, req.headers()) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if caller.role < need {
+        return err(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {:?} has role {}; {} {} needs {}",
+                caller.name,
+                caller.role.as_str(),
+                req.method(),
+                req.uri().path(),
+                need.as_str()
+            ),
+        );
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+async fn index() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        INDEX_HTML,
+    )
+        .into_response()
+}
+
+async fn app_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        APP_JS,
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn metrics_handler(State(st): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if !st.metrics_public {
+        if let Err(r) = authenticate(&st, &headers) {
+            return r;
+        }
+    }
+    let site = st.site.state();
+    let rates = st.live.worker_rates();
+    let fleet_hs = st.live.last().map(|p| p.hashrate_hs).unwrap_or(0.0);
+    let body = st.metrics.render(&st.ctx, &site, &rates, fleet_hs);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn whoami(Extension(c): Extension<Caller>) -> Json<Value> {
+    Json(json!({ "name": c.name, "role": c.role }))
+}
+
+/// One pool as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    /// Config index.
+    pub index: usize,
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// `sv1` / `sv2`.
+    pub protocol: String,
+    /// Priority.
+    pub priority: u32,
+    /// Split weight.
+    pub weight: f64,
+    /// Connected with a job.
+    pub live: bool,
+    /// Miners assigned now.
+    pub miners: usize,
+    /// Hashrate of the shares the pool acknowledged (60 s average), H/s.
+    pub acked_hashrate_hs: f64,
+    /// Shares sent.
+    pub submitted: u64,
+    /// Shares acknowledged.
+    pub accepted: u64,
+    /// Shares rejected.
+    pub rejected: u64,
+    /// Reject reasons the pool gave.
+    pub reject_reasons: BTreeMap<String, u64>,
+    /// Sessions set up.
+    pub connects: u64,
+    /// Jobs received.
+    pub jobs: u64,
+    /// Why the upstream last failed.
+    pub last_error: Option<String>,
+}
+
+fn pool_views(st: &ApiState) -> Vec<PoolView> {
+    let shares = st.ctx.router.shares();
+    let last = st.live.last();
+    st.ctx
+        .router
+        .pools()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let pc = st.ctx.cfg.pools.get(i);
+            let s = shares.get(i);
+            PoolView {
+                index: i,
+                name: h.stats.name.clone(),
+                address: pc.map(|p| p.address.to_string()).unwrap_or_default(),
+                protocol: pc
+                    .map(|p| format!("{:?}", p.protocol).to_lowercase())
+                    .unwrap_or_default(),
+                priority: pc.map(|p| p.priority).unwrap_or(0),
+                weight: pc.map(|p| p.weight).unwrap_or(0.0),
+                live: s.is_some_and(|s| s.live),
+                miners: s.map(|s| s.miners).unwrap_or(0),
+                acked_hashrate_hs: last
+                    .as_ref()
+                    .and_then(|p| p.pools_hs.get(i).copied())
+                    .unwrap_or(0.0),
+                submitted: h.stats.submitted.get(),
+                accepted: h.stats.accepted.get(),
+                rejected: h.stats.rejected.get(),
+                reject_reasons: h.stats.reasons().into_iter().collect(),
+                connects: h.stats.connects.get(),
+                jobs: h.stats.jobs.get(),
+                last_error: h.stats.last_error(),
+            }
+        })
+        .collect()
+}
+
+async fn pools(State(st): State<Arc<ApiState>>) -> Json<Vec<PoolView>> {
+    Json(pool_views(&st))
+}
+
+async fn fleet(State(st): State<Arc<ApiState>>) -> Json<Value> {
+    let workers = st.ctx.registry.snapshot();
+    let mut accepted = 0u64;
+    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut upstream_accepted = 0u64;
+    let mut upstream_rejected = 0u64;
+    for w in &workers {
+        accepted += w.accepted;
+        upstream_accepted += w.upstream_accepted;
+        upstream_rejected += w.upstream_rejected;
+        for (r, n) in &w.rejected {
+            let k = serde_json::to_value(r)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *rejected.entry(k).or_default() += n;
+        }
+    }
+    let last = st.live.last();
+    let site: Arc<SiteState> = st.site.state();
+    Json(json!({
+        "miners_connected": st.ctx.slots_in_use(),
+        "workers_known": workers.len(),
+        "workers_online": workers.iter().filter(|w| w.connections > 0).count(),
+        "hashrate_hs": last.as_ref().map(|p| p.hashrate_hs).unwrap_or(0.0),
+        "shares": {
+            "accepted": accepted,
+            "rejected": rejected,
+            "upstream_accepted": upstream_accepted,
+            "upstream_rejected": upstream_rejected,
+        },
+        "pools": pool_views(&st),
+        "site": &*site,
+    }))
+}
+
+/// Query of `GET /api/v1/workers`.
+#[derive(Debug, Deserialize)]
+pub struct WorkersQuery {
+    /// Case-insensitive substring of the worker name, model, firmware or state.
+    #[serde(default)]
+    pub q: Option<String>,
+    /// Page size (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Page offset.
+    #[serde(default)]
+    pub offset: Option<usize>,
+    /// `hashrate` (default) or `name`.
+    #[serde(default)]
+    pub sort: Option<String>,
+}
+
+async fn workers(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<WorkersQuery>,
+) -> Result<Json<Value>, Response> {
+    if q.q.as_ref().is_some_and(|s| s.len() > 256) {
+        return Err(err(StatusCode::BAD_REQUEST, "q: at most 256 characters"));
+    }
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let offset = q.offset.unwrap_or(0);
+    let needle = q.q.unwrap_or_default().to_lowercase();
+    let rates = st.live.worker_rates();
+    let miners = st.site.miners();
+    let all = st.ctx.registry.snapshot();
+    let total = all.len();
+    let mut rows: Vec<Value> = all
+        .into_iter()
+        .filter_map(|w| {
+            let m = miners.get(&w.name);
+            let hay = format!(
+                "{} {} {} {}",
+                w.name,
+                m.map(|m| m.model.as_str()).unwrap_or(""),
+                m.map(|m| m.firmware.as_str()).unwrap_or(""),
+                m.map(|m| m.state.as_str()).unwrap_or("")
+            )
+            .to_lowercase();
+            if !needle.is_empty() && !hay.contains(&needle) {
+                return None;
+            }
+            let rejected: u64 = w.rejected.iter().map(|(_, n)| n).sum();
+            Some(json!({
+                "name": w.name,
+                "connections": w.connections,
+                "hashrate_hs": rates.get(&w.name).copied().unwrap_or(0.0),
+                "accepted": w.accepted,
+                "rejected": rejected,
+                "rejected_by_reason": w.rejected.iter().map(|(r, n)| (serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), *n)).collect::<BTreeMap<_, _>>(),
+                "upstream_accepted": w.upstream_accepted,
+                "upstream_rejected": w.upstream_rejected,
+                "last_share_ms": w.last_share_ms,
+                "model": m.map(|m| m.model.clone()),
+                "firmware": m.map(|m| m.firmware.clone()),
+                "state": m.map(|m| m.state.clone()),
+                "power_w": m.map(|m| m.power_w),
+                "ths": m.map(|m| m.ths),
+            }))
+        })
+        .collect();
+    let matched = rows.len();
+    if q.sort.as_deref() != Some("name") {
+        rows.sort_by(|a, b| {
+            b["hashrate_hs"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&a["hashrate_hs"].as_f64().unwrap_or(0.0))
+                .then_with(|| a["name"].as_str().cmp(&b["name"].as_str()))
+        });
+    }
+    let page: Vec<Value> = rows.into_iter().skip(offset).take(limit).collect();
+    Ok(Json(json!({
+        "total": total,
+        "matched": matched,
+        "offset": offset,
+        "workers": page,
+    })))
+}
+
+/// Query of `GET /api/v1/events`.
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Only log entries with a larger sequence number.
+    #[serde(default)]
+    pub after: Option<u64>,
+    /// At most this many log entries (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+async fn events(State(st): State<Arc<ApiState>>, Query(q): Query<EventsQuery>) -> Json<Value> {
+    let s = st.site.state();
+    let active: Vec<&DrEventView> = s.events.iter().collect();
+    let log: Vec<LogEntry> = st
+        .site
+        .log
+        .since(q.after.unwrap_or(0), q.limit.unwrap_or(100).min(1000));
+    Json(json!({
+        "events": active,
+        "mode": s.mode,
+        "override": s.override_note,
+        "log": log,
+    }))
+}
+
+/// Query of `GET /api/v1/history`.
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    /// Only points after this unix ms.
+    #[serde(default)]
+    pub since: Option<u64>,
+}
+
+async fn history(State(st): State<Arc<ApiState>>, Query(q): Query<HistoryQuery>) -> Json<Value> {
+    let pools: Vec<String> = st
+        .ctx
+        .router
+        .pools()
+        .iter()
+        .map(|p| p.stats.name.clone())
+        .collect();
+    Json(json!({
+        "pools": pools,
+        "points": st.live.history(q.since.unwrap_or(0)),
+    }))
+}
+
+/// Body of `POST /api/v1/curtail`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurtailRequest {
+    /// `park`, `unpark`, `move`, `unpin`, `cap_kw`, `shed_kw`,
+    /// `curtail_all`, `run_all`, `clear`.
+    pub action: String,
+    /// Worker group: an exact name or a glob with `*` (`site.s9-*`, `*`).
+    #[serde(default)]
+    pub workers: Option<String>,
+    /// Target pool of `move`: its name or index.
+    #[serde(default)]
+    pub pool: Option<Value>,
+    /// kW of `cap_kw` / `shed_kw`.
+    #[serde(default)]
+    pub kw: Option<f64>,
+}
+
+/// Whether `name` matches `pattern` (`*` matches any run of characters).
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let mut rest = name;
+    for (i, p) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(p) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(p);
+        } else {
+            match rest.find(p) {
+                Some(at) => rest = &rest[at + p.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+async fn curtail(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    body: Result<Json<CurtailRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(r) = match body {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let group = || -> Result<String, Response> {
+        let g = r.workers.clone().unwrap_or_default();
+        if g.is_empty() || g.len() > 256 {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "workers: give a worker name or a glob (1..=256 characters, e.g. \"site.s9-*\")",
+            ));
+        }
+        Ok(g)
+    };
+    let kw = || -> Result<f64, Response> {
+        match r.kw {
+            Some(k) if k.is_finite() && (0.0..=1e8).contains(&k) => Ok(k),
+            _ => Err(err(StatusCode::BAD_REQUEST, "kw: a number in 0..=1e8")),
+        }
+    };
+    let router = &st.ctx.router;
+    let by = c.name.clone();
+    let result: Result<(usize, String), Response> = (|| {
+        match r.action.as_str() {
+        "park" | "unpark" | "unpin" => {
+            let g = group()?;
+            let n = match r.action.as_str() {
+                "park" => router.park(|w| glob(&g, w)),
+                "unpark" => router.unpark(|w| glob(&g, w)),
+                _ => router.move_to(|w| glob(&g, w), None),
+            };
+            Ok((n, format!("{} {g:?}: {n} miners", r.action)))
+        }
+        "move" => {
+            let g = group()?;
+            let pools = router.pools();
+            let idx = match &r.pool {
+                Some(Value::Number(n)) => n.as_u64().map(|n| n as usize).filter(|&n| n < pools.len()),
+                Some(Value::String(s)) => pools.iter().position(|p| &p.stats.name == s),
+                _ => None,
+            };
+            let Some(idx) = idx else {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "pool: give a pool name or index ({})",
+                        pools.iter().map(|p| p.stats.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            };
+            let n = router.move_to(|w| glob(&g, w), Some(idx));
+            Ok((n, format!("move {g:?} to {}: {n} miners", pools[idx].stats.name)))
+        }
+        "cap_kw" | "shed_kw" | "curtail_all" | "run_all" | "clear" => {
+            let cmd = match r.action.as_str() {
+                "cap_kw" => SiteCommand::CapKw { kw: kw()?, by: by.clone() },
+                "shed_kw" => SiteCommand::ShedKw { kw: kw()?, by: by.clone() },
+                "curtail_all" => SiteCommand::CurtailAll { by: by.clone() },
+                "run_all" => SiteCommand::RunAll { by: by.clone() },
+                _ => SiteCommand::Clear { by: by.clone() },
+            };
+            let what = match &cmd {
+                SiteCommand::CapKw { kw, .. } => format!("cap site at {kw:.0} kW"),
+                SiteCommand::ShedKw { kw, .. } => format!("shed {kw:.0} kW"),
+                SiteCommand::CurtailAll { .. } => "curtail all".into(),
+                SiteCommand::RunAll { .. } => "run all".into(),
+                SiteCommand::Clear { .. } => "clear override".into(),
+            };
+            st.site
+                .command(cmd)
+                .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?;
+            Ok((0, what))
+        }
+        other => Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("action: unknown {other:?}; one of park, unpark, move, unpin, cap_kw, shed_kw, curtail_all, run_all, clear"),
+        )),
+    }
+    })();
+    match result {
+        Ok((n, what)) => {
+            info!(by = %c.name, %what, "operator command");
+            st.site.log.push("operator", format!("{}: {what}", c.name));
+            Json(json!({ "ok": true, "affected": n, "message": what })).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", "a.b"));
+        assert!(glob("site.s9-*", "site.s9-12"));
+        assert!(!glob("site.s9-*", "site.s19-12"));
+        assert!(glob("*-12", "site.s9-12"));
+        assert!(glob("site.*-1*", "site.s9-12"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exact2"));
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,326 @@
+//! Prometheus metrics through the `metrics` facade and
+//! `metrics-exporter-prometheus`.
+//!
+//! The recorder is owned (not installed globally), so several proxies in one
+//! process (tests) keep separate series. Counters the proxy already keeps as
+//! atomics (shares, pool answers) are copied into the recorder at scrape
+//! time; events that happen elsewhere (curtailment command latency) are
+//! recorded as they happen through [`Metrics::command_latency`].
+//!
+//! Cardinality is bounded: per-worker series exist for the top
+//! `metrics_max_workers` workers by hashrate, everything else is summed into
+//! `worker="_other"`; series not refreshed for a minute are dropped.
+
+use crate::api::site::SiteState;
+use crate::downstream::Ctx;
+use crate::stats::RejectReason;
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use metrics_util::MetricKindMask;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Latency buckets of curtailment commands, seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The proxy's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    max_workers: usize,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("max_workers", &self.max_workers)
+            .finish()
+    }
+}
+
+fn snake(r: RejectReason) -> &'static str {
+    match r {
+        RejectReason::StaleJob => "stale_job",
+        RejectReason::Duplicate => "duplicate",
+        RejectReason::LowDifficulty => "low_difficulty",
+        RejectReason::BadNonce => "bad_nonce",
+        RejectReason::Invalid => "invalid",
+        RejectReason::Unauthorized => "unauthorized",
+    }
+}
+
+impl Metrics {
+    /// A recorder keeping at most `max_workers` per-worker series.
+    pub fn new(max_workers: usize) -> Self {
+        let recorder = PrometheusBuilder::new()
+            .idle_timeout(
+                MetricKindMask::COUNTER | MetricKindMask::GAUGE,
+                Some(Duration::from_secs(60)),
+            )
+            .set_buckets_for_metric(
+                Matcher::Full("gridproxy_curtail_command_latency_seconds".into()),
+                LATENCY_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        let m = Self {
+            recorder,
+            handle,
+            max_workers,
+        };
+        m.with(describe);
+        m
+    }
+
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// Record how long an actuator took to answer a curtailment command.
+    pub fn command_latency(&self, action: &str, outcome: &str, seconds: f64) {
+        let (a, o) = (action.to_string(), outcome.to_string());
+        self.with(|| {
+            histogram!("gridproxy_curtail_command_latency_seconds", "action" => a, "outcome" => o)
+                .record(seconds)
+        });
+    }
+
+    /// Refresh every series from the proxy's state and render the text format.
+    pub fn render(
+        &self,
+        ctx: &Ctx,
+        site: &SiteState,
+        worker_rates: &HashMap<String, f64>,
+        fleet_hs: f64,
+    ) -> String {
+        self.with(|| self.refresh(ctx, site, worker_rates, fleet_hs));
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    fn refresh(&self, ctx: &Ctx, site: &SiteState, rates: &HashMap<String, f64>, fleet_hs: f64) {
+        let workers = ctx.registry.snapshot();
+        gauge!("gridproxy_miners_connected").set(ctx.slots_in_use() as f64);
+        gauge!("gridproxy_workers_known").set(workers.len() as f64);
+        gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);
+
+        let mut accepted = 0u64;
+        let mut rejected: HashMap<RejectReason, u64> = HashMap::new();
+        for w in &workers {
+            accepted += w.accepted;
+            for (r, n) in &w.rejected {
+                *rejected.entry(*r).or_default() += n;
+            }
+        }
+        counter!("gridproxy_shares_total", "result" => "accepted").absolute(accepted);
+        for r in RejectReason::ALL {
+            counter!("gridproxy_shares_total", "result" => snake(r))
+                .absolute(rejected.get(&r).copied().unwrap_or(0));
+        }
+
+        // Per worker: top N by hashrate, the rest summed.
+        let mut ranked: Vec<_> = workers
+            .iter()
+            .map(|w| (rates.get(&w.name).copied().unwrap_or(0.0), w))
+            .collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let (mut o_hs, mut o_acc, mut o_rej) = (0.0, 0u64, 0u64);
+        for (i, (hs, w)) in ranked.iter().enumerate() {
+            let rej: u64 = w.rejected.iter().map(|(_, n)| n).sum();
+            if i < self.max_workers {
+                let name = w.name.clone();
+                gauge!("gridproxy_worker_hashrate_hashes_per_second", "worker" => name.clone())
+                    .set(*hs);
+                counter!("gridproxy_worker_shares_total", "worker" => name.clone(), "result" => "accepted")
+                    .absolute(w.accepted);
+                counter!("gridproxy_worker_shares_total", "worker" => name, "result" => "rejected")
+                    .absolute(rej);
+            } else {
+                o_hs += hs;
+                o_acc += w.accepted;
+                o_rej += rej;
+            }
+        }
+        if ranked.len() > self.max_workers {
+            gauge!("gridproxy_worker_hashrate_hashes_per_second", "worker" => "_other").set(o_hs);
+            counter!("gridproxy_worker_shares_total", "worker" => "_other", "result" => "accepted")
+                .absolute(o_acc);
+            counter!("gridproxy_worker_shares_total", "worker" => "_other", "result" => "rejected")
+                .absolute(o_rej);
+        }
+
+        let shares = ctx.router.shares();
+        for (p, h) in ctx.router.pools().iter().enumerate() {
+            let name = h.stats.name.clone();
+            let s = shares.get(p);
+            gauge!("gridproxy_pool_up", "pool" => name.clone()).set(if s.is_some_and(|s| s.live) {
+                1.0
+            } else {
+                0.0
+            });
+            gauge!("gridproxy_pool_miners", "pool" => name.clone())
+                .set(s.map(|s| s.miners as f64).unwrap_or(0.0));
+            gauge!("gridproxy_pool_hashrate_hashes_per_second", "pool" => name.clone())
+                .set(s.map(|s| s.hashrate).unwrap_or(0.0));
+            counter!("gridproxy_pool_shares_total", "pool" => name.clone(), "result" => "submitted")
+                .absolute(h.stats.submitted.get());
+            counter!("gridproxy_pool_shares_total", "pool" => name.clone(), "result" => "accepted")
+                .absolute(h.stats.accepted.get());
+            counter!("gridproxy_pool_shares_total", "pool" => name.clone(), "result" => "rejected")
+                .absolute(h.stats.rejected.get());
+            counter!("gridproxy_pool_connects_total", "pool" => name.clone())
+                .absolute(h.stats.connects.get());
+            counter!("gridproxy_pool_jobs_total", "pool" => name).absolute(h.stats.jobs.get());
+        }
+
+        gauge!("gridproxy_site_attached").set(if site.attached { 1.0 } else { 0.0 });
+        if site.attached {
+            gauge!("gridproxy_site_power_watts").set(site.site_kw * 1000.0);
+            gauge!("gridproxy_site_target_power_watts")
+                .set(site.target_kw.map(|k| k * 1000.0).unwrap_or(f64::NAN));
+            gauge!("gridproxy_site_expected_power_watts").set(site.expected_kw * 1000.0);
+            gauge!("gridproxy_site_nominal_power_watts").set(site.nominal_kw * 1000.0);
+            gauge!("gridproxy_energy_price_usd_per_megawatt_hour")
+                .set(site.price_usd_per_mwh.unwrap_or(f64::NAN));
+            gauge!("gridproxy_fleet_reported_hashrate_hashes_per_second")
+                .set(site.fleet_ths * 1e12);
+            gauge!("gridproxy_dr_events_active")
+                .set(site.events.iter().filter(|e| e.state == "active").count() as f64);
+            gauge!("gridproxy_dr_events_scheduled").set(
+                site.events
+                    .iter()
+                    .filter(|e| e.state == "scheduled")
+                    .count() as f64,
+            );
+            gauge!("gridproxy_fleet_miners").set(site.miners_total as f64);
+            gauge!("gridproxy_fleet_miners_curtailed").set(site.miners_curtailed as f64);
+            counter!("gridproxy_curtail_commands_total", "outcome" => "issued")
+                .absolute(site.commands.issued);
+            counter!("gridproxy_curtail_commands_total", "outcome" => "verified")
+                .absolute(site.commands.verified);
+            counter!("gridproxy_curtail_commands_total", "outcome" => "failed")
+                .absolute(site.commands.failed);
+        }
+    }
+}
+
+fn describe() {
+    describe_gauge!(
+        "gridproxy_miners_connected",
+        Unit::Count,
+        "Downstream miner connections holding an extranonce slot."
+    );
+    describe_gauge!(
+        "gridproxy_workers_known",
+        Unit::Count,
+        "Worker names seen since start."
+    );
+    describe_gauge!(
+        "gridproxy_hashrate_hashes_per_second",
+        "Fleet hashrate measured from shares the proxy accepted (60 s average), hashes per second."
+    );
+    describe_counter!(
+        "gridproxy_shares_total",
+        Unit::Count,
+        "Miner shares answered by the proxy, by result (accepted or the reject reason)."
+    );
+    describe_gauge!("gridproxy_worker_hashrate_hashes_per_second", "Hashrate per worker (top workers by hashrate; the rest as worker=\"_other\"), hashes per second.");
+    describe_counter!(
+        "gridproxy_worker_shares_total",
+        Unit::Count,
+        "Shares per worker (top workers; the rest as worker=\"_other\"), by result."
+    );
+    describe_gauge!(
+        "gridproxy_pool_up",
+        "1 when the upstream pool is connected, set up and has a job."
+    );
+    describe_gauge!(
+        "gridproxy_pool_miners",
+        Unit::Count,
+        "Miners assigned to the pool now."
+    );
+    describe_gauge!(
+        "gridproxy_pool_hashrate_hashes_per_second",
+        "Measured hashrate of the miners assigned to the pool, hashes per second."
+    );
+    describe_counter!(
+        "gridproxy_pool_shares_total",
+        Unit::Count,
+        "Shares sent to the pool and its answers, by result."
+    );
+    describe_counter!(
+        "gridproxy_pool_connects_total",
+        Unit::Count,
+        "Upstream sessions set up."
+    );
+    describe_counter!(
+        "gridproxy_pool_jobs_total",
+        Unit::Count,
+        "Jobs received from the pool."
+    );
+    describe_gauge!(
+        "gridproxy_site_attached",
+        "1 when a curtailment driver publishes site state."
+    );
+    describe_gauge!(
+        "gridproxy_site_power_watts",
+        "Measured mining draw of the site, watts."
+    );
+    describe_gauge!(
+        "gridproxy_site_target_power_watts",
+        "Power cap in force (DR event, dispatch or override), watts; NaN when none."
+    );
+    describe_gauge!(
+        "gridproxy_site_expected_power_watts",
+        "Draw expected once the current plan is carried out, watts."
+    );
+    describe_gauge!(
+        "gridproxy_site_nominal_power_watts",
+        "Nameplate draw of the fleet, watts."
+    );
+    describe_gauge!(
+        "gridproxy_energy_price_usd_per_megawatt_hour",
+        "Energy price now, US dollars per MWh; NaN when unknown."
+    );
+    describe_gauge!(
+        "gridproxy_fleet_reported_hashrate_hashes_per_second",
+        "Fleet hashrate reported by firmware telemetry, hashes per second."
+    );
+    describe_gauge!(
+        "gridproxy_dr_events_active",
+        Unit::Count,
+        "Demand-response events whose window is active."
+    );
+    describe_gauge!(
+        "gridproxy_dr_events_scheduled",
+        Unit::Count,
+        "Demand-response events received, not yet active."
+    );
+    describe_gauge!(
+        "gridproxy_fleet_miners",
+        Unit::Count,
+        "Miners in the curtailment inventory."
+    );
+    describe_gauge!(
+        "gridproxy_fleet_miners_curtailed",
+        Unit::Count,
+        "Miners sleeping, power-limited or parked now."
+    );
+    describe_counter!(
+        "gridproxy_curtail_commands_total",
+        Unit::Count,
+        "Curtailment commands, by outcome (issued, verified, failed)."
+    );
+    describe_histogram!(
+        "gridproxy_curtail_command_latency_seconds",
+        Unit::Seconds,
+        "Time from issuing a curtailment command to the actuator's answer, seconds."
+    );
+}
