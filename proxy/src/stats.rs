@@ -95,6 +95,8 @@ pub struct WorkerStats {
     diff_micro: AtomicU64,
     /// Unix ms of the last accepted share.
     last_share_ms: AtomicU64,
+    /// Unix ms of the first accepted share (start of the hashrate window).
+    first_share_ms: AtomicU64,
     /// Connections currently using this name.
     pub connections: AtomicU64,
 }
@@ -105,7 +107,20 @@ impl WorkerStats {
         self.accepted.inc();
         self.diff_micro
             .fetch_add((difficulty * 1e6) as u64, Relaxed);
-        self.last_share_ms.store(now_ms(), Relaxed);
+        let now = now_ms();
+        let _ = self
+            .first_share_ms
+            .compare_exchange(0, now, Relaxed, Relaxed);
+        self.last_share_ms.store(now, Relaxed);
+    }
+    /// Estimated hashrate (H/s) from accepted difficulty since the first share.
+    pub fn hashrate(&self) -> f64 {
+        let first = self.first_share_ms.load(Relaxed);
+        if first == 0 {
+            return 0.0;
+        }
+        let secs = (now_ms().saturating_sub(first)) as f64 / 1000.0;
+        gridproxy_protocol::difficulty::hashrate_from_shares(self.difficulty_sum(), secs.max(1.0))
     }
     /// Count a rejected share.
     pub fn reject(&self, why: RejectReason) {
@@ -133,6 +148,7 @@ impl WorkerStats {
             upstream_accepted: self.upstream_accepted.get(),
             upstream_rejected: self.upstream_rejected.get(),
             difficulty_sum: self.difficulty_sum(),
+            hashrate: self.hashrate(),
             last_share_ms: self.last_share_ms.load(Relaxed),
             connections: self.connections.load(Relaxed),
         }
@@ -156,6 +172,8 @@ pub struct WorkerSnapshot {
     pub upstream_rejected: u64,
     /// sum of accepted difficulty
     pub difficulty_sum: f64,
+    /// estimated hashrate, H/s
+    pub hashrate: f64,
     /// last accepted share, unix ms
     pub last_share_ms: u64,
     /// live connections
