@@ -84,17 +84,45 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
         },
     )
     .await;
+    // SV2 miners (SRI's mining_device) connect to gridproxy with gridproxy's own authority key.
+    let kp = gridproxy_protocol::sv2::AuthorityKeypair::from_secret_bytes([0x3c; 32]).unwrap();
     let cfg = format!(
         "[[pools]]\nname = \"tproxy\"\naddress = \"{}\"\nprotocol = \"sv1\"\nuser = \"site.proxy\"\n\n\
-         [listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\n\n[routing]\nreconnect_ms = 100\n",
-        tproxy.sv1_addr
+         [listen]\nsv1 = \"127.0.0.1:0\"\nsv2 = \"127.0.0.1:0\"\nsv2_authority_pubkey = \"{}\"\nsv2_authority_secret = \"{}\"\n\n\
+         [difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\n\n[routing]\nreconnect_ms = 100\n",
+        tproxy.sv1_addr,
+        kp.public(),
+        kp.secret_string()
     );
     let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap())
         .await
         .unwrap();
     let (stats, stop) = miners(proxy.sv1_addr.unwrap(), 100, "site.rig", 5_000.0);
+    let device = spawn_mining_device(
+        proxy.sv2_addr.unwrap(),
+        Some(&kp.public()),
+        MiningDeviceOptions {
+            handicap_us: 1,
+            nominal_hashrate_multiplier: Some(0.05),
+            user: "site.dev".into(),
+            ..Default::default()
+        },
+    );
     let up = proxy.ctx.router.pools()[0].stats.clone();
-    let ok = wait_until(Duration::from_secs(90), || up.accepted.get() >= 30).await;
+    let dev_acked = || {
+        proxy
+            .ctx
+            .registry
+            .snapshot()
+            .iter()
+            .filter(|w| w.name.starts_with("site.dev"))
+            .map(|w| w.upstream_accepted)
+            .sum::<u64>()
+    };
+    let ok = wait_until(Duration::from_secs(90), || {
+        up.accepted.get() >= 30 && dev_acked() >= 1
+    })
+    .await;
     stop.cancel();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -113,11 +141,23 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
         up.reasons()
     );
     let workers = proxy.ctx.registry.snapshot();
-    assert_eq!(workers.len(), 100);
     assert_eq!(
-        workers.iter().map(|w| w.accepted).sum::<u64>(),
-        stats.accepted.get()
+        workers.len(),
+        101,
+        "100 SV1 workers and the SV2 mining_device"
     );
+    assert!(
+        dev_acked() >= 1,
+        "mining_device's shares reached the translator"
+    );
+    drop(device);
+    // What the SV1 miners were told equals what the proxy counted for them.
+    let sv1_accepted: u64 = workers
+        .iter()
+        .filter(|w| w.name.starts_with("site.rig"))
+        .map(|w| w.accepted)
+        .sum();
+    assert_eq!(sv1_accepted, stats.accepted.get());
     assert_eq!(
         workers.iter().map(|w| w.upstream_accepted).sum::<u64>(),
         up.accepted.get()
