@@ -32,6 +32,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+/// How often a channel reports its measured hashrate to the router.
+const HASHRATE_WINDOW: Duration = Duration::from_secs(5);
 /// Jobs kept per channel (older ones answer "stale").
 pub const MAX_JOBS: usize = 8;
 /// Duplicate-detection entries kept per channel before the oldest jobs are forgotten.
@@ -353,7 +355,9 @@ impl ChannelCore {
     /// Wait for something that changes the channel. Cancel-safe. Err means the
     /// channel cannot go on (the proxy is shutting down its pool or router).
     pub async fn wake(&mut self) -> Result<Wake, String> {
-        let at = Instant::from_std(self.vardiff.poll_timeout());
+        // Wake for vardiff, and at least every HASHRATE_WINDOW for the router's split.
+        let at =
+            Instant::from_std(self.vardiff.poll_timeout()).min(self.window.1 + HASHRATE_WINDOW);
         tokio::select! {
             r = view_changed(&mut self.view) => match r {
                 Ok(()) => Ok(Wake::View),
@@ -474,7 +478,7 @@ impl ChannelCore {
         let now = Instant::now();
         // Measured hashrate for the router's split.
         let secs = now.duration_since(self.window.1).as_secs_f64();
-        if secs >= 5.0 {
+        if secs >= HASHRATE_WINDOW.as_secs_f64() {
             let h = hashrate_from_shares(self.window.0, secs);
             let old = f64::from_bits(self.lease.hashrate.load(Relaxed));
             let new = if old > 0.0 { 0.5 * old + 0.5 * h } else { h };
@@ -495,11 +499,13 @@ impl ChannelCore {
         if !v.live || v.rollable < miner_bytes + self.en2_size {
             return None;
         }
-        let new_tip = self
-            .jobs
-            .back()
-            .is_some_and(|l| l.up.prev_hash != up.prev_hash || l.up.nbits != up.nbits);
-        let clean = force_clean || up.clean || self.jobs.is_empty() || new_tip;
+        let last = self.jobs.back();
+        let new_tip =
+            last.is_some_and(|l| l.up.prev_hash != up.prev_hash || l.up.nbits != up.nbits);
+        // A clean upstream job voids earlier work once; re-issuing it (new difficulty,
+        // new upstream target) keeps the miner's other jobs valid.
+        let fresh = last.is_none_or(|l| !Arc::ptr_eq(&l.up, &up));
+        let clean = force_clean || (up.clean && fresh) || self.jobs.is_empty() || new_tip;
         if clean {
             self.jobs.clear();
             self.seen.clear();
@@ -623,7 +629,7 @@ impl ChannelCore {
                         .jobs
                         .iter()
                         .map(|j| j.target)
-                        .chain(grace.map(|g| g.0))
+                        .chain(self.grace.map(|g| g.0))
                         .max()
                         .unwrap_or(job.target);
                     return Err(if easiest.is_met_by(&hash) {
@@ -745,6 +751,254 @@ mod tests {
     fn truncate_keeps_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    use crate::config::Config;
+    use crate::router::Router;
+    use crate::stats::{PoolStats, Registry};
+    use crate::upstream::{self, PoolHandle, UpJobId};
+    use tokio_util::sync::CancellationToken;
+
+    const BIP320: u32 = 0x1fff_e000;
+
+    struct Fixture {
+        ctx: Arc<Ctx>,
+        _view: watch::Sender<PoolView>,
+        shares: mpsc::Receiver<UpShare>,
+    }
+
+    fn up_job() -> UpJob {
+        UpJob {
+            id: UpJobId::Sv1("j1".into()),
+            version: 0x2000_0000,
+            version_mask: BIP320,
+            prev_hash: [1; 32],
+            nbits: 0x1d00_ffff,
+            ntime: 1_700_000_000,
+            coinbase_prefix: vec![0xaa; 40],
+            coinbase_suffix: vec![0xbb; 30],
+            merkle_branch: vec![[3; 32], [4; 32]],
+            clean: true,
+        }
+    }
+
+    /// A proxy context with one live pool (8 rollable bytes, upstream target MAX).
+    fn fixture() -> Fixture {
+        let cfg = Config::parse(
+            "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+             [difficulty]\ninitial=0.000000001\nmin=0.000000001\n",
+            "t",
+        )
+        .unwrap();
+        let (vtx, vrx, shares) = upstream::channels();
+        vtx.send_modify(|v| {
+            v.live = true;
+            v.epoch = 1;
+            v.job = Some(Arc::new(up_job()));
+            v.rollable = 8;
+        });
+        let handle = PoolHandle {
+            index: 0,
+            stats: Arc::new(PoolStats::new("a")),
+            view: vrx,
+        };
+        let router = Router::new(&cfg, vec![handle]);
+        router.reevaluate();
+        let ctx = Ctx::new(
+            Arc::new(cfg),
+            Arc::new(Registry::default()),
+            router,
+            CancellationToken::new(),
+        );
+        Fixture {
+            ctx,
+            _view: vtx,
+            shares,
+        }
+    }
+
+    fn core(f: &Fixture, extranonce: ExtranonceMode, scope: TargetScope) -> ChannelCore {
+        let slot = SlotGuard::allocate(&f.ctx).unwrap();
+        let worker = WorkerGuard::new(&f.ctx, "w");
+        let lease = f.ctx.router.register("w");
+        let setup = ChannelSetup {
+            extranonce,
+            scope,
+            initial_difficulty: 1e-9,
+            min_difficulty: 1e-9,
+            version_allowed: u32::MAX,
+        };
+        ChannelCore::new(f.ctx.clone(), slot, worker, lease, setup)
+    }
+
+    fn job(o: Option<Out>) -> JobOut {
+        match o {
+            Some(Out::Job(j)) => j,
+            other => panic!("expected a job, got {other:?}"),
+        }
+    }
+
+    /// Header hash for `nonce` on `j` with merkle root `root`.
+    fn hash(j: &JobOut, root: &[u8; 32], nonce: u32) -> [u8; 32] {
+        share::sha256d(&share::header(
+            j.up.version,
+            &j.up.prev_hash,
+            root,
+            j.up.ntime,
+            j.up.nbits,
+            nonce,
+        ))
+    }
+
+    /// A nonce whose hash meets `t` but not `harder` (if given).
+    fn nonce_between(j: &JobOut, root: &[u8; 32], t: Target, harder: Option<Target>) -> u32 {
+        (0..u32::MAX)
+            .find(|n| {
+                let h = hash(j, root, *n);
+                t.is_met_by(&h) && !harder.is_some_and(|x| x.is_met_by(&h))
+            })
+            .unwrap()
+    }
+
+    fn work<'a>(j: &JobOut, nonce: u32, en2: Option<&'a [u8]>) -> Work<'a> {
+        Work {
+            job_id: j.id,
+            extranonce2: en2,
+            ntime: j.up.ntime,
+            nonce,
+            version_bits: Some(j.up.version),
+        }
+    }
+
+    #[tokio::test]
+    async fn fixed_extranonce_jobs_validate_and_forward() {
+        let mut f = fixture();
+        let mut c = core(&f, ExtranonceMode::Fixed, TargetScope::Channel);
+        let j = job(c.start());
+        assert!(j.clean);
+        // Coinbase suffix: 8 rollable − 3 miner bytes − 4 extranonce2 = 1 byte of padding.
+        assert_eq!(j.coinbase_suffix.len(), 1 + 30);
+        let mut en = c.slot().prefix().to_vec();
+        en.resize(8, 0);
+        let root = share::merkle_root(
+            &[&j.up.coinbase_prefix, &en, &j.up.coinbase_suffix],
+            &j.up.merkle_branch,
+        );
+        assert_eq!(j.merkle_root, Some(root));
+        let t = j.target;
+        let good = nonce_between(&j, &root, t, None);
+        let a = c.check(&work(&j, good, None)).unwrap();
+        assert!(a.forwarded);
+        let up = f.shares.try_recv().unwrap();
+        assert_eq!(up.extranonce, en);
+        assert_eq!(c.check(&work(&j, good, None)), Err(RejectReason::Duplicate));
+        let bad = (0..u32::MAX)
+            .find(|n| !t.is_met_by(&hash(&j, &root, *n)))
+            .unwrap();
+        assert_eq!(c.check(&work(&j, bad, None)), Err(RejectReason::BadNonce));
+        let mut stale = work(&j, good, None);
+        stale.job_id += 100;
+        assert_eq!(c.check(&stale), Err(RejectReason::StaleJob));
+        let mut rolled_too_far = work(&j, good, None);
+        rolled_too_far.version_bits = Some(j.up.version | 0x4);
+        assert_eq!(c.check(&rolled_too_far), Err(RejectReason::Invalid));
+        assert_eq!(c.worker().accepted.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn rolled_extranonce_needs_the_right_size() {
+        let f = fixture();
+        let mut c = core(&f, ExtranonceMode::Rolled, TargetScope::PerJob);
+        let j = job(c.start());
+        assert_eq!(j.merkle_root, None);
+        let en2 = [9u8, 8, 7, 6];
+        let mut en = c.slot().prefix().to_vec();
+        en.extend_from_slice(&en2);
+        let root = share::merkle_root(
+            &[&j.up.coinbase_prefix, &en, &j.coinbase_suffix],
+            &j.up.merkle_branch,
+        );
+        let good = nonce_between(&j, &root, j.target, None);
+        assert_eq!(
+            c.check(&work(&j, good, Some(&en2[..3]))),
+            Err(RejectReason::Invalid)
+        );
+        assert_eq!(c.check(&work(&j, good, None)), Err(RejectReason::Invalid));
+        assert!(c.check(&work(&j, good, Some(&en2))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn channel_retarget_keeps_the_old_target_for_a_grace_period() {
+        let f = fixture();
+        let mut c = core(&f, ExtranonceMode::Fixed, TargetScope::Channel);
+        let j = job(c.start());
+        let root = j.merkle_root.unwrap();
+        let easy = j.target;
+        match c.set_difficulty(2f64.powi(-26)) {
+            Some(Out::Target { target, difficulty }) => {
+                assert_eq!(difficulty, 2f64.powi(-26));
+                assert_eq!(target, Target::from_difficulty(difficulty));
+            }
+            other => panic!("expected a target, got {other:?}"),
+        }
+        let hard = c.target();
+        let in_flight = nonce_between(&j, &root, easy, Some(hard));
+        let a = c.check(&work(&j, in_flight, None)).unwrap();
+        assert_eq!(
+            a.difficulty,
+            2f64.powi(-29),
+            "credited at the target it met"
+        );
+        // The grace period ends.
+        c.grace = c.grace.map(|(t, d, _)| (t, d, Instant::now()));
+        let late = (in_flight + 1..u32::MAX)
+            .find(|n| {
+                let h = hash(&j, &root, *n);
+                easy.is_met_by(&h) && !hard.is_met_by(&h)
+            })
+            .unwrap();
+        assert_eq!(
+            c.check(&work(&j, late, None)),
+            Err(RejectReason::LowDifficulty)
+        );
+        let ok = (late + 1..u32::MAX)
+            .find(|n| hard.is_met_by(&hash(&j, &root, *n)))
+            .unwrap();
+        assert_eq!(
+            c.check(&work(&j, ok, None)).unwrap().difficulty,
+            2f64.powi(-26)
+        );
+    }
+
+    #[tokio::test]
+    async fn per_job_retarget_issues_a_job_and_old_jobs_keep_their_target() {
+        let f = fixture();
+        let mut c = core(&f, ExtranonceMode::Fixed, TargetScope::PerJob);
+        let j1 = job(c.start());
+        let j2 = job(c.set_difficulty(2f64.powi(-26)));
+        assert!(!j2.clean);
+        assert_eq!(j2.difficulty, 2f64.powi(-26));
+        let root = j1.merkle_root.unwrap();
+        let n = nonce_between(&j1, &root, j1.target, Some(j2.target));
+        assert_eq!(
+            c.check(&work(&j1, n, None)).unwrap().difficulty,
+            2f64.powi(-29)
+        );
+        // The same work on the new job misses its target, but meets an easier one it had.
+        assert_eq!(
+            c.check(&work(&j2, n, None)),
+            Err(RejectReason::LowDifficulty)
+        );
+    }
+
+    #[tokio::test]
+    async fn slots_and_worker_connections_are_released_on_drop() {
+        let f = fixture();
+        let c = core(&f, ExtranonceMode::Rolled, TargetScope::PerJob);
+        let w = c.worker().clone();
+        assert_eq!((f.ctx.slots_in_use(), w.connections.load(Relaxed)), (1, 1));
+        drop(c);
+        assert_eq!((f.ctx.slots_in_use(), w.connections.load(Relaxed)), (0, 0));
     }
 
     #[tokio::test]
