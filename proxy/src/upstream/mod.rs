@@ -12,6 +12,7 @@
 pub mod sv1;
 pub mod sv2;
 
+use crate::config::{PoolConfig, RoutingConfig};
 use crate::stats::{PoolStats, WorkerStats};
 use gridproxy_protocol::difficulty::Target;
 use std::sync::Arc;
@@ -125,4 +126,53 @@ pub fn channels() -> (
 /// Backoff for reconnects: doubles from `first` up to 5 s.
 pub fn next_backoff(cur: std::time::Duration) -> std::time::Duration {
     (cur * 2).min(std::time::Duration::from_secs(5))
+}
+
+/// One upstream protocol's connection: what [`reconnect_loop`] drives.
+pub(crate) trait Session {
+    /// Pool settings.
+    fn pool(&self) -> &PoolConfig;
+    /// Routing timeouts.
+    fn routing(&self) -> &RoutingConfig;
+    /// Counters.
+    fn stats(&self) -> &PoolStats;
+    /// Connect, set up and serve until the connection ends.
+    async fn session(
+        &self,
+        view: &watch::Sender<PoolView>,
+        shares: &mut mpsc::Receiver<UpShare>,
+    ) -> Result<(), String>;
+}
+
+/// Run sessions until shutdown: after each one the pool is marked down and
+/// the reason recorded, then the task backs off (reset after a long session).
+pub(crate) async fn reconnect_loop(
+    up: &impl Session,
+    view: watch::Sender<PoolView>,
+    mut shares: mpsc::Receiver<UpShare>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let first = std::time::Duration::from_millis(up.routing().reconnect_ms.max(10));
+    let mut backoff = first;
+    loop {
+        let started = tokio::time::Instant::now();
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = up.session(&view, &mut shares) => r,
+        };
+        view.send_modify(|v| v.live = false);
+        if let Err(e) = r {
+            let pool = up.pool();
+            tracing::warn!(pool = %pool.name, addr = %pool.address, error = %e, "upstream down");
+            up.stats().set_error(Some(e));
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            backoff = first;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = next_backoff(backoff);
+    }
 }

@@ -2,7 +2,7 @@
 //! multiplexing every miner by splitting the pool's extranonce2 space.
 //! Responses are matched by order (pools and proxies reuse ids).
 
-use super::{next_backoff, PoolView, UpJob, UpJobId, UpShare};
+use super::{PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
 use crate::stats::{PoolStats, WorkerStats};
 use bytes::BytesMut;
@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Version bits we ask an SV1 pool for (BIP320).
 const ASK_MASK: u32 = 0x1fff_e000;
@@ -62,31 +62,10 @@ impl Sv1Upstream {
     pub async fn run(
         self,
         view: watch::Sender<PoolView>,
-        mut shares: mpsc::Receiver<UpShare>,
+        shares: mpsc::Receiver<UpShare>,
         shutdown: CancellationToken,
     ) {
-        let first = Duration::from_millis(self.routing.reconnect_ms.max(10));
-        let mut backoff = first;
-        loop {
-            let started = Instant::now();
-            let r = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.session(&view, &mut shares) => r,
-            };
-            view.send_modify(|v| v.live = false);
-            if let Err(e) = r {
-                warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down");
-                self.stats.set_error(Some(e));
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = first;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = next_backoff(backoff);
-        }
+        super::reconnect_loop(&self, view, shares, shutdown).await
     }
 
     fn request(&self, c: &mut Conn, out: &mut String, method: &str, params: Value, p: Pending) {
@@ -95,7 +74,7 @@ impl Sv1Upstream {
         c.pending.push_back(p);
     }
 
-    async fn session(
+    async fn serve(
         &self,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
@@ -315,5 +294,24 @@ impl Sv1Upstream {
             }
         }
         Ok(())
+    }
+}
+
+impl super::Session for Sv1Upstream {
+    fn pool(&self) -> &PoolConfig {
+        &self.pool
+    }
+    fn routing(&self) -> &RoutingConfig {
+        &self.routing
+    }
+    fn stats(&self) -> &PoolStats {
+        &self.stats
+    }
+    async fn session(
+        &self,
+        view: &watch::Sender<PoolView>,
+        shares: &mut mpsc::Receiver<UpShare>,
+    ) -> Result<(), String> {
+        self.serve(view, shares).await
     }
 }

@@ -2,7 +2,7 @@
 //! channel, jobs normalised into [`UpJob`]s, shares sent as
 //! `SubmitSharesExtended` and the pool's answers credited per worker.
 
-use super::{next_backoff, PoolView, UpJob, UpJobId, UpShare};
+use super::{PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
 use crate::stats::{PoolStats, WorkerStats};
 use crate::sv2_io::{connect_noise, next_msg, unix_now};
@@ -87,9 +87,6 @@ pub enum UpstreamError {
     /// No job for the configured time.
     #[error("no job from the pool for {0:?}")]
     NoJob(Duration),
-    /// Shutting down.
-    #[error("shutdown")]
-    Shutdown,
 }
 
 impl Sv2Upstream {
@@ -97,43 +94,10 @@ impl Sv2Upstream {
     pub async fn run(
         self,
         view: watch::Sender<PoolView>,
-        mut shares: mpsc::Receiver<UpShare>,
+        shares: mpsc::Receiver<UpShare>,
         shutdown: CancellationToken,
     ) {
-        let key: AuthorityPublicKey = match self.pool.authority_pubkey.as_deref().map(str::parse) {
-            Some(Ok(k)) => k,
-            _ => {
-                // Config validation refuses this; keep the task from spinning anyway.
-                warn!(pool = %self.pool.name, "no valid authority_pubkey; upstream disabled");
-                return;
-            }
-        };
-        let first = Duration::from_millis(self.routing.reconnect_ms.max(10));
-        let mut backoff = first;
-        loop {
-            let started = Instant::now();
-            let r = tokio::select! {
-                _ = shutdown.cancelled() => Err(UpstreamError::Shutdown),
-                r = self.session(&key, &view, &mut shares) => r,
-            };
-            view.send_modify(|v| v.live = false);
-            match r {
-                Err(UpstreamError::Shutdown) => return,
-                Err(e) => {
-                    warn!(pool = %self.pool.name, addr = %self.pool.address, error = %e, "upstream down");
-                    self.stats.set_error(Some(e.to_string()));
-                }
-                Ok(()) => {}
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = first;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = next_backoff(backoff);
-        }
+        super::reconnect_loop(&self, view, shares, shutdown).await
     }
 
     async fn open(
@@ -248,7 +212,7 @@ impl Sv2Upstream {
         }
     }
 
-    async fn session(
+    async fn serve(
         &self,
         key: &AuthorityPublicKey,
         view: &watch::Sender<PoolView>,
@@ -465,4 +429,33 @@ pub fn truncate_identity(s: &str) -> String {
 fn name(m: &Message) -> String {
     let s = format!("{m:?}");
     s.chars().take(60).collect()
+}
+
+impl super::Session for Sv2Upstream {
+    fn pool(&self) -> &PoolConfig {
+        &self.pool
+    }
+    fn routing(&self) -> &RoutingConfig {
+        &self.routing
+    }
+    fn stats(&self) -> &PoolStats {
+        &self.stats
+    }
+    async fn session(
+        &self,
+        view: &watch::Sender<PoolView>,
+        shares: &mut mpsc::Receiver<UpShare>,
+    ) -> Result<(), String> {
+        // Config validation refuses a bad key; report it here too rather than spin.
+        let key: AuthorityPublicKey = self
+            .pool
+            .authority_pubkey
+            .as_deref()
+            .ok_or("no authority_pubkey for an sv2 pool")?
+            .parse()
+            .map_err(|e| format!("authority_pubkey: {e}"))?;
+        self.serve(&key, view, shares)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
