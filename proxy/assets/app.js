@@ -115,7 +115,7 @@ function redraw() {
   ], { fmt: v => si(v, "H/s"), min0: true });
   plot(document.getElementById("plot-price"), [
     { name: "$/MWh", color: "#3e9bff", pts: P.map(p => [p.t, p.price]), step: true },
-  ], { fmt: v => "$" + v.toFixed(0), min0: false });
+  ], { fmt: v => "$" + v.toFixed(0), min0: P.every(p => p.price == null || p.price >= 0) });
   // stacked pool split
   const stacks = state.pools.map(() => []);
   const cum = P.map(() => 0);

@@ -1,1 +1,1171 @@
-//! demo
+//! `gridproxy demo`: a whole mining site in one process, on loopback.
+//!
+//! - two embedded validating SV1 pools ([`gridproxy_fixtures::sv1_pool`]),
+//!   split 3:1 by weight;
+//! - the proxy itself (SV1 listener, SV1 upstreams to those pools);
+//! - a simulated site ([`gridproxy_fixtures::site`]): firmware emulators of
+//!   mixed models (S19 … S21, M30S++ … M60) and firmwares (LuxOS, Braiins
+//!   OS, Whatsminer, VNish, stock cgminer), each with a power model and a
+//!   fixture SV1 miner hashing real sha256d at a tiny CPU rate while its
+//!   emulator hashes;
+//! - the curtailment driver ([`gridproxy_curtail::driver`]) with the real
+//!   firmware clients and the proxy's park actuator, writing its SQLite
+//!   ledger;
+//! - a replayed price trace (5-minute intervals, one every `step`) with a
+//!   rise, a spike to $2,400/MWh and a recovery, then a demand-response
+//!   event limiting the site to 55 % of nameplate;
+//! - the control API, `/metrics` and the dashboard.
+//!
+//! Stock cgminer cannot be commanded: the engine parks those miners at the
+//! proxy. This demo site blocks backup pools, so a parked ASIC without work
+//! idles (its emulator is put to sleep when it is parked).
+
+use crate::api::{
+    self,
+    config::random_token,
+    site::{CommandCounts, DrEventView, MinerView, SiteCommand, SiteHandle, SiteState},
+};
+use crate::config::Config;
+use crate::curtail_bridge::{curtail, ProxyActuator};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use curtail::actuator::{Actuator, ActuatorError};
+use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::driver::{self, DriverConfig, Edge, Record, Route};
+use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
+use curtail::policy::{
+    Ack, Action, Command, Economics, Freshness, PolicyConfig, PolicyEvent, SafeState, Staleness,
+};
+use curtail::signal::{DrEvent, DrTarget, ManualOverride, OverrideMode, PriceSignal, Signal};
+use curtail::time::{Clock, SystemClock, Timestamp};
+use gridproxy_fixtures::firmware::model::{Mode, SimMiner};
+use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
+use gridproxy_fixtures::sv1_pool::{self, Sv1Pool, Sv1PoolConfig};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// The replayed trace: one line per 5-minute interval, `price[,event]`.
+const TRACE: &str = include_str!("../assets/demo_trace.csv");
+
+/// How to run the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Simulated miners.
+    pub miners: usize,
+    /// Stop after this long (None: until the stop token fires).
+    pub duration: Option<Duration>,
+    /// Dashboard / control API address (port 0 or a busy port: any free port).
+    pub api_listen: SocketAddr,
+    /// SV1 listener.
+    pub sv1_listen: SocketAddr,
+    /// Real time per 5-minute trace interval.
+    pub step: Duration,
+    /// SV1 hashrate per TH/s of nameplate (real sha256d, H/s).
+    pub hs_per_ths: f64,
+    /// Ledger file (None: a fresh file in the temp directory).
+    pub ledger: Option<PathBuf>,
+    /// Status line period (zero: never).
+    pub status_every: Duration,
+    /// Print the banner, status lines and log to stdout.
+    pub print: bool,
+    /// Multiplies every firmware ramp time (0.25: four times faster than real).
+    pub time_scale: f64,
+    /// Operate token (None: random).
+    pub operate_token: Option<String>,
+    /// Read token (None: random).
+    pub read_token: Option<String>,
+    /// Emulator addresses: `127.<a>.<b>.x` (distinct per concurrent demo).
+    pub subnet: (u8, u8),
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            miners: 500,
+            duration: None,
+            api_listen: "127.0.0.1:8080".parse().expect("literal"),
+            sv1_listen: "127.0.0.1:0".parse().expect("literal"),
+            step: Duration::from_secs(5),
+            hs_per_ths: 2.0,
+            ledger: None,
+            status_every: Duration::from_secs(2),
+            print: false,
+            time_scale: 0.25,
+            operate_token: None,
+            read_token: None,
+            subnet: (61, 0),
+        }
+    }
+}
+
+/// What happened, for the summary line and tests.
+#[derive(Debug, Clone, Default)]
+pub struct DemoReport {
+    /// Wall seconds run.
+    pub seconds: f64,
+    /// Miners simulated.
+    pub miners: usize,
+    /// Shares the pools accepted (validated) / rejected.
+    pub pool_accepted: u64,
+    /// Shares the pools rejected.
+    pub pool_rejected: u64,
+    /// Shares the proxy accepted from miners.
+    pub proxy_accepted: u64,
+    /// Shares the proxy rejected.
+    pub proxy_rejected: u64,
+    /// Curtailment commands issued / verified / failed.
+    pub commands: CommandCounts,
+    /// Lowest and highest site draw seen, kW.
+    pub site_kw_range: (f64, f64),
+    /// Nameplate, kW.
+    pub nominal_kw: f64,
+    /// Price intervals replayed.
+    pub intervals: u64,
+    /// DR events issued.
+    pub dr_events: u64,
+    /// The ledger file.
+    pub ledger: PathBuf,
+}
+
+impl DemoReport {
+    /// One line.
+    pub fn summary(&self) -> String {
+        format!(
+            "gridproxy demo: {:.0} s, {} miners; pools accepted {} rejected {}; proxy accepted {} rejected {}; \
+             site {:.0}..{:.0} kW of {:.0} kW nameplate; {} price intervals, {} DR events; \
+             curtailment commands issued {} verified {} failed {}; ledger {}",
+            self.seconds,
+            self.miners,
+            self.pool_accepted,
+            self.pool_rejected,
+            self.proxy_accepted,
+            self.proxy_rejected,
+            self.site_kw_range.0,
+            self.site_kw_range.1,
+            self.nominal_kw,
+            self.intervals,
+            self.dr_events,
+            self.commands.issued,
+            self.commands.verified,
+            self.commands.failed,
+            self.ledger.display()
+        )
+    }
+}
+
+/// One interval of the trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceStep {
+    /// $/MWh.
+    pub price: f64,
+    /// A DR event issued at this interval: (limit as a fraction of nameplate,
+    /// start after N intervals, length in intervals).
+    pub dr: Option<(f64, u32, u32)>,
+}
+
+/// Parse the embedded trace (`price` or `price,dr:FRACTION:START:LEN` per line; `#` comments).
+pub fn trace() -> Vec<TraceStep> {
+    let mut out = Vec::new();
+    for line in TRACE.lines() {
+        let l = line.split('#').next().unwrap_or("").trim();
+        if l.is_empty() {
+            continue;
+        }
+        let mut parts = l.split(',');
+        let Some(price) = parts.next().and_then(|p| p.trim().parse::<f64>().ok()) else {
+            continue;
+        };
+        let dr = parts.next().and_then(|e| {
+            let f: Vec<&str> = e.trim().split(':').collect();
+            (f.len() == 4 && f[0] == "dr").then(|| {
+                (
+                    f[1].parse().unwrap_or(0.5),
+                    f[2].parse().unwrap_or(1),
+                    f[3].parse().unwrap_or(6),
+                )
+            })
+        });
+        out.push(TraceStep { price, dr });
+    }
+    out
+}
+
+fn surface(f: Firmware) -> ControlSurface {
+    match f {
+        Firmware::LuxOs => ControlSurface::LuxOs,
+        Firmware::BraiinsOs => ControlSurface::BraiinsOs,
+        Firmware::Whatsminer => ControlSurface::Whatsminer,
+        Firmware::Vnish => ControlSurface::Vnish,
+        Firmware::Stock => ControlSurface::None,
+    }
+}
+
+/// The proxy's park actuator, plus this site's physics: without work (backup
+/// pools blocked) a parked ASIC idles.
+struct SiteProxyActuator {
+    proxy: ProxyActuator,
+    idle_on_park: HashMap<MinerId, SimMiner>,
+}
+
+impl Actuator for SiteProxyActuator {
+    fn handles(&self, _surface: ControlSurface) -> bool {
+        false
+    }
+
+    fn execute(&self, command: &Command) -> impl Future<Output = Result<(), ActuatorError>> + Send {
+        let (id, action) = (command.miner, command.action);
+        let inner = self.proxy.execute(command);
+        async move {
+            inner.await?;
+            if let Some(m) = self.idle_on_park.get(&id) {
+                match action {
+                    Action::Park => m.sleep(),
+                    Action::Unpark => m.wake(),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Shared between the commit hook (ledger thread), the replay task and the
+/// publisher.
+#[derive(Default)]
+struct Tracker {
+    issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
+    events: Mutex<Vec<DrEventView>>,
+    price_bits: AtomicU64,
+    override_note: Mutex<Option<String>>,
+}
+
+fn hook(tracker: Arc<Tracker>, site: Arc<SiteHandle>, metrics: Arc<Metrics>) -> driver::CommitHook {
+    Arc::new(move |r: &Record| match r {
+        Record::Commands(cs) => {
+            let now = Instant::now();
+            let mut by: HashMap<&'static str, usize> = HashMap::new();
+            {
+                let mut m = tracker.issued_at.lock().unwrap_or_else(|e| e.into_inner());
+                for c in cs {
+                    m.insert(c.id.0, (now, c.action.as_str()));
+                    *by.entry(c.action.as_str()).or_default() += 1;
+                }
+            }
+            let mut parts: Vec<String> = by.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
+            parts.sort();
+            site.log
+                .push("curtail", format!("commands sent: {}", parts.join(", ")));
+        }
+        Record::Ack { id, ack, .. } => {
+            let e = tracker
+                .issued_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id.0);
+            if let Some((t, action)) = e {
+                let outcome = if matches!(ack, Ack::Ok) {
+                    "ok"
+                } else {
+                    "failed"
+                };
+                metrics.command_latency(action, outcome, t.elapsed().as_secs_f64());
+            }
+            if let Ack::Failed(why) = ack {
+                site.log
+                    .push("curtail", format!("command {id} failed: {why}"));
+            }
+        }
+        Record::Event(PolicyEvent::Decision(d)) => {
+            site.log.push(
+                "curtail",
+                format!(
+                    "plan: mode {}, {} changes, expect {:.0} kW{} ({})",
+                    d.mode.as_str(),
+                    d.changes,
+                    d.expected_kw,
+                    d.cap_kw
+                        .map(|c| format!(", cap {c:.0} kW"))
+                        .unwrap_or_default(),
+                    d.reason
+                ),
+            );
+        }
+        Record::Event(PolicyEvent::DrEvent {
+            event,
+            state,
+            baseline_kw,
+            ..
+        }) => {
+            let (target, limit) = match event.target {
+                DrTarget::LimitKw(k) => (format!("limit {k:.0} kW"), Some(k)),
+                DrTarget::ShedKw(k) => {
+                    (format!("shed {k:.0} kW"), Some((baseline_kw - k).max(0.0)))
+                }
+            };
+            let view = DrEventView {
+                id: event.id.clone(),
+                state: state.as_str().to_string(),
+                target: target.clone(),
+                limit_kw: limit,
+                start_ms: event.start.as_millis(),
+                end_ms: event.end.map(|e| e.as_millis()),
+            };
+            {
+                let mut ev = tracker.events.lock().unwrap_or_else(|e| e.into_inner());
+                ev.retain(|e| e.id != view.id);
+                if view.state != "ended" {
+                    ev.push(view);
+                }
+            }
+            site.log.push(
+                "dr_event",
+                format!(
+                    "{}: {} ({target}, baseline {baseline_kw:.0} kW)",
+                    event.id,
+                    state.as_str()
+                ),
+            );
+        }
+        Record::Event(PolicyEvent::Escalated {
+            miner, from, to, ..
+        }) => {
+            site.log.push(
+                "curtail",
+                format!(
+                    "{miner}: {} failed, escalating to {}",
+                    from.as_str(),
+                    to.as_str()
+                ),
+            );
+        }
+        Record::Event(PolicyEvent::Unresponsive { miner, .. }) => {
+            site.log.push("curtail", format!("{miner}: unresponsive"));
+        }
+        Record::Event(PolicyEvent::SafeState { stale, .. }) => {
+            site.log.push(
+                "curtail",
+                match stale {
+                    Some(s) => format!("safe state: {s} is stale"),
+                    None => "safe state left".into(),
+                },
+            );
+        }
+        _ => {}
+    })
+}
+
+/// A running demo (for tests and the CLI).
+pub struct Demo {
+    /// Dashboard / control API address.
+    pub api_addr: SocketAddr,
+    /// SV1 listener address.
+    pub sv1_addr: SocketAddr,
+    /// Token with the operate role.
+    pub operate_token: String,
+    /// Token with the read role.
+    pub read_token: String,
+    /// The proxy.
+    pub proxy: Proxy,
+    /// The site handle the API reads.
+    pub site_handle: Arc<SiteHandle>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<DemoReport>>,
+}
+
+impl Demo {
+    /// Ask it to stop.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+    /// Wait for it to finish (after [`stop`](Self::stop) or its duration).
+    pub async fn join(self) -> anyhow::Result<DemoReport> {
+        self.task
+            .await
+            .map_err(|e| anyhow::anyhow!("demo task: {e}"))?
+    }
+}
+
+/// Run until `stop` fires or the duration passes.
+pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<DemoReport> {
+    let demo = start(opts, stop).await?;
+    demo.join().await
+}
+
+fn counts(n: usize) -> Vec<(Firmware, usize)> {
+    let shares = [
+        (Firmware::LuxOs, 0.24),
+        (Firmware::BraiinsOs, 0.20),
+        (Firmware::Whatsminer, 0.22),
+        (Firmware::Vnish, 0.22),
+        (Firmware::Stock, 0.12),
+    ];
+    let mut out: Vec<(Firmware, usize)> = shares
+        .iter()
+        .map(|(f, s)| (*f, (n as f64 * s).floor() as usize))
+        .collect();
+    let mut left = n - out.iter().map(|(_, c)| c).sum::<usize>();
+    let mut i = 0;
+    let len = out.len();
+    while left > 0 {
+        out[i % len].1 += 1;
+        left -= 1;
+        i += 1;
+    }
+    out.retain(|(_, c)| *c > 0);
+    out
+}
+
+/// Start everything and return at once; the demo runs in a task.
+pub async fn start(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Demo> {
+    anyhow::ensure!(
+        opts.miners > 0 && opts.miners <= 20_000,
+        "miners must be 1..=20000"
+    );
+    let t0 = Instant::now();
+    let pools_stop = stop.child_token();
+    // Pool share difficulty: about one share per 5 s for a 200 H/s miner.
+    let diff = 1.0 / (1u64 << 22) as f64;
+    let mut pools: Vec<Sv1Pool> = Vec::new();
+    for name in ["pool-a", "pool-b"] {
+        let cfg = Sv1PoolConfig {
+            name: name.into(),
+            difficulty: diff,
+            job_interval: Duration::from_secs(15),
+            block_interval: Duration::from_secs(120),
+            ..Default::default()
+        };
+        pools.push(sv1_pool::spawn("127.0.0.1:0".parse()?, cfg, pools_stop.clone()).await?);
+    }
+    let operate_token = opts.operate_token.clone().unwrap_or_else(random_token);
+    let read_token = opts.read_token.clone().unwrap_or_else(random_token);
+    let cfg_text = format!(
+        r#"
+[[pools]]
+name = "pool-a"
+address = "{a}"
+protocol = "sv1"
+user = "demo.site"
+weight = 3.0
+
+[[pools]]
+name = "pool-b"
+address = "{b}"
+protocol = "sv1"
+user = "demo.site"
+weight = 1.0
+
+[listen]
+sv1 = "{sv1}"
+
+[limits]
+max_connections = {maxc}
+
+[difficulty]
+initial = {diff:e}
+min = 9.313225746154785e-10
+max = 1.0
+shares_per_minute = 12.0
+retarget_secs = 30
+
+[routing]
+rebalance_secs = 5
+
+[api]
+listen = "{api}"
+metrics_max_workers = 50
+
+[[api.tokens]]
+name = "demo-operator"
+role = "operate"
+token = "{operate_token}"
+
+[[api.tokens]]
+name = "demo-viewer"
+role = "read"
+token = "{read_token}"
+"#,
+        a = pools[0].addr(),
+        b = pools[1].addr(),
+        sv1 = opts.sv1_listen,
+        maxc = opts.miners * 2 + 100,
+        api = opts.api_listen,
+    );
+    let cfg = Config::parse(&cfg_text, "demo config").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let api_cfg = cfg.api.clone();
+    let proxy = Proxy::start(cfg).await?;
+    let sv1_addr = proxy
+        .sv1_addr
+        .ok_or_else(|| anyhow::anyhow!("no SV1 listener"))?;
+    let site_handle = SiteHandle::new();
+    let server = match api::start(
+        proxy.ctx.clone(),
+        site_handle.clone(),
+        &api_cfg,
+        None,
+        proxy.shutdown.clone(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "dashboard port busy; using a free port");
+            api::start(
+                proxy.ctx.clone(),
+                site_handle.clone(),
+                &api_cfg,
+                Some(SocketAddr::new(opts.api_listen.ip(), 0)),
+                proxy.shutdown.clone(),
+            )
+            .await?
+        }
+    };
+
+    // The site.
+    let site_cfg = SiteConfig {
+        counts: counts(opts.miners),
+        time_scale: opts.time_scale,
+        subnet: opts.subnet,
+        password: random_token(),
+        worker_prefix: "site".into(),
+        pool: Some(sv1_addr),
+        sv1_hashrate: (opts.hs_per_ths * 110.0).max(1.0),
+        follow_every: Duration::from_millis(500),
+        ..SiteConfig::default()
+    };
+    let site = Site::start(site_cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("start site emulators: {e}"))?;
+
+    // The curtailment driver: firmware clients + the proxy's park actuator.
+    let mut firmware = FleetActuator::new(Duration::from_secs(3));
+    let mut telemetry = FleetActuator::new(Duration::from_secs(3));
+    let proxy_act = ProxyActuator::new(proxy.ctx.router.clone());
+    let mut idle_on_park = HashMap::new();
+    let mut specs = Vec::new();
+    for m in site.miners() {
+        let id = MinerId(m.index as u64);
+        let s = surface(m.firmware);
+        let ep = MinerEndpoint::new(s, m.addr()).with_credentials("root", m.password.clone());
+        firmware.insert(id, &ep);
+        telemetry.insert(id, &ep);
+        proxy_act.insert(id, m.worker.clone());
+        let c = m.config;
+        let mut spec = MinerSpec::new(id, m.model, c.nominal_ths, c.nominal_w, s);
+        spec.ramp = Ramp {
+            sleep_latency: c.scaled(c.sleep_time),
+            wake_latency: c.scaled(c.wake_time),
+            limit_latency: c.scaled(c.limit_time),
+            min_power_w: c.min_power_w,
+            sleep_w: c.sleep_w,
+            parked_w: c.nominal_w,
+        };
+        if m.firmware == Firmware::Stock {
+            spec.ramp.parked_w = c.sleep_w;
+            idle_on_park.insert(id, m.emulator.miner().clone());
+        }
+        specs.push(spec);
+    }
+    let fleet = Fleet::from_specs(specs).map_err(|e| anyhow::anyhow!("fleet: {e}"))?;
+    let nominal_kw = fleet.nominal_kw();
+    let policy = PolicyConfig {
+        economics: Some(Economics {
+            hashprice_usd_per_ph_day: 55.0,
+            pool_fee: 0.02,
+            pue: 1.0,
+            hysteresis_usd_per_mwh: 4.0,
+        }),
+        min_on: Duration::from_secs(8),
+        min_off: Duration::from_secs(8),
+        max_commands_per_sec: 200,
+        restore_batch: (opts.miners as u32 / 8).max(10),
+        restore_interval: Duration::from_secs(2),
+        staleness: Staleness {
+            price: Some(Freshness {
+                max_age: Duration::from_secs(600),
+                on_stale: SafeState::KeepRunning,
+            }),
+            site_load: None,
+            dispatch: None,
+        },
+        ack_timeout: Duration::from_secs(6),
+        verify_grace: Duration::from_secs(10),
+        retry_backoff: Duration::from_secs(5),
+        dr_lead_margin: Duration::from_secs(2),
+        resume_hold: Duration::from_secs(5),
+        ..PolicyConfig::default()
+    };
+    let ledger = match &opts.ledger {
+        Some(p) => p.clone(),
+        None => std::env::temp_dir().join(format!(
+            "gridproxy-demo-{}-{}.sqlite",
+            std::process::id(),
+            crate::api::site::now_ms()
+        )),
+    };
+    let tracker = Arc::new(Tracker::default());
+    let dcfg = DriverConfig {
+        poll_interval: Duration::from_secs(2),
+        poll_concurrency: 64,
+        actuator_concurrency: 128,
+        interval: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(3),
+        commit_hook: Some(hook(
+            tracker.clone(),
+            site_handle.clone(),
+            server.metrics.clone(),
+        )),
+        ..DriverConfig::default()
+    };
+    let drv = driver::spawn(
+        &ledger,
+        policy,
+        fleet,
+        Edge {
+            actuator: Route {
+                firmware,
+                proxy: SiteProxyActuator {
+                    proxy: proxy_act.clone(),
+                    idle_on_park,
+                },
+            },
+            telemetry,
+            clock: SystemClock,
+        },
+        dcfg,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("curtailment driver: {e}"))?;
+    proxy_act.spawn_reconciler(Duration::from_secs(2), stop.clone());
+
+    site_handle.log.push(
+        "demo",
+        format!(
+            "site up: {} miners ({}), {:.0} kW nameplate; pools pool-a/pool-b split 3:1",
+            site.len(),
+            counts(opts.miners)
+                .iter()
+                .map(|(f, n)| format!("{n} {}", f.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            nominal_kw
+        ),
+    );
+
+    if opts.print {
+        println!(
+            "gridproxy demo: {} simulated miners of mixed models and firmwares on loopback",
+            site.len()
+        );
+        println!(
+            "  dashboard:      http://{}/#token={}",
+            server.addr, operate_token
+        );
+        println!(
+            "  control API:    http://{}/api/v1/  (OpenAPI: /api/v1/openapi.json)",
+            server.addr
+        );
+        println!("  metrics:        http://{}/metrics", server.addr);
+        println!("  operate token:  {operate_token}");
+        println!("  read token:     {read_token}");
+        println!(
+            "  SV1 miners ->   {sv1_addr}   (pools: pool-a {} weight 3, pool-b {} weight 1)",
+            pools[0].addr(),
+            pools[1].addr()
+        );
+        println!("  ledger:         {}", ledger.display());
+        println!("  price trace:    one 5-minute interval every {:.1} s (spike to $2,400/MWh, then a DR event)", opts.step.as_secs_f64());
+        println!(
+            "  status:         gridproxy status --api {} --token {read_token}",
+            server.addr
+        );
+        match opts.duration {
+            Some(d) => println!("  stopping after {} s (or Ctrl-C)", d.as_secs()),
+            None => println!("  Ctrl-C to stop"),
+        }
+    }
+
+    let demo_stop = stop.clone();
+    let api_addr = server.addr;
+    let task_site_handle = site_handle.clone();
+    let ctx = proxy.ctx.clone();
+    let proxy_shutdown = proxy.shutdown.clone();
+    let live = server.live.clone();
+    let task = tokio::spawn(async move {
+        let ops = tokio::spawn(operator_commands(
+            site_handle_commands(&task_site_handle),
+            drv.signals(),
+            tracker.clone(),
+            Arc::new(site_power(&site)),
+            demo_stop.clone(),
+        ));
+        let replay = tokio::spawn(replay(
+            drv.signals(),
+            tracker.clone(),
+            task_site_handle.clone(),
+            nominal_kw,
+            opts.step,
+            demo_stop.clone(),
+        ));
+        let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+        let mut publish = tokio::time::interval(Duration::from_secs(1));
+        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = Instant::now();
+        let tty = std::io::stdout().is_terminal();
+        let mut kw_range = (f64::INFINITY, 0.0f64);
+        let mut report = DemoReport {
+            miners: site.len(),
+            nominal_kw,
+            ledger: ledger.clone(),
+            ..Default::default()
+        };
+        loop {
+            tokio::select! {
+                _ = demo_stop.cancelled() => break,
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+                _ = publish.tick() => {}
+            }
+            let st = drv.status();
+            let site_kw = site.power_w() / 1000.0;
+            if t0.elapsed() > Duration::from_secs(3) {
+                kw_range = (kw_range.0.min(site_kw), kw_range.1.max(site_kw));
+            }
+            let mut curtailed = 0;
+            let mut views = HashMap::with_capacity(site.len());
+            let mut ths = 0.0;
+            for m in site.miners() {
+                let s = m.emulator.state();
+                let parked = proxy_act.is_parked(&m.worker);
+                let state = if parked {
+                    "parked".to_string()
+                } else {
+                    match s.mode {
+                        Mode::Hashing => "hashing".into(),
+                        Mode::Sleeping => "sleeping".into(),
+                        Mode::PowerLimited(w) => format!("limited {w} W"),
+                    }
+                };
+                if parked || s.mode != Mode::Hashing {
+                    curtailed += 1;
+                }
+                ths += s.hashrate_ths;
+                views.insert(
+                    m.worker.clone(),
+                    MinerView {
+                        worker: m.worker.clone(),
+                        model: m.model.to_string(),
+                        firmware: m.firmware.as_str().to_string(),
+                        state,
+                        power_w: s.power_w,
+                        ths: s.hashrate_ths,
+                    },
+                );
+            }
+            let price = f64::from_bits(tracker.price_bits.load(Relaxed));
+            let events = tracker
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let counts = CommandCounts {
+                issued: st.issued,
+                verified: st.verified,
+                failed: st.failed,
+            };
+            task_site_handle.publish_miners(views);
+            task_site_handle.publish(SiteState {
+                attached: true,
+                updated_ms: crate::api::site::now_ms(),
+                site_kw,
+                target_kw: st.cap_kw,
+                expected_kw: st.expected_kw,
+                nominal_kw,
+                price_usd_per_mwh: (price > 0.0 || price < 0.0).then_some(price),
+                mode: st.mode.as_str().to_string(),
+                fleet_ths: ths,
+                miners_total: site.len(),
+                miners_curtailed: curtailed,
+                events,
+                commands: counts.clone(),
+                override_note: tracker
+                    .override_note
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            });
+            report.commands = counts;
+            if opts.print
+                && !opts.status_every.is_zero()
+                && last_status.elapsed() >= opts.status_every
+            {
+                last_status = Instant::now();
+                let line = status_line(
+                    t0.elapsed(),
+                    &ctx,
+                    &task_site_handle.state(),
+                    live.last().map(|p| p.hashrate_hs).unwrap_or(0.0),
+                );
+                if tty {
+                    print!("\r\x1b[2K{line}");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                } else if last_status.duration_since(t0).as_secs() % 10
+                    < opts.status_every.as_secs().max(1)
+                {
+                    println!("{line}");
+                }
+            }
+        }
+        if opts.print && tty {
+            println!();
+        }
+        demo_stop.cancel();
+        site.stop();
+        let _ = ops.await;
+        if let Ok(n) = replay.await {
+            report.intervals = n.0;
+            report.dr_events = n.1;
+        }
+        match drv.shutdown().await {
+            Ok(r) => {
+                report.commands = CommandCounts {
+                    issued: r.status.issued,
+                    verified: r.status.verified,
+                    failed: r.status.failed,
+                }
+            }
+            Err(e) => warn!(error = %e, "curtailment driver stopped with an error"),
+        }
+        for w in ctx.registry.snapshot() {
+            report.proxy_accepted += w.accepted;
+            report.proxy_rejected += w.rejected.iter().map(|(_, n)| n).sum::<u64>();
+        }
+        for p in &pools {
+            report.pool_accepted += p.stats().accepted.get();
+            report.pool_rejected += p.stats().rejected_total();
+        }
+        proxy_shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pools_stop.cancel();
+        drop(site);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        report.site_kw_range = if kw_range.0.is_finite() {
+            kw_range
+        } else {
+            (0.0, 0.0)
+        };
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    });
+    Ok(Demo {
+        api_addr,
+        sv1_addr,
+        operate_token,
+        read_token,
+        proxy,
+        site_handle,
+        stop,
+        task,
+    })
+}
+
+fn site_handle_commands(h: &SiteHandle) -> tokio::sync::mpsc::Receiver<SiteCommand> {
+    h.attach(64)
+}
+
+/// Live site power, readable from another task.
+struct SitePower(Vec<SimMiner>);
+
+impl SitePower {
+    fn kw(&self) -> f64 {
+        self.0.iter().map(|m| m.sample().power_w).sum::<f64>() / 1000.0
+    }
+}
+
+fn site_power(site: &Site) -> SitePower {
+    SitePower(
+        site.miners()
+            .iter()
+            .map(|m| m.emulator.miner().clone())
+            .collect(),
+    )
+}
+
+async fn operator_commands(
+    mut rx: tokio::sync::mpsc::Receiver<SiteCommand>,
+    signals: tokio::sync::mpsc::Sender<Signal>,
+    tracker: Arc<Tracker>,
+    power: Arc<SitePower>,
+    stop: CancellationToken,
+) {
+    loop {
+        let c = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = rx.recv() => match c { Some(c) => c, None => return },
+        };
+        let at = SystemClock.now();
+        let (mode, by, note) = match c {
+            SiteCommand::CapKw { kw, by } => {
+                (OverrideMode::CapKw(kw), by, Some(format!("cap {kw:.0} kW")))
+            }
+            SiteCommand::ShedKw { kw, by } => {
+                let cap = (power.kw() - kw).max(0.0);
+                (
+                    OverrideMode::CapKw(cap),
+                    by,
+                    Some(format!("shed {kw:.0} kW (cap {cap:.0} kW)")),
+                )
+            }
+            SiteCommand::CurtailAll { by } => {
+                (OverrideMode::CurtailAll, by, Some("curtail all".into()))
+            }
+            SiteCommand::RunAll { by } => (OverrideMode::RunAll, by, Some("run all".into())),
+            SiteCommand::Clear { by } => (OverrideMode::Clear, by, None),
+        };
+        *tracker
+            .override_note
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = note;
+        let s = Signal::Override(ManualOverride {
+            at,
+            mode,
+            until: None,
+            by,
+        });
+        if signals.send(s).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Replay the trace; returns (intervals, DR events).
+async fn replay(
+    signals: tokio::sync::mpsc::Sender<Signal>,
+    tracker: Arc<Tracker>,
+    site: Arc<SiteHandle>,
+    nominal_kw: f64,
+    step: Duration,
+    stop: CancellationToken,
+) -> (u64, u64) {
+    let steps = trace();
+    if steps.is_empty() {
+        return (0, 0);
+    }
+    let mut tick = tokio::time::interval(step);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut n, mut events) = (0u64, 0u64);
+    let mut last_price = f64::NAN;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return (n, events),
+            _ = tick.tick() => {}
+        }
+        let k = (n as usize) % steps.len();
+        let s = &steps[k];
+        let now = SystemClock.now();
+        tracker.price_bits.store(s.price.to_bits(), Relaxed);
+        if (s.price - last_price).abs() > 0.5 || k == 0 {
+            site.log
+                .push("price", format!("interval {}: ${:.0}/MWh", n + 1, s.price));
+        }
+        last_price = s.price;
+        let sig = Signal::Price(PriceSignal {
+            at: now,
+            usd_per_mwh: s.price,
+            forecast: vec![],
+        });
+        if signals.send(sig).await.is_err() {
+            return (n, events);
+        }
+        if let Some((frac, start_after, len)) = s.dr {
+            events += 1;
+            let start = now + step * start_after;
+            let end = start + step * len;
+            let limit = (nominal_kw * frac).round();
+            let ev = DrEvent {
+                id: format!("dr-{events}"),
+                target: DrTarget::LimitKw(limit),
+                start,
+                end: Some(end),
+                issued_at: now,
+            };
+            site.log.push(
+                "dr_event",
+                format!(
+                    "utility issued {}: limit site to {limit:.0} kW from {} for {:.0} s",
+                    ev.id,
+                    fmt_ts(start),
+                    (end - start).as_secs_f64()
+                ),
+            );
+            if signals.send(Signal::DrEvent(ev)).await.is_err() {
+                return (n, events);
+            }
+        }
+        n += 1;
+    }
+}
+
+fn fmt_ts(t: Timestamp) -> String {
+    let s = t.as_millis() / 1000;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60
+    )
+}
+
+fn si(v: f64, unit: &str) -> String {
+    let a = v.abs();
+    for (m, p) in [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")] {
+        if a >= m {
+            return format!("{:.1} {p}{unit}", v / m);
+        }
+    }
+    format!("{v:.0} {unit}")
+}
+
+fn status_line(elapsed: Duration, ctx: &crate::downstream::Ctx, s: &SiteState, hs: f64) -> String {
+    let shares = ctx.router.shares();
+    let total: usize = shares.iter().map(|p| p.miners).sum::<usize>().max(1);
+    let split: Vec<String> = ctx
+        .router
+        .pools()
+        .iter()
+        .zip(&shares)
+        .map(|(p, s)| {
+            format!(
+                "{} {:.0}%",
+                p.stats.name,
+                100.0 * s.miners as f64 / total as f64
+            )
+        })
+        .collect();
+    let (mut acc, mut rej) = (0u64, 0u64);
+    for w in ctx.registry.snapshot() {
+        acc += w.accepted;
+        rej += w.rejected.iter().map(|(_, n)| n).sum::<u64>();
+    }
+    format!(
+        "[{:>4}s] miners {:>4} | {} | site {:>5.0} kW cap {} | ${:.0}/MWh {} | curtailed {}/{} | {} | shares {} ok {} rej | cmds {}",
+        elapsed.as_secs(),
+        ctx.slots_in_use(),
+        si(hs, "H/s"),
+        s.site_kw,
+        s.target_kw.map(|k| format!("{k:.0}")).unwrap_or_else(|| "–".into()),
+        s.price_usd_per_mwh.unwrap_or(0.0),
+        s.mode,
+        s.miners_curtailed,
+        s.miners_total,
+        split.join(" "),
+        acc,
+        rej,
+        s.commands.issued
+    )
+}
+
+/// A readable fleet summary from `GET /api/v1/fleet` (for `gridproxy status`).
+pub fn format_fleet(v: &Value) -> String {
+    let mut out = String::new();
+    let f = |x: &Value| x.as_f64().unwrap_or(0.0);
+    out.push_str(&format!(
+        "miners {} connected, {} workers known; hashrate {}\n",
+        v["miners_connected"],
+        v["workers_known"],
+        si(f(&v["hashrate_hs"]), "H/s")
+    ));
+    let rej: u64 = v["shares"]["rejected"]
+        .as_object()
+        .map(|o| o.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    out.push_str(&format!(
+        "shares: {} accepted, {} rejected; upstream {} acked, {} rejected\n",
+        v["shares"]["accepted"],
+        rej,
+        v["shares"]["upstream_accepted"],
+        v["shares"]["upstream_rejected"]
+    ));
+    if let Some(pools) = v["pools"].as_array() {
+        for p in pools {
+            out.push_str(&format!(
+                "pool {:<10} {:<4} {:>5} miners  sent {} acked {} rejected {}{}\n",
+                p["name"].as_str().unwrap_or("?"),
+                if p["live"].as_bool() == Some(true) {
+                    "up"
+                } else {
+                    "down"
+                },
+                p["miners"],
+                p["submitted"],
+                p["accepted"],
+                p["rejected"],
+                p["last_error"]
+                    .as_str()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let s = &v["site"];
+    if s["attached"].as_bool() == Some(true) {
+        out.push_str(&format!(
+            "site {:.0} kW of {:.0} kW nameplate; target {}; price {}; mode {}; curtailed {}/{}\n",
+            f(&s["site_kw"]),
+            f(&s["nominal_kw"]),
+            s["target_kw"]
+                .as_f64()
+                .map(|k| format!("{k:.0} kW"))
+                .unwrap_or_else(|| "none".into()),
+            s["price_usd_per_mwh"]
+                .as_f64()
+                .map(|p| format!("${p:.0}/MWh"))
+                .unwrap_or_else(|| "?".into()),
+            s["mode"].as_str().unwrap_or("?"),
+            s["miners_curtailed"],
+            s["miners_total"]
+        ));
+        if let Some(evs) = s["events"].as_array() {
+            for e in evs {
+                out.push_str(&format!(
+                    "event {} {} {}\n",
+                    e["id"].as_str().unwrap_or("?"),
+                    e["state"].as_str().unwrap_or("?"),
+                    e["target"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    } else {
+        out.push_str("site: no curtailment driver attached\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_has_a_spike_and_a_dr_event() {
+        let t = trace();
+        assert!(t.len() >= 20, "{}", t.len());
+        assert!(t.iter().any(|s| s.price >= 1000.0));
+        assert_eq!(t.iter().filter(|s| s.dr.is_some()).count(), 1);
+    }
+
+    #[test]
+    fn fleet_mix_adds_up() {
+        for n in [1, 7, 60, 500, 1001] {
+            let c = counts(n);
+            assert_eq!(c.iter().map(|(_, k)| k).sum::<usize>(), n);
+        }
+        assert_eq!(counts(500).len(), 5);
+    }
+}

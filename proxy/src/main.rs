@@ -1,10 +1,15 @@
 //! `gridproxy` command line.
 
 use clap::{Parser, Subcommand};
+use gridproxy::api::{self, client, site::SiteHandle};
 use gridproxy::config::Config;
+use gridproxy::demo::{self, DemoOptions};
 use gridproxy::proxy::Proxy;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -31,16 +36,73 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         status_every: u64,
     },
-    /// Validate a config file and exit (0 = valid).
+    /// Validate a config file and exit (0 = valid, 2 = invalid).
     CheckConfig {
         /// Config file.
         config: PathBuf,
     },
+    /// Run a whole simulated site on loopback: two validating pools, the
+    /// proxy, ~500 simulated miners of mixed models and firmwares, a replayed
+    /// price trace with a spike and a DR event driving curtailment, and the
+    /// dashboard.
+    Demo {
+        /// Simulated miners.
+        #[arg(long, default_value_t = 500)]
+        miners: usize,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Dashboard / control API address (another free port is used if busy).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        api: SocketAddr,
+        /// SV1 listener for miners (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        sv1: SocketAddr,
+        /// Real seconds per 5-minute price interval of the trace.
+        #[arg(long, default_value_t = 5.0)]
+        step_secs: f64,
+        /// Simulated SV1 hashrate per TH/s of modelled hashrate (real sha256d, H/s).
+        #[arg(long, default_value_t = 2.0)]
+        hs_per_ths: f64,
+        /// Curtailment ledger (SQLite); default: a fresh file in the temp directory.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        /// Print the status line every N seconds (0 = never).
+        #[arg(long, default_value_t = 2)]
+        status_every: u64,
+    },
+    /// Print a running gridproxy's fleet summary through its control API.
+    Status {
+        /// Control API address (default: api.listen of --config, else 127.0.0.1:8080).
+        #[arg(long)]
+        api: Option<SocketAddr>,
+        /// Config file to take the API address from.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Bearer token (read role is enough); default: $GRIDPROXY_TOKEN.
+        #[arg(long)]
+        token: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a price trace against the curtailment policy (not implemented yet).
+    Backtest {
+        /// Anything; refused.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
+    /// Measurement & verification report from a ledger (not implemented yet).
+    Report {
+        /// Anything; refused.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
-fn init_logs(json: bool) {
+fn init_logs(json: bool, default: &str) {
     let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -51,50 +113,152 @@ fn init_logs(json: bool) {
     }
 }
 
-fn main() -> std::process::ExitCode {
+fn load(path: &PathBuf) -> Result<Config, String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(path).ok();
+    cfg.api
+        .validate(&path.display().to_string(), text.as_deref())
+        .map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_json);
+    let quiet_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Status { .. });
+    init_logs(cli.log_json, if quiet_default { "warn" } else { "info" });
     match cli.cmd {
-        Cmd::CheckConfig { config } => match Config::load(&config) {
+        Cmd::CheckConfig { config } => match load(&config) {
             Ok(c) => {
-                println!("{}: ok ({} pools)", config.display(), c.pools.len());
-                std::process::ExitCode::SUCCESS
+                println!(
+                    "{}: ok ({} pools{})",
+                    config.display(),
+                    c.pools.len(),
+                    match c.api.listen {
+                        Some(a) => format!(", control API on {a}"),
+                        None => String::new(),
+                    }
+                );
+                ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                std::process::ExitCode::from(2)
+                ExitCode::from(2)
             }
         },
         Cmd::Run {
             config,
             status_every,
         } => {
-            let cfg = match Config::load(&config) {
+            let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return std::process::ExitCode::from(2);
+                    return ExitCode::from(2);
                 }
             };
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(run(cfg, status_every)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
+            match runtime().block_on(run(cfg, status_every)) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    std::process::ExitCode::FAILURE
+                    ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Demo {
+            miners,
+            duration,
+            api,
+            sv1,
+            step_secs,
+            hs_per_ths,
+            ledger,
+            status_every,
+        } => {
+            let opts = DemoOptions {
+                miners,
+                duration: duration.map(Duration::from_secs),
+                api_listen: api,
+                sv1_listen: sv1,
+                step: Duration::from_secs_f64(step_secs.clamp(0.2, 3600.0)),
+                hs_per_ths,
+                ledger,
+                status_every: Duration::from_secs(status_every),
+                print: true,
+                ..DemoOptions::default()
+            };
+            let rt = runtime();
+            let r = rt.block_on(async move {
+                let stop = CancellationToken::new();
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!("\ngridproxy demo: Ctrl-C, stopping…");
+                        s.cancel();
+                    }
+                });
+                demo::run(opts, stop).await
+            });
+            rt.shutdown_timeout(Duration::from_secs(2));
+            match r {
+                Ok(report) => {
+                    println!("{}", report.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status {
+            api,
+            config,
+            token,
+            json,
+        } => {
+            let token = token.or_else(|| std::env::var("GRIDPROXY_TOKEN").ok());
+            runtime().block_on(status(api, config, token, json))
+        }
+        Cmd::Backtest { .. } => {
+            eprintln!("error: `gridproxy backtest` is not implemented yet (the policy engine can be replayed with gridproxy-curtail's Engine; see `gridproxy demo` for a live replay of a price trace)");
+            ExitCode::from(2)
+        }
+        Cmd::Report { .. } => {
+            eprintln!("error: `gridproxy report` is not implemented yet (the ledger is SQLite: see gridproxy-curtail's driver::Audit::read)");
+            ExitCode::from(2)
         }
     }
 }
 
 async fn run(cfg: Config, status_every: u64) -> anyhow::Result<()> {
+    let api_cfg = cfg.api.clone();
     let proxy = Proxy::start(cfg).await?;
     if let Some(a) = proxy.sv1_addr {
         println!("gridproxy: SV1 miners -> {a}");
     }
     if let Some(a) = proxy.sv2_addr {
         println!("gridproxy: SV2 miners -> {a}");
+    }
+    if api_cfg.listen.is_some() {
+        let server = api::start(
+            proxy.ctx.clone(),
+            SiteHandle::new(),
+            &api_cfg,
+            None,
+            proxy.shutdown.clone(),
+        )
+        .await?;
+        println!(
+            "gridproxy: dashboard and control API -> http://{}/ (metrics: /metrics)",
+            server.addr
+        );
     }
     let mut tick = tokio::time::interval(Duration::from_secs(status_every.max(1)));
     loop {
@@ -110,4 +274,69 @@ async fn run(cfg: Config, status_every: u64) -> anyhow::Result<()> {
     proxy.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+async fn status(
+    api: Option<SocketAddr>,
+    config: Option<PathBuf>,
+    token: Option<String>,
+    json: bool,
+) -> ExitCode {
+    let addr = match (api, &config) {
+        (Some(a), _) => a,
+        (None, Some(p)) => match load(p) {
+            Ok(c) => match c.api.listen {
+                Some(a) => a,
+                None => {
+                    eprintln!("error: {}: api.listen is not set", p.display());
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => "127.0.0.1:8080".parse().expect("literal"),
+    };
+    let r = client::request(
+        addr,
+        "GET",
+        "/api/v1/fleet",
+        token.as_deref(),
+        None,
+        Duration::from_secs(5),
+    )
+    .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if r.status != 200 {
+        eprintln!(
+            "error: {} from http://{addr}/api/v1/fleet: {}",
+            r.status,
+            r.text().trim()
+        );
+        if r.status == 401 {
+            eprintln!("hint: pass --token or set GRIDPROXY_TOKEN");
+        }
+        return ExitCode::FAILURE;
+    }
+    let v = match r.json() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: bad JSON: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", demo::format_fleet(&v));
+    }
+    ExitCode::SUCCESS
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// Hashes per share of difficulty 1.
 const HASHES_PER_DIFF1: f64 = 4_294_967_296.0;
 /// Averaging window of the rate estimates.
-const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW: Duration = Duration::from_secs(15);
 
 /// One point of history.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -47,13 +47,14 @@ pub struct WorkerRate {
     /// H/s, averaged.
     pub hashrate_hs: f64,
     last_sum: f64,
+    last_accepted: u64,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     history: VecDeque<Point>,
     workers: HashMap<String, WorkerRate>,
-    pools: Vec<(f64, f64)>,
+    pools: Vec<(f64, f64, u64)>,
     last: Option<Instant>,
 }
 
@@ -88,6 +89,26 @@ impl Live {
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let dt = g.last.map(|l| now.duration_since(l).as_secs_f64());
         g.last = Some(now);
+        // The sessions' own measurements (float, per miner) give the fleet
+        // rate; accepted-difficulty deltas give each worker's share of it.
+        // Fixed-point difficulty sums lose very small difficulties (CPU-scale
+        // demos): a worker whose sum did not move while it had accepted
+        // shares is credited with the fleet's average hashes per share.
+        let fleet_hs: f64 = shares.iter().map(|p| p.hashrate).sum();
+        let dt_ok = dt.filter(|d| *d > 0.0);
+        let accepted_delta: u64 = snap
+            .iter()
+            .map(|w| {
+                g.workers
+                    .get(&w.name)
+                    .map(|e| w.accepted.saturating_sub(e.last_accepted))
+                    .unwrap_or(0)
+            })
+            .sum();
+        let hashes_per_share = match dt_ok {
+            Some(dt) if accepted_delta > 0 => fleet_hs * dt / accepted_delta as f64,
+            _ => 0.0,
+        };
         let mut total = 0.0;
         let mut seen = std::collections::HashSet::with_capacity(snap.len());
         for w in &snap {
@@ -95,32 +116,59 @@ impl Live {
             let e = g.workers.entry(w.name.clone()).or_insert(WorkerRate {
                 hashrate_hs: 0.0,
                 last_sum: w.difficulty_sum,
+                last_accepted: w.accepted,
             });
-            if let Some(dt) = dt.filter(|d| *d > 0.0) {
-                let inst = (w.difficulty_sum - e.last_sum).max(0.0) * HASHES_PER_DIFF1 / dt;
-                e.hashrate_hs = ewma(e.hashrate_hs, inst, dt);
+            if let Some(dt) = dt_ok {
+                let dsum = (w.difficulty_sum - e.last_sum).max(0.0);
+                let dacc = w.accepted.saturating_sub(e.last_accepted);
+                let hashes = if dsum > 0.0 {
+                    dsum * HASHES_PER_DIFF1
+                } else {
+                    dacc as f64 * hashes_per_share
+                };
+                e.hashrate_hs = if w.connections == 0 {
+                    0.0
+                } else if e.hashrate_hs == 0.0 {
+                    hashes / dt
+                } else {
+                    ewma(e.hashrate_hs, hashes / dt, dt)
+                };
             }
             e.last_sum = w.difficulty_sum;
+            e.last_accepted = w.accepted;
             total += e.hashrate_hs;
         }
         g.workers.retain(|k, _| seen.contains(k.as_str()));
         if g.pools.len() != pools.len() {
             g.pools = pools
                 .iter()
-                .map(|p| (0.0, p.stats.difficulty_sum()))
+                .map(|p| (0.0, p.stats.difficulty_sum(), p.stats.accepted.get()))
                 .collect();
         }
         let mut pools_hs = Vec::with_capacity(pools.len());
         for (i, p) in pools.iter().enumerate() {
-            let sum = p.stats.difficulty_sum();
-            let (rate, last) = g.pools[i];
-            let rate = match dt.filter(|d| *d > 0.0) {
-                Some(dt) => ewma(rate, (sum - last).max(0.0) * HASHES_PER_DIFF1 / dt, dt),
+            let (sum, acc) = (p.stats.difficulty_sum(), p.stats.accepted.get());
+            let (rate, last_sum, last_acc) = g.pools[i];
+            let rate = match dt_ok {
+                Some(dt) => {
+                    let dsum = (sum - last_sum).max(0.0);
+                    let hashes = if dsum > 0.0 {
+                        dsum * HASHES_PER_DIFF1
+                    } else {
+                        acc.saturating_sub(last_acc) as f64 * hashes_per_share
+                    };
+                    if rate == 0.0 {
+                        hashes / dt
+                    } else {
+                        ewma(rate, hashes / dt, dt)
+                    }
+                }
                 None => rate,
             };
-            g.pools[i] = (rate, sum);
+            g.pools[i] = (rate, sum, acc);
             pools_hs.push(rate);
         }
+        let total = if total > 0.0 { total } else { fleet_hs };
         let point = Point {
             t: now_ms(),
             hashrate_hs: total,
