@@ -4,13 +4,9 @@
 
 use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
-use gridproxy_fixtures::stats::MinerStats;
-use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_tests::*;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Proxy config with SV2 upstream pools (priority order as given).
 pub fn proxy_config(pools: &[(&str, SocketAddr, &str, u32, f64)], extra: &str) -> Config {
@@ -24,25 +20,6 @@ pub fn proxy_config(pools: &[(&str, SocketAddr, &str, u32, f64)], extra: &str) -
     s.push_str("[routing]\nreconnect_ms = 100\n");
     s.push_str(extra);
     Config::parse(&s, "test").expect("valid test config")
-}
-
-/// Start `n` fixture SV1 miners against `addr`, all counting into one stats block.
-pub fn start_miners(
-    addr: SocketAddr,
-    n: usize,
-    prefix: &str,
-    hashrate: f64,
-) -> (Arc<MinerStats>, CancellationToken) {
-    let stats = Arc::new(MinerStats::default());
-    let stop = CancellationToken::new();
-    for i in 0..n {
-        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
-        cfg.hashrate = hashrate;
-        // Half with version rolling, half without, as in a mixed fleet.
-        cfg.version_rolling = i % 2 == 0;
-        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
-    }
-    (stats, stop)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +40,7 @@ async fn hundred_sv1_miners_through_gridproxy_into_pool_sv2() {
         .await
         .unwrap();
     let addr = proxy.sv1_addr.unwrap();
-    let (miners, stop) = start_miners(addr, 100, "site.rig", 5_000.0);
+    let (miners, stop) = start_sv1_miners(addr, 100, "site.rig", 5_000.0);
 
     let up = proxy.ctx.router.pools()[0].stats.clone();
     assert!(

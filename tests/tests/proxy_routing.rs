@@ -4,8 +4,6 @@
 use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
 use gridproxy::stats::RejectReason;
-use gridproxy_fixtures::stats::MinerStats;
-use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::share::{prevhash_from_sv1, Job, Work};
@@ -14,11 +12,9 @@ use gridproxy_tests::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 fn config(pools: &[(&str, SocketAddr, String, u32)], extra: &str) -> Config {
     let mut s = String::new();
@@ -30,17 +26,6 @@ fn config(pools: &[(&str, SocketAddr, String, u32)], extra: &str) -> Config {
     s.push_str("[listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\nshares_per_minute = 20.0\n\n");
     s.push_str(extra);
     Config::parse(&s, "test").expect("valid test config")
-}
-
-fn miners(addr: SocketAddr, n: usize, prefix: &str) -> (Arc<MinerStats>, CancellationToken) {
-    let stats = Arc::new(MinerStats::default());
-    let stop = CancellationToken::new();
-    for i in 0..n {
-        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
-        cfg.hashrate = 5_000.0;
-        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
-    }
-    (stats, stop)
 }
 
 /// A hand-driven SV1 client for exact conversations.
@@ -329,7 +314,7 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
     );
     let proxy = Proxy::start(cfg).await.unwrap();
     let n = 20;
-    let (stats, stop) = miners(proxy.sv1_addr.unwrap(), n, "fo");
+    let (stats, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), n, "fo", 5_000.0);
     let pools = proxy.ctx.router.pools().to_vec();
     let (a, b) = (pools[0].stats.clone(), pools[1].stats.clone());
     assert!(

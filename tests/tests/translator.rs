@@ -4,31 +4,9 @@
 
 use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
-use gridproxy_fixtures::stats::MinerStats;
-use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-
-fn miners(
-    addr: SocketAddr,
-    n: usize,
-    prefix: &str,
-    hashrate: f64,
-) -> (Arc<MinerStats>, CancellationToken) {
-    let stats = Arc::new(MinerStats::default());
-    let stop = CancellationToken::new();
-    for i in 0..n {
-        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
-        cfg.hashrate = hashrate;
-        cfg.version_rolling = i % 2 == 0;
-        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
-    }
-    (stats, stop)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_sv1_miners_through_translator_into_pool() {
@@ -47,7 +25,7 @@ async fn fixture_sv1_miners_through_translator_into_pool() {
         },
     )
     .await;
-    let (stats, stop) = miners(tproxy.sv1_addr, 5, "direct", 20_000.0);
+    let (stats, stop) = start_sv1_miners(tproxy.sv1_addr, 5, "direct", 20_000.0);
     let ok = pool
         .wait_shares_accepted(10.0, Duration::from_secs(90))
         .await;
@@ -97,7 +75,7 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
     let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap())
         .await
         .unwrap();
-    let (stats, stop) = miners(proxy.sv1_addr.unwrap(), 100, "site.rig", 5_000.0);
+    let (stats, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), 100, "site.rig", 5_000.0);
     let device = spawn_mining_device(
         proxy.sv2_addr.unwrap(),
         Some(&kp.public()),
