@@ -114,12 +114,7 @@ fn init_logs(json: bool, default: &str) {
 }
 
 fn load(path: &PathBuf) -> Result<Config, String> {
-    let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    let text = std::fs::read_to_string(path).ok();
-    cfg.api
-        .validate(&path.display().to_string(), text.as_deref())
-        .map_err(|e| e.to_string())?;
-    Ok(cfg)
+    api::config::load(path).map_err(|e| e.to_string())
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -9,11 +9,12 @@
 //!
 //! Cardinality is bounded: per-worker series exist for the top
 //! `metrics_max_workers` workers by hashrate, everything else is summed into
-//! `worker="_other"`; series not refreshed for a minute are dropped.
+//! `worker="_other"` (these two families are rendered directly, exactly
+//! N + 1 series per scrape).
 
 use crate::api::site::SiteState;
 use crate::downstream::Ctx;
-use crate::stats::RejectReason;
+use crate::stats::{RejectReason, WorkerSnapshot};
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
@@ -22,6 +23,7 @@ use metrics_exporter_prometheus::{
 };
 use metrics_util::MetricKindMask;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Latency buckets of curtailment commands, seconds.
@@ -100,20 +102,22 @@ impl Metrics {
         worker_rates: &HashMap<String, f64>,
         fleet_hs: f64,
     ) -> String {
-        self.with(|| self.refresh(ctx, site, worker_rates, fleet_hs));
+        let workers = ctx.registry.snapshot();
+        self.with(|| self.refresh(ctx, &workers, site, fleet_hs));
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut out = self.handle.render();
+        render_workers(&mut out, &workers, worker_rates, self.max_workers);
+        out
     }
 
-    fn refresh(&self, ctx: &Ctx, site: &SiteState, rates: &HashMap<String, f64>, fleet_hs: f64) {
-        let workers = ctx.registry.snapshot();
+    fn refresh(&self, ctx: &Ctx, workers: &[WorkerSnapshot], site: &SiteState, fleet_hs: f64) {
         gauge!("gridproxy_miners_connected").set(ctx.slots_in_use() as f64);
         gauge!("gridproxy_workers_known").set(workers.len() as f64);
         gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);
 
         let mut accepted = 0u64;
         let mut rejected: HashMap<RejectReason, u64> = HashMap::new();
-        for w in &workers {
+        for w in workers {
             accepted += w.accepted;
             for (r, n) in &w.rejected {
                 *rejected.entry(*r).or_default() += n;
@@ -123,37 +127,6 @@ impl Metrics {
         for r in RejectReason::ALL {
             counter!("gridproxy_shares_total", "result" => snake(r))
                 .absolute(rejected.get(&r).copied().unwrap_or(0));
-        }
-
-        // Per worker: top N by hashrate, the rest summed.
-        let mut ranked: Vec<_> = workers
-            .iter()
-            .map(|w| (rates.get(&w.name).copied().unwrap_or(0.0), w))
-            .collect();
-        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
-        let (mut o_hs, mut o_acc, mut o_rej) = (0.0, 0u64, 0u64);
-        for (i, (hs, w)) in ranked.iter().enumerate() {
-            let rej: u64 = w.rejected.iter().map(|(_, n)| n).sum();
-            if i < self.max_workers {
-                let name = w.name.clone();
-                gauge!("gridproxy_worker_hashrate_hashes_per_second", "worker" => name.clone())
-                    .set(*hs);
-                counter!("gridproxy_worker_shares_total", "worker" => name.clone(), "result" => "accepted")
-                    .absolute(w.accepted);
-                counter!("gridproxy_worker_shares_total", "worker" => name, "result" => "rejected")
-                    .absolute(rej);
-            } else {
-                o_hs += hs;
-                o_acc += w.accepted;
-                o_rej += rej;
-            }
-        }
-        if ranked.len() > self.max_workers {
-            gauge!("gridproxy_worker_hashrate_hashes_per_second", "worker" => "_other").set(o_hs);
-            counter!("gridproxy_worker_shares_total", "worker" => "_other", "result" => "accepted")
-                .absolute(o_acc);
-            counter!("gridproxy_worker_shares_total", "worker" => "_other", "result" => "rejected")
-                .absolute(o_rej);
         }
 
         let shares = ctx.router.shares();
@@ -230,12 +203,6 @@ fn describe() {
         "gridproxy_shares_total",
         Unit::Count,
         "Miner shares answered by the proxy, by result (accepted or the reject reason)."
-    );
-    describe_gauge!("gridproxy_worker_hashrate_hashes_per_second", "Hashrate per worker (top workers by hashrate; the rest as worker=\"_other\"), hashes per second.");
-    describe_counter!(
-        "gridproxy_worker_shares_total",
-        Unit::Count,
-        "Shares per worker (top workers; the rest as worker=\"_other\"), by result."
     );
     describe_gauge!(
         "gridproxy_pool_up",
@@ -323,4 +290,86 @@ fn describe() {
         Unit::Seconds,
         "Time from issuing a curtailment command to the actuator's answer, seconds."
     );
+}
+
+/// Escape a label value for the text exposition format.
+fn label(v: &str) -> String {
+    let mut o = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '"' => o.push_str("\\\""),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// Per-worker families, rendered here so that exactly the top `max`
+/// workers by hashrate (ties by name) have series each scrape and everyone
+/// else is summed into `worker="_other"`.
+fn render_workers(
+    out: &mut String,
+    workers: &[WorkerSnapshot],
+    rates: &HashMap<String, f64>,
+    max: usize,
+) {
+    let mut ranked: Vec<(f64, &WorkerSnapshot)> = workers
+        .iter()
+        .map(|w| (rates.get(&w.name).copied().unwrap_or(0.0), w))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    let mut rows: Vec<(String, f64, u64, u64)> = Vec::with_capacity(max + 1);
+    let mut other = (0.0, 0u64, 0u64);
+    for (i, (hs, w)) in ranked.iter().enumerate() {
+        let rej: u64 = w.rejected.iter().map(|(_, n)| n).sum();
+        if i < max {
+            rows.push((label(&w.name), *hs, w.accepted, rej));
+        } else {
+            other.0 += hs;
+            other.1 += w.accepted;
+            other.2 += rej;
+        }
+    }
+    if ranked.len() > max {
+        rows.push(("_other".into(), other.0, other.1, other.2));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    if !out.ends_with('\n') && !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str("# HELP gridproxy_worker_hashrate_hashes_per_second Hashrate per worker (the top workers by hashrate; the rest summed as worker=\"_other\"), hashes per second.\n");
+    out.push_str("# TYPE gridproxy_worker_hashrate_hashes_per_second gauge\n");
+    for (name, hs, _, _) in &rows {
+        let _ = writeln!(
+            out,
+            "gridproxy_worker_hashrate_hashes_per_second{{worker=\"{name}\"}} {hs}"
+        );
+    }
+    out.push('\n');
+    out.push_str("# HELP gridproxy_worker_shares_total Shares per worker (the top workers; the rest summed as worker=\"_other\"), by result.\n");
+    out.push_str("# TYPE gridproxy_worker_shares_total counter\n");
+    for (name, _, acc, rej) in &rows {
+        let _ = writeln!(
+            out,
+            "gridproxy_worker_shares_total{{worker=\"{name}\",result=\"accepted\"}} {acc}"
+        );
+        let _ = writeln!(
+            out,
+            "gridproxy_worker_shares_total{{worker=\"{name}\",result=\"rejected\"}} {rej}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

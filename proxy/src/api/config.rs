@@ -14,7 +14,7 @@
 //! token_env = "GRIDPROXY_READ_TOKEN"   # or: token = "…" (at least 16 characters)
 //! ```
 
-use crate::config::ConfigError;
+use crate::config::{Config, ConfigError};
 use serde::Deserialize;
 use std::net::SocketAddr;
 
@@ -263,6 +263,70 @@ impl ApiConfig {
     }
 }
 
+/// Parse and validate a whole config file's text (the proxy sections and
+/// `[api]`), naming the key and, where it can be found, the line of every
+/// error. `origin` names the file in messages.
+pub fn check(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let cfg = Config::parse(text, origin).map_err(|e| with_line(e, text))?;
+    cfg.api.validate(origin, Some(text))?;
+    Ok(cfg)
+}
+
+/// Read and [`check`] a config file.
+pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: origin.clone(),
+        source: e,
+    })?;
+    check(&text, &origin)
+}
+
+/// Add `(line N)` to a semantic error whose key can be found in `text`.
+fn with_line(e: ConfigError, text: &str) -> ConfigError {
+    match e {
+        ConfigError::Invalid { path, key, message } if !message.contains("(line ") => {
+            let line = line_of_key(text, &key);
+            ConfigError::Invalid {
+                message: match line {
+                    Some(l) => format!("{message} (line {l})"),
+                    None => message,
+                },
+                path,
+                key,
+            }
+        }
+        e => e,
+    }
+}
+
+/// Line of a dotted key path such as `pools[1].weight`,
+/// `extranonce.extranonce2_size` or `limits` (a section).
+pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (first, rest) = parts.split_first()?;
+    let (table, index) = match first.split_once('[') {
+        Some((t, i)) => (t, i.trim_end_matches(']').parse::<usize>().ok()),
+        None => (*first, None),
+    };
+    let leaf = rest.last().copied();
+    match index {
+        Some(n) => find_line(text, &format!("[[{table}]]"), n, leaf),
+        None => match leaf {
+            Some(k) => find_line(text, &format!("[{table}]"), 0, Some(k)),
+            // A top-level key or a whole section.
+            None => find_line(text, &format!("[{table}]"), 0, None).or_else(|| {
+                text.lines()
+                    .position(|l| {
+                        let l = l.trim();
+                        l.starts_with(table) && l[table.len()..].trim_start().starts_with('=')
+                    })
+                    .map(|i| i + 1)
+            }),
+        },
+    }
+}
+
 /// A random token (32 hex characters) for demos and first runs.
 pub fn random_token() -> String {
     use rand::RngCore;
@@ -281,5 +345,10 @@ mod tests {
         assert_eq!(find_line(t, "[api]", 0, Some("listen")), Some(2));
         assert_eq!(find_line(t, "[[api.tokens]]", 1, Some("token")), Some(9));
         assert_eq!(find_line(t, "[[api.tokens]]", 0, Some("token")), Some(4));
+        let c = "[[pools]]\nname='a'\n\n[[pools]]\nname='b'\nweight = -1\n\n[extranonce]\nextranonce2_size = 12\n";
+        assert_eq!(line_of_key(c, "pools[1].weight"), Some(6));
+        assert_eq!(line_of_key(c, "extranonce.extranonce2_size"), Some(9));
+        assert_eq!(line_of_key(c, "extranonce"), Some(8));
+        assert_eq!(line_of_key(c, "pools[0].authority_pubkey"), Some(1));
     }
 }
