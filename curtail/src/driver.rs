@@ -209,6 +209,27 @@ fn unsupported(c: &Command) -> ActuatorError {
     }
 }
 
+/// A shared actuator (one client set serving commands and telemetry).
+impl<A: Actuator> Actuator for Arc<A> {
+    fn handles(&self, surface: ControlSurface) -> bool {
+        (**self).handles(surface)
+    }
+
+    fn execute(&self, command: &Command) -> impl Future<Output = Result<(), ActuatorError>> + Send {
+        (**self).execute(command)
+    }
+}
+
+/// A shared telemetry source.
+impl<T: TelemetrySource> TelemetrySource for Arc<T> {
+    fn read(
+        &self,
+        miner: MinerId,
+    ) -> impl Future<Output = Result<Telemetry, ActuatorError>> + Send {
+        (**self).read(miner)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Configuration, status, errors
 
@@ -488,10 +509,9 @@ where
     C: EdgeClock,
 {
     let path: PathBuf = ledger.as_ref().to_owned();
-    let (ledger, resume) =
-        tokio::task::spawn_blocking(move || Ledger::open_and_recover(&path))
-            .await
-            .map_err(|e| DriverError::Task(e.to_string()))??;
+    let (ledger, resume) = tokio::task::spawn_blocking(move || Ledger::open_and_recover(&path))
+        .await
+        .map_err(|e| DriverError::Task(e.to_string()))??;
     let clock = Arc::new(edge.clock);
     let now = clock.now();
     let miners: Vec<MinerId> = fleet.iter().map(|m| m.spec.id).collect();
@@ -743,9 +763,7 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         poll_stop: CancellationToken,
         writer: std::thread::JoinHandle<Result<(), LedgerError>>,
     ) -> Result<DriverReport, DriverError> {
-        let r = self
-            .main(&mut signals, &mut acks, &mut polls, &stop)
-            .await;
+        let r = self.main(&mut signals, &mut acks, &mut polls, &stop).await;
         poll_stop.cancel();
         let drained = match r {
             Ok(()) => self.drain(&mut acks).await,
@@ -893,7 +911,9 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
             match &e {
                 PolicyEvent::Verified { .. } => s.verified += 1,
                 PolicyEvent::CommandFailed { .. } => s.failed += 1,
-                PolicyEvent::Escalated { miner, from, to, .. } => {
+                PolicyEvent::Escalated {
+                    miner, from, to, ..
+                } => {
                     s.escalated += 1;
                     tracing::warn!(%miner, ?from, ?to, "curtailment escalated");
                 }
@@ -1065,9 +1085,8 @@ impl Audit {
         conn.busy_timeout(Duration::from_secs(5))?;
         let ts = |v: i64| Timestamp::from_millis(u64::try_from(v).unwrap_or(0));
         let mut commands = Vec::new();
-        let mut stmt = conn.prepare(
-            "SELECT id, at_ms, miner, action, value, curtail FROM commands ORDER BY id",
-        )?;
+        let mut stmt = conn
+            .prepare("SELECT id, at_ms, miner, action, value, curtail FROM commands ORDER BY id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,

@@ -166,11 +166,19 @@ impl ProxyActuator {
         let is = |w: &str| w == worker;
         match command.action {
             Action::Park => {
-                self.lock().desired.entry(worker.clone()).or_default().parked = true;
+                self.lock()
+                    .desired
+                    .entry(worker.clone())
+                    .or_default()
+                    .parked = true;
                 self.router.park(is);
             }
             Action::Unpark => {
-                self.lock().desired.entry(worker.clone()).or_default().parked = false;
+                self.lock()
+                    .desired
+                    .entry(worker.clone())
+                    .or_default()
+                    .parked = false;
                 self.router.unpark(is);
             }
             Action::Reroute(pool) => {

@@ -1,0 +1,222 @@
+//! Shared pieces of the `curtail_*` end-to-end tests: a simulated site
+//! ([`gridproxy_fixtures::site`]) turned into the curtailment engine's fleet,
+//! its firmware actuator and the proxy bridge, a proxy config, and checks on
+//! the ledger.
+//!
+//! Time: every test runs site time [`SPEED`] times faster than real time
+//! (the driver's [`ScaledClock`], the emulators' `time_scale = 1/SPEED`), so
+//! "60 s" of site time is 6 s of wall time. Durations below are site time
+//! unless named `*_real`.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gridproxy::config::Config;
+use gridproxy::curtail_bridge::curtail;
+use gridproxy::curtail_bridge::ProxyActuator;
+use gridproxy::router::Router;
+use gridproxy_fixtures::site::{Firmware, Site, SiteMiner};
+
+use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::driver::Audit;
+use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
+use curtail::policy::Action;
+use curtail::time::Timestamp;
+
+pub use curtail::driver::ScaledClock;
+
+/// Site seconds per wall second.
+pub const SPEED: f64 = 10.0;
+
+/// Firmware client timeout per operation (real time).
+pub const CLIENT_TIMEOUT_REAL: Duration = Duration::from_millis(1000);
+
+/// Only one site-sized test at a time in a test binary (2 shared cores).
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Site time `d` in real time.
+pub fn real(d: Duration) -> Duration {
+    d.div_f64(SPEED)
+}
+
+/// The engine's control surface for a site firmware.
+pub fn surface(f: Firmware) -> ControlSurface {
+    match f {
+        Firmware::LuxOs => ControlSurface::LuxOs,
+        Firmware::BraiinsOs => ControlSurface::BraiinsOs,
+        Firmware::Whatsminer => ControlSurface::Whatsminer,
+        Firmware::Vnish => ControlSurface::Vnish,
+        Firmware::Stock => ControlSurface::None,
+    }
+}
+
+/// The miner's inventory id: its site index.
+pub fn id(m: &SiteMiner) -> MinerId {
+    MinerId(m.index as u64)
+}
+
+/// The inventory entry the engine gets for a site miner: nameplate figures,
+/// the firmware's ramp times, standby and minimum power as the site has
+/// them. Parking saves nothing (`parked_w = nominal`): an ASIC with a backup
+/// pool keeps hashing.
+pub fn spec(m: &SiteMiner) -> MinerSpec {
+    let c = &m.config;
+    let ramps = m.firmware.ramps();
+    let mut s = MinerSpec::new(
+        id(m),
+        m.model,
+        c.nominal_ths,
+        c.nominal_w,
+        surface(m.firmware),
+    );
+    s.ramp = Ramp {
+        sleep_latency: ramps.sleep,
+        wake_latency: ramps.wake,
+        limit_latency: ramps.limit,
+        min_power_w: c.min_power_w,
+        sleep_w: c.sleep_w,
+        parked_w: c.nominal_w,
+    };
+    s
+}
+
+/// The engine's fleet for the site.
+pub fn fleet(site: &Site) -> Fleet {
+    Fleet::from_specs(site.miners().iter().map(spec)).expect("valid fleet")
+}
+
+/// Endpoint of a site miner's firmware API.
+pub fn endpoint(m: &SiteMiner) -> MinerEndpoint {
+    MinerEndpoint::new(surface(m.firmware), m.addr()).with_credentials("root", &m.password)
+}
+
+/// Firmware actuator and telemetry source for every site miner.
+pub fn firmware(site: &Site) -> FleetActuator {
+    let mut a = FleetActuator::new(CLIENT_TIMEOUT_REAL);
+    for m in site.miners() {
+        a.insert(id(m), &endpoint(m));
+    }
+    a
+}
+
+/// The proxy bridge with every site miner's worker name.
+pub fn bridge(site: &Site, router: Arc<Router>) -> ProxyActuator {
+    let b = ProxyActuator::new(router);
+    for m in site.miners() {
+        b.insert(id(m), m.worker.clone());
+    }
+    b
+}
+
+/// A proxy config with one SV2 pool, SV1 listener on `sv1`.
+pub fn proxy_config(pool: SocketAddr, key: &str, sv1: SocketAddr) -> Config {
+    let s = format!(
+        "[[pools]]\nname = \"sri\"\naddress = \"{pool}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{key}\"\n\
+         user = \"gridproxy-curtail-test\"\npriority = 0\nweight = 1.0\nnominal_hashrate = 50000.0\n\n\
+         [listen]\nsv1 = \"{sv1}\"\n\n\
+         [difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\nshares_per_minute = 6.0\n\n\
+         [routing]\nreconnect_ms = 100\n"
+    );
+    Config::parse(&s, "curtail test").expect("valid test config")
+}
+
+/// A fresh temp directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join("gridproxy-tests").join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// Site draw now, kW.
+pub fn site_kw(site: &Site) -> f64 {
+    site.power_w() / 1000.0
+}
+
+/// Whether the emulator is asleep (standby power, no hashrate).
+pub fn asleep(m: &SiteMiner) -> bool {
+    let s = m.emulator.state();
+    s.hashrate_ths <= 0.0 && s.power_w <= m.config.sleep_w + 1.0
+}
+
+/// Whether the emulator hashes at (about) nominal power.
+pub fn at_nominal(m: &SiteMiner) -> bool {
+    (m.power_w() - m.config.nominal_w).abs() < 1.0
+}
+
+/// Every command has the actuator's answer (`ack_ok`/`ack_failed`) in the
+/// ledger; returns how many were answered OK.
+pub fn every_command_answered(audit: &Audit) -> usize {
+    let mut ok = 0;
+    for c in &audit.commands {
+        let answers: Vec<&str> = audit
+            .acks_of(c.id)
+            .map(|a| a.outcome.as_str())
+            .filter(|o| *o == "ack_ok" || *o == "ack_failed")
+            .collect();
+        assert_eq!(
+            answers.len(),
+            1,
+            "command {:?} ({:?} to {}) has answers {answers:?}",
+            c.id,
+            c.action,
+            c.miner
+        );
+        if answers[0] == "ack_ok" {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// Wake commands issued at or after `from`, as (time, miner).
+pub fn wakes_after(audit: &Audit, from: Timestamp) -> Vec<(Timestamp, MinerId)> {
+    audit
+        .commands
+        .iter()
+        .filter(|c| c.action == Action::Wake && c.at >= from)
+        .map(|c| (c.at, c.miner))
+        .collect()
+}
+
+/// Assert that wakes (sorted by time) come in batches: clusters separated
+/// by gaps of at least a quarter `interval`, each of at most `batch`
+/// miners, starting at least `interval` apart. Returns the batch sizes.
+pub fn assert_staggered(
+    wakes: &[(Timestamp, MinerId)],
+    batch: usize,
+    interval: Duration,
+) -> Vec<usize> {
+    assert!(!wakes.is_empty(), "no wake commands");
+    let mut batches: Vec<(Timestamp, usize)> = vec![(wakes[0].0, 1)];
+    for w in wakes.windows(2) {
+        if w[1].0.saturating_since(w[0].0) >= interval / 4 {
+            batches.push((w[1].0, 1));
+        } else if let Some(b) = batches.last_mut() {
+            b.1 += 1;
+        }
+    }
+    for (start, n) in &batches {
+        assert!(*n <= batch, "batch at {start} has {n} wakes (max {batch})");
+    }
+    for b in batches.windows(2) {
+        let gap = b[1].0.saturating_since(b[0].0);
+        // 1 % slack for the scaled clock's rounding.
+        assert!(
+            gap >= interval.mul_f64(0.99),
+            "batches at {} and {} only {gap:?} apart",
+            b[0].0,
+            b[1].0
+        );
+    }
+    batches.into_iter().map(|(_, n)| n).collect()
+}
