@@ -58,7 +58,7 @@ function plot(canvas, series, opts) {
   canvas.dataset.points = String(n);
   g.font = "11px system-ui, sans-serif";
   if (!n) { g.fillStyle = "#8a97a6"; g.fillText("waiting for data…", L + 10, T + 30); return; }
-  if (tmax - tmin < 60000) tmin = tmax - 60000;
+  if (tmax - tmin < 20000) tmin = tmax - 20000;
   if (vmax <= vmin) vmax = vmin + 1;
   const pad = (vmax - vmin) * 0.08; vmax += pad; if (!opts.min0) vmin -= pad;
   const X = t => L + (t - tmin) / (tmax - tmin) * (w - L - R);

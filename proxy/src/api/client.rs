@@ -92,8 +92,28 @@ async fn exchange(
         if buf.len() > MAX_RESPONSE {
             return Err(format!("response larger than {MAX_RESPONSE} bytes"));
         }
+        // Some servers keep the connection open despite `Connection: close`:
+        // stop once a Content-Length body is complete.
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(len) = content_length(&buf[..end]) {
+                if buf.len() >= end + 4 + len {
+                    buf.truncate(end + 4 + len);
+                    break;
+                }
+            }
+        }
     }
     parse(&buf)
+}
+
+fn content_length(head: &[u8]) -> Option<usize> {
+    let head = std::str::from_utf8(head).ok()?;
+    head.split("\r\n").skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })
 }
 
 fn parse(buf: &[u8]) -> Result<HttpResponse, String> {
