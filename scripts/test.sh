@@ -13,6 +13,9 @@ log() { printf '\n== %s\n' "$*" >&2; }
 log "installing test peers (cached in ${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy})"
 bash scripts/peers.sh install
 
+log "installing chromium, chromedriver and promtool (Debian) for the operate tests"
+bash scripts/browser.sh install
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
