@@ -389,7 +389,7 @@ mod tests {
         let e = Config::parse(&ok("[limits]\nmax_lien = 5\n"), "t.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("max_lien") && e.contains("line 7"), "{e}");
+        assert!(e.contains("max_lien") && e.contains("line 8"), "{e}");
         let e = Config::parse(&ok("[extranonce]\nextranonce2_size = 12\n"), "t.toml")
             .unwrap_err()
             .to_string();
