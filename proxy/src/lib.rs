@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the TOML file, validated.
 //! - [`upstream`]: one task per pool (SV2 extended channel or SV1), publishing jobs on a `watch`.
-//! - [`downstream`]: listeners and one task per miner (SV1 here; SV2 in `downstream::sv2`).
+//! - [`downstream`]: SV1 and SV2 listeners and one task per miner channel, on a shared channel core.
 //! - [`router`]: which pool each miner hashes for: priority failover, fail-back, weighted split, park, move.
 //! - [`stats`]: per-worker and per-pool counters.
 //! - [`proxy`]: wiring it all together (`Proxy::start`).
