@@ -246,24 +246,34 @@ struct Tracker {
     events: Mutex<Vec<DrEventView>>,
     price_bits: AtomicU64,
     override_note: Mutex<Option<String>>,
+    /// Commands sent since the last log line, by action.
+    pending: Mutex<HashMap<&'static str, usize>>,
+}
+
+impl Tracker {
+    /// One log line for the commands sent since the last call.
+    fn flush_commands(&self, site: &SiteHandle) {
+        let p = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if p.is_empty() {
+            return;
+        }
+        let mut parts: Vec<String> = p.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
+        parts.sort();
+        site.log
+            .push("curtail", format!("commands sent: {}", parts.join(", ")));
+    }
 }
 
 fn hook(tracker: Arc<Tracker>, site: Arc<SiteHandle>, metrics: Arc<Metrics>) -> driver::CommitHook {
     Arc::new(move |r: &Record| match r {
         Record::Commands(cs) => {
             let now = Instant::now();
-            let mut by: HashMap<&'static str, usize> = HashMap::new();
-            {
-                let mut m = tracker.issued_at.lock().unwrap_or_else(|e| e.into_inner());
-                for c in cs {
-                    m.insert(c.id.0, (now, c.action.as_str()));
-                    *by.entry(c.action.as_str()).or_default() += 1;
-                }
+            let mut m = tracker.issued_at.lock().unwrap_or_else(|e| e.into_inner());
+            let mut p = tracker.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for c in cs {
+                m.insert(c.id.0, (now, c.action.as_str()));
+                *p.entry(c.action.as_str()).or_default() += 1;
             }
-            let mut parts: Vec<String> = by.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
-            parts.sort();
-            site.log
-                .push("curtail", format!("commands sent: {}", parts.join(", ")));
         }
         Record::Ack { id, ack, .. } => {
             let e = tracker
@@ -431,7 +441,10 @@ pub async fn start(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result
         "miners must be 1..=20000"
     );
     let t0 = Instant::now();
-    let pools_stop = stop.child_token();
+    // Not a child of `stop`: the pools outlive the proxy at shutdown.
+    let pools_stop = CancellationToken::new();
+    // Stops the pools if start-up fails half way; disarmed on success.
+    let pools_guard = pools_stop.clone().drop_guard();
     // Pool share difficulty: about one share per 5 s for a 200 H/s miner.
     let diff = 1.0 / (1u64 << 22) as f64;
     let mut pools: Vec<Sv1Pool> = Vec::new();
@@ -682,7 +695,15 @@ token = "{read_token}"
             pools[1].addr()
         );
         println!("  ledger:         {}", ledger.display());
-        println!("  price trace:    one 5-minute interval every {:.1} s (spike to $2,400/MWh, then a DR event)", opts.step.as_secs_f64());
+        let st = opts.step.as_secs_f64();
+        println!(
+            "  price trace:    one 5-minute interval every {st:.1} s; {}-interval cycle:",
+            trace().len()
+        );
+        println!(
+            "                  quiet 0-{:.0} s, price rise to {:.0} s, spike to $2,400/MWh to {:.0} s, recovery to {:.0} s, DR event (limit 55% of nameplate) {:.0}-{:.0} s",
+            6.0 * st, 10.0 * st, 14.0 * st, 20.0 * st, 21.0 * st, 29.0 * st
+        );
         println!(
             "  status:         gridproxy status --api {} --token {read_token}",
             server.addr
@@ -693,6 +714,7 @@ token = "{read_token}"
         }
     }
 
+    let _ = pools_guard.disarm();
     let demo_stop = stop.clone();
     let api_addr = server.addr;
     let task_site_handle = site_handle.clone();
@@ -733,6 +755,7 @@ token = "{read_token}"
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
                 _ = publish.tick() => {}
             }
+            tracker.flush_commands(&task_site_handle);
             let st = drv.status();
             let site_kw = site.power_w() / 1000.0;
             if t0.elapsed() > Duration::from_secs(3) {

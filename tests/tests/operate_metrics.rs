@@ -176,6 +176,35 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
     // The fastest rig is among the named ones.
     assert!(named.contains("acct.rig-5"), "{named:?}");
 
+    // Every series the Grafana dashboard queries exists.
+    let grafana = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../grafana/gridproxy.json"
+    ))
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&grafana).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let e = t["expr"].as_str().unwrap();
+            for (i, _) in e.match_indices("gridproxy_") {
+                let n: String = e[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.insert(n);
+            }
+        }
+    }
+    assert!(names.len() >= 15, "{names:?}");
+    for n in &names {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(n.as_str()) && l[n.len()..].starts_with(['{', ' '])),
+            "grafana/gridproxy.json queries {n}, which /metrics lacks"
+        );
+    }
+
     // A broken exposition is caught by the same check (the checker works).
     let (ok, _) = promtool_check("# TYPE x counter\nx_total{a=\"1\" 2\n");
     assert!(!ok);
