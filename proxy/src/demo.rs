@@ -240,7 +240,6 @@ impl Actuator for SiteProxyActuator {
 
 /// Shared between the commit hook (ledger thread), the replay task and the
 /// publisher.
-#[derive(Default)]
 struct Tracker {
     issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
     events: Mutex<Vec<DrEventView>>,
@@ -248,6 +247,19 @@ struct Tracker {
     override_note: Mutex<Option<String>>,
     /// Commands sent since the last log line, by action.
     pending: Mutex<HashMap<&'static str, usize>>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            issued_at: Mutex::default(),
+            events: Mutex::default(),
+            // No price yet.
+            price_bits: AtomicU64::new(f64::NAN.to_bits()),
+            override_note: Mutex::default(),
+            pending: Mutex::default(),
+        }
+    }
 }
 
 impl Tracker {
@@ -811,7 +823,7 @@ token = "{read_token}"
                 target_kw: st.cap_kw,
                 expected_kw: st.expected_kw,
                 nominal_kw,
-                price_usd_per_mwh: (price > 0.0 || price < 0.0).then_some(price),
+                price_usd_per_mwh: price.is_finite().then_some(price),
                 mode: st.mode.as_str().to_string(),
                 fleet_ths: ths,
                 miners_total: site.len(),

@@ -113,7 +113,7 @@ fn init_logs(json: bool, default: &str) {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Config, String> {
+fn load(path: &std::path::Path) -> Result<Config, String> {
     api::config::load(path).map_err(|e| e.to_string())
 }
 

@@ -155,6 +155,35 @@ fn err(code: StatusCode, msg: impl Into<String>) -> Response {
     (code, Json(json!({ "error": msg.into() }))).into_response()
 }
 
+/// An error answer: status and message (401s carry a Bearer challenge).
+#[derive(Debug)]
+pub struct ApiError {
+    code: StatusCode,
+    msg: String,
+}
+
+impl ApiError {
+    fn new(code: StatusCode, msg: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = err(self.code, self.msg);
+        if self.code == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"gridproxy\""),
+            );
+        }
+        r
+    }
+}
+
 /// The caller, once authenticated.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -175,15 +204,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn authenticate(st: &ApiState, headers: &HeaderMap) -> Result<Caller, Response> {
-    let unauthorized = |m: &str| {
-        let mut r = err(StatusCode::UNAUTHORIZED, m);
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"gridproxy\""),
-        );
-        r
-    };
+fn authenticate(st: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
     let Some(presented) = bearer(headers) else {
         return Err(unauthorized(
             "missing bearer token (Authorization: Bearer <token>)",
@@ -211,7 +233,7 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
     };
     let caller = match authenticate(&st, req.headers()) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if caller.role < need {
         return err(
@@ -258,8 +280,8 @@ async fn openapi() -> Response {
 
 async fn metrics_handler(State(st): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     if !st.metrics_public {
-        if let Err(r) = authenticate(&st, &headers) {
-            return r;
+        if let Err(e) = authenticate(&st, &headers) {
+            return e.into_response();
         }
     }
     let site = st.site.state();
@@ -579,25 +601,28 @@ async fn curtail(
         Ok(b) => b,
         Err(e) => return err(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let group = || -> Result<String, Response> {
+    let group = || -> Result<String, ApiError> {
         let g = r.workers.clone().unwrap_or_default();
         if g.is_empty() || g.len() > 256 {
-            return Err(err(
+            return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "workers: give a worker name or a glob (1..=256 characters, e.g. \"site.s9-*\")",
             ));
         }
         Ok(g)
     };
-    let kw = || -> Result<f64, Response> {
+    let kw = || -> Result<f64, ApiError> {
         match r.kw {
             Some(k) if k.is_finite() && (0.0..=1e8).contains(&k) => Ok(k),
-            _ => Err(err(StatusCode::BAD_REQUEST, "kw: a number in 0..=1e8")),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "kw: a number in 0..=1e8",
+            )),
         }
     };
     let router = &st.ctx.router;
     let by = c.name.clone();
-    let result: Result<(usize, String), Response> = (|| {
+    let result: Result<(usize, String), ApiError> = (|| {
         match r.action.as_str() {
         "park" | "unpark" | "unpin" => {
             let g = group()?;
@@ -617,7 +642,7 @@ async fn curtail(
                 _ => None,
             };
             let Some(idx) = idx else {
-                return Err(err(
+                return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     format!(
                         "pool: give a pool name or index ({})",
@@ -645,10 +670,10 @@ async fn curtail(
             };
             st.site
                 .command(cmd)
-                .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?;
+                .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
             Ok((0, what))
         }
-        other => Err(err(
+        other => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("action: unknown {other:?}; one of park, unpark, move, unpin, cap_kw, shed_kw, curtail_all, run_all, clear"),
         )),
@@ -660,7 +685,7 @@ async fn curtail(
             st.site.log.push("operator", format!("{}: {what}", c.name));
             Json(json!({ "ok": true, "affected": n, "message": what })).into_response()
         }
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
