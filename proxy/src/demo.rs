@@ -40,7 +40,7 @@ use curtail::signal::{DrEvent, DrTarget, ManualOverride, OverrideMode, PriceSign
 use curtail::time::{Clock, SystemClock, Timestamp};
 use gridproxy_fixtures::firmware::model::{Mode, SimMiner};
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::sv1_pool::{self, Sv1Pool, Sv1PoolConfig};
+use gridproxy_fixtures::sv1_pool::{self, PoolReject, Sv1Pool, Sv1PoolConfig};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
@@ -118,6 +118,8 @@ pub struct DemoReport {
     pub pool_accepted: u64,
     /// Shares the pools rejected.
     pub pool_rejected: u64,
+    /// Of those, rejected as invalid, low difficulty or duplicate (not stale).
+    pub pool_invalid: u64,
     /// Shares the proxy accepted from miners.
     pub proxy_accepted: u64,
     /// Shares the proxy rejected.
@@ -140,13 +142,14 @@ impl DemoReport {
     /// One line.
     pub fn summary(&self) -> String {
         format!(
-            "gridproxy demo: {:.0} s, {} miners; pools accepted {} rejected {}; proxy accepted {} rejected {}; \
+            "gridproxy demo: {:.0} s, {} miners; pools accepted {} rejected {} ({} invalid); proxy accepted {} rejected {}; \
              site {:.0}..{:.0} kW of {:.0} kW nameplate; {} price intervals, {} DR events; \
              curtailment commands issued {} verified {} failed {}; ledger {}",
             self.seconds,
             self.miners,
             self.pool_accepted,
             self.pool_rejected,
+            self.pool_invalid,
             self.proxy_accepted,
             self.proxy_rejected,
             self.site_kw_range.0,
@@ -885,6 +888,14 @@ token = "{read_token}"
         for p in &pools {
             report.pool_accepted += p.stats().accepted.get();
             report.pool_rejected += p.stats().rejected_total();
+            report.pool_invalid += [
+                PoolReject::Invalid,
+                PoolReject::LowDifficulty,
+                PoolReject::Duplicate,
+            ]
+            .iter()
+            .map(|r| p.stats().rejected(*r))
+            .sum::<u64>();
         }
         proxy_shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(300)).await;

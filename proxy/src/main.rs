@@ -92,11 +92,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
     },
-    /// Measurement & verification report from a ledger (not implemented yet).
+    /// Summarise a curtailment ledger (SQLite, as written by the driver):
+    /// commands and acknowledgements, DR events and the measured draw
+    /// during them, energy.
     Report {
-        /// Anything; refused.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+        /// Ledger file (the demo prints its path).
+        #[arg(long)]
+        ledger: PathBuf,
     },
 }
 
@@ -225,10 +227,16 @@ fn main() -> ExitCode {
             eprintln!("error: `gridproxy backtest` is not implemented yet (the policy engine can be replayed with gridproxy-curtail's Engine; see `gridproxy demo` for a live replay of a price trace)");
             ExitCode::from(2)
         }
-        Cmd::Report { .. } => {
-            eprintln!("error: `gridproxy report` is not implemented yet (the ledger is SQLite: see gridproxy-curtail's driver::Audit::read)");
-            ExitCode::from(2)
-        }
+        Cmd::Report { ledger } => match report(&ledger) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", ledger.display());
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -334,4 +342,154 @@ async fn status(
         print!("{}", demo::format_fleet(&v));
     }
     ExitCode::SUCCESS
+}
+
+fn report(path: &std::path::Path) -> Result<String, String> {
+    use gridproxy::curtail_bridge::curtail::driver::Audit;
+    use std::collections::BTreeMap;
+    if !path.exists() {
+        return Err("no such file".into());
+    }
+    let a = Audit::read(path).map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    let secs =
+        |t: gridproxy::curtail_bridge::curtail::time::Timestamp| t.as_millis() as f64 / 1000.0;
+    let first = a
+        .intervals
+        .first()
+        .map(|i| i.start)
+        .or(a.commands.first().map(|c| c.at));
+    let last = a
+        .intervals
+        .last()
+        .map(|i| i.end)
+        .or(a.commands.last().map(|c| c.at));
+    out.push_str(&format!("ledger {}\n", path.display()));
+    if let (Some(f), Some(l)) = (first, last) {
+        out.push_str(&format!(
+            "period: {} .. {} ({:.0} s); {} signals recorded\n",
+            f,
+            l,
+            secs(l) - secs(f),
+            a.signals
+        ));
+    }
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &a.commands {
+        *by.entry(c.action.as_str()).or_default() += 1;
+    }
+    out.push_str(&format!(
+        "commands: {} ({})\n",
+        a.commands.len(),
+        by.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let issued: std::collections::HashMap<u64, f64> =
+        a.commands.iter().map(|c| (c.id.0, secs(c.at))).collect();
+    let mut lat: Vec<f64> = a
+        .acks
+        .iter()
+        .filter(|k| k.outcome.starts_with("ack_"))
+        .filter_map(|k| issued.get(&k.command.0).map(|t| secs(k.at) - t))
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in &a.acks {
+        *outcomes.entry(k.outcome.as_str()).or_default() += 1;
+    }
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    out.push_str(&format!(
+        "outcomes: {}\n",
+        outcomes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    out.push_str(&format!(
+        "acknowledgement latency: p50 {:.3} s, p95 {:.3} s, max {:.3} s\n",
+        q(0.5),
+        q(0.95),
+        lat.last().copied().unwrap_or(0.0)
+    ));
+    let mut notes: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in &a.notes {
+        *notes.entry(n.kind.as_str()).or_default() += 1;
+    }
+    if !notes.is_empty() {
+        out.push_str(&format!(
+            "engine notes: {}\n",
+            notes
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let mwh: f64 = a
+        .intervals
+        .iter()
+        .map(|i| i.fleet_kw * (secs(i.end) - secs(i.start)) / 3600.0 / 1000.0)
+        .sum();
+    let (lo, hi) = a
+        .intervals
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), i| {
+            (lo.min(i.fleet_kw), hi.max(i.fleet_kw))
+        });
+    out.push_str(&format!(
+        "measured: {} intervals, {:.3} MWh, fleet {:.0}..{:.0} kW\n",
+        a.intervals.len(),
+        mwh,
+        if lo.is_finite() { lo } else { 0.0 },
+        hi
+    ));
+    // DR events: state changes and the draw while active.
+    let mut ids: Vec<&str> = a.events.iter().map(|e| e.event_id.as_str()).collect();
+    ids.dedup();
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            continue;
+        }
+        let states: Vec<_> = a.events.iter().filter(|e| e.event_id == id).collect();
+        let active = states.iter().find(|e| e.state == "active").map(|e| e.at);
+        let ended = states.iter().find(|e| e.state == "ended").map(|e| e.at);
+        let mut line = format!(
+            "event {id}: {}",
+            states
+                .iter()
+                .map(|e| format!("{} at {}", e.state, e.at))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if let Some(from) = active {
+            let to = ended.unwrap_or(
+                gridproxy::curtail_bridge::curtail::time::Timestamp::from_millis(u64::MAX),
+            );
+            let during: Vec<f64> = a
+                .intervals
+                .iter()
+                .filter(|i| i.start >= from && i.end <= to)
+                .map(|i| i.fleet_kw)
+                .collect();
+            if !during.is_empty() {
+                let mean = during.iter().sum::<f64>() / during.len() as f64;
+                let max = during.iter().copied().fold(0.0, f64::max);
+                line.push_str(&format!(
+                    "; while active: mean {mean:.0} kW, max {max:.0} kW over {} intervals",
+                    during.len()
+                ));
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok(out)
 }
