@@ -171,15 +171,13 @@ impl<F: Actuator, P: Actuator> Actuator for Route<F, P> {
         self.firmware.handles(surface)
     }
 
-    fn execute(&self, command: &Command) -> impl Future<Output = Result<(), ActuatorError>> + Send {
-        async move {
-            if command.action.is_proxy_side() {
-                self.proxy.execute(command).await
-            } else if self.firmware.handles(command.surface) {
-                self.firmware.execute(command).await
-            } else {
-                Err(unsupported(command))
-            }
+    async fn execute(&self, command: &Command) -> Result<(), ActuatorError> {
+        if command.action.is_proxy_side() {
+            self.proxy.execute(command).await
+        } else if self.firmware.handles(command.surface) {
+            self.firmware.execute(command).await
+        } else {
+            Err(unsupported(command))
         }
     }
 }
