@@ -701,6 +701,32 @@ pub fn spawn_mining_device(
     PeerProcess::spawn("mining_device", dir, cmd)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fixture SV1 fleets
+
+/// Starts `n` fixture SV1 miners named `PREFIX.i` against `addr`, all counting into one stats
+/// block; half roll version bits and half do not, as in a mixed fleet. Cancel the token to stop.
+pub fn start_sv1_miners(
+    addr: SocketAddr,
+    n: usize,
+    prefix: &str,
+    hashrate: f64,
+) -> (
+    std::sync::Arc<gridproxy_fixtures::stats::MinerStats>,
+    tokio_util::sync::CancellationToken,
+) {
+    use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
+    let stats = std::sync::Arc::new(gridproxy_fixtures::stats::MinerStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    for i in 0..n {
+        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
+        cfg.hashrate = hashrate;
+        cfg.version_rolling = i % 2 == 0;
+        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
+    }
+    (stats, stop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,30 +769,4 @@ mod tests {
         let a: HashSet<u16> = (0..20).map(|_| free_port()).collect();
         assert_eq!(a.len(), 20);
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fixture SV1 fleets
-
-/// Starts `n` fixture SV1 miners named `PREFIX.i` against `addr`, all counting into one stats
-/// block; half roll version bits and half do not, as in a mixed fleet. Cancel the token to stop.
-pub fn start_sv1_miners(
-    addr: SocketAddr,
-    n: usize,
-    prefix: &str,
-    hashrate: f64,
-) -> (
-    std::sync::Arc<gridproxy_fixtures::stats::MinerStats>,
-    tokio_util::sync::CancellationToken,
-) {
-    use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
-    let stats = std::sync::Arc::new(gridproxy_fixtures::stats::MinerStats::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    for i in 0..n {
-        let mut cfg = Sv1MinerConfig::new(addr, format!("{prefix}.{i}"));
-        cfg.hashrate = hashrate;
-        cfg.version_rolling = i % 2 == 0;
-        tokio::spawn(sv1_miner::run(cfg, stats.clone(), stop.clone()));
-    }
-    (stats, stop)
 }
