@@ -409,13 +409,20 @@ pub enum DriverError {
 // ---------------------------------------------------------------------------
 // Handle
 
-/// Control of a running driver.
+/// Control of a running driver. Dropping it stops the driver as
+/// [`shutdown`](Self::shutdown) does, in the background.
 #[derive(Debug)]
 pub struct DriverHandle {
     signals: mpsc::Sender<Signal>,
     status: watch::Receiver<DriverStatus>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<DriverReport, DriverError>>,
+    task: Option<tokio::task::JoinHandle<Result<DriverReport, DriverError>>>,
+}
+
+impl Drop for DriverHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 impl DriverHandle {
@@ -459,7 +466,7 @@ impl DriverHandle {
 
     /// Whether the driver task has ended (error or shutdown).
     pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+        self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Stop: no new commands; wait for acknowledgements of sent ones (up to
@@ -469,9 +476,12 @@ impl DriverHandle {
         self.join().await
     }
 
-    /// Wait for the driver to end by itself (an error).
-    pub async fn join(self) -> Result<DriverReport, DriverError> {
-        match self.task.await {
+    /// Wait for the driver to end by itself (it does only on an error).
+    pub async fn join(mut self) -> Result<DriverReport, DriverError> {
+        let Some(task) = self.task.take() else {
+            return Err(DriverError::Stopped);
+        };
+        match task.await {
             Ok(r) => r,
             Err(e) => Err(DriverError::Task(e.to_string())),
         }
@@ -575,7 +585,7 @@ where
         signals: signals_tx,
         status: status_rx,
         shutdown,
-        task,
+        task: Some(task),
     })
 }
 
