@@ -173,7 +173,12 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
         .collect();
     assert!(named.contains("_other"), "{named:?}");
     assert!(named.len() <= 4, "{named:?}");
-    assert!(named.iter().all(|n| *n == "_other" || n.starts_with("acct.rig-")), "{named:?}");
+    assert!(
+        named
+            .iter()
+            .all(|n| *n == "_other" || n.starts_with("acct.rig-")),
+        "{named:?}"
+    );
 
     // Every series the Grafana dashboard queries exists.
     let grafana = std::fs::read_to_string(concat!(
