@@ -118,8 +118,11 @@ pub struct DemoReport {
     pub pool_accepted: u64,
     /// Shares the pools rejected.
     pub pool_rejected: u64,
-    /// Of those, rejected as invalid, low difficulty or duplicate (not stale).
+    /// Of those, rejected as invalid or low difficulty (work the proxy
+    /// should never have forwarded).
     pub pool_invalid: u64,
+    /// Pool rejections by reason.
+    pub pool_rejects: std::collections::BTreeMap<&'static str, u64>,
     /// Shares the proxy accepted from miners.
     pub proxy_accepted: u64,
     /// Shares the proxy rejected.
@@ -142,7 +145,7 @@ impl DemoReport {
     /// One line.
     pub fn summary(&self) -> String {
         format!(
-            "gridproxy demo: {:.0} s, {} miners; pools accepted {} rejected {} ({} invalid); proxy accepted {} rejected {}; \
+            "gridproxy demo: {:.0} s, {} miners; pools accepted {} rejected {} ({} invalid; by reason {:?}); proxy accepted {} rejected {}; \
              site {:.0}..{:.0} kW of {:.0} kW nameplate; {} price intervals, {} DR events; \
              curtailment commands issued {} verified {} failed {}; ledger {}",
             self.seconds,
@@ -150,6 +153,7 @@ impl DemoReport {
             self.pool_accepted,
             self.pool_rejected,
             self.pool_invalid,
+            self.pool_rejects,
             self.proxy_accepted,
             self.proxy_rejected,
             self.site_kw_range.0,
@@ -639,6 +643,7 @@ token = "{read_token}"
             crate::api::site::now_ms()
         )),
     };
+    site_handle.set_ledger(ledger.clone());
     let tracker = Arc::new(Tracker::default());
     let dcfg = DriverConfig {
         poll_interval: Duration::from_secs(2),
@@ -888,6 +893,12 @@ token = "{read_token}"
         for p in &pools {
             report.pool_accepted += p.stats().accepted.get();
             report.pool_rejected += p.stats().rejected_total();
+            for r in PoolReject::ALL {
+                let n = p.stats().rejected(r);
+                if n > 0 {
+                    *report.pool_rejects.entry(r.as_str()).or_default() += n;
+                }
+            }
             report.pool_invalid += [
                 PoolReject::Invalid,
                 PoolReject::LowDifficulty,

@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `GET /`, `/app.js` (dashboard), `/healthz`, `/api/v1/openapi.json` | none |
 //! | `GET /metrics` | none, or `read` when `metrics_public = false` |
-//! | `GET /api/v1/{whoami,fleet,workers,pools,events,history}` | `read` |
+//! | `GET /api/v1/{whoami,fleet,workers,pools,events,history,ledger}` | `read` |
 //! | `POST /api/v1/curtail` | `operate` |
 //!
 //! A missing or unknown token gets 401, a `read` token on an `operate`
@@ -136,6 +136,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/pools", get(pools))
         .route("/api/v1/events", get(events))
         .route("/api/v1/history", get(history))
+        .route("/api/v1/ledger", get(ledger_export))
         .route("/api/v1/curtail", post(curtail))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -547,6 +548,47 @@ async fn history(State(st): State<Arc<ApiState>>, Query(q): Query<HistoryQuery>)
         "pools": pools,
         "points": st.live.history(q.since.unwrap_or(0)),
     }))
+}
+
+/// `GET /api/v1/ledger`: the curtailment ledger as JSON (commands,
+/// acknowledgements and verifications, DR event states, measured intervals).
+async fn ledger_export(State(st): State<Arc<ApiState>>) -> Response {
+    use crate::curtail_bridge::curtail::driver::Audit;
+    let Some(path) = st.site.ledger() else {
+        return err(StatusCode::NOT_FOUND, "no curtailment ledger on this proxy");
+    };
+    let r = tokio::task::spawn_blocking(move || Audit::read(&path)).await;
+    let a = match r {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return err(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
+        Err(e) => {
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("ledger reader: {e}"),
+            )
+        }
+    };
+    Json(json!({
+        "signals": a.signals,
+        "commands": a.commands.iter().map(|c| json!({
+            "id": c.id.0, "at_ms": c.at.as_millis(), "miner": c.miner.0,
+            "action": c.action.as_str(), "value": c.action.value(), "curtail": c.curtail,
+        })).collect::<Vec<_>>(),
+        "outcomes": a.acks.iter().map(|k| json!({
+            "at_ms": k.at.as_millis(), "command": k.command.0, "outcome": k.outcome, "detail": k.detail,
+        })).collect::<Vec<_>>(),
+        "events": a.events.iter().map(|e| json!({
+            "at_ms": e.at.as_millis(), "id": e.event_id, "state": e.state,
+        })).collect::<Vec<_>>(),
+        "notes": a.notes.iter().map(|n| json!({
+            "at_ms": n.at.as_millis(), "kind": n.kind, "miner": n.miner.map(|m| m.0),
+        })).collect::<Vec<_>>(),
+        "intervals": a.intervals.iter().map(|i| json!({
+            "start_ms": i.start.as_millis(), "end_ms": i.end.as_millis(), "fleet_kw": i.fleet_kw,
+            "site_kw": i.site_kw, "miners": i.miners,
+        })).collect::<Vec<_>>(),
+    }))
+    .into_response()
 }
 
 /// Body of `POST /api/v1/curtail`.

@@ -198,6 +198,7 @@ pub struct SiteHandle {
     state: RwLock<Arc<SiteState>>,
     miners: RwLock<Arc<HashMap<String, MinerView>>>,
     control: Mutex<Option<mpsc::Sender<SiteCommand>>>,
+    ledger: Mutex<Option<std::path::PathBuf>>,
     /// What happened (operator actions, curtailment decisions, events).
     pub log: EventLog,
 }
@@ -213,6 +214,19 @@ impl SiteHandle {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         rx
+    }
+
+    /// The curtailment ledger (SQLite) the driver writes, for export.
+    pub fn set_ledger(&self, path: std::path::PathBuf) {
+        *self.ledger.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    }
+
+    /// The ledger path, if a driver registered one.
+    pub fn ledger(&self) -> Option<std::path::PathBuf> {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Publish the site state.
