@@ -453,12 +453,59 @@ fn counts(n: usize) -> Vec<(Firmware, usize)> {
     out
 }
 
+/// Raise the soft open-files limit towards `want` (up to the hard limit).
+/// Returns the soft limit in force afterwards.
+#[cfg(unix)]
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let cur = lim.rlim_cur as u64;
+        if cur >= want {
+            return cur;
+        }
+        let target = want.min(lim.rlim_max as u64);
+        let new = libc::rlimit {
+            rlim_cur: target as libc::rlim_t,
+            rlim_max: lim.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
+            target
+        } else {
+            cur
+        }
+    }
+}
+
+/// Not needed elsewhere.
+#[cfg(not(unix))]
+pub fn raise_fd_limit(want: u64) -> u64 {
+    want
+}
+
 /// Start everything and return at once; the demo runs in a task.
 pub async fn start(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Demo> {
     anyhow::ensure!(
         opts.miners > 0 && opts.miners <= 20_000,
         "miners must be 1..=20000"
     );
+    // Each miner holds about four sockets (its SV1 connection on both ends,
+    // its firmware emulator's listener, telemetry/control connections).
+    let want = opts.miners as u64 * 5 + 256;
+    let have = raise_fd_limit(want);
+    if have < want {
+        warn!(
+            have,
+            want,
+            "open-files limit is low for this many miners; raise it with `ulimit -n {want}` or use --miners"
+        );
+    }
     let t0 = Instant::now();
     // Not a child of `stop`: the pools outlive the proxy at shutdown.
     let pools_stop = CancellationToken::new();
