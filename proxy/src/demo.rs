@@ -181,29 +181,7 @@ pub struct TraceStep {
 
 /// Parse the embedded trace (`price` or `price,dr:FRACTION:START:LEN` per line; `#` comments).
 pub fn trace() -> Vec<TraceStep> {
-    let mut out = Vec::new();
-    for line in TRACE.lines() {
-        let l = line.split('#').next().unwrap_or("").trim();
-        if l.is_empty() {
-            continue;
-        }
-        let mut parts = l.split(',');
-        let Some(price) = parts.next().and_then(|p| p.trim().parse::<f64>().ok()) else {
-            continue;
-        };
-        let dr = parts.next().and_then(|e| {
-            let f: Vec<&str> = e.trim().split(':').collect();
-            (f.len() == 4 && f[0] == "dr").then(|| {
-                (
-                    f[1].parse().unwrap_or(0.5),
-                    f[2].parse().unwrap_or(1),
-                    f[3].parse().unwrap_or(6),
-                )
-            })
-        });
-        out.push(TraceStep { price, dr });
-    }
-    out
+    parse_trace(TRACE)
 }
 
 fn surface(f: Firmware) -> ControlSurface {
@@ -1257,6 +1235,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backtest_curtails_on_the_spike_and_holds_the_dr_limit() {
+        let r = backtest(&BacktestOptions {
+            miners: 100,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(r.policy.cost < r.flat_out.cost, "{}", r.text());
+        assert!(
+            r.policy.revenue - r.policy.cost > r.flat_out.revenue - r.flat_out.cost,
+            "{}",
+            r.text()
+        );
+        assert_eq!(r.dr.len(), 1);
+        assert!(
+            r.commands.get("sleep").copied().unwrap_or(0) > 0,
+            "{}",
+            r.text()
+        );
+        assert_eq!(r.failed, 0, "{}", r.text());
+    }
+
+    #[test]
     fn trace_has_a_spike_and_a_dr_event() {
         let t = trace();
         assert!(t.len() >= 20, "{}", t.len());
@@ -1272,4 +1272,367 @@ mod tests {
         }
         assert_eq!(counts(500).len(), 5);
     }
+}
+
+/// How to run [`backtest`].
+#[derive(Debug, Clone)]
+pub struct BacktestOptions {
+    /// The trace (`price[,dr:FRACTION:START:LEN]` per line); None: the demo's.
+    pub trace: Option<String>,
+    /// Length of one trace line.
+    pub interval: Duration,
+    /// Miners (the demo site's mix of models and firmwares, nominal figures).
+    pub miners: usize,
+    /// Hashprice, $ per PH/s per day.
+    pub hashprice: f64,
+    /// Pool fee (0..1).
+    pub pool_fee: f64,
+}
+
+impl Default for BacktestOptions {
+    fn default() -> Self {
+        Self {
+            trace: None,
+            interval: Duration::from_secs(300),
+            miners: 500,
+            hashprice: 55.0,
+            pool_fee: 0.02,
+        }
+    }
+}
+
+/// Money and energy of one way of running the site.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Ledgerless {
+    /// Energy, MWh.
+    pub mwh: f64,
+    /// Energy cost, $.
+    pub cost: f64,
+    /// Mining revenue after the pool fee, $.
+    pub revenue: f64,
+}
+
+/// What [`backtest`] found.
+#[derive(Debug, Clone, Default)]
+pub struct BacktestReport {
+    /// Trace lines replayed.
+    pub intervals: usize,
+    /// Simulated time, seconds.
+    pub seconds: f64,
+    /// Miners.
+    pub miners: usize,
+    /// Nameplate, kW.
+    pub nominal_kw: f64,
+    /// Every miner running all the time.
+    pub flat_out: Ledgerless,
+    /// Under the curtailment policy.
+    pub policy: Ledgerless,
+    /// Commands by action.
+    pub commands: std::collections::BTreeMap<&'static str, u64>,
+    /// Commands that failed.
+    pub failed: u64,
+    /// DR events: (id, limit kW, highest draw while active kW, mean draw while active kW).
+    pub dr: Vec<(String, f64, f64, f64)>,
+}
+
+impl BacktestReport {
+    /// Readable summary.
+    pub fn text(&self) -> String {
+        let row = |name: &str, l: &Ledgerless| {
+            format!(
+                "{name:<16} {:>9.2} MWh  cost ${:>10.2}  revenue ${:>10.2}  margin ${:>10.2}\n",
+                l.mwh,
+                l.cost,
+                l.revenue,
+                l.revenue - l.cost
+            )
+        };
+        let mut s = format!(
+            "backtest: {} intervals ({:.1} h), {} miners ({:.0} kW nameplate)\n",
+            self.intervals,
+            self.seconds / 3600.0,
+            self.miners,
+            self.nominal_kw
+        );
+        s.push_str(&row("run flat out", &self.flat_out));
+        s.push_str(&row("with policy", &self.policy));
+        s.push_str(&format!(
+            "avoided energy cost ${:.2}, mining revenue given up ${:.2}, margin gained ${:.2}\n",
+            self.flat_out.cost - self.policy.cost,
+            self.flat_out.revenue - self.policy.revenue,
+            (self.policy.revenue - self.policy.cost) - (self.flat_out.revenue - self.flat_out.cost)
+        ));
+        s.push_str(&format!(
+            "commands: {} ({}), failed {}\n",
+            self.commands.values().sum::<u64>(),
+            self.commands
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.failed
+        ));
+        for (id, limit, max, mean) in &self.dr {
+            s.push_str(&format!(
+                "DR event {id}: limit {limit:.0} kW; while active: max {max:.0} kW, mean {mean:.0} kW ({})\n",
+                if *max <= limit + 0.5 { "held" } else { "exceeded" }
+            ));
+        }
+        s
+    }
+}
+
+fn parse_trace(text: &str) -> Vec<TraceStep> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let l = line.split('#').next().unwrap_or("").trim();
+        let mut parts = l.split(',');
+        let Some(price) = parts.next().and_then(|p| p.trim().parse::<f64>().ok()) else {
+            continue;
+        };
+        let dr = parts.next().and_then(|e| {
+            let f: Vec<&str> = e.trim().split(':').collect();
+            (f.len() == 4 && f[0] == "dr").then(|| {
+                (
+                    f[1].parse().unwrap_or(0.5),
+                    f[2].parse().unwrap_or(1),
+                    f[3].parse().unwrap_or(6),
+                )
+            })
+        });
+        out.push(TraceStep { price, dr });
+    }
+    out
+}
+
+/// Replay a price trace against the curtailment policy on a virtual clock,
+/// with ideal actuators (every command acknowledged, taking effect after the
+/// firmware's ramp time, confirmed by telemetry), and compare energy cost
+/// and mining revenue with running flat out.
+pub fn backtest(opts: &BacktestOptions) -> anyhow::Result<BacktestReport> {
+    use curtail::fleet::Telemetry;
+    use curtail::policy::Engine;
+    use std::collections::BTreeMap;
+
+    let steps = match &opts.trace {
+        Some(t) => parse_trace(t),
+        None => trace(),
+    };
+    anyhow::ensure!(!steps.is_empty(), "the trace has no price lines");
+    anyhow::ensure!(opts.miners > 0, "miners must be > 0");
+    // The demo site's composition, nominal figures, real ramp times.
+    let mut specs = Vec::new();
+    let mut idx = 0u64;
+    for (fw, n) in counts(opts.miners) {
+        let models = fw.models();
+        let r = fw.ramps();
+        for k in 0..n {
+            let m = models[k % models.len()];
+            let s = surface(fw);
+            let mut spec = MinerSpec::new(MinerId(idx), m.name, m.nominal_ths, m.nominal_w, s);
+            spec.ramp.sleep_latency = r.sleep;
+            spec.ramp.wake_latency = r.wake;
+            spec.ramp.limit_latency = r.limit;
+            spec.ramp.sleep_w = m.sleep_w;
+            spec.ramp.min_power_w = (m.nominal_w * 0.6).floor();
+            if fw == Firmware::Stock {
+                spec.ramp.parked_w = m.sleep_w;
+            }
+            specs.push(spec);
+            idx += 1;
+        }
+    }
+    let fleet = Fleet::from_specs(specs.clone()).map_err(|e| anyhow::anyhow!("fleet: {e}"))?;
+    let nominal_kw = fleet.nominal_kw();
+    let policy = PolicyConfig {
+        economics: Some(Economics {
+            hashprice_usd_per_ph_day: opts.hashprice,
+            pool_fee: opts.pool_fee,
+            pue: 1.0,
+            hysteresis_usd_per_mwh: 4.0,
+        }),
+        staleness: Staleness {
+            price: Some(Freshness {
+                max_age: opts.interval * 3,
+                on_stale: SafeState::KeepRunning,
+            }),
+            site_load: None,
+            dispatch: None,
+        },
+        ..PolicyConfig::default()
+    };
+    let t0 = Timestamp::from_secs(1_700_000_000);
+    let mut engine = Engine::new(policy, fleet, t0).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    // Per miner: power now (W), hashrate now (TH/s), limit (W).
+    let n = specs.len();
+    let mut power: Vec<f64> = specs.iter().map(|s| s.nominal_w).collect();
+    let mut ths: Vec<f64> = specs.iter().map(|s| s.nominal_ths).collect();
+    let mut limit: Vec<Option<u32>> = vec![None; n];
+    let mut asleep = vec![false; n];
+    // Effects pending: (time, miner, power, ths).
+    let mut effects: BTreeMap<(Timestamp, u64), (usize, f64, f64)> = BTreeMap::new();
+    let mut seq = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let t = Telemetry {
+            at: t0,
+            power_w: s.nominal_w,
+            hashrate_ths: s.nominal_ths,
+        };
+        engine
+            .handle_telemetry(t0, s.id, t)
+            .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
+        let _ = i;
+    }
+    let end = t0 + opts.interval * steps.len() as u32;
+    let mut now = t0;
+    let mut next_interval = 0usize;
+    let mut price = steps[0].price;
+    let mut rep = BacktestReport {
+        intervals: steps.len(),
+        seconds: (end - t0).as_secs_f64(),
+        miners: n,
+        nominal_kw,
+        ..Default::default()
+    };
+    let nominal_ths: f64 = specs.iter().map(|s| s.nominal_ths).sum();
+    // DR events: id -> (limit, start, end, max, sum kW·s, seconds)
+    let mut dr: Vec<(String, f64, Timestamp, Timestamp, f64, f64, f64)> = Vec::new();
+    let rev_per_ths_s = opts.hashprice / 1000.0 / 86_400.0 * (1.0 - opts.pool_fee);
+    while now < end {
+        // Take effect, report telemetry.
+        while let Some((&(t, k), _)) = effects.iter().next() {
+            if t > now {
+                break;
+            }
+            let (i, w, h) = effects.remove(&(t, k)).expect("present");
+            power[i] = w;
+            ths[i] = h;
+            let tel = Telemetry {
+                at: t,
+                power_w: w,
+                hashrate_ths: h,
+            };
+            engine
+                .handle_telemetry(now, specs[i].id, tel)
+                .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
+        }
+        // Trace.
+        while next_interval < steps.len() && t0 + opts.interval * next_interval as u32 <= now {
+            let s = &steps[next_interval];
+            price = s.price;
+            let sig = Signal::Price(PriceSignal {
+                at: now,
+                usd_per_mwh: s.price,
+                forecast: vec![],
+            });
+            engine
+                .handle_signal(now, sig)
+                .map_err(|e| anyhow::anyhow!("price: {e}"))?;
+            if let Some((frac, after, len)) = s.dr {
+                let start = now + opts.interval * after;
+                let stop = start + opts.interval * len;
+                let lim = (nominal_kw * frac).round();
+                let id = format!("dr-{}", dr.len() + 1);
+                dr.push((id.clone(), lim, start, stop, 0.0, 0.0, 0.0));
+                let ev = DrEvent {
+                    id,
+                    target: DrTarget::LimitKw(lim),
+                    start,
+                    end: Some(stop),
+                    issued_at: now,
+                };
+                engine
+                    .handle_signal(now, Signal::DrEvent(ev))
+                    .map_err(|e| anyhow::anyhow!("dr event: {e}"))?;
+            }
+            next_interval += 1;
+        }
+        if engine.poll_timeout().is_some_and(|t| t <= now) {
+            engine.handle_timeout(now);
+        }
+        while let Some(c) = engine.poll_action(now) {
+            *rep.commands.entry(c.action.as_str()).or_default() += 1;
+            let i = c.miner.0 as usize;
+            let s = &specs[i];
+            let hash_at = |w: f64| {
+                let span = s.nominal_w - s.ramp.sleep_w;
+                s.nominal_ths * ((w - s.ramp.sleep_w) / span).clamp(0.0, 1.0).powf(0.8)
+            };
+            let run_w = |l: Option<u32>| l.map(f64::from).unwrap_or(s.nominal_w);
+            let effect = match c.action {
+                Action::Sleep => {
+                    asleep[i] = true;
+                    Some((s.ramp.sleep_latency, s.ramp.sleep_w, 0.0))
+                }
+                Action::Wake => {
+                    asleep[i] = false;
+                    let w = run_w(limit[i]);
+                    Some((s.ramp.wake_latency, w, hash_at(w)))
+                }
+                Action::SetPowerTarget(w) => {
+                    limit[i] = (f64::from(w) < s.nominal_w).then_some(w);
+                    if asleep[i] {
+                        None
+                    } else {
+                        let w = run_w(limit[i]);
+                        Some((s.ramp.limit_latency, w, hash_at(w)))
+                    }
+                }
+                Action::Park => Some((Duration::ZERO, s.ramp.parked_w, 0.0)),
+                Action::Unpark => Some((Duration::ZERO, s.nominal_w, s.nominal_ths)),
+                Action::Reroute(_) => None,
+            };
+            engine
+                .handle_ack(now, c.id, Ack::Ok)
+                .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+            if let Some((lat, w, h)) = effect {
+                seq += 1;
+                effects.insert((now + lat.max(Duration::from_millis(1)), seq), (i, w, h));
+            }
+        }
+        while let Some(ev) = engine.poll_event() {
+            if let PolicyEvent::CommandFailed { .. } = ev {
+                rep.failed += 1;
+            }
+        }
+        // Next instant.
+        let mut next = end;
+        if next_interval < steps.len() {
+            next = next.min(t0 + opts.interval * next_interval as u32);
+        }
+        if let Some(t) = engine.poll_timeout() {
+            next = next.min(t.max(now + Duration::from_millis(1)));
+        }
+        if let Some((&(t, _), _)) = effects.iter().next() {
+            next = next.min(t);
+        }
+        let next = next.max(now + Duration::from_millis(1));
+        // Integrate over [now, next).
+        let dt = (next - now).as_secs_f64();
+        let kw: f64 = power.iter().sum::<f64>() / 1000.0;
+        let h: f64 = ths.iter().sum();
+        let mwh = kw * dt / 3600.0 / 1000.0;
+        rep.policy.mwh += mwh;
+        rep.policy.cost += mwh * price;
+        rep.policy.revenue += h * dt * rev_per_ths_s;
+        let flat = nominal_kw * dt / 3600.0 / 1000.0;
+        rep.flat_out.mwh += flat;
+        rep.flat_out.cost += flat * price;
+        rep.flat_out.revenue += nominal_ths * dt * rev_per_ths_s;
+        for e in dr.iter_mut() {
+            if now >= e.2 && now < e.3 {
+                e.4 = e.4.max(kw);
+                e.5 += kw * dt;
+                e.6 += dt;
+            }
+        }
+        now = next;
+    }
+    rep.dr = dr
+        .into_iter()
+        .map(|(id, lim, _, _, max, sum, secs)| {
+            (id, lim, max, if secs > 0.0 { sum / secs } else { 0.0 })
+        })
+        .collect();
+    Ok(rep)
 }

@@ -86,11 +86,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Replay a price trace against the curtailment policy (not implemented yet).
+    /// Replay a price trace (and its DR events) against the curtailment
+    /// policy on a virtual clock with ideal actuators; compare energy cost and
+    /// mining revenue with running flat out.
     Backtest {
-        /// Anything; refused.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
+        /// Trace file: one line per interval, `price_usd_per_mwh[,dr:FRACTION:START:LEN]`
+        /// (default: the demo's trace).
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Seconds per trace line.
+        #[arg(long, default_value_t = 300)]
+        interval_secs: u64,
+        /// Miners (the demo site's mix of models and firmwares).
+        #[arg(long, default_value_t = 500)]
+        miners: usize,
+        /// Hashprice, $/PH/s/day.
+        #[arg(long, default_value_t = 55.0)]
+        hashprice: f64,
+        /// Pool fee, 0..1.
+        #[arg(long, default_value_t = 0.02)]
+        pool_fee: f64,
     },
     /// Summarise a curtailment ledger (SQLite, as written by the driver):
     /// commands and acknowledgements, DR events and the measured draw
@@ -223,9 +238,40 @@ fn main() -> ExitCode {
             let token = token.or_else(|| std::env::var("GRIDPROXY_TOKEN").ok());
             runtime().block_on(status(api, config, token, json))
         }
-        Cmd::Backtest { .. } => {
-            eprintln!("error: `gridproxy backtest` is not implemented yet (the policy engine can be replayed with gridproxy-curtail's Engine; see `gridproxy demo` for a live replay of a price trace)");
-            ExitCode::from(2)
+        Cmd::Backtest {
+            trace,
+            interval_secs,
+            miners,
+            hashprice,
+            pool_fee,
+        } => {
+            let trace = match trace
+                .map(|p| std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display())))
+            {
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+                Some(Ok(t)) => Some(t),
+                None => None,
+            };
+            let opts = demo::BacktestOptions {
+                trace,
+                interval: Duration::from_secs(interval_secs.max(1)),
+                miners,
+                hashprice,
+                pool_fee,
+            };
+            match demo::backtest(&opts) {
+                Ok(r) => {
+                    print!("{}", r.text());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Cmd::Report { ledger } => match report(&ledger) {
             Ok(text) => {
