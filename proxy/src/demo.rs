@@ -434,6 +434,7 @@ fn counts(n: usize) -> Vec<(Firmware, usize)> {
 /// Raise the soft open-files limit towards `want` (up to the hard limit).
 /// Returns the soft limit in force afterwards.
 #[cfg(unix)]
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
 pub fn raise_fd_limit(want: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
