@@ -925,14 +925,10 @@ token = "{read_token}"
                     *report.pool_rejects.entry(r.as_str()).or_default() += n;
                 }
             }
-            report.pool_invalid += [
-                PoolReject::Invalid,
-                PoolReject::LowDifficulty,
-                PoolReject::Duplicate,
-            ]
-            .iter()
-            .map(|r| p.stats().rejected(*r))
-            .sum::<u64>();
+            report.pool_invalid += [PoolReject::Invalid, PoolReject::LowDifficulty]
+                .iter()
+                .map(|r| p.stats().rejected(*r))
+                .sum::<u64>();
         }
         proxy_shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(300)).await;
