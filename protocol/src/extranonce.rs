@@ -48,7 +48,9 @@ pub struct ExtranonceAllocator {
     extranonce2: usize,
     capacity: u64,
     next: u64,
-    free: Vec<u64>,
+    /// Released slots, oldest first: reusing the oldest keeps a just-freed
+    /// prefix (whose miner may still have shares in flight) out of use longest.
+    free: std::collections::VecDeque<u64>,
     in_use: u64,
 }
 
@@ -82,7 +84,7 @@ impl ExtranonceAllocator {
             extranonce2,
             capacity,
             next: 0,
-            free: Vec::new(),
+            free: std::collections::VecDeque::new(),
             in_use: 0,
         })
     }
@@ -104,7 +106,7 @@ impl ExtranonceAllocator {
 
     /// Allocate a slot, reusing released ones first.
     pub fn allocate(&mut self) -> Result<Slot, ExtranonceError> {
-        let index = match self.free.pop() {
+        let index = match self.free.pop_front() {
             Some(i) => i,
             None if self.next < self.capacity => {
                 self.next += 1;
@@ -122,7 +124,7 @@ impl ExtranonceAllocator {
     /// Return a slot. Releasing a slot twice or a foreign one is ignored.
     pub fn release(&mut self, slot: &Slot) {
         if slot.index < self.next && !self.free.contains(&slot.index) {
-            self.free.push(slot.index);
+            self.free.push_back(slot.index);
             self.in_use -= 1;
         }
     }
@@ -161,6 +163,11 @@ mod tests {
         a.release(&slots[7]);
         assert_eq!(a.in_use(), 999);
         assert_eq!(a.allocate().unwrap().prefix, slots[7].prefix);
+        // The oldest released slot is reused first.
+        a.release(&slots[3]);
+        a.release(&slots[5]);
+        assert_eq!(a.allocate().unwrap().prefix, slots[3].prefix);
+        assert_eq!(a.allocate().unwrap().prefix, slots[5].prefix);
     }
 
     #[test]
