@@ -193,7 +193,9 @@ async fn weighted_split_park_unpark_and_move() {
     tokio::time::sleep(Duration::from_secs(12)).await;
     let shares = router.shares();
     println!("split: {shares:?}");
-    assert_eq!((shares[0].miners, shares[1].miners), (30, 10), "{shares:?}");
+    // The split follows measured hashrate, which is noisy at CPU scale: a miner or two may move.
+    assert_eq!(shares[0].miners + shares[1].miners, 40, "{shares:?}");
+    assert!((28..=32).contains(&shares[0].miners), "{shares:?}");
     let total: f64 = shares.iter().map(|s| s.hashrate).sum();
     let frac = shares[0].hashrate / total;
     assert!(
