@@ -270,6 +270,21 @@ pub struct Notify {
     pub clean_jobs: bool,
 }
 
+impl Notify {
+    /// The job as the share math needs it (prev hash back in internal order).
+    pub fn to_job(&self) -> crate::share::Job {
+        crate::share::Job {
+            version: self.version,
+            prev_hash: crate::share::prevhash_from_sv1(&self.prev_hash),
+            coinbase_prefix: self.coinb1.clone(),
+            coinbase_suffix: self.coinb2.clone(),
+            merkle_branch: self.merkle_branch.clone(),
+            nbits: self.nbits,
+            ntime: self.ntime,
+        }
+    }
+}
+
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RpcError {

@@ -6,7 +6,7 @@ use gridproxy::proxy::Proxy;
 use gridproxy::stats::RejectReason;
 use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_protocol::difficulty::Target;
-use gridproxy_protocol::share::{prevhash_from_sv1, Job, Work};
+use gridproxy_protocol::share::{Job, Work};
 use gridproxy_protocol::sv1::{self, ServerMessage};
 use gridproxy_tests::*;
 use serde_json::{json, Value};
@@ -80,18 +80,7 @@ impl RawMiner {
             match sv1::parse_server(line.trim_end().as_bytes()).unwrap() {
                 ServerMessage::Response { result, error, .. } => return (result, error),
                 ServerMessage::SetDifficulty(d) => self.difficulty = d,
-                ServerMessage::Notify(n) => self.jobs.push((
-                    n.job_id.clone(),
-                    Job {
-                        version: n.version,
-                        prev_hash: prevhash_from_sv1(&n.prev_hash),
-                        coinbase_prefix: n.coinb1,
-                        coinbase_suffix: n.coinb2,
-                        merkle_branch: n.merkle_branch,
-                        nbits: n.nbits,
-                        ntime: n.ntime,
-                    },
-                )),
+                ServerMessage::Notify(n) => self.jobs.push((n.job_id.clone(), n.to_job())),
                 _ => {}
             }
         }
@@ -107,18 +96,7 @@ impl RawMiner {
                 .unwrap();
             match sv1::parse_server(line.trim_end().as_bytes()).unwrap() {
                 ServerMessage::SetDifficulty(d) => self.difficulty = d,
-                ServerMessage::Notify(n) => self.jobs.push((
-                    n.job_id.clone(),
-                    Job {
-                        version: n.version,
-                        prev_hash: prevhash_from_sv1(&n.prev_hash),
-                        coinbase_prefix: n.coinb1,
-                        coinbase_suffix: n.coinb2,
-                        merkle_branch: n.merkle_branch,
-                        nbits: n.nbits,
-                        ntime: n.ntime,
-                    },
-                )),
+                ServerMessage::Notify(n) => self.jobs.push((n.job_id.clone(), n.to_job())),
                 other => panic!("unexpected {other:?}"),
             }
         }
