@@ -398,6 +398,45 @@ impl Frame {
         })
     }
 
+    /// Splits one plaintext frame (header ‖ payload) off the front of `buf`, as carried inside
+    /// the Noise transport: `Ok(None)` until all of it is there, an error when the header
+    /// announces more than `max_payload` bytes. Returns the frame and the bytes it used.
+    pub fn parse_plain(buf: &[u8], max_payload: usize) -> Result<Option<(Self, usize)>, Sv2Error> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let header = Header::from_bytes(&buf[..HEADER_LEN]).map_err(|e| Sv2Error::Parse {
+            msg_type: buf[2],
+            ext_type: u16::from_le_bytes([buf[0], buf[1]]),
+            reason: e.to_string(),
+        })?;
+        let len = header.payload_length();
+        if len > max_payload {
+            return Err(Sv2Error::FrameTooLarge {
+                len,
+                max: max_payload,
+            });
+        }
+        let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Ok(None);
+        };
+        let frame = Self {
+            header,
+            payload: payload.to_vec(),
+        };
+        Ok(Some((frame, HEADER_LEN + len)))
+    }
+
+    /// The frame as plaintext bytes (header ‖ payload), the inverse of [`Frame::parse_plain`].
+    pub fn to_plain(&self) -> Result<Vec<u8>, Sv2Error> {
+        let mut out = vec![0u8; HEADER_LEN];
+        self.header
+            .write_into(&mut out)
+            .map_err(|e| Sv2Error::Encode(e.to_string()))?;
+        out.extend_from_slice(&self.payload);
+        Ok(out)
+    }
+
     /// Message type byte.
     pub fn msg_type(&self) -> u8 {
         self.header.msg_type()

@@ -49,7 +49,7 @@ pub(crate) async fn request(addr: SocketAddr, req: &Value) -> Result<Value, Clie
 }
 
 /// Parse a reply: JSON, possibly followed by NUL bytes or whitespace.
-pub(crate) fn parse_reply(bytes: &[u8]) -> Result<Value, ClientError> {
+pub fn parse_reply(bytes: &[u8]) -> Result<Value, ClientError> {
     let end = bytes
         .iter()
         .rposition(|&b| b != 0 && !b.is_ascii_whitespace())
@@ -64,7 +64,7 @@ pub(crate) fn parse_reply(bytes: &[u8]) -> Result<Value, ClientError> {
 /// The `(status, code, msg)` of a reply whose `STATUS` is either cgminer's
 /// array (`[{"STATUS":"S","Code":..,"Msg":..}]`) or Whatsminer's flat form
 /// (`{"STATUS":"S","Code":..,"Msg":..}`).
-pub(crate) fn status_of(v: &Value) -> Option<(&str, u64, String)> {
+pub fn status_of(v: &Value) -> Option<(&str, u64, String)> {
     let (obj, status) = match v.get("STATUS")? {
         Value::Array(a) => {
             let o = a.first()?;
@@ -83,7 +83,7 @@ pub(crate) fn status_of(v: &Value) -> Option<(&str, u64, String)> {
 }
 
 /// `Ok` for a success (`S`) or info (`I`) status, else the firmware's words.
-pub(crate) fn check_status(v: &Value) -> Result<(), ClientError> {
+pub fn check_status(v: &Value) -> Result<(), ClientError> {
     match status_of(v) {
         Some(("S" | "I", _, _)) => Ok(()),
         Some((_, code, msg)) => Err(ClientError::Rejected(format!("code {code}: {msg}"))),
@@ -92,7 +92,7 @@ pub(crate) fn check_status(v: &Value) -> Result<(), ClientError> {
 }
 
 /// A number at `pointer`, accepting numbers and numeric strings.
-pub(crate) fn number(v: &Value, pointer: &str) -> Result<f64, ClientError> {
+pub fn number(v: &Value, pointer: &str) -> Result<f64, ClientError> {
     match v.pointer(pointer) {
         Some(Value::Number(n)) => n.as_f64(),
         Some(Value::String(s)) => s.trim().parse().ok(),

@@ -139,7 +139,8 @@ fn is_session_error(msg: &str) -> bool {
     msg.to_ascii_lowercase().contains("session")
 }
 
-fn parse_profiles(v: &Value) -> Result<Vec<Profile>, ClientError> {
+/// The profiles a `profiles` reply lists (sans-IO; public for the fuzz targets).
+pub fn parse_profiles(v: &Value) -> Result<Vec<Profile>, ClientError> {
     let list = v
         .get("PROFILES")
         .and_then(Value::as_array)

@@ -52,7 +52,7 @@ use crate::actuator::ActuatorError;
 use crate::fleet::{ControlSurface, MinerId};
 
 pub mod braiins;
-mod cgminer;
+pub mod cgminer;
 pub mod fleet;
 mod http;
 pub mod luxos;

@@ -134,7 +134,7 @@ impl VnishClient {
 }
 
 /// Map an HTTP status and `{"err": …}` body to a result.
-fn check(status: StatusCode, body: &Value) -> Result<(), ClientError> {
+pub fn check(status: StatusCode, body: &Value) -> Result<(), ClientError> {
     if status.is_success() {
         return Ok(());
     }
@@ -151,7 +151,8 @@ fn check(status: StatusCode, body: &Value) -> Result<(), ClientError> {
     })
 }
 
-fn parse_presets(v: &Value) -> Result<Vec<u32>, ClientError> {
+/// The preset watts an autotune `presets` reply lists (sans-IO; public for the fuzz targets).
+pub fn parse_presets(v: &Value) -> Result<Vec<u32>, ClientError> {
     let list = v
         .as_array()
         .ok_or(ClientError::Protocol("presets is not a list".into()))?;

@@ -108,18 +108,7 @@ impl BraiinsClient {
                     .map(tonic::Response::into_inner)
             })
             .await?;
-        let power = stats
-            .power_stats
-            .and_then(|p| p.approximated_consumption)
-            .ok_or(ClientError::Protocol("no power in miner stats".into()))?;
-        let hashrate = stats
-            .miner_stats
-            .and_then(|m| m.real_hashrate)
-            .ok_or(ClientError::Protocol("no hashrate in miner stats".into()))?;
-        Ok(Reading {
-            power_w: power.watt as f64,
-            hashrate_ths: hashrate.terahash_per_second,
-        })
+        reading_of(stats)
     }
 
     async fn channel(&self) -> Result<Channel, ClientError> {
@@ -190,4 +179,23 @@ impl BraiinsClient {
             c => ClientError::Protocol(format!("{c:?}: {msg}")),
         }
     }
+}
+
+/// Power and hashrate from a `GetMinerStats` reply (sans-IO). A hashrate that
+/// is not a finite, non-negative number is refused, as the JSON clients do.
+pub fn reading_of(stats: pb::GetMinerStatsResponse) -> Result<Reading, ClientError> {
+    let power = stats
+        .power_stats
+        .and_then(|p| p.approximated_consumption)
+        .ok_or(ClientError::Protocol("no power in miner stats".into()))?;
+    let hashrate = stats
+        .miner_stats
+        .and_then(|m| m.real_hashrate)
+        .map(|h| h.terahash_per_second)
+        .filter(|h| h.is_finite() && *h >= 0.0)
+        .ok_or(ClientError::Protocol("no valid hashrate in miner stats".into()))?;
+    Ok(Reading {
+        power_w: power.watt as f64,
+        hashrate_ths: hashrate,
+    })
 }

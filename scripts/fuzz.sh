@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Build the cargo-fuzz targets (fuzz/) and run each for a bounded time.
+#
+#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
+#
+# Stable toolchain only: cargo-fuzz passes nightly flags (-Zsanitizer=...),
+# RUSTC_BOOTSTRAP=1 lets the stable compiler accept them. Each target starts
+# from its committed seeds (fuzz/corpus/<target>, read-only) plus a scratch
+# corpus (fuzz/work/<target>, gitignored). Exits non-zero on any crash, leak,
+# timeout or failed invariant; the input is left in fuzz/artifacts/<target>/.
+set -euo pipefail
+
+SECS="${1:-20}"
+shift || true
+cd "$(dirname "$0")/.."
+
+export RUSTC_BOOTSTRAP=1
+# Sanitizer: address by default; FUZZ_SANITIZER=none for speed.
+SAN="${FUZZ_SANITIZER:-address}"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
+
+if [ "$#" -gt 0 ]; then
+    TARGETS=("$@")
+else
+    mapfile -t TARGETS < <(cargo fuzz list --fuzz-dir fuzz)
+fi
+if [ "${#TARGETS[@]}" -eq 0 ]; then
+    echo "fuzz.sh: no fuzz targets found" >&2
+    exit 1
+fi
+
+# All targets in one build (they share every dependency).
+cargo fuzz build --fuzz-dir fuzz -s "$SAN"
+
+passed=0
+failed=0
+for t in "${TARGETS[@]}"; do
+    mkdir -p "fuzz/work/$t" "fuzz/artifacts/$t"
+    log="fuzz/work/$t.log"
+    echo "== $t (${SECS}s)"
+    if cargo fuzz run --fuzz-dir fuzz -s "$SAN" "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$SECS" -jobs=1 -workers=1 -timeout=10 -rss_limit_mb=2048 \
+        -max_len=65536 -print_final_stats=1 >"$log" 2>&1; then
+        # libFuzzer's closing lines: "Done N runs in S second(s)" and stat::*.
+        runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo 0)
+        rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo 0)
+        cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*' || echo 0)
+        grep -E '^Done [0-9]+ runs' "$log" || true
+        echo "$t: ok executions=$runs exec/s=$rate cov=$cov"
+        passed=$((passed + 1))
+    else
+        echo "$t: FAILED (log: $log)" >&2
+        grep -E 'panicked|ERROR|SUMMARY|Test unit written|deadly signal' "$log" | head -n 20 >&2 || true
+        failed=$((failed + 1))
+    fi
+done
+echo "fuzz: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
