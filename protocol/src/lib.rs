@@ -1,6 +1,7 @@
 //! gridproxy-protocol: the sans-IO core of gridproxy. No tokio, no sockets, no clock reads.
 //!
 //! - [`sv1`]: Stratum V1 JSON-RPC messages and a bounded line codec.
+//! - [`sv1_submit`]: allocation-free fast path for `mining.submit`.
 //! - [`sv2`]: Stratum V2 Noise handshake helpers and an encrypted frame codec over `stratum-core`.
 //! - [`share`]: block header assembly, sha256d, target checks.
 //! - [`difficulty`]: difficulty ↔ target conversion and power-of-two rounding.
@@ -12,5 +13,6 @@ pub mod difficulty;
 pub mod extranonce;
 pub mod share;
 pub mod sv1;
+pub mod sv1_submit;
 pub mod sv2;
 pub mod vardiff;
