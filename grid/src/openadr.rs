@@ -180,10 +180,8 @@ impl VenHandle {
         f: impl FnMut(&VenStatus) -> bool,
     ) -> Option<VenStatus> {
         let mut rx = self.status.clone();
-        match tokio::time::timeout(timeout, rx.wait_for(f)).await {
-            Ok(Ok(s)) => Some(s.clone()),
-            _ => None,
-        }
+        let wait = async move { rx.wait_for(f).await.map(|s| s.clone()).ok() };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
     /// Stop the VEN and wait for its task.
