@@ -560,5 +560,8 @@ impl Ledger {
     }
 }
 
+mod query;
+pub use query::read_mv_input;
+
 #[cfg(test)]
 mod tests;

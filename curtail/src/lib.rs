@@ -37,6 +37,7 @@ pub mod actuators;
 pub mod driver;
 pub mod fleet;
 pub mod ledger;
+pub mod mv;
 pub mod policy;
 pub mod signal;
 pub mod time;
