@@ -341,17 +341,16 @@ impl Ven {
                 }
             };
             match notified {
-                None => {}
-                Some(Some(Ok(msg))) => {
-                    if msg.is_text() {
-                        debug!(
-                            "openadr: notification {}",
-                            msg.to_text().unwrap_or_default()
-                        );
-                        self.status.send_modify(|s| s.notifications += 1);
-                        next_poll = Instant::now();
-                    }
+                Some(Some(Ok(msg))) if msg.is_text() => {
+                    debug!(
+                        "openadr: notification {}",
+                        msg.to_text().unwrap_or_default()
+                    );
+                    self.status.send_modify(|s| s.notifications += 1);
+                    next_poll = Instant::now();
                 }
+                // Pings and the like: nothing to do.
+                None | Some(Some(Ok(_))) => {}
                 Some(Some(Err(e))) => {
                     warn!("openadr: websocket error: {e}; polling");
                     ws = None;
