@@ -36,15 +36,18 @@ fi
 # All targets in one build (they share every dependency).
 cargo fuzz build --fuzz-dir fuzz -s "$SAN"
 
+# Run the built binaries directly: `cargo fuzz run` would rebuild whenever
+# a source file changed since the build.
+BIN="fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release"
 passed=0
 failed=0
 for t in "${TARGETS[@]}"; do
     mkdir -p "fuzz/work/$t" "fuzz/artifacts/$t"
     log="fuzz/work/$t.log"
     echo "== $t (${SECS}s)"
-    if cargo fuzz run --fuzz-dir fuzz -s "$SAN" "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$SECS" -jobs=1 -workers=1 -timeout=10 -rss_limit_mb=2048 \
-        -max_len=65536 -print_final_stats=1 >"$log" 2>&1; then
+    if "$BIN/$t" "fuzz/work/$t" "fuzz/corpus/$t" -artifact_prefix="fuzz/artifacts/$t/" \
+        -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+        -print_final_stats=1 >"$log" 2>&1; then
         # libFuzzer's closing lines: "Done N runs in S second(s)" and stat::*.
         runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo 0)
         rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo 0)
