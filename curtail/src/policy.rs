@@ -34,13 +34,18 @@
 //! 4. a fleet kW cap: the tightest of active DR events, a dispatch target,
 //!    the balance cap (`contract − other site load`) and an override cap. The
 //!    cap is met by curtailing least efficient miners first, then lowering
-//!    power targets on the next ones to land just below it.
+//!    power targets on the next ones to land just below it. When the balance
+//!    cap is the tightest, the split is incremental instead (see
+//!    `policy/balance.rs`): power targets follow the swinging load in small
+//!    steps over many miners, sleeps and wakes only when the running miners'
+//!    power-target band runs out of room (with hysteresis).
 //!
 //! Targets become commands through a dispatcher that honours min on/off
 //! dwell, a max command rate (sliding one-second window), and staggered
 //! restore (at most N wakes per interval). Each command is verified by
 //! telemetry; a curtailment that fails escalates sleep → power target → park.
 
+mod balance;
 mod dispatch;
 mod planner;
 #[cfg(test)]

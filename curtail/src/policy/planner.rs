@@ -10,7 +10,7 @@ use super::dispatch::Class;
 use super::*;
 
 /// Power below which a remainder counts as met, W.
-const EPS_W: f64 = 0.5;
+pub(super) const EPS_W: f64 = 0.5;
 
 /// Which required signals are stale, with the safe state each asks for.
 #[derive(Clone, Copy, Debug, Default)]
@@ -123,7 +123,7 @@ impl Engine {
         // Targets.
         let mut out = std::mem::take(&mut self.scratch);
         self.base_targets(&mut out, run_all, curtail_all_override || curtail_all_safe);
-        let mut fill = self.apply_cap(now, &mut out, cap.as_ref().map(|c| c.watts));
+        let mut fill = self.fill(now, &mut out, cap.as_ref());
 
         // Scheduled DR events: activate at start minus the ramp lead.
         if !run_all {
@@ -158,7 +158,7 @@ impl Engine {
             if activated {
                 cap = self.cap(&stale);
                 self.base_targets(&mut out, run_all, curtail_all_override || curtail_all_safe);
-                fill = self.apply_cap(now, &mut out, cap.as_ref().map(|c| c.watts));
+                fill = self.fill(now, &mut out, cap.as_ref());
             }
         }
         self.next_replan_at = next;
@@ -410,8 +410,17 @@ impl Engine {
         }));
     }
 
+    /// Meet the binding cap: balance mode's incremental split when the
+    /// balance cap is the tightest, the from-scratch fill otherwise.
+    fn fill(&self, now: Timestamp, out: &mut [Target], cap: Option<&Cap>) -> Fill {
+        match cap {
+            Some(c) if c.mode == Mode::Balance => self.apply_balance(now, out, c.watts),
+            _ => self.apply_cap(now, out, cap.map(|c| c.watts)),
+        }
+    }
+
     /// Draw of miner `idx` once curtailed by its current escalation step, W.
-    fn curtail_w(&self, idx: u32) -> f64 {
+    pub(super) fn curtail_w(&self, idx: u32) -> f64 {
         let spec = &self.fleet.by_index(idx).spec;
         match self.curtail_step_at(idx, self.ctl[idx as usize].esc) {
             Some(CurtailStep::Sleep) => spec.ramp.sleep_w,
@@ -421,7 +430,7 @@ impl Engine {
         }
     }
 
-    fn expected_w(&self, idx: u32, t: Target) -> f64 {
+    pub(super) fn expected_w(&self, idx: u32, t: Target) -> f64 {
         match t {
             Target::Run => self.fleet.by_index(idx).spec.nominal_w,
             Target::Limit(w) => f64::from(w),
@@ -631,7 +640,7 @@ impl Engine {
 
 /// Result of [`Engine::apply_cap`].
 #[derive(Clone, Copy, Debug)]
-struct Fill {
-    expected_w: f64,
-    binding: bool,
+pub(super) struct Fill {
+    pub(super) expected_w: f64,
+    pub(super) binding: bool,
 }

@@ -629,6 +629,71 @@ fn balance_holds_site_at_contract() {
     }
 }
 
+/// Balance with a swinging other load (a "mullet" site): power targets do
+/// the fine work, sleeps only the coarse part, with hysteresis (few sleeps
+/// and wakes, no flapping), and the site stays at or just under the contract.
+#[test]
+fn balance_follows_a_swinging_load_mostly_by_power_targets() {
+    // ~321 kW of miners, 60 of them with power targets (~193 kW, ~77 kW of
+    // power-target range); firmware-like ramps.
+    let specs: Vec<MinerSpec> = mixed_fleet(100)
+        .into_iter()
+        .map(|mut m| {
+            m.ramp.limit_latency = Duration::from_secs(2);
+            m.ramp.sleep_latency = Duration::from_secs(4);
+            m.ramp.wake_latency = Duration::from_secs(10);
+            m
+        })
+        .collect();
+    let cfg = PolicyConfig {
+        contract_kw: Some(500.0),
+        min_off: Duration::from_secs(0),
+        restore_batch: 100,
+        max_commands_per_sec: 200,
+        ..base_cfg()
+    };
+    let mut s = Sim::new(cfg, specs);
+    // Other load 180 -> 250 -> 190 -> 250 kW in 10 kW steps every 5 s: the
+    // power-target band (~243-322 kW of fleet) covers the swing but for
+    // its ends.
+    let mut path: Vec<f64> = (18..=25)
+        .chain((19..25).rev())
+        .chain(20..=25)
+        .map(|k| k as f64 * 10.0)
+        .collect();
+    path.extend(std::iter::repeat_n(250.0, 4));
+    let mut worst: f64 = 0.0;
+    for &external in &path {
+        s.signal(Signal::SiteLoad(SiteLoadSignal {
+            at: s.now,
+            external_kw: external,
+        }));
+        s.run(5);
+        let site = s.fleet_kw() + external;
+        assert!(
+            site <= 500.0 + 1e-6,
+            "site {site} over contract at {external}"
+        );
+        worst = worst.max(500.0 - site);
+        assert_eq!(s.e.plan().mode, Mode::Balance);
+    }
+    assert!(worst < 10.0, "site fell {worst:.1} kW under the contract");
+    let count = |a: fn(&Action) -> bool| s.log.iter().filter(|c| a(&c.action)).count();
+    let sleeps = count(|a| *a == Action::Sleep);
+    let wakes = count(|a| *a == Action::Wake);
+    let limits = count(|a| matches!(a, Action::SetPowerTarget(_)));
+    // 140 kW of swing: ~100 miners x 1.3 kW of power-target range covers
+    // most of it; a handful of sleeps for the rest, not one per step.
+    assert!(
+        limits > 10 * (sleeps + wakes),
+        "{limits} limits, {sleeps} sleeps, {wakes} wakes"
+    );
+    assert!(
+        sleeps <= 40 && wakes <= sleeps,
+        "{sleeps} sleeps, {wakes} wakes"
+    );
+}
+
 /// A price feed older than its max age drives the fleet to the configured
 /// safe state; a fresh price brings it back.
 #[test]
