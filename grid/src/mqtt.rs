@@ -217,11 +217,10 @@ impl MqttHandle {
     ) -> Option<ClientState> {
         let mut rx = self.state.clone();
         let r = tokio::time::timeout(timeout, rx.wait_for(|s| f(s))).await;
-        let s = match r {
+        match r {
             Ok(Ok(s)) => Some(s.clone()),
             _ => None,
-        };
-        s
+        }
     }
 
     /// Publish `online: false`, disconnect, and wait for the task (at most
