@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 use gridproxy::api::{self, client, site::SiteHandle};
 use gridproxy::config::Config;
+use gridproxy::backtest;
+use gridproxy::curtail_bridge::curtail::mv::{Baseline, MvConfig};
 use gridproxy::demo::{self, DemoOptions};
 use gridproxy::proxy::Proxy;
 use std::net::SocketAddr;
@@ -86,34 +88,68 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Replay a price trace (and its DR events) against the curtailment
-    /// policy on a virtual clock with ideal actuators; compare energy cost and
-    /// mining revenue with running flat out.
+    /// Replay a price trace (and its DR events) through the curtailment
+    /// engine on a virtual clock with ideal actuators; compare profit with
+    /// running always-on and with a perfect-foresight oracle.
     Backtest {
-        /// Trace file: one line per interval, `price_usd_per_mwh[,dr:FRACTION:START:LEN]`
-        /// (default: the demo's trace).
+        /// ERCOT RTM settlement-point price CSV (e.g. fixtures/traces/*.csv).
         #[arg(long)]
+        prices: Option<PathBuf>,
+        /// Settlement point to take from --prices.
+        #[arg(long, default_value = "HB_HOUSTON")]
+        point: String,
+        /// Fleet file (TOML: economics and [[miners]] model, count, ths, watts).
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        /// Demo-format trace: one line per interval, `price_usd_per_mwh[,dr:FRACTION:START:LEN]`
+        /// (default when no --prices: the demo's trace).
+        #[arg(long, conflicts_with = "prices")]
         trace: Option<PathBuf>,
-        /// Seconds per trace line.
+        /// Seconds per demo-format trace line.
         #[arg(long, default_value_t = 300)]
         interval_secs: u64,
-        /// Miners (the demo site's mix of models and firmwares).
+        /// Miners of the demo site's mix (without --fleet).
         #[arg(long, default_value_t = 500)]
         miners: usize,
-        /// Hashprice, $/PH/s/day.
+        /// Hashprice, $/PH/s/day (default: the fleet file's, else 55).
+        #[arg(long)]
+        hashprice: Option<f64>,
+        /// Pool fee, 0..1 (default: the fleet file's, else 0.02).
+        #[arg(long)]
+        pool_fee: Option<f64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Summarise a curtailment ledger (SQLite, as written by the driver):
+    /// commands and acknowledgements, DR events and the measured draw
+    /// during them, energy; and M&V of the curtailment (baseline vs
+    /// measured kW, curtailed MWh, avoided cost, revenue forgone).
+    Report {
+        /// Ledger file (the demo prints its path).
+        #[arg(long)]
+        ledger: PathBuf,
+        /// Output: text (summary + M&V totals), csv or json (M&V per interval).
+        #[arg(long, default_value = "text", value_parser = ["text", "csv", "json"])]
+        format: String,
+        /// M&V baseline: prior-hour, 10-of-10 or fixed:KW.
+        #[arg(long, default_value = "prior-hour")]
+        baseline: String,
+        /// M&V reporting interval, seconds.
+        #[arg(long, default_value_t = 300)]
+        interval_secs: u64,
+        /// Efficiency of the curtailed fleet, J/TH (hashrate lost per kW).
+        #[arg(long, default_value_t = 25.0)]
+        j_per_th: f64,
+        /// Hashprice, $/PH/s/day, until the ledger has a hashprice signal.
         #[arg(long, default_value_t = 55.0)]
         hashprice: f64,
         /// Pool fee, 0..1.
         #[arg(long, default_value_t = 0.02)]
         pool_fee: f64,
-    },
-    /// Summarise a curtailment ledger (SQLite, as written by the driver):
-    /// commands and acknowledgements, DR events and the measured draw
-    /// during them, energy.
-    Report {
-        /// Ledger file (the demo prints its path).
+        /// Write to this file instead of standard output.
         #[arg(long)]
-        ledger: PathBuf,
+        out: Option<PathBuf>,
     },
 }
 
@@ -239,50 +275,87 @@ fn main() -> ExitCode {
             runtime().block_on(status(api, config, token, json))
         }
         Cmd::Backtest {
+            prices,
+            point,
+            fleet,
             trace,
             interval_secs,
             miners,
             hashprice,
             pool_fee,
-        } => {
-            let trace = match trace
-                .map(|p| std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display())))
-            {
-                Some(Err(e)) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-                Some(Ok(t)) => Some(t),
-                None => None,
-            };
-            let opts = demo::BacktestOptions {
-                trace,
-                interval: Duration::from_secs(interval_secs.max(1)),
-                miners,
-                hashprice,
-                pool_fee,
-            };
-            match demo::backtest(&opts) {
-                Ok(r) => {
+            json,
+        } => match backtest_cmd(
+            prices,
+            point,
+            fleet,
+            trace,
+            interval_secs,
+            miners,
+            hashprice,
+            pool_fee,
+        ) {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
                     print!("{}", r.text());
-                    ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Cmd::Report { ledger } => match report(&ledger) {
-            Ok(text) => {
-                print!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {}: {e}", ledger.display());
-                ExitCode::FAILURE
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
             }
         },
+        Cmd::Report {
+            ledger,
+            format,
+            baseline,
+            interval_secs,
+            j_per_th,
+            hashprice,
+            pool_fee,
+            out,
+        } => {
+            let mv = match Baseline::parse(&baseline) {
+                Ok(b) => MvConfig {
+                    baseline: b,
+                    interval: Duration::from_secs(interval_secs.max(1)),
+                    hashprice_usd_per_ph_day: hashprice,
+                    pool_fee,
+                    j_per_th,
+                    ..MvConfig::default()
+                },
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let text = report(&ledger).and_then(|summary| {
+                let input = gridproxy::curtail_bridge::curtail::ledger::read_mv_input(&ledger)
+                    .map_err(|e| e.to_string())?;
+                let r = gridproxy::curtail_bridge::curtail::mv::compute(&input, &mv);
+                Ok(match format.as_str() {
+                    "csv" => r.to_csv(),
+                    "json" => r.to_json() + "\n",
+                    _ => summary + &r.text(),
+                })
+            });
+            let written = text.and_then(|t| match &out {
+                Some(p) => std::fs::write(p, t).map_err(|e| format!("{}: {e}", p.display())),
+                None => {
+                    print!("{t}");
+                    Ok(())
+                }
+            });
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", ledger.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -388,6 +461,41 @@ async fn status(
         print!("{}", demo::format_fleet(&v));
     }
     ExitCode::SUCCESS
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backtest_cmd(
+    prices: Option<PathBuf>,
+    point: String,
+    fleet: Option<PathBuf>,
+    trace: Option<PathBuf>,
+    interval_secs: u64,
+    miners: usize,
+    hashprice: Option<f64>,
+    pool_fee: Option<f64>,
+) -> anyhow::Result<backtest::BacktestReport> {
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    let fleet = match &fleet {
+        Some(p) => Some(
+            backtest::FleetFile::parse(&read(p)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let opts = backtest::BacktestOptions {
+        prices: prices.as_ref().map(read).transpose()?,
+        trace: trace.as_ref().map(read).transpose()?,
+        point,
+        interval: Duration::from_secs(interval_secs.max(1)),
+        miners,
+        fleet,
+        hashprice,
+        pool_fee,
+        ..Default::default()
+    };
+    backtest::backtest(&opts)
 }
 
 fn report(path: &std::path::Path) -> Result<String, String> {
