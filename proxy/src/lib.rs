@@ -7,10 +7,12 @@
 //! - [`stats`]: per-worker and per-pool counters.
 //! - [`proxy`]: wiring it all together (`Proxy::start`).
 //! - [`backtest`]: replay a price trace through the engine; compare with always-on and a perfect-foresight oracle.
+//! - [`backtest`]: replay a price trace through the engine; compare with always-on and a perfect-foresight oracle.
 //! - [`curtail_bridge`]: park/unpark/reroute actuator for the curtailment engine (re-exports `gridproxy-curtail`).
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod backtest;
 pub mod backtest;
 pub mod config;
 pub mod curtail_bridge;

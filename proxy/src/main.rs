@@ -2,8 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use gridproxy::api::{self, client, site::SiteHandle};
-use gridproxy::config::Config;
 use gridproxy::backtest;
+use gridproxy::config::Config;
 use gridproxy::curtail_bridge::curtail::mv::{Baseline, MvConfig};
 use gridproxy::demo::{self, DemoOptions};
 use gridproxy::proxy::Proxy;
