@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Upstream pools, by priority (lowest `priority` first).
@@ -45,7 +45,7 @@ pub enum PoolProtocol {
 }
 
 /// One upstream pool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// A short name for logs and stats.
@@ -84,7 +84,7 @@ fn default_nominal() -> f32 {
 }
 
 /// Listener addresses. Loopback unless configured otherwise.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     /// SV1 (JSON lines) listener.
@@ -117,7 +117,7 @@ impl Default for ListenConfig {
 }
 
 /// Limits that keep one bad peer from hurting the rest.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Longest SV1 line (bytes).
@@ -162,7 +162,7 @@ impl Limits {
 }
 
 /// Miner difficulty settings (vardiff).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DifficultyConfig {
     /// First difficulty given to a miner.
@@ -193,7 +193,7 @@ impl Default for DifficultyConfig {
 }
 
 /// Failover and split settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// Fail over when a connected pool sends no job for this long, seconds.
@@ -218,7 +218,7 @@ impl Default for RoutingConfig {
 }
 
 /// How the upstream extranonce space is split.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExtranonceConfig {
     /// Bytes that tell miners apart (3 = 16.7 M miners).

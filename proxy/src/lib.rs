@@ -6,13 +6,12 @@
 //! - [`router`]: which pool each miner hashes for: priority failover, fail-back, weighted split, park, move.
 //! - [`stats`]: per-worker and per-pool counters.
 //! - [`proxy`]: wiring it all together (`Proxy::start`).
-//! - [`backtest`]: replay a price trace through the engine; compare with always-on and a perfect-foresight oracle.
+//! - [`reload`]: hot reload (SIGHUP, `POST /api/v1/reload`) without dropping miners.
 //! - [`backtest`]: replay a price trace through the engine; compare with always-on and a perfect-foresight oracle.
 //! - [`curtail_bridge`]: park/unpark/reroute actuator for the curtailment engine (re-exports `gridproxy-curtail`).
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod backtest;
 pub mod backtest;
 pub mod config;
 pub mod curtail_bridge;
@@ -20,6 +19,7 @@ pub mod demo;
 pub mod downstream;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod stats;
 pub mod sv2_io;

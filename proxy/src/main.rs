@@ -211,7 +211,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime().block_on(run(cfg, status_every)) {
+            match runtime().block_on(run(cfg, config, status_every)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -359,9 +359,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: Config, status_every: u64) -> anyhow::Result<()> {
+async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()> {
     let api_cfg = cfg.api.clone();
     let proxy = Proxy::start(cfg).await?;
+    proxy.ctx.set_config_path(path.clone());
     if let Some(a) = proxy.sv1_addr {
         println!("gridproxy: SV1 miners -> {a}");
     }
@@ -383,6 +384,7 @@ async fn run(cfg: Config, status_every: u64) -> anyhow::Result<()> {
         );
     }
     let mut tick = tokio::time::interval(Duration::from_secs(status_every.max(1)));
+    gridproxy::reload::spawn_sighup(proxy.ctx.clone())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,

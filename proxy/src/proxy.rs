@@ -1,10 +1,10 @@
 //! Wiring: start upstream tasks, the router, and the listeners.
 
-use crate::config::{Config, PoolProtocol};
+use crate::config::Config;
 use crate::downstream::{self, Ctx};
 use crate::router::Router;
 use crate::stats::{PoolStats, Registry};
-use crate::upstream::{self, sv1::Sv1Upstream, sv2::Sv2Upstream, PoolHandle};
+use crate::upstream;
 use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,37 +30,21 @@ impl Proxy {
         let cfg = Arc::new(cfg);
         let shutdown = CancellationToken::new();
         let mut handles = Vec::new();
+        let mut stops = Vec::new();
         for (index, pool) in cfg.pools.iter().enumerate() {
+            let stop = shutdown.child_token();
             let stats = Arc::new(PoolStats::new(&pool.name));
-            let (vtx, vrx, srx) = upstream::channels();
-            let stop = shutdown.clone();
-            match pool.protocol {
-                PoolProtocol::Sv2 => {
-                    let up = Sv2Upstream {
-                        pool: pool.clone(),
-                        routing: cfg.routing.clone(),
-                        extranonce: cfg.extranonce.clone(),
-                        stats: stats.clone(),
-                    };
-                    tokio::spawn(up.run(vtx, srx, stop));
-                }
-                PoolProtocol::Sv1 => {
-                    let up = Sv1Upstream {
-                        pool: pool.clone(),
-                        routing: cfg.routing.clone(),
-                        extranonce: cfg.extranonce.clone(),
-                        stats: stats.clone(),
-                    };
-                    tokio::spawn(up.run(vtx, srx, stop));
-                }
-            }
-            handles.push(PoolHandle {
+            handles.push(upstream::spawn(
                 index,
+                pool,
+                &cfg.routing,
+                &cfg.extranonce,
                 stats,
-                view: vrx,
-            });
+                stop.clone(),
+            ));
+            stops.push(stop);
         }
-        let router = Router::new(&cfg, handles);
+        let router = Router::with_stops(&cfg, handles, stops);
         router.spawn_monitor(shutdown.clone());
         let registry = Arc::new(Registry::default());
         let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone());
@@ -101,7 +85,11 @@ impl Proxy {
 /// One line: miners, per-pool state and share counts.
 pub fn status_line(p: &Proxy) -> String {
     let mut s = format!("miners={}", p.ctx.slots_in_use());
-    for (share, h) in p.ctx.router.shares().iter().zip(p.ctx.router.pools()) {
+    let pools = p.ctx.router.pools();
+    for (share, h) in p.ctx.router.shares().iter().zip(pools.iter()) {
+        if share.retired {
+            continue;
+        }
         s.push_str(&format!(
             " | {}: {} miners={} sent={} acked={} rejected={}",
             h.stats.name,

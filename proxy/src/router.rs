@@ -11,11 +11,12 @@
 //! The router's map is locked on connect, disconnect and re-evaluation only,
 //! never on the share path.
 
-use crate::config::{Config, RoutingConfig};
+use crate::config::{Config, PoolConfig, RoutingConfig};
+use crate::stats::PoolStats;
 use crate::upstream::PoolHandle;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -63,10 +64,90 @@ struct Health {
     has_failed: bool,
 }
 
+/// One pool slot. Slots are never reused: a pool removed by a reload is
+/// retired (its task stopped, never live again) so indices stay stable.
+struct Slot {
+    config: PoolConfig,
+    retired: bool,
+    stop: Option<CancellationToken>,
+}
+
 struct State {
     miners: HashMap<u64, Entry>,
     next_id: u64,
     health: Vec<Health>,
+    slots: Vec<Slot>,
+    /// Active slots by priority (then config order).
+    order: Vec<usize>,
+    cfg: RoutingConfig,
+}
+
+impl State {
+    fn priority(&self, p: usize) -> u32 {
+        self.slots[p].config.priority
+    }
+
+    fn weight(&self, p: usize) -> f64 {
+        self.slots[p].config.weight
+    }
+
+    fn reorder(&mut self) {
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].retired)
+            .collect();
+        order.sort_by_key(|&i| self.slots[i].config.priority);
+        self.order = order;
+    }
+
+    /// The pools of the best priority: the weighted split shares miners among them.
+    fn split_group(&self) -> Vec<usize> {
+        let best = self.order.first().map(|&i| self.priority(i)).unwrap_or(0);
+        self.order
+            .iter()
+            .copied()
+            .filter(|&i| self.priority(i) == best)
+            .collect()
+    }
+
+    /// Pool totals of measured hashrate by home, within the split group.
+    fn home_totals(&self, group: &[usize]) -> (HashMap<usize, f64>, f64) {
+        let known: Vec<f64> = self
+            .miners
+            .values()
+            .map(|e| hr(&e.hashrate))
+            .filter(|h| *h > 0.0)
+            .collect();
+        let avg = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        let mut totals: HashMap<usize, f64> = group.iter().map(|&p| (p, 0.0)).collect();
+        for e in self.miners.values() {
+            if let Some(t) = totals.get_mut(&e.home) {
+                let h = hr(&e.hashrate);
+                *t += if h > 0.0 { h } else { avg };
+            }
+        }
+        (totals, avg)
+    }
+
+    /// The split-group pool furthest below its weighted share: a new home.
+    fn pick_home(&self) -> usize {
+        let group = self.split_group();
+        let (totals, avg) = self.home_totals(&group);
+        let sum: f64 = totals.values().sum::<f64>() + avg;
+        let wsum: f64 = group.iter().map(|&p| self.weight(p)).sum();
+        group
+            .iter()
+            .copied()
+            .max_by(|&a, &b| {
+                let da = self.weight(a) / wsum * sum - totals[&a];
+                let db = self.weight(b) / wsum * sum - totals[&b];
+                da.partial_cmp(&db).unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .unwrap_or(0)
+    }
 }
 
 /// Per-pool summary for status output.
@@ -80,16 +161,51 @@ pub struct PoolShare {
     pub hashrate: f64,
     /// Pool is live.
     pub live: bool,
+    /// Removed by a reload (kept so indices stay stable).
+    pub retired: bool,
+}
+
+/// What a [`Router::reconfigure`] changed, by pool name.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reconfigured {
+    /// New pools (upstream started).
+    pub added: Vec<String>,
+    /// Pools gone from the config (upstream stopped).
+    pub removed: Vec<String>,
+    /// Pools whose address, protocol, key or credentials changed (new upstream).
+    pub replaced: Vec<String>,
+    /// Pools whose priority, weight or nominal hashrate changed in place.
+    pub updated: Vec<String>,
+    /// Miners given a new home pool.
+    pub rehomed: usize,
+}
+
+impl Reconfigured {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.replaced.is_empty()
+            && self.updated.is_empty()
+            && self.rehomed == 0
+    }
+}
+
+/// Same upstream connection: nothing that the pool session was set up with differs.
+fn same_connection(a: &PoolConfig, b: &PoolConfig) -> bool {
+    a.address == b.address
+        && a.protocol == b.protocol
+        && a.authority_pubkey == b.authority_pubkey
+        && a.user == b.user
+        && a.password == b.password
 }
 
 /// The routing table.
 pub struct Router {
-    order: Vec<usize>,
-    priority: Vec<u32>,
-    weight: Vec<f64>,
-    cfg: RoutingConfig,
-    pools: Vec<PoolHandle>,
+    pools: RwLock<Arc<Vec<PoolHandle>>>,
     state: Mutex<State>,
+    /// Set by [`Router::spawn_monitor`]: pools added later get watched too.
+    monitor: Mutex<Option<CancellationToken>>,
 }
 
 fn hr(a: &AtomicU64) -> f64 {
@@ -99,85 +215,72 @@ fn hr(a: &AtomicU64) -> f64 {
 impl Router {
     /// A router over running pools.
     pub fn new(cfg: &Config, pools: Vec<PoolHandle>) -> Arc<Self> {
+        Self::with_stops(cfg, pools, Vec::new())
+    }
+
+    /// A router over running pools, with the tokens that stop each pool's
+    /// task (so a reload can stop pools it removes).
+    pub fn with_stops(
+        cfg: &Config,
+        pools: Vec<PoolHandle>,
+        stops: Vec<CancellationToken>,
+    ) -> Arc<Self> {
         let n = cfg.pools.len();
-        Arc::new(Self {
-            order: cfg.pool_order(),
-            priority: cfg.pools.iter().map(|p| p.priority).collect(),
-            weight: cfg.pools.iter().map(|p| p.weight).collect(),
+        let mut stops = stops.into_iter();
+        let mut st = State {
+            miners: HashMap::new(),
+            next_id: 1,
+            health: vec![
+                Health {
+                    live: false,
+                    live_since: None,
+                    has_failed: false
+                };
+                n
+            ],
+            slots: cfg
+                .pools
+                .iter()
+                .map(|p| Slot {
+                    config: p.clone(),
+                    retired: false,
+                    stop: stops.next(),
+                })
+                .collect(),
+            order: Vec::new(),
             cfg: cfg.routing.clone(),
-            pools,
-            state: Mutex::new(State {
-                miners: HashMap::new(),
-                next_id: 1,
-                health: vec![
-                    Health {
-                        live: false,
-                        live_since: None,
-                        has_failed: false
-                    };
-                    n
-                ],
-            }),
+        };
+        st.reorder();
+        Arc::new(Self {
+            pools: RwLock::new(Arc::new(pools)),
+            state: Mutex::new(st),
+            monitor: Mutex::new(None),
         })
     }
 
-    /// The pool handles, by config index.
-    pub fn pools(&self) -> &[PoolHandle] {
-        &self.pools
+    /// The pool handles, by config index (retired slots included).
+    pub fn pools(&self) -> Arc<Vec<PoolHandle>> {
+        self.pools.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The settings pool `index` runs with now.
+    pub fn pool_config(&self, index: usize) -> Option<PoolConfig> {
+        self.lock().slots.get(index).map(|s| s.config.clone())
+    }
+
+    /// Pool `index` was removed by a reload.
+    pub fn is_retired(&self, index: usize) -> bool {
+        self.lock().slots.get(index).is_some_and(|s| s.retired)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn split_group(&self) -> Vec<usize> {
-        let best = self.order.first().map(|&i| self.priority[i]).unwrap_or(0);
-        self.order
-            .iter()
-            .copied()
-            .filter(|&i| self.priority[i] == best)
-            .collect()
-    }
-
-    /// Pool totals of measured hashrate by home, within the split group.
-    fn home_totals(&self, st: &State, group: &[usize]) -> (HashMap<usize, f64>, f64) {
-        let known: Vec<f64> = st
-            .miners
-            .values()
-            .map(|e| hr(&e.hashrate))
-            .filter(|h| *h > 0.0)
-            .collect();
-        let avg = if known.is_empty() {
-            1.0
-        } else {
-            known.iter().sum::<f64>() / known.len() as f64
-        };
-        let mut totals: HashMap<usize, f64> = group.iter().map(|&p| (p, 0.0)).collect();
-        for e in st.miners.values() {
-            if let Some(t) = totals.get_mut(&e.home) {
-                let h = hr(&e.hashrate);
-                *t += if h > 0.0 { h } else { avg };
-            }
-        }
-        (totals, avg)
-    }
-
     /// Register a miner of `worker` name; picks its home pool by weighted deficit.
     pub fn register(self: &Arc<Self>, worker: &str) -> Lease {
-        let group = self.split_group();
         let mut st = self.lock();
-        let (totals, avg) = self.home_totals(&st, &group);
-        let sum: f64 = totals.values().sum::<f64>() + avg;
-        let wsum: f64 = group.iter().map(|&p| self.weight[p]).sum();
-        let home = group
-            .iter()
-            .copied()
-            .max_by(|&a, &b| {
-                let da = self.weight[a] / wsum * sum - totals[&a];
-                let db = self.weight[b] / wsum * sum - totals[&b];
-                da.partial_cmp(&db).unwrap_or(std::cmp::Ordering::Equal)
-            })
-            .unwrap_or(0);
+        let home = st.pick_home();
         let id = st.next_id;
         st.next_id += 1;
         let hashrate = Arc::new(AtomicU64::new(0f64.to_bits()));
@@ -193,7 +296,7 @@ impl Router {
             parked: false,
             hashrate: hashrate.clone(),
         };
-        let a = self.effective(&st, &entry);
+        let a = Self::effective(&st, &entry);
         let (tx, rx) = watch::channel(a);
         entry.tx = tx;
         st.miners.insert(id, entry);
@@ -209,15 +312,16 @@ impl Router {
         self.lock().miners.remove(&id);
     }
 
-    fn usable_home(&self, h: &Health, now: Instant) -> bool {
+    fn usable_home(st: &State, p: usize, now: Instant) -> bool {
+        let h = &st.health[p];
         h.live
             && (!h.has_failed
                 || h.live_since.is_some_and(|t| {
-                    now.duration_since(t) >= Duration::from_secs(self.cfg.failback_cooldown_secs)
+                    now.duration_since(t) >= Duration::from_secs(st.cfg.failback_cooldown_secs)
                 }))
     }
 
-    fn effective(&self, st: &State, e: &Entry) -> Assignment {
+    fn effective(st: &State, e: &Entry) -> Assignment {
         if e.parked {
             return Assignment {
                 pool: None,
@@ -226,7 +330,7 @@ impl Router {
         }
         let now = Instant::now();
         let want = e.pinned.unwrap_or(e.home);
-        if self.usable_home(&st.health[want], now) {
+        if Self::usable_home(st, want, now) {
             return Assignment {
                 pool: Some(want),
                 parked: false,
@@ -238,7 +342,7 @@ impl Router {
         if let Some(c) = current {
             if st.health[c].live
                 && c != want
-                && self.priority[c] <= self.best_live_priority(st).unwrap_or(u32::MAX)
+                && st.priority(c) <= Self::best_live_priority(st).unwrap_or(u32::MAX)
             {
                 return Assignment {
                     pool: Some(c),
@@ -246,26 +350,28 @@ impl Router {
                 };
             }
         }
-        let pool = self.order.iter().copied().find(|&p| st.health[p].live);
+        let pool = st.order.iter().copied().find(|&p| st.health[p].live);
         Assignment {
             pool,
             parked: false,
         }
     }
 
-    fn best_live_priority(&self, st: &State) -> Option<u32> {
-        self.order
+    fn best_live_priority(st: &State) -> Option<u32> {
+        st.order
             .iter()
             .find(|&&p| st.health[p].live)
-            .map(|&p| self.priority[p])
+            .map(|&p| st.priority(p))
     }
 
     /// Recompute every miner's assignment; send the ones that changed.
     pub fn reevaluate(&self) -> usize {
+        let pools = self.pools();
         let mut st = self.lock();
         let now = Instant::now();
-        for (i, p) in self.pools.iter().enumerate() {
-            let live = p.view.borrow().live;
+        for (i, p) in pools.iter().enumerate() {
+            // A retired pool's task is gone; its last view may still say live.
+            let live = !st.slots[i].retired && p.view.borrow().live;
             let h = &mut st.health[i];
             if live && !h.live {
                 h.live_since = Some(now);
@@ -278,7 +384,7 @@ impl Router {
         }
         let mut changed = 0;
         for e in st.miners.values() {
-            let a = self.effective(&st, e);
+            let a = Self::effective(&st, e);
             if *e.tx.borrow() != a {
                 e.tx.send_replace(a);
                 changed += 1;
@@ -289,17 +395,17 @@ impl Router {
 
     /// Move miners between homes so measured hashrate follows the weights.
     pub fn rebalance(&self) -> usize {
-        let group = self.split_group();
+        let mut st = self.lock();
+        let group = st.split_group();
         if group.len() < 2 {
             return 0;
         }
         let mut moved = 0;
-        let mut st = self.lock();
-        let wsum: f64 = group.iter().map(|&p| self.weight[p]).sum();
+        let wsum: f64 = group.iter().map(|&p| st.weight(p)).sum();
         for _ in 0..st.miners.len() {
-            let (totals, avg) = self.home_totals(&st, &group);
+            let (totals, avg) = st.home_totals(&group);
             let sum: f64 = totals.values().sum();
-            let dev = |p: usize| totals[&p] - self.weight[p] / wsum * sum;
+            let dev = |p: usize| totals[&p] - st.weight(p) / wsum * sum;
             let over = group
                 .iter()
                 .copied()
@@ -345,6 +451,117 @@ impl Router {
         moved
     }
 
+    /// Apply a new configuration's pools, priorities, weights and routing
+    /// timings without touching miner connections. Pools are matched by
+    /// name: same connection settings -> updated in place; changed address,
+    /// protocol, key or credentials -> a new upstream (counters carried
+    /// over) and the old one stopped; gone -> stopped and retired. Miners
+    /// whose home left the split group get a new home by weighted deficit;
+    /// sessions follow their assignment watch, so they switch jobs, not
+    /// sockets. `start` launches an upstream for (index, pool, counters).
+    pub fn reconfigure(
+        self: &Arc<Self>,
+        cfg: &Config,
+        start: impl Fn(usize, &PoolConfig, Arc<PoolStats>) -> (PoolHandle, CancellationToken),
+    ) -> Reconfigured {
+        let mut out = Reconfigured::default();
+        let mut pools: Vec<PoolHandle> = self.pools().as_ref().clone();
+        let mut added = Vec::new();
+        {
+            let mut st = self.lock();
+            let mut seen = vec![false; st.slots.len()];
+            for pc in &cfg.pools {
+                let found = (0..st.slots.len())
+                    .find(|&i| !st.slots[i].retired && st.slots[i].config.name == pc.name);
+                match found {
+                    Some(i) if same_connection(&st.slots[i].config, pc) => {
+                        seen[i] = true;
+                        if st.slots[i].config != *pc {
+                            st.slots[i].config = pc.clone();
+                            out.updated.push(pc.name.clone());
+                        }
+                    }
+                    other => {
+                        let stats = match other {
+                            Some(i) => {
+                                // seen stays false: retired below.
+                                out.replaced.push(pc.name.clone());
+                                pools[i].stats.clone()
+                            }
+                            None => {
+                                out.added.push(pc.name.clone());
+                                Arc::new(PoolStats::new(&pc.name))
+                            }
+                        };
+                        let index = st.slots.len();
+                        let (handle, stop) = start(index, pc, stats);
+                        added.push((index, handle.view.clone()));
+                        pools.push(handle);
+                        st.slots.push(Slot {
+                            config: pc.clone(),
+                            retired: false,
+                            stop: Some(stop),
+                        });
+                        st.health.push(Health {
+                            live: false,
+                            live_since: None,
+                            has_failed: false,
+                        });
+                    }
+                }
+            }
+            for (i, seen) in seen.into_iter().enumerate() {
+                let slot = &mut st.slots[i];
+                if !seen && !slot.retired {
+                    slot.retired = true;
+                    if let Some(stop) = slot.stop.take() {
+                        stop.cancel();
+                    }
+                    if !out.replaced.contains(&slot.config.name) {
+                        out.removed.push(slot.config.name.clone());
+                    }
+                }
+            }
+            st.cfg = cfg.routing.clone();
+            st.reorder();
+            *self.pools.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pools);
+            // Pins to pools that are gone are void; homes outside the new
+            // split group are reassigned one by one, so each pick sees the last.
+            let group = st.split_group();
+            let retired: Vec<bool> = st.slots.iter().map(|s| s.retired).collect();
+            let mut stray = Vec::new();
+            for (id, e) in st.miners.iter_mut() {
+                if e.pinned.is_some_and(|p| retired[p]) {
+                    e.pinned = None;
+                }
+                if !group.contains(&e.home) {
+                    stray.push(*id);
+                    e.home = usize::MAX;
+                }
+            }
+            for id in stray {
+                let home = st.pick_home();
+                if let Some(e) = st.miners.get_mut(&id) {
+                    e.home = home;
+                    out.rehomed += 1;
+                }
+            }
+        }
+        if let Some(stop) = self
+            .monitor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            for (index, rx) in added {
+                self.watch_pool(index, rx, stop.clone());
+            }
+        }
+        self.reevaluate();
+        self.rebalance();
+        out
+    }
+
     /// Park the miners whose worker name matches; returns how many.
     pub fn park(&self, matches: impl Fn(&str) -> bool) -> usize {
         self.update(matches, |e| e.parked = true)
@@ -378,12 +595,13 @@ impl Router {
     /// Miners and hashrate per pool (by current assignment).
     pub fn shares(&self) -> Vec<PoolShare> {
         let st = self.lock();
-        let mut v: Vec<PoolShare> = (0..self.pools.len())
+        let mut v: Vec<PoolShare> = (0..st.slots.len())
             .map(|p| PoolShare {
                 pool: p,
                 miners: 0,
                 hashrate: 0.0,
                 live: st.health[p].live,
+                retired: st.slots[p].retired,
             })
             .collect();
         for e in st.miners.values() {
@@ -395,31 +613,41 @@ impl Router {
         v
     }
 
+    /// Re-evaluate whenever pool `index` goes up or down.
+    fn watch_pool(
+        self: &Arc<Self>,
+        index: usize,
+        mut rx: watch::Receiver<crate::upstream::PoolView>,
+        stop: CancellationToken,
+    ) {
+        let router = self.clone();
+        tokio::spawn(async move {
+            let mut was_live = rx.borrow().live;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+                let live = rx.borrow_and_update().live;
+                if live != was_live {
+                    was_live = live;
+                    let n = router.reevaluate();
+                    info!(pool = index, live, moved = n, "pool state changed");
+                }
+            }
+        });
+    }
+
     /// Watch pool views and re-evaluate on every change; tick for cooldowns
     /// and rebalancing.
     pub fn spawn_monitor(self: &Arc<Self>, shutdown: CancellationToken) {
-        for (index, p) in self.pools.iter().enumerate() {
-            let (router, mut rx, stop) = (self.clone(), p.view.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut was_live = rx.borrow().live;
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        r = rx.changed() => if r.is_err() { return },
-                    }
-                    let live = rx.borrow_and_update().live;
-                    if live != was_live {
-                        was_live = live;
-                        let n = router.reevaluate();
-                        info!(pool = index, live, moved = n, "pool state changed");
-                    }
-                }
-            });
+        *self.monitor.lock().unwrap_or_else(|e| e.into_inner()) = Some(shutdown.clone());
+        for (index, p) in self.pools().iter().enumerate() {
+            self.watch_pool(index, p.view.clone(), shutdown.clone());
         }
         let router = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
-            let every = Duration::from_secs(router.cfg.rebalance_secs.max(1));
             let mut last = Instant::now();
             loop {
                 tokio::select! {
@@ -427,6 +655,7 @@ impl Router {
                     _ = tick.tick() => {}
                 }
                 router.reevaluate();
+                let every = Duration::from_secs(router.lock().cfg.rebalance_secs.max(1));
                 if last.elapsed() >= every {
                     last = Instant::now();
                     router.rebalance();

@@ -39,7 +39,7 @@ impl Role {
 }
 
 /// One bearer token.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Who holds it (for logs).
@@ -66,7 +66,7 @@ impl std::fmt::Debug for TokenConfig {
 }
 
 /// The `[api]` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// Listen address of the control API, `/metrics` and the dashboard;

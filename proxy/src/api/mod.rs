@@ -15,7 +15,7 @@
 //! | `GET /`, `/app.js` (dashboard), `/healthz`, `/api/v1/openapi.json` | none |
 //! | `GET /metrics` | none, or `read` when `metrics_public = false` |
 //! | `GET /api/v1/{whoami,fleet,workers,pools,events,history,ledger}` | `read` |
-//! | `POST /api/v1/curtail` | `operate` |
+//! | `POST /api/v1/curtail`, `POST /api/v1/reload` | `operate` |
 //!
 //! A missing or unknown token gets 401, a `read` token on an `operate`
 //! route 403.
@@ -138,6 +138,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/history", get(history))
         .route("/api/v1/ledger", get(ledger_export))
         .route("/api/v1/curtail", post(curtail))
+        .route("/api/v1/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(index))
@@ -275,6 +276,22 @@ async fn app_js() -> Response {
         .into_response()
 }
 
+/// Hot reload from the configuration file (same as SIGHUP).
+async fn reload(State(st): State<Arc<ApiState>>) -> Response {
+    match crate::reload::reload_file(&st.ctx) {
+        Ok(r) => {
+            info!(%r, "configuration reloaded through the API");
+            Json(json!({
+                "reloaded": r.to_string(),
+                "sections": r.sections,
+                "pools": r.pools,
+            }))
+            .into_response()
+        }
+        Err(e) => err(StatusCode::CONFLICT, format!("reload refused: {e}")),
+    }
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
@@ -348,8 +365,11 @@ fn pool_views(st: &ApiState) -> Vec<PoolView> {
         .pools()
         .iter()
         .enumerate()
+        // Pools a reload removed keep their index but are not shown.
+        .filter(|(i, _)| !shares.get(*i).is_some_and(|s| s.retired))
         .map(|(i, h)| {
-            let pc = st.ctx.cfg.pools.get(i);
+            let pc = st.ctx.router.pool_config(i);
+            let pc = pc.as_ref();
             let s = shares.get(i);
             PoolView {
                 index: i,

@@ -288,7 +288,8 @@ impl ChannelCore {
         lease: Lease,
         setup: ChannelSetup,
     ) -> Self {
-        let d = &ctx.cfg.difficulty;
+        let cfg = ctx.cfg();
+        let d = &cfg.difficulty;
         let vcfg = VardiffConfig {
             shares_per_minute: d.shares_per_minute,
             min_difficulty: setup.min_difficulty.max(d.min),
@@ -297,7 +298,7 @@ impl ChannelCore {
             ..VardiffConfig::default()
         };
         let now = Instant::now();
-        let en2_size = ctx.cfg.extranonce.extranonce2_size;
+        let en2_size = ctx.cfg().extranonce.extranonce2_size;
         Self {
             vardiff: Vardiff::new(vcfg, setup.initial_difficulty, now.into_std()),
             en2_size,
@@ -390,7 +391,8 @@ impl ChannelCore {
     /// Replace the channel's floor and difficulty (SV2 `UpdateChannel` with a
     /// new `max_target`). A channel-scope channel always answers with its target.
     pub fn reconfigure(&mut self, difficulty: f64, min_difficulty: f64) -> Option<Out> {
-        let d = &self.ctx.cfg.difficulty;
+        let cfg = self.ctx.cfg();
+        let d = &cfg.difficulty;
         let old = (self.target(), self.difficulty());
         self.setup.min_difficulty = min_difficulty;
         let vcfg = VardiffConfig {
@@ -684,7 +686,12 @@ async fn view_changed(
     view: &mut Option<(usize, watch::Receiver<PoolView>)>,
 ) -> Result<(), watch::error::RecvError> {
     match view {
-        Some((_, rx)) => rx.changed().await,
+        // A pool whose task ended (removed by a reload) sends nothing more:
+        // the router's new assignment is what moves the miner on.
+        Some((_, rx)) => match rx.changed().await {
+            Ok(()) => Ok(()),
+            Err(_) => std::future::pending().await,
+        },
         None => std::future::pending().await,
     }
 }

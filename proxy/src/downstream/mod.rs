@@ -11,10 +11,13 @@ pub mod sv2;
 use crate::config::Config;
 use crate::router::Router;
 use crate::stats::Registry;
+use arc_swap::ArcSwap;
 use gridproxy_protocol::extranonce::{ExtranonceAllocator, ExtranonceError, Slot};
 use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -23,8 +26,11 @@ use tracing::{info, warn};
 
 /// What every miner session shares.
 pub struct Ctx {
-    /// Configuration.
-    pub cfg: Arc<Config>,
+    /// Configuration; swapped whole by a reload (sessions read it when they
+    /// need a setting, so new values reach them without a reconnect).
+    cfg: ArcSwap<Config>,
+    /// The file the configuration came from (what a reload reads).
+    config_path: Mutex<Option<PathBuf>>,
     /// Worker stats.
     pub registry: Arc<Registry>,
     /// Pool assignment.
@@ -33,6 +39,8 @@ pub struct Ctx {
     slots: Mutex<ExtranonceAllocator>,
     /// Downstream connections (SV1 and SV2 together) up to `limits.max_connections`.
     connections: Arc<Semaphore>,
+    /// Permits the semaphore was sized for (a reload adds or forgets the difference).
+    max_connections: AtomicUsize,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
 }
@@ -55,13 +63,64 @@ impl Ctx {
         )
         .expect("config validation keeps the split consistent");
         Arc::new(Self {
-            cfg,
+            cfg: ArcSwap::new(cfg),
+            config_path: Mutex::new(None),
             registry,
             router,
             slots: Mutex::new(alloc),
             connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections: AtomicUsize::new(max_connections),
             shutdown,
         })
+    }
+
+    /// The configuration in force now.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg.load_full()
+    }
+
+    /// Put `cfg` in force for every session (see [`crate::reload`]), and
+    /// resize the connection cap. Lowering the cap never drops a miner: it
+    /// only stops new ones until enough have left.
+    pub fn set_cfg(&self, cfg: Arc<Config>) {
+        let want = cfg.limits.max_connections;
+        let had = self.max_connections.swap(want, Relaxed);
+        if want > had {
+            self.connections.add_permits(want - had);
+        } else if want < had {
+            let forgotten = self.connections.forget_permits(had - want);
+            if forgotten < had - want {
+                // The rest are held by connected miners: forget them as they return.
+                let debt = had - want - forgotten;
+                let sem = self.connections.clone();
+                let stop = self.shutdown.clone();
+                tokio::spawn(async move {
+                    for _ in 0..debt {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            p = sem.acquire() => match p {
+                                Ok(p) => p.forget(),
+                                Err(_) => return,
+                            },
+                        }
+                    }
+                });
+            }
+        }
+        self.cfg.store(cfg);
+    }
+
+    /// Remember the file the configuration came from.
+    pub fn set_config_path(&self, path: PathBuf) {
+        *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    }
+
+    /// The file the configuration came from, if any.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A unique miner part.
@@ -128,7 +187,7 @@ where
             },
         };
         let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
-            warn!(%peer, max = ctx.cfg.limits.max_connections, "connection limit reached; closing");
+            warn!(%peer, max = ctx.cfg().limits.max_connections, "connection limit reached; closing");
             drop(stream);
             continue;
         };

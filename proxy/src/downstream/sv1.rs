@@ -58,9 +58,9 @@ struct Session {
 pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let mut s = Session {
-        en2_size: ctx.cfg.extranonce.extranonce2_size,
-        initial_difficulty: ctx.cfg.difficulty.initial,
-        bucket: SubmitBucket::new(ctx.cfg.limits.submits_per_second),
+        en2_size: ctx.cfg().extranonce.extranonce2_size,
+        initial_difficulty: ctx.cfg().difficulty.initial,
+        bucket: SubmitBucket::new(ctx.cfg().limits.submits_per_second),
         ctx,
         peer,
         slot: None,
@@ -95,7 +95,7 @@ impl Session {
 
     async fn run(&mut self, stream: TcpStream) -> Close {
         let (mut rd, mut wr) = stream.into_split();
-        let limits = self.ctx.cfg.limits.clone();
+        let limits = self.ctx.cfg().limits.clone();
         let mut codec = LineCodec::new(limits.max_line);
         let mut buf = BytesMut::with_capacity(1024);
         let handshake_deadline = Instant::now() + limits.handshake_timeout();
@@ -219,7 +219,7 @@ impl Session {
                 self.maybe_start();
             }
             ClientMethod::Authorize { user, .. } => {
-                let name = channel::truncate(&user, self.ctx.cfg.limits.max_worker_name);
+                let name = channel::truncate(&user, self.ctx.cfg().limits.max_worker_name);
                 if self.worker.is_none() && self.core.is_none() {
                     let w = WorkerGuard::new(&self.ctx, &name);
                     let lease = self.ctx.router.register(&name);
@@ -234,7 +234,7 @@ impl Session {
             }
             ClientMethod::SuggestDifficulty(d) => {
                 self.out.push_str(&encode::result(&id, Value::Bool(true)));
-                if self.ctx.cfg.difficulty.accept_suggestions {
+                if self.ctx.cfg().difficulty.accept_suggestions {
                     match self.core.as_mut() {
                         Some(core) => {
                             let out = core.set_difficulty(d);
@@ -273,7 +273,7 @@ impl Session {
             extranonce: ExtranonceMode::Rolled,
             scope: TargetScope::PerJob,
             initial_difficulty: self.initial_difficulty,
-            min_difficulty: self.ctx.cfg.difficulty.min,
+            min_difficulty: self.ctx.cfg().difficulty.min,
             version_allowed: self.granted_mask.unwrap_or(0),
         };
         let mut core = ChannelCore::new(self.ctx.clone(), slot, worker, lease, setup);

@@ -135,7 +135,7 @@ pub async fn serve(
     authority: Arc<AuthorityKeypair>,
 ) {
     let _ = stream.set_nodelay(true);
-    let limits = ctx.cfg.limits.clone();
+    let limits = ctx.cfg().limits.clone();
     let deadline = Instant::now() + limits.handshake_timeout();
     let hs = accept_noise(stream, &authority, CERT_VALIDITY, limits.max_frame);
     let framed = match tokio::time::timeout_at(deadline, hs).await {
@@ -201,7 +201,7 @@ impl Conn {
         if let Some(why) = refused {
             return Close::Reason(why);
         }
-        let limits = self.ctx.cfg.limits.clone();
+        let limits = self.ctx.cfg().limits.clone();
         let mut idle_deadline = Instant::now() + limits.idle_timeout();
         let shutdown = self.ctx.shutdown.clone();
         loop {
@@ -396,7 +396,7 @@ impl Conn {
     }
 
     fn open(&mut self, r: OpenRequest) {
-        let cfg = self.ctx.cfg.clone();
+        let cfg = self.ctx.cfg();
         let en2_size = cfg.extranonce.extranonce2_size;
         if r.kind == Kind::Extended && self.requires_standard {
             return self.open_error(
@@ -503,7 +503,7 @@ impl Conn {
             channel_id,
             ChannelEntry {
                 tx,
-                bucket: SubmitBucket::new(self.ctx.cfg.limits.submits_per_second),
+                bucket: SubmitBucket::new(self.ctx.cfg().limits.submits_per_second),
             },
         );
     }
@@ -532,7 +532,7 @@ impl Conn {
     }
 
     fn update(&mut self, u: UpdateChannelOwned) -> Result<(), String> {
-        let cfg = self.ctx.cfg.clone();
+        let cfg = self.ctx.cfg();
         let error = |code: &str| {
             Message::Mining(MiningOwned::UpdateChannelError(UpdateChannelErrorOwned {
                 channel_id: u.channel_id,
@@ -574,7 +574,8 @@ struct OpenRequest {
 
 /// A channel's starting difficulty from the hashrate the miner announced.
 fn initial_difficulty(ctx: &Ctx, nominal: f32) -> f64 {
-    let d = &ctx.cfg.difficulty;
+    let cfg = ctx.cfg();
+        let d = &cfg.difficulty;
     if nominal > 0.0 {
         channel::difficulty_for_hashrate(nominal as f64, d.shares_per_minute, d.min).min(d.max)
     } else {

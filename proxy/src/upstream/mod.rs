@@ -102,6 +102,44 @@ pub struct PoolHandle {
     pub view: watch::Receiver<PoolView>,
 }
 
+/// Start the upstream task for `pool` (config index `index`), counting into
+/// `stats`; it runs until `stop` fires.
+pub fn spawn(
+    index: usize,
+    pool: &PoolConfig,
+    routing: &RoutingConfig,
+    extranonce: &crate::config::ExtranonceConfig,
+    stats: Arc<PoolStats>,
+    stop: tokio_util::sync::CancellationToken,
+) -> PoolHandle {
+    let (vtx, vrx, srx) = channels();
+    match pool.protocol {
+        crate::config::PoolProtocol::Sv2 => {
+            let up = sv2::Sv2Upstream {
+                pool: pool.clone(),
+                routing: routing.clone(),
+                extranonce: extranonce.clone(),
+                stats: stats.clone(),
+            };
+            tokio::spawn(up.run(vtx, srx, stop));
+        }
+        crate::config::PoolProtocol::Sv1 => {
+            let up = sv1::Sv1Upstream {
+                pool: pool.clone(),
+                routing: routing.clone(),
+                extranonce: extranonce.clone(),
+                stats: stats.clone(),
+            };
+            tokio::spawn(up.run(vtx, srx, stop));
+        }
+    }
+    PoolHandle {
+        index,
+        stats,
+        view: vrx,
+    }
+}
+
 /// Bound on shares queued for one pool (back-pressure, not buffering).
 pub const SUBMIT_QUEUE: usize = 65_536;
 
