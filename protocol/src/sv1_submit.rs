@@ -102,7 +102,7 @@ pub fn parse_submit(line: &[u8]) -> Option<SubmitRef<'_>> {
     }
     let p = &raw.params.p;
     let en2_hex = p[2].as_bytes();
-    if en2_hex.len() % 2 != 0 || en2_hex.len() / 2 > MAX_EXTRANONCE2 {
+    if !en2_hex.len().is_multiple_of(2) || en2_hex.len() / 2 > MAX_EXTRANONCE2 {
         return None;
     }
     let mut extranonce2 = [0u8; MAX_EXTRANONCE2];

@@ -36,8 +36,9 @@ use tracing::{debug, info};
 const HASHRATE_WINDOW: Duration = Duration::from_secs(5);
 /// Jobs kept per channel (older ones answer "stale").
 pub const MAX_JOBS: usize = 8;
-/// Duplicate-detection entries kept per channel before the oldest jobs are forgotten.
-const MAX_SEEN: usize = 1 << 16;
+/// Duplicate-detection entries kept per job before its set is forgotten
+/// (at most [`MAX_JOBS`] × this per channel).
+const MAX_SEEN_PER_JOB: usize = 1 << 13;
 /// Seconds a share's ntime may run ahead of the job's.
 const NTIME_AHEAD: u32 = 7200;
 /// Seconds a share's ntime may lag the job's.
@@ -255,10 +256,21 @@ struct LocalJob {
     mask: u32,
     merkle_root: Option<[u8; 32]>,
     submit: mpsc::Sender<UpShare>,
+    /// Fingerprints of the shares accepted on this job: only live jobs can be
+    /// submitted against, so the set goes with the job (memory stays bounded by
+    /// the jobs kept, not by the channel's age).
+    seen: HashSet<u64>,
 }
 
-/// Duplicate key: job, extranonce2, ntime, nonce, version.
-type SeenKey = (u32, u64, u32, u32, u32);
+/// Duplicate fingerprint of (extranonce2, ntime, nonce, version) within a job.
+/// Equal shares always collide (a duplicate is never missed); distinct shares
+/// collide with probability 2^-64, and then only the sender's share is refused.
+fn fingerprint(en2: &[u8], ntime: u32, nonce: u32, version: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (en2, ntime, nonce, version).hash(&mut h);
+    h.finish()
+}
 
 /// One miner channel's state (see the module docs).
 pub struct ChannelCore {
@@ -275,7 +287,8 @@ pub struct ChannelCore {
     vardiff: Vardiff,
     /// Previous (easier) channel target and its difficulty, valid until the instant.
     grace: Option<(Target, f64, Instant)>,
-    seen: HashSet<SeenKey>,
+    /// Full upstream extranonce of the share being checked (reused, no per-share allocation).
+    scratch: Vec<u8>,
     window: (f64, Instant),
 }
 
@@ -312,7 +325,7 @@ impl ChannelCore {
             jobs: VecDeque::new(),
             next_job: 1,
             grace: None,
-            seen: HashSet::new(),
+            scratch: Vec::new(),
             window: (0.0, now),
         }
     }
@@ -369,6 +382,31 @@ impl ChannelCore {
                 Err(_) => Err("router dropped the miner".into()),
             },
             _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),
+        }
+    }
+
+    /// Like [`Self::wake`], but owning clones of what it waits on, so a
+    /// session can keep one such future across many shares instead of
+    /// re-registering two watch waiters and a timer per loop turn. Build a new
+    /// one after it fires and after anything that may move the deadline or
+    /// change the pool (an early `Tick` is harmless: nothing is due yet).
+    pub fn wake_owned(&self) -> impl std::future::Future<Output = Result<Wake, String>> + Send {
+        let at =
+            Instant::from_std(self.vardiff.poll_timeout()).min(self.window.1 + HASHRATE_WINDOW);
+        let mut view = self.view.clone();
+        let mut assignment = self.lease.assignment.clone();
+        async move {
+            tokio::select! {
+                r = view_changed(&mut view) => match r {
+                    Ok(()) => Ok(Wake::View),
+                    Err(_) => Err("upstream task ended".into()),
+                },
+                r = assignment.changed() => match r {
+                    Ok(()) => Ok(Wake::Assignment),
+                    Err(_) => Err("router dropped the miner".into()),
+                },
+                _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),
+            }
         }
     }
 
@@ -441,7 +479,6 @@ impl ChannelCore {
         let current = self.view.as_ref().map(|(p, _)| *p);
         if a.pool != current {
             self.jobs.clear();
-            self.seen.clear();
             self.view = a
                 .pool
                 .and_then(|p| Some((p, self.ctx.router.pools().get(p)?.view.clone())));
@@ -467,7 +504,6 @@ impl ChannelCore {
         drop(v);
         if epoch_changed {
             self.jobs.clear();
-            self.seen.clear();
         }
         if same_job {
             None
@@ -510,7 +546,6 @@ impl ChannelCore {
         let clean = force_clean || (up.clean && fresh) || self.jobs.is_empty() || new_tip;
         if clean {
             self.jobs.clear();
-            self.seen.clear();
         }
         let difficulty = self.vardiff.difficulty();
         let mask = self.setup.version_allowed & up.version_mask;
@@ -543,6 +578,7 @@ impl ChannelCore {
             mask,
             merkle_root,
             submit: v.submit.clone(),
+            seen: HashSet::new(),
         });
         Some(JobOut {
             id,
@@ -560,11 +596,12 @@ impl ChannelCore {
     /// worker's accepted shares (rejections are counted by the caller, which
     /// also rejects shares that never reach a channel).
     pub fn check(&mut self, s: &Work<'_>) -> Result<Accepted, RejectReason> {
-        let job = self
+        let ji = self
             .jobs
             .iter()
-            .find(|j| j.id == s.job_id)
+            .position(|j| j.id == s.job_id)
             .ok_or(RejectReason::StaleJob)?;
+        let job = &self.jobs[ji];
         let en2 = match (self.setup.extranonce, s.extranonce2) {
             (ExtranonceMode::Fixed, _) => &self.zero_en2[..],
             (ExtranonceMode::Rolled, Some(e)) => e,
@@ -580,31 +617,20 @@ impl ChannelCore {
         }
         let version = rolled_version(job.up.version, s.version_bits, job.mask)
             .map_err(|_| RejectReason::Invalid)?;
-        let mut en2_key = [0u8; 8];
-        en2_key[8 - en2.len()..].copy_from_slice(en2);
-        let key = (
-            job.id,
-            u64::from_be_bytes(en2_key),
-            s.ntime,
-            s.nonce,
-            version,
-        );
-        if self.seen.contains(&key) {
+        let key = fingerprint(en2, s.ntime, s.nonce, version);
+        if job.seen.contains(&key) {
             return Err(RejectReason::Duplicate);
         }
         // Full upstream extranonce: miner part ‖ extranonce2 ‖ zero padding.
-        let mut extranonce = Vec::with_capacity(job.rollable);
+        let extranonce = &mut self.scratch;
+        extranonce.clear();
         extranonce.extend_from_slice(self.slot.prefix());
         extranonce.extend_from_slice(en2);
         extranonce.resize(job.rollable, 0);
         let root = match job.merkle_root {
             Some(r) => r,
             None => share::merkle_root(
-                &[
-                    &job.up.coinbase_prefix,
-                    &extranonce,
-                    &job.up.coinbase_suffix,
-                ],
+                &[&job.up.coinbase_prefix, extranonce, &job.up.coinbase_suffix],
                 &job.up.merkle_branch,
             ),
         };
@@ -642,10 +668,12 @@ impl ChannelCore {
                 }
             }
         };
-        if self.seen.len() >= MAX_SEEN {
-            self.seen.clear();
+        let seen = &mut self.jobs[ji].seen;
+        if seen.len() >= MAX_SEEN_PER_JOB {
+            seen.clear();
         }
-        self.seen.insert(key);
+        seen.insert(key);
+        let job = &self.jobs[ji];
         let worker = self.worker.stats().clone();
         worker.accept(credited);
         self.window.0 += credited;
@@ -656,7 +684,7 @@ impl ChannelCore {
         if check.meets_upstream {
             let share = UpShare {
                 job_id: job.up.id.clone(),
-                extranonce,
+                extranonce: self.scratch.clone(),
                 ntime: s.ntime,
                 nonce: s.nonce,
                 version,

@@ -17,12 +17,13 @@ use crate::router::Lease;
 use crate::stats::{RejectReason, WorkerStats};
 use bytes::BytesMut;
 use gridproxy_protocol::share::prevhash_to_sv1;
-use gridproxy_protocol::sv1::{self, encode, ClientMethod, LineCodec, Notify, Submit, Sv1Error};
+use gridproxy_protocol::sv1::{self, encode, ClientMethod, Notify, Sv1Error};
+use gridproxy_protocol::sv1_submit::parse_submit;
 use serde_json::Value;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -51,8 +52,21 @@ struct Session {
     sent_mask: Option<u32>,
     difficulty_sent: Option<f64>,
     out: String,
+    /// Since when written answers wait for the socket (None: nothing waits).
+    stalled: Option<Instant>,
     bucket: SubmitBucket,
 }
+
+/// A channel wake-up kept across loop turns.
+type WakeFut =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<channel::Wake, String>> + Send>>;
+
+/// Bytes asked of the socket per read (a submit line is ~150).
+const READ_CHUNK: usize = 1024;
+/// A miner that has not taken its answers for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers queued for a miner that does not read, before it is dropped.
+const MAX_PENDING_OUT: usize = 256 * 1024;
 
 /// Serve one SV1 connection until it closes.
 pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
@@ -70,6 +84,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         sent_mask: None,
         difficulty_sent: None,
         out: String::new(),
+        stalled: None,
     };
     let end = s.run(stream).await;
     match &end {
@@ -93,42 +108,47 @@ impl Session {
         self.worker_stats().map(|w| w.name.as_str()).unwrap_or("-")
     }
 
+    // The loop is built for many mostly idle connections and one share at a
+    // time on each: no split halves, no read buffer while idle (allocated
+    // when the socket is readable, freed once drained), timers and wake-up
+    // registrations kept across turns instead of re-armed per share, and each
+    // turn's answers written with one non-blocking write.
     async fn run(&mut self, stream: TcpStream) -> Close {
-        let (mut rd, mut wr) = stream.into_split();
         let limits = self.ctx.cfg().limits.clone();
-        let mut codec = LineCodec::new(limits.max_line);
-        let mut buf = BytesMut::with_capacity(1024);
-        let handshake_deadline = Instant::now() + limits.handshake_timeout();
-        let mut idle_deadline = Instant::now() + limits.idle_timeout();
+        let idle_for = limits.idle_timeout();
+        let handshake = tokio::time::sleep(limits.handshake_timeout());
+        let idle = tokio::time::sleep(idle_for);
         let shutdown = self.ctx.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(handshake, idle, cancelled);
+        let mut last_read = Instant::now();
+        let mut buf = BytesMut::new();
+        let mut wake: Option<WakeFut> = None;
         loop {
             let ready = self.core.is_some();
+            if wake.is_none() {
+                wake = self
+                    .core
+                    .as_ref()
+                    .map(|c| Box::pin(c.wake_owned()) as WakeFut);
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => return Close::Shutdown,
-                r = rd.read_buf(&mut buf) => {
-                    match r {
-                        Ok(0) => return Close::Eof,
-                        Err(e) => return Close::Reason(format!("read: {e}")),
-                        Ok(_) => {}
+                _ = &mut cancelled => return Close::Shutdown,
+                r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
+                    if let Err(e) = r {
+                        return Close::Reason(format!("read: {e}"));
                     }
-                    idle_deadline = Instant::now() + limits.idle_timeout();
-                    loop {
-                        match codec.next_line(&mut buf) {
-                            Ok(Some(line)) => {
-                                if let Err(why) = self.on_line(&line) {
-                                    let _ = self.flush(&mut wr).await;
-                                    return Close::Reason(why);
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                let _ = self.flush(&mut wr).await;
-                                return Close::Reason(format!("{e}"));
-                            }
+                    match self.read_lines(&stream, &mut buf, limits.max_line) {
+                        Ok(true) => last_read = Instant::now(),
+                        Ok(false) => {}
+                        Err(end) => {
+                            self.flush_now(&stream);
+                            return end;
                         }
                     }
                 }
-                w = wake(&mut self.core) => {
+                w = poll_wake(&mut wake) => {
+                    wake = None;
                     match w {
                         Err(why) => return Close::Reason(why),
                         Ok(w) => {
@@ -137,35 +157,144 @@ impl Session {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(handshake_deadline), if !ready => {
+                _ = &mut handshake, if !ready => {
                     return Close::Reason(format!("not subscribed and authorized within {:?}", limits.handshake_timeout()));
                 }
-                _ = tokio::time::sleep_until(idle_deadline) => {
-                    return Close::Reason(format!("idle for {:?}", limits.idle_timeout()));
+                _ = &mut idle => {
+                    // Re-armed lazily: a share does not touch the timer wheel.
+                    let due = last_read + idle_for;
+                    if due > Instant::now() {
+                        idle.as_mut().reset(due);
+                    } else {
+                        return Close::Reason(format!("idle for {idle_for:?}"));
+                    }
+                }
+                r = std::future::poll_fn(|cx| stream.poll_write_ready(cx)), if self.stalled.is_some() => {
+                    if let Err(e) = r {
+                        return Close::Reason(format!("write: {e}"));
+                    }
                 }
             }
-            if let Err(e) = self.flush(&mut wr).await {
+            if !ready && self.core.is_some() {
+                wake = None;
+            }
+            if let Err(e) = self.flush(&stream) {
                 return Close::Reason(e);
             }
         }
     }
 
-    async fn flush(&mut self, wr: &mut tokio::net::tcp::OwnedWriteHalf) -> Result<(), String> {
+    /// Read what is there and handle every complete line. Ok(true) when bytes
+    /// came in; Err ends the session.
+    fn read_lines(
+        &mut self,
+        stream: &TcpStream,
+        buf: &mut BytesMut,
+        max_line: usize,
+    ) -> Result<bool, Close> {
+        let mut got = false;
+        loop {
+            // Zeroed rather than read into uninitialised memory: no unsafe.
+            let start = buf.len();
+            buf.resize(start + READ_CHUNK, 0);
+            match stream.try_read(&mut buf[start..]) {
+                Ok(0) => {
+                    buf.truncate(start);
+                    return Err(Close::Eof);
+                }
+                Ok(k) => {
+                    buf.truncate(start + k);
+                    got = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    buf.truncate(start);
+                    break;
+                }
+                Err(e) => return Err(Close::Reason(format!("read: {e}"))),
+            }
+            // Lines in place: no per-line allocation.
+            let mut from = 0;
+            while let Some(off) = buf[from..].iter().position(|&b| b == b'\n') {
+                let end = from + off;
+                if end + 1 - from > max_line {
+                    return Err(Close::Reason(format!("line longer than {max_line} bytes")));
+                }
+                let mut line = &buf[from..end];
+                if line.last() == Some(&b'\r') {
+                    line = &line[..line.len() - 1];
+                }
+                from = end + 1;
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                if let Err(why) = self.on_line(line) {
+                    return Err(Close::Reason(why));
+                }
+            }
+            let _ = buf.split_to(from);
+            if buf.len() > max_line {
+                return Err(Close::Reason(format!("line longer than {max_line} bytes")));
+            }
+            if self.out.len() > MAX_PENDING_OUT {
+                return Err(Close::Reason(
+                    "miner does not read (answers piling up)".into(),
+                ));
+            }
+        }
+        if buf.is_empty() {
+            // Idle connections hold no read buffer.
+            *buf = BytesMut::new();
+        }
+        Ok(got)
+    }
+
+    /// Write what is pending without waiting; what the socket does not take
+    /// stays queued (the loop waits for writability). A miner that takes
+    /// nothing for [`WRITE_TIMEOUT`] is dropped.
+    fn flush(&mut self, stream: &TcpStream) -> Result<(), String> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r =
-            tokio::time::timeout(Duration::from_secs(10), wr.write_all(self.out.as_bytes())).await;
-        self.out.clear();
-        match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("write: {e}")),
-            Err(_) => Err("miner does not read (write timed out)".into()),
+        let mut done = 0;
+        while done < self.out.len() {
+            match stream.try_write(&self.out.as_bytes()[done..]) {
+                Ok(0) => return Err("write: connection closed".into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("write: {e}")),
+            }
         }
+        if done == self.out.len() {
+            // Free the buffer: notifies make it large and it is idle most of the time.
+            self.out = String::new();
+            self.stalled = None;
+            return Ok(());
+        }
+        self.out.drain(..done);
+        let since = *self.stalled.get_or_insert_with(Instant::now);
+        if since.elapsed() > WRITE_TIMEOUT {
+            return Err("miner does not read (write timed out)".into());
+        }
+        Ok(())
+    }
+
+    /// Best effort before closing (an error answer explains the close).
+    fn flush_now(&mut self, stream: &TcpStream) {
+        let _ = self.flush(stream);
     }
 
     /// Handle one line; Err closes the connection with that reason.
     fn on_line(&mut self, line: &[u8]) -> Result<(), String> {
+        if let Some(sub) = parse_submit(line) {
+            return self.on_submit(
+                &sub.id,
+                sub.job_id,
+                sub.extranonce2(),
+                sub.ntime,
+                sub.nonce,
+                sub.version_bits,
+            );
+        }
         let req = match sv1::parse_client(line) {
             Ok(r) => r,
             Err(e) => {
@@ -245,17 +374,53 @@ impl Session {
                 }
             }
             ClientMethod::Submit(sub) => {
-                self.bucket.take()?;
-                match self.check_submit(&sub) {
-                    Ok(()) => self.out.push_str(&encode::result(&id, Value::Bool(true))),
-                    Err(why) => {
-                        if let Some(w) = self.worker_stats() {
-                            w.reject(why);
-                        }
-                        let (code, msg) = why.sv1_error();
-                        self.out.push_str(&encode::error(&id, code, msg));
-                    }
+                return self.on_submit(
+                    &id,
+                    &sub.job_id,
+                    &sub.extranonce2,
+                    sub.ntime,
+                    sub.nonce,
+                    sub.version_bits,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Check a share and answer it.
+    fn on_submit(
+        &mut self,
+        id: &Value,
+        job_id: &str,
+        extranonce2: &[u8],
+        ntime: u32,
+        nonce: u32,
+        version_bits: Option<u32>,
+    ) -> Result<(), String> {
+        self.bucket.take()?;
+        let work = u32::from_str_radix(job_id, 16).map(|job_id| Work {
+            job_id,
+            extranonce2: Some(extranonce2),
+            ntime,
+            nonce,
+            version_bits,
+        });
+        let r = match (self.core.as_mut(), work) {
+            (None, _) => Err(RejectReason::Unauthorized),
+            (_, Err(_)) => Err(RejectReason::StaleJob),
+            (Some(core), Ok(w)) => core.check(&w).map(|_| ()),
+        };
+        match r {
+            Ok(()) => {
+                // The accepted answer, without building a JSON value.
+                let _ = writeln!(self.out, r#"{{"id":{id},"result":true,"error":null}}"#);
+            }
+            Err(why) => {
+                if let Some(w) = self.worker_stats() {
+                    w.reject(why);
                 }
+                let (code, msg) = why.sv1_error();
+                self.out.push_str(&encode::error(id, code, msg));
             }
         }
         Ok(())
@@ -316,25 +481,11 @@ impl Session {
             clean_jobs: job.clean,
         }));
     }
-
-    /// Validate a share; Ok means the miner is told "accepted".
-    fn check_submit(&mut self, s: &Submit) -> Result<(), RejectReason> {
-        let core = self.core.as_mut().ok_or(RejectReason::Unauthorized)?;
-        let job_id = u32::from_str_radix(&s.job_id, 16).map_err(|_| RejectReason::StaleJob)?;
-        core.check(&Work {
-            job_id,
-            extranonce2: Some(&s.extranonce2),
-            ntime: s.ntime,
-            nonce: s.nonce,
-            version_bits: s.version_bits,
-        })
-        .map(|_| ())
-    }
 }
 
-async fn wake(core: &mut Option<ChannelCore>) -> Result<channel::Wake, String> {
-    match core {
-        Some(c) => c.wake().await,
+async fn poll_wake(w: &mut Option<WakeFut>) -> Result<channel::Wake, String> {
+    match w {
+        Some(f) => f.await,
         None => std::future::pending().await,
     }
 }
