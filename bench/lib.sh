@@ -105,7 +105,8 @@ measure() { # name pid port N RATE SECS PROCS WARM
     c=$per; [ $i -lt $rem ] && c=$((c + 1))
     # Each process gets its own source addresses (ephemeral ports are per source).
     $R/loadgen --target 127.0.0.1:$tport --connections "$c" --rate "$rate" --duration "$secs" \
-      --user "$name$i" --warmup "$warm" --sources 4 --lat-out "$pre.$i.lat" > "$pre.$i.log" 2>&1 &
+      --user "$name$i" --warmup "$warm" --sources 4 --connect-rate $((2000 / procs)) \
+      --lat-out "$pre.$i.lat" > "$pre.$i.log" 2>&1 &
     lgs+=($!)
   done
   # Ramp: wait until every process has printed its first per-second line.
@@ -130,6 +131,7 @@ measure() { # name pid port N RATE SECS PROCS WARM
   r=$(rss_kib "$pid"); [ "$r" -gt "$peak" ] && peak=$r
   wait "${lgs[@]}" || true
   cat "$pre".*.lat > "$pre.lat.all" 2>/dev/null || true
+  grep -h '^loadgen:' "$pre".*.log | sed 's/^loadgen: [^:]*: //' | sort | uniq -c | sort -rn | head -3 >&2 || true
   local errs=0 e
   for f in "$pre".*.log; do e=$(grep -o 'summary:.* errors=[0-9]*' "$f" | grep -o 'errors=[0-9]*' | cut -d= -f2); errs=$((errs + ${e:-0})); done
   python3 - "$name" "$n" "$held" "$a0" "$a1" "$t0" "$t1" "$c0" "$c1" "$HZ" "$base" "$peak" "$errs" "$pre.lat.all" <<'PY'

@@ -13,7 +13,7 @@ COUNTS=("${@:-}"); [ -n "${COUNTS[0]}" ] || COUNTS=(1000 5000 19000)
 for n in "${COUNTS[@]}"; do [ "$n" -le 19000 ] || { echo "at most 19000 miners (gridproxy holds <= 19500 sockets)"; exit 2; }; done
 bash scripts/peers.sh install >/dev/null
 BIN="$(bash scripts/peers.sh path)"
-cargo build --release -q -p gridproxy -p gridproxy-fixtures
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -q -p gridproxy -p gridproxy-fixtures
 R=target/release
 run=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
 . bench/lib.sh

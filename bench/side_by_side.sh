@@ -14,7 +14,7 @@ N=${1:-1000}; RATE=${2:-1}; SECS=${3:-30}
 bash scripts/peers.sh install >/dev/null
 BIN="$(bash scripts/peers.sh path)"
 for b in pool_sv2 translator_sv2; do [ -x "$BIN/$b" ] || { echo "FAIL: $BIN/$b missing (scripts/peers.sh install)"; exit 1; }; done
-cargo build --release -q -p gridproxy -p gridproxy-fixtures
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -q -p gridproxy -p gridproxy-fixtures
 R=target/release
 run=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
 . bench/lib.sh
