@@ -170,7 +170,7 @@ fn reader(text: &str) -> csv::Reader<&[u8]> {
         .from_reader(text.as_bytes())
 }
 
-fn field<'a>(r: &'a csv::StringRecord, i: usize, line: u64) -> Result<&'a str, PriceError> {
+fn field(r: &csv::StringRecord, i: usize, line: u64) -> Result<&str, PriceError> {
     r.get(i)
         .ok_or_else(|| csv_err(line, format!("missing column {}", i + 1)))
 }
