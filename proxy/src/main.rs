@@ -406,16 +406,29 @@ async fn status(
     token: Option<String>,
     json: bool,
 ) -> ExitCode {
+    let mut tls = None;
     let addr = match (api, &config) {
         (Some(a), _) => a,
         (None, Some(p)) => match load(p) {
-            Ok(c) => match c.api.listen {
-                Some(a) => a,
-                None => {
-                    eprintln!("error: {}: api.listen is not set", p.display());
-                    return ExitCode::from(2);
+            Ok(c) => {
+                // An HTTPS API: trust its own certificate (self-signed set-ups).
+                if let Some(cert) = &c.api.tls_cert {
+                    match api::tls::connector(cert) {
+                        Ok(t) => tls = Some(t),
+                        Err(e) => {
+                            eprintln!("error: api.tls_cert: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
                 }
-            },
+                match c.api.listen {
+                    Some(a) => a,
+                    None => {
+                        eprintln!("error: {}: api.listen is not set", p.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
@@ -423,15 +436,11 @@ async fn status(
         },
         (None, None) => "127.0.0.1:8080".parse().expect("literal"),
     };
-    let r = client::request(
-        addr,
-        "GET",
-        "/api/v1/fleet",
-        token.as_deref(),
-        None,
-        Duration::from_secs(5),
-    )
-    .await;
+    let (path, timeout) = ("/api/v1/fleet", Duration::from_secs(5));
+    let r = match &tls {
+        Some(t) => client::request_tls(addr, t, "GET", path, token.as_deref(), None, timeout).await,
+        None => client::request(addr, "GET", path, token.as_deref(), None, timeout).await,
+    };
     let r = match r {
         Ok(r) => r,
         Err(e) => {
@@ -441,8 +450,9 @@ async fn status(
     };
     if r.status != 200 {
         eprintln!(
-            "error: {} from http://{addr}/api/v1/fleet: {}",
+            "error: {} from {}://{addr}/api/v1/fleet: {}",
             r.status,
+            if tls.is_some() { "https" } else { "http" },
             r.text().trim()
         );
         if r.status == 401 {

@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 client for the control API on loopback (`gridproxy
 //! status`, tests). One request per connection (`Connection: close`),
-//! bounded response size, a timeout on the whole exchange; no TLS.
+//! bounded response size, a timeout on the whole exchange; TLS through
+//! [`request_tls`] when the API serves HTTPS.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -54,6 +55,32 @@ pub async fn request(
         .map_err(|_| format!("{method} http://{addr}{path}: no answer within {timeout:?}"))?
 }
 
+/// [`request`] over TLS, trusting only what `tls` trusts; the server
+/// certificate must name `addr`'s IP address.
+pub async fn request_tls(
+    addr: SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
+    let go = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let s = tls
+            .connect(super::tls::server_name(addr), tcp)
+            .await
+            .map_err(|e| format!("TLS with {addr}: {e}"))?;
+        exchange_on(s, addr, method, path, token, body).await
+    };
+    tokio::time::timeout(timeout, go)
+        .await
+        .map_err(|_| format!("{method} https://{addr}{path}: no answer within {timeout:?}"))?
+}
+
 async fn exchange(
     addr: SocketAddr,
     method: &str,
@@ -61,9 +88,20 @@ async fn exchange(
     token: Option<&str>,
     body: Option<&serde_json::Value>,
 ) -> Result<HttpResponse, String> {
-    let mut s = TcpStream::connect(addr)
+    let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
+    exchange_on(s, addr, method, path, token, body).await
+}
+
+async fn exchange_on(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Result<HttpResponse, String> {
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n");
@@ -84,7 +122,13 @@ async fn exchange(
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
-        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        let n = match s.read(&mut chunk).await {
+            Ok(n) => n,
+            // A TLS peer closing without close_notify: the body is complete
+            // if its length says so, checked below.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(format!("read: {e}")),
+        };
         if n == 0 {
             break;
         }

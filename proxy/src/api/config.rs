@@ -85,6 +85,12 @@ pub struct ApiConfig {
     /// History and hashrate sampling period, seconds.
     #[serde(default = "two")]
     pub sample_secs: u64,
+    /// Serve HTTPS: PEM certificate chain (leaf first). Needs `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn yes() -> bool {
@@ -105,6 +111,8 @@ impl Default for ApiConfig {
             metrics_public: true,
             metrics_max_workers: 50,
             sample_secs: 2,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -188,6 +196,32 @@ impl ApiConfig {
                 ));
             }
         }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                let k = if self.tls_cert.is_some() {
+                    "tls_cert"
+                } else {
+                    "tls_key"
+                };
+                return Err(bad(
+                    format!("api.{k}"),
+                    line("[api]", 0, k),
+                    "give both tls_cert and tls_key (PEM files), or neither".into(),
+                ));
+            }
+            (Some(c), Some(k)) => {
+                for (key, p) in [("tls_cert", c), ("tls_key", k)] {
+                    if !p.is_file() {
+                        return Err(bad(
+                            format!("api.{key}"),
+                            line("[api]", 0, key),
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
         if self.sample_secs == 0 || self.sample_secs > 3600 {
             return Err(bad(
                 "api.sample_secs".into(),
@@ -267,7 +301,27 @@ impl ApiConfig {
 /// `[api]`), naming the key and, where it can be found, the line of every
 /// error. `origin` names the file in messages.
 pub fn check(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    let cfg = Config::parse(text, origin).map_err(|e| with_line(e, text))?;
+    check_in(text, origin, None)
+}
+
+/// [`check`], resolving relative file paths (TLS certificate and key)
+/// against `dir`, the config file's folder.
+fn check_in(
+    text: &str,
+    origin: &str,
+    dir: Option<&std::path::Path>,
+) -> Result<Config, ConfigError> {
+    let mut cfg = Config::parse(text, origin).map_err(|e| with_line(e, text))?;
+    if let Some(dir) = dir {
+        for p in [&mut cfg.api.tls_cert, &mut cfg.api.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
     cfg.api.validate(origin, Some(text))?;
     Ok(cfg)
 }
@@ -279,7 +333,7 @@ pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         path: origin.clone(),
         source: e,
     })?;
-    check(&text, &origin)
+    check_in(&text, &origin, path.parent())
 }
 
 /// Add `(line N)` to a semantic error whose key can be found in `text`.

@@ -24,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod live;
 pub mod site;
+pub mod tls;
 
 use crate::downstream::Ctx;
 use crate::metrics::Metrics;
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
 const APP_JS: &str = include_str!("../../assets/app.js");
@@ -111,20 +112,72 @@ pub async fn start(
         metrics_public: cfg.metrics_public,
     });
     let app = router(state);
-    info!(%addr, "control API and dashboard up");
-    tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = r {
-            warn!(error = %e, "control API stopped");
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        let acceptor = tls::acceptor(cert, key).map_err(|e| anyhow::anyhow!("api TLS: {e}"))?;
+        info!(%addr, "control API and dashboard up (HTTPS)");
+        tokio::spawn(serve_tls(listener, acceptor, app, shutdown));
+    } else {
+        if !addr.ip().is_loopback() {
+            warn!(%addr, "control API on a non-loopback address without TLS: tokens travel in clear");
         }
-    });
+        info!(%addr, "control API and dashboard up");
+        tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "control API stopped");
+            }
+        });
+    }
     Ok(ApiServer {
         addr,
         metrics,
         live,
     })
+}
+
+/// HTTPS: a TLS handshake (bounded in time) per connection, then HTTP/1.1
+/// through hyper into the same router.
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "control API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "control API TLS handshake failed"),
+                Err(_) => return debug!(%peer, "control API TLS handshake timed out"),
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = conn => if let Err(e) = r {
+                    debug!(%peer, error = %e, "control API connection ended");
+                },
+            }
+        });
+    }
 }
 
 /// The axum router (exposed for in-process tests).
