@@ -16,6 +16,11 @@ bash scripts/peers.sh install
 log "installing chromium, chromedriver and promtool (Debian) for the operate tests"
 bash scripts/browser.sh install
 
+log "installing the grid test peers: openleadr-rs VTN on PostgreSQL (built once, cached), mosquitto, pymodbus"
+bash scripts/vtn.sh install
+bash scripts/mosquitto.sh install
+python3 -m pip install --quiet --user 'pymodbus==3.16.1'
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -28,3 +33,8 @@ if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 # One test at a time: the end-to-end tests each run real pools, a proxy and
 # hashing miners, and two of them at once on 2 cores makes timings flaky.
 cargo test --workspace -- --test-threads=1 "${filter[@]}"
+
+if [ "${#filter[@]}" -eq 0 ]; then
+    log "fuzzing: each cargo-fuzz target briefly from its committed seeds (fuzz/README.md)"
+    FUZZ_TARGET_DIR="${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy}/fuzz-target" bash scripts/fuzz.sh "${FUZZ_SECS:-10}"
+fi
