@@ -118,6 +118,9 @@ fn policy() -> PolicyConfig {
         max_commands_per_sec: 50,
         restore_batch: 50,
         restore_interval: Duration::from_secs(5),
+        // Short dwell (site time) so the restore fits the test.
+        min_on: Duration::from_secs(20),
+        min_off: Duration::from_secs(20),
         ack_timeout: Duration::from_secs(20),
         verify_grace: Duration::from_secs(20),
         staleness: Staleness {
