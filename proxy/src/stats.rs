@@ -91,8 +91,8 @@ pub struct WorkerStats {
     pub upstream_accepted: Counter,
     /// Forwarded shares the pool rejected.
     pub upstream_rejected: Counter,
-    /// Sum of accepted share difficulties × 1e6 (fixed point), for hashrate.
-    diff_micro: AtomicU64,
+    /// Sum of accepted share difficulties, for hashrate.
+    diff_sum: F64Sum,
     /// Unix ms of the last accepted share.
     last_share_ms: AtomicU64,
     /// Unix ms of the first accepted share (start of the hashrate window).
@@ -105,8 +105,7 @@ impl WorkerStats {
     /// Count an accepted share of `difficulty`.
     pub fn accept(&self, difficulty: f64) {
         self.accepted.inc();
-        self.diff_micro
-            .fetch_add((difficulty * 1e6) as u64, Relaxed);
+        self.diff_sum.add(difficulty);
         let now = now_ms();
         let _ = self
             .first_share_ms
@@ -132,7 +131,7 @@ impl WorkerStats {
     }
     /// Sum of accepted difficulty.
     pub fn difficulty_sum(&self) -> f64 {
-        self.diff_micro.load(Relaxed) as f64 / 1e6
+        self.diff_sum.get()
     }
     /// A serializable snapshot.
     pub fn snapshot(&self) -> WorkerSnapshot {
@@ -195,8 +194,8 @@ pub struct PoolStats {
     pub connects: Counter,
     /// Jobs received.
     pub jobs: Counter,
-    /// Sum of accepted difficulty × 1e6 (as the proxy computed it).
-    diff_micro: AtomicU64,
+    /// Sum of accepted difficulty (as the proxy computed it).
+    diff_sum: F64Sum,
     /// Reject reasons the pool gave.
     reasons: Mutex<HashMap<String, u64>>,
     /// Why the last connection attempt or session failed.
@@ -214,8 +213,7 @@ impl PoolStats {
     /// Count an acknowledged share.
     pub fn accept(&self, difficulty: f64) {
         self.accepted.inc();
-        self.diff_micro
-            .fetch_add((difficulty * 1e6) as u64, Relaxed);
+        self.diff_sum.add(difficulty);
     }
     /// Count a rejection with the pool's reason.
     pub fn reject(&self, reason: &str) {
@@ -247,7 +245,28 @@ impl PoolStats {
     }
     /// Accepted difficulty sum.
     pub fn difficulty_sum(&self) -> f64 {
-        self.diff_micro.load(Relaxed) as f64 / 1e6
+        self.diff_sum.get()
+    }
+}
+
+/// A float sum updated without a lock (f64 bits in an atomic). A fixed-point
+/// sum lost CPU-miner difficulties (below 1e-6) entirely.
+#[derive(Debug, Default)]
+pub struct F64Sum(AtomicU64);
+
+impl F64Sum {
+    /// Add `v` (non-finite or negative values are ignored).
+    pub fn add(&self, v: f64) {
+        if !(v.is_finite() && v > 0.0) {
+            return;
+        }
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |b| {
+            Some((f64::from_bits(b) + v).to_bits())
+        });
+    }
+    /// The sum so far.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
     }
 }
 
@@ -292,4 +311,24 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_difficulties_add_up() {
+        let w = WorkerStats::default();
+        for _ in 0..1000 {
+            w.accept(2.384185791015625e-7); // 2^-22, a CPU miner's share
+        }
+        let want = 1000.0 * 2.384185791015625e-7;
+        assert!((w.difficulty_sum() - want).abs() < 1e-12, "{}", w.difficulty_sum());
+        let p = PoolStats::new("p");
+        p.accept(1e-9);
+        p.accept(f64::NAN);
+        p.accept(-1.0);
+        assert_eq!(p.difficulty_sum(), 1e-9);
+    }
 }

@@ -91,9 +91,9 @@ impl Live {
         g.last = Some(now);
         // The sessions' own measurements (float, per miner) give the fleet
         // rate; accepted-difficulty deltas give each worker's share of it.
-        // Fixed-point difficulty sums lose very small difficulties (CPU-scale
-        // demos): a worker whose sum did not move while it had accepted
-        // shares is credited with the fleet's average hashes per share.
+        // A worker whose sum did not move while it had accepted shares (no
+        // usable difficulty on them) is credited with the fleet's average
+        // hashes per share.
         let fleet_hs: f64 = shares.iter().map(|p| p.hashrate).sum();
         let dt_ok = dt.filter(|d| *d > 0.0);
         let accepted_delta: u64 = snap
