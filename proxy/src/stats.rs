@@ -324,7 +324,11 @@ mod tests {
             w.accept(2.384185791015625e-7); // 2^-22, a CPU miner's share
         }
         let want = 1000.0 * 2.384185791015625e-7;
-        assert!((w.difficulty_sum() - want).abs() < 1e-12, "{}", w.difficulty_sum());
+        assert!(
+            (w.difficulty_sum() - want).abs() < 1e-12,
+            "{}",
+            w.difficulty_sum()
+        );
         let p = PoolStats::new("p");
         p.accept(1e-9);
         p.accept(f64::NAN);
