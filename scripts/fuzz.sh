@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1
 # Sanitizer: address by default; FUZZ_SANITIZER=none for speed.
 SAN="${FUZZ_SANITIZER:-address}"
+# Build directory (FUZZ_TARGET_DIR, e.g. a fresh one for a cold build).
+TDIR="${FUZZ_TARGET_DIR:-fuzz/target}"
+START=$(date +%s)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: installing cargo-fuzz"
@@ -34,11 +37,13 @@ if [ "${#TARGETS[@]}" -eq 0 ]; then
 fi
 
 # All targets in one build (they share every dependency).
-cargo fuzz build --fuzz-dir fuzz -s "$SAN"
+cargo fuzz build --fuzz-dir fuzz -s "$SAN" --target-dir "$TDIR"
+BUILT=$(date +%s)
+echo "fuzz: build took $((BUILT - START)) s"
 
 # Run the built binaries directly: `cargo fuzz run` would rebuild whenever
 # a source file changed since the build.
-BIN="fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release"
+BIN="$TDIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 passed=0
 failed=0
 for t in "${TARGETS[@]}"; do
@@ -61,5 +66,5 @@ for t in "${TARGETS[@]}"; do
         failed=$((failed + 1))
     fi
 done
-echo "fuzz: $passed passed, $failed failed"
+echo "fuzz: $passed passed, $failed failed; build $((BUILT - START)) s, runs $(($(date +%s) - BUILT)) s"
 [ "$failed" -eq 0 ]
