@@ -575,7 +575,7 @@ struct OpenRequest {
 /// A channel's starting difficulty from the hashrate the miner announced.
 fn initial_difficulty(ctx: &Ctx, nominal: f32) -> f64 {
     let cfg = ctx.cfg();
-        let d = &cfg.difficulty;
+    let d = &cfg.difficulty;
     if nominal > 0.0 {
         channel::difficulty_for_hashrate(nominal as f64, d.shares_per_minute, d.min).min(d.max)
     } else {
