@@ -19,7 +19,9 @@ pub mod ercot;
 pub mod feed;
 pub mod json;
 
-use gridproxy_curtail::signal::{PricePoint, PriceSignal, Signal, MAX_ABS_PRICE};
+use gridproxy_curtail::signal::{
+    PricePoint, PriceSignal, Signal, MAX_ABS_PRICE, MAX_FORECAST_POINTS,
+};
 use gridproxy_curtail::time::Timestamp;
 use thiserror::Error;
 
@@ -117,6 +119,9 @@ pub fn signal(s: PriceSample, forecast: &[PricePoint]) -> Signal {
         forecast: forecast
             .iter()
             .filter(|f| f.start > s.at)
+            // The engine refuses a longer forecast, and the price with it:
+            // keep the nearest points (callers pass them sorted).
+            .take(MAX_FORECAST_POINTS)
             .copied()
             .collect(),
     })
