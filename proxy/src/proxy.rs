@@ -50,9 +50,7 @@ impl Proxy {
         let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone());
         let mut sv1_addr = None;
         if let Some(addr) = cfg.listen.sv1 {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("bind sv1 listener {addr}: {e}"))?;
+            let l = bind(addr).map_err(|e| anyhow::anyhow!("bind sv1 listener {addr}: {e}"))?;
             sv1_addr = Some(l.local_addr()?);
             tokio::spawn(downstream::serve_sv1(ctx.clone(), l));
         }
@@ -67,9 +65,7 @@ impl Proxy {
             let authority = AuthorityKeypair::from_strs(public, secret).map_err(|e| {
                 anyhow::anyhow!("listen.sv2_authority_pubkey / sv2_authority_secret: {e}")
             })?;
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("bind sv2 listener {addr}: {e}"))?;
+            let l = bind(addr).map_err(|e| anyhow::anyhow!("bind sv2 listener {addr}: {e}"))?;
             sv2_addr = Some(l.local_addr()?);
             tokio::spawn(downstream::serve_sv2(ctx.clone(), l, authority));
         }
@@ -81,6 +77,22 @@ impl Proxy {
         })
     }
 }
+
+/// Listen on `addr` with a deep accept queue: a site's miners reconnect all
+/// at once after a power event, and the default backlog (1024) drops SYNs.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Accept queue length asked of the kernel (capped by net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// One line: miners, per-pool state and share counts.
 pub fn status_line(p: &Proxy) -> String {
