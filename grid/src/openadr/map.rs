@@ -410,10 +410,17 @@ fn window(
         })?,
         (None, None) => return Err("no intervalPeriod on the interval or the event".into()),
     };
+    // iso8601-duration panics when a span leaves chrono's range: keep the
+    // start before 10000 and the span under 10000 years (longer is
+    // open-ended anyway, see P9999Y below).
+    if start.as_millis() > 253_402_300_799_999 {
+        return Err("start after the year 9999".into());
+    }
     let start_dt = DateTime::<Utc>::from_timestamp_millis(start.as_millis() as i64)
         .ok_or_else(|| "start out of range".to_string())?;
     let end = match duration {
         None => None,
+        Some(d) if nominal_days(d)? > 10_000.0 * 366.0 => None,
         Some(d) => {
             let ms = d.to_chrono_at_datetime(start_dt).num_milliseconds();
             if ms <= 0 {
@@ -429,6 +436,26 @@ fn window(
     };
     *next_start = end;
     Ok((start, end))
+}
+
+/// An upper bound of a duration in days, from the wire's fixed
+/// `PnYnMnDTnHnMnS` form (the type keeps its fields private).
+fn nominal_days(d: &openleadr_wire::Duration) -> Result<f64, String> {
+    let text = d.to_string();
+    let mut c = [0.0f64; 6];
+    let mut parts = text
+        .strip_prefix('P')
+        .unwrap_or_default()
+        .split(['Y', 'M', 'D', 'T', 'H', 'S'])
+        .filter(|p| !p.is_empty());
+    for x in &mut c {
+        *x = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .filter(|x: &f64| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| format!("duration {text} is not a span of time"))?;
+    }
+    Ok(c[0] * 366.0 + c[1] * 31.0 + c[2] + (c[3] + c[4] / 60.0 + c[5] / 3600.0) / 24.0)
 }
 
 #[cfg(test)]
