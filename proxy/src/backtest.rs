@@ -456,14 +456,13 @@ pub fn oracle_schedule(
     for t in 0..n {
         val.iter_mut().for_each(|v| *v = neg);
         let mut from = vec![u32::MAX; ns];
-        let mut relax = |to: usize, v: f64, src: usize, val: &mut Vec<f64>| {
+        let mut relax = |to: usize, v: f64, src: usize, val: &mut [f64]| {
             if v > val[to] {
                 val[to] = v;
                 from[to] = src as u32;
             }
         };
-        for s in 0..ns {
-            let p = prev[s];
+        for (s, &p) in prev.iter().enumerate() {
             if p == neg {
                 continue;
             }
