@@ -151,7 +151,18 @@ impl Engine {
 
         // 2. Fine: move power targets toward the aim.
         let mut total: f64 = (0..out.len() as u32).map(|i| cur(out[i as usize], i)).sum();
-        let busy = |idx: u32| self.ctl[idx as usize].inflight.is_some();
+        // A miner with a command in flight, or whose last telemetry is still
+        // far from its target (ramping), is busy: new steps go to others
+        // first, so the fleet's ramps run side by side, not one after another.
+        let busy = |idx: u32| {
+            let c = &self.ctl[idx as usize];
+            let m = self.fleet.by_index(idx);
+            let tol = self.cfg.verify_tolerance * m.spec.nominal_w;
+            c.inflight.is_some()
+                || m.telemetry.is_some_and(|t| {
+                    !c.applied.sleep && (t.power_w - self.expected_w(idx, c.target)).abs() > tol
+                })
+        };
         let cap_over = (total - cap_w).max(0.0);
         let mut r = aim - total;
         if r < -tol || cap_over > 0.0 {
