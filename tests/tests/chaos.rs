@@ -503,8 +503,25 @@ async fn curtail_chaos() {
         "client reconnects after the broker restart: {:?}",
         client.state()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    broker.publish(&topic, r#"{"id":"c2","target_pct":0}"#);
+    // A dispatcher re-sends its target (every ~30 s in practice): resend
+    // until the client, subscribed again, has acknowledged it.
+    let mut acked = false;
+    for _ in 0..20 {
+        broker.publish(&topic, r#"{"id":"c2","target_pct":0}"#);
+        if client
+            .wait_for(Duration::from_millis(500), |s| s.accepted >= 2)
+            .await
+            .is_some()
+        {
+            acked = true;
+            break;
+        }
+    }
+    assert!(
+        acked,
+        "dispatch after the broker restart acknowledged: {:?}",
+        client.state()
+    );
     // Curtailed again: asleep, or (a miner whose sleep the reboot cut short
     // is escalated) held at a power target well under nominal.
     let curtailed = |m: &gridproxy_fixtures::site::SiteMiner| {
