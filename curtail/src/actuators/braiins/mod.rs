@@ -193,7 +193,9 @@ pub fn reading_of(stats: pb::GetMinerStatsResponse) -> Result<Reading, ClientErr
         .and_then(|m| m.real_hashrate)
         .map(|h| h.terahash_per_second)
         .filter(|h| h.is_finite() && *h >= 0.0)
-        .ok_or(ClientError::Protocol("no valid hashrate in miner stats".into()))?;
+        .ok_or(ClientError::Protocol(
+            "no valid hashrate in miner stats".into(),
+        ))?;
     Ok(Reading {
         power_w: power.watt as f64,
         hashrate_ths: hashrate,
