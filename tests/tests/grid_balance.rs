@@ -325,7 +325,7 @@ async fn balance_run(name: &str, subnet: (u8, u8), kind: MeterKind, span: Durati
     drop(meter_proc);
     site.stop();
     // Command latency by direction: issue to ack, issue to verified.
-    let audit = curtail::driver::Audit::read(&dir.join("ledger.db")).expect("ledger readable");
+    let audit = curtail::driver::Audit::read(dir.join("ledger.db")).expect("ledger readable");
     let mut last_w: std::collections::HashMap<curtail::fleet::MinerId, u32> = Default::default();
     let mut lat = [(0usize, 0.0f64, 0.0f64); 2]; // (n, ack s, verified s) for cuts, raises
     for c in &audit.commands {
