@@ -66,7 +66,9 @@ async def main() -> int:
             return ExcCodes.DEVICE_FAILURE
         regs = registers(kw)
         for i in range(len(current_registers)):
-            current_registers[i] = regs[start_address + i]
+            j = start_address + i
+            if 0 <= j < len(regs):
+                current_registers[i] = regs[j]
         return None
 
     device = SimDevice(

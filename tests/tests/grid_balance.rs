@@ -57,6 +57,8 @@ fn policy() -> PolicyConfig {
     PolicyConfig {
         contract_kw: Some(CONTRACT_KW),
         balance_margin_kw: 0.0,
+        // Aim at the contract itself (the band is symmetric around it).
+        target_margin: 0.0,
         max_commands_per_sec: 100,
         restore_batch: 4,
         restore_interval: Duration::from_secs(2),
