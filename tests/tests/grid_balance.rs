@@ -481,10 +481,12 @@ async fn dead_meter() {
     let poller = Poller::new(modbus_meter(addr), PollConfig::default()).expect("meter config");
     let (meter_status, meter_task) = site_load::spawn(poller, clock, h.signals(), stop.clone());
     assert!(
-        h.wait_for(Duration::from_secs(20), |s| s.mode == Mode::Balance)
-            .await
-            .is_some(),
-        "balance mode: {:?}",
+        h.wait_for(Duration::from_secs(20), |s| {
+            s.signals > 0 && s.mode != Mode::SafeState
+        })
+        .await
+        .is_some(),
+        "site load received, no safe state: {:?}",
         h.status()
     );
     let ok_before = meter_status.lock().unwrap().ok;
