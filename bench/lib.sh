@@ -47,7 +47,7 @@ initial = 2.3283064365386963e-10
 min = 2.3283064365386963e-10
 retarget_secs = 3600
 EOT
-  RUST_LOG=warn $R/gridproxy run --config "$run/gridproxy.toml" --status-every 0 > "$run/gridproxy.log" 2>&1 &
+  RUST_LOG=${GP_LOG:-warn} ${GP_WRAP:-} $R/gridproxy run --config "$run/gridproxy.toml" --status-every 0 > "$run/gridproxy.log" 2>&1 &
   GP_PID=$!
   for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$GP_PORT") 2>/dev/null && return 0; sleep 0.2; done
   echo "gridproxy did not listen" >&2; tail -5 "$run/gridproxy.log" >&2; return 1

@@ -92,10 +92,23 @@ impl VenConfig {
 }
 
 /// What went wrong talking to the VTN.
+/// An error and its causes, `a: b: c` (reqwest's top level alone says
+/// "error sending request", not "connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 #[derive(Debug, Error)]
 pub enum VenError {
     /// The VTN could not be reached.
-    #[error("VTN unreachable at {url}: {source}")]
+    #[error("VTN unreachable at {url}: {}", chain(source))]
     Unreachable {
         /// The URL tried.
         url: String,
@@ -256,6 +269,11 @@ impl Ven {
                 _ = cancel.cancelled() => return,
                 r = self.session() => r,
             };
+            // A session that got as far as a sync starts the next retry
+            // schedule from the beginning, not where the last outage left it.
+            if self.status.borrow().connected {
+                backoff = Duration::from_secs(1);
+            }
             match r {
                 Err(VenError::Closed) => {
                     info!("openadr: engine signal channel closed, VEN stops");

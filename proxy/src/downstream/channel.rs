@@ -17,7 +17,7 @@
 //! than a clean job.
 
 use super::Ctx;
-use crate::router::{Assignment, Lease};
+use crate::router::{Assignment, Lease, MinerCell};
 use crate::stats::{RejectReason, WorkerStats};
 use crate::upstream::{PoolView, UpJob, UpShare};
 use gridproxy_protocol::difficulty::{hash_difficulty, hashrate_from_shares, Target};
@@ -25,6 +25,7 @@ use gridproxy_protocol::extranonce::{ExtranonceError, Slot};
 use gridproxy_protocol::share::{self, rolled_version};
 use gridproxy_protocol::vardiff::{Vardiff, VardiffConfig};
 use std::collections::{HashSet, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -252,14 +253,35 @@ struct LocalJob {
     target: Target,
     difficulty: f64,
     up_target: Target,
-    rollable: usize,
+    rollable: u32,
     mask: u32,
-    merkle_root: Option<[u8; 32]>,
+    /// Boxed: only fixed-extranonce (SV2 standard) channels have one, and
+    /// every miner keeps up to MAX_JOBS of these.
+    merkle_root: Option<Box<[u8; 32]>>,
     submit: mpsc::Sender<UpShare>,
     /// Fingerprints of the shares accepted on this job: only live jobs can be
     /// submitted against, so the set goes with the job (memory stays bounded by
     /// the jobs kept, not by the channel's age).
-    seen: HashSet<u64>,
+    seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
+}
+
+/// The fingerprints are already hashes: use them as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys go in; fold anything else rather than panic.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Duplicate fingerprint of (extranonce2, ntime, nonce, version) within a job.
@@ -278,6 +300,8 @@ pub struct ChannelCore {
     slot: SlotGuard,
     worker: WorkerGuard,
     lease: Lease,
+    /// The router's assignment this channel last acted on.
+    assigned: Assignment,
     setup: ChannelSetup,
     en2_size: usize,
     zero_en2: Vec<u8>,
@@ -320,6 +344,10 @@ impl ChannelCore {
             slot,
             worker,
             lease,
+            assigned: Assignment {
+                pool: None,
+                parked: false,
+            },
             setup,
             view: None,
             jobs: VecDeque::new(),
@@ -377,10 +405,7 @@ impl ChannelCore {
                 Ok(()) => Ok(Wake::View),
                 Err(_) => Err("upstream task ended".into()),
             },
-            r = self.lease.assignment.changed() => match r {
-                Ok(()) => Ok(Wake::Assignment),
-                Err(_) => Err("router dropped the miner".into()),
-            },
+            _ = assignment_changed(&self.lease.cell, self.assigned) => Ok(Wake::Assignment),
             _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),
         }
     }
@@ -394,17 +419,15 @@ impl ChannelCore {
         let at =
             Instant::from_std(self.vardiff.poll_timeout()).min(self.window.1 + HASHRATE_WINDOW);
         let mut view = self.view.clone();
-        let mut assignment = self.lease.assignment.clone();
+        let cell = self.lease.cell.clone();
+        let assigned = self.assigned;
         async move {
             tokio::select! {
                 r = view_changed(&mut view) => match r {
                     Ok(()) => Ok(Wake::View),
                     Err(_) => Err("upstream task ended".into()),
                 },
-                r = assignment.changed() => match r {
-                    Ok(()) => Ok(Wake::Assignment),
-                    Err(_) => Err("router dropped the miner".into()),
-                },
+                _ = assignment_changed(&cell, assigned) => Ok(Wake::Assignment),
                 _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),
             }
         }
@@ -475,7 +498,8 @@ impl ChannelCore {
     }
 
     fn on_assignment(&mut self) -> Option<Out> {
-        let a: Assignment = *self.lease.assignment.borrow_and_update();
+        let a: Assignment = self.lease.cell.assignment();
+        self.assigned = a;
         let current = self.view.as_ref().map(|(p, _)| *p);
         if a.pool != current {
             self.jobs.clear();
@@ -518,9 +542,9 @@ impl ChannelCore {
         let secs = now.duration_since(self.window.1).as_secs_f64();
         if secs >= HASHRATE_WINDOW.as_secs_f64() {
             let h = hashrate_from_shares(self.window.0, secs);
-            let old = f64::from_bits(self.lease.hashrate.load(Relaxed));
+            let old = f64::from_bits(self.lease.cell.hashrate.load(Relaxed));
             let new = if old > 0.0 { 0.5 * old + 0.5 * h } else { h };
-            self.lease.hashrate.store(new.to_bits(), Relaxed);
+            self.lease.cell.hashrate.store(new.to_bits(), Relaxed);
             self.window = (0.0, now);
         }
         let old = (self.target(), self.difficulty());
@@ -574,11 +598,11 @@ impl ChannelCore {
             target,
             difficulty,
             up_target: v.target,
-            rollable: v.rollable,
+            rollable: v.rollable as u32,
             mask,
-            merkle_root,
+            merkle_root: merkle_root.map(Box::new),
             submit: v.submit.clone(),
-            seen: HashSet::new(),
+            seen: HashSet::default(),
         });
         Some(JobOut {
             id,
@@ -626,9 +650,9 @@ impl ChannelCore {
         extranonce.clear();
         extranonce.extend_from_slice(self.slot.prefix());
         extranonce.extend_from_slice(en2);
-        extranonce.resize(job.rollable, 0);
-        let root = match job.merkle_root {
-            Some(r) => r,
+        extranonce.resize(job.rollable as usize, 0);
+        let root = match &job.merkle_root {
+            Some(r) => **r,
             None => share::merkle_root(
                 &[&job.up.coinbase_prefix, extranonce, &job.up.coinbase_suffix],
                 &job.up.merkle_branch,
@@ -707,6 +731,13 @@ impl ChannelCore {
             difficulty: credited,
             forwarded,
         })
+    }
+}
+
+/// Resolves once the router's assignment differs from `acted_on`.
+async fn assignment_changed(cell: &MinerCell, acted_on: Assignment) {
+    while cell.assignment() == acted_on {
+        cell.changed().await;
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::router::Router;
 use crate::stats::Registry;
 use arc_swap::ArcSwap;
+use futures::FutureExt;
 use gridproxy_protocol::extranonce::{ExtranonceAllocator, ExtranonceError, Slot};
 use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::future::Future;
@@ -191,10 +192,9 @@ where
             drop(stream);
             continue;
         };
-        let fut = serve(ctx.clone(), stream, peer);
-        tokio::spawn(async move {
-            fut.await;
-            drop(permit);
-        });
+        // `map`, not an async block around the future: a block would hold the
+        // session future twice (as a capture and as the awaited value), doubling
+        // the largest per-miner allocation.
+        tokio::spawn(serve(ctx.clone(), stream, peer).map(move |()| drop(permit)));
     }
 }

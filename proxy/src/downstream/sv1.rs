@@ -116,11 +116,12 @@ impl Session {
     async fn run(&mut self, stream: TcpStream) -> Close {
         let limits = self.ctx.cfg().limits.clone();
         let idle_for = limits.idle_timeout();
-        let handshake = tokio::time::sleep(limits.handshake_timeout());
-        let idle = tokio::time::sleep(idle_for);
+        // One timer for both deadlines (a tokio Sleep is 112 bytes per miner).
+        let handshake_at = Instant::now() + limits.handshake_timeout();
+        let timer = tokio::time::sleep_until(handshake_at.min(Instant::now() + idle_for));
         let shutdown = self.ctx.shutdown.clone();
         let cancelled = shutdown.cancelled();
-        tokio::pin!(handshake, idle, cancelled);
+        tokio::pin!(timer, cancelled);
         let mut last_read = Instant::now();
         let mut buf = BytesMut::new();
         let mut wake: Option<WakeFut> = None;
@@ -157,17 +158,17 @@ impl Session {
                         }
                     }
                 }
-                _ = &mut handshake, if !ready => {
-                    return Close::Reason(format!("not subscribed and authorized within {:?}", limits.handshake_timeout()));
-                }
-                _ = &mut idle => {
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if !ready && now >= handshake_at {
+                        return Close::Reason(format!("not subscribed and authorized within {:?}", limits.handshake_timeout()));
+                    }
                     // Re-armed lazily: a share does not touch the timer wheel.
                     let due = last_read + idle_for;
-                    if due > Instant::now() {
-                        idle.as_mut().reset(due);
-                    } else {
+                    if due <= now {
                         return Close::Reason(format!("idle for {idle_for:?}"));
                     }
+                    timer.as_mut().reset(if ready { due } else { due.min(handshake_at) });
                 }
                 r = std::future::poll_fn(|cx| stream.poll_write_ready(cx)), if self.stalled.is_some() => {
                     if let Err(e) = r {
