@@ -42,9 +42,11 @@ nominal_hashrate = 1e12
 sv1 = "127.0.0.1:$GP_PORT"
 [limits]
 max_connections = 19500
+submits_per_second = ${GP_SUBMITS_PER_SECOND:-200}
 [difficulty]
 initial = 2.3283064365386963e-10
 min = 2.3283064365386963e-10
+max = 2.3283064365386963e-10
 retarget_secs = 3600
 EOT
   RUST_LOG=${GP_LOG:-warn} ${GP_WRAP:-} $R/gridproxy run --config "$run/gridproxy.toml" --status-every 0 > "$run/gridproxy.log" 2>&1 &
@@ -95,6 +97,8 @@ held_total() { # prefix
 # Put N miners at RATE shares/s on 127.0.0.1:PORT for SECS after the ramp, over
 # PROCS loadgen processes, and measure PID over a steady window (after ramp and
 # WARM seconds, until 2 s before the end). Prints one `result:` line:
+# With INFLIGHT=K set, each loadgen connection is closed-loop with K submits
+# outstanding (RATE is ignored): the most shares per second PID answers.
 #   name miners held acc_per_s cpu_us_per_share rss_base rss_peak rss_per_miner p50 p99 p999 errors
 measure() { # name pid port N RATE SECS PROCS WARM
   local name=$1 pid=$2 tport=$3 n=$4 rate=$5 secs=$6 procs=$7 warm=$8
@@ -106,7 +110,7 @@ measure() { # name pid port N RATE SECS PROCS WARM
     # Each process gets its own source addresses (ephemeral ports are per source).
     $R/loadgen --target 127.0.0.1:$tport --connections "$c" --rate "$rate" --duration "$secs" \
       --user "$name$i" --warmup "$warm" --sources 4 --connect-rate $((2000 / procs)) \
-      --lat-out "$pre.$i.lat" > "$pre.$i.log" 2>&1 &
+      --lat-out "$pre.$i.lat" --inflight "${INFLIGHT:-0}" > "$pre.$i.log" 2>&1 &
     lgs+=($!)
   done
   # Ramp: wait until every process has printed its first per-second line.
