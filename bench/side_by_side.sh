@@ -44,11 +44,24 @@ phase() { # fixed|max
   tp=$(measure "translator_$1" "$TPX_PID" "$TPX_PORT" "$n" "$RATE" "$SECS" "$p" 5)
   echo "$tp"
   kill "$TPX_PID"; wait "$TPX_PID" 2>/dev/null || true
+  fl="floor=none"
+  if [ "$1" = fixed ]; then
+    # The same load on a responder that does nothing (fixtures sv1_floor): the
+    # latency the load tool, kernel and machine add under any proxy.
+    local fport; fport=$(port)
+    $R/sv1_floor --bind 127.0.0.1:$fport > "$run/floor.log" 2>&1 &
+    local fpid=$!
+    wait_log "$run/floor.log" "listening" 10
+    fl=$(measure "floor_$1" "$fpid" "$fport" "$n" "$RATE" "$SECS" "$p" 5)
+    echo "$fl"
+    kill "$fpid"; wait "$fpid" 2>/dev/null || true
+  fi
   grep -ciE "panick" "$run/translator.log" "$run/gridproxy.log" >/dev/null && echo "note: a panic was logged"
-  python3 - "$gp" "$tp" "$n" "$1" <<'PY'
+  python3 - "$gp" "$tp" "$n" "$1" "$fl" <<'PY'
 import re, sys
 g, t = (dict(re.findall(r"(\w+)=([\d.]+)", s)) for s in sys.argv[1:3])
 n, phase = int(sys.argv[3]), sys.argv[4]
+fl = dict(re.findall(r"(\w+)=([\d.]+)", sys.argv[5]))
 for who, f in (("gridproxy", g), ("translator", t)):
     if int(f["held"]) < n:
         print(f"WARNING: {who} held {f['held']} of {n} miners")
@@ -57,6 +70,9 @@ if phase == "fixed":
     print(f"ratio fixed load ({n} miners, >1 = gridproxy better): "
           f"cpu_per_share={r('cpu_us_per_share', True):.2f}x rss_per_miner={r('rss_per_miner_kib', True):.2f}x p99={r('p99_us', True):.2f}x "
           f"(accepted shares/s {r('acc_per_s'):.2f}x: the load is fixed)")
+    if "p99_us" in fl:
+        print(f"floor (sv1_floor, answers without work): p50 {fl['p50_us']} us, p99 {fl['p99_us']} us; "
+              f"gridproxy p99 is {float(g['p99_us']) / max(float(fl['p99_us']), 1):.2f}x the floor, translator {float(t['p99_us']) / max(float(fl['p99_us']), 1):.2f}x")
     print(f"targets: rss/miner <= 1/5 of translator: {r('rss_per_miner_kib', True) >= 5}; "
           f"p99 < {100 if n <= 1000 else 200} us: {float(g['p99_us']) < (100 if n <= 1000 else 200)}")
 else:
