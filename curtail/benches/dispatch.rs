@@ -116,6 +116,7 @@ async fn once(dir: &Path, n: u64) -> Run {
             price: None,
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     };

@@ -44,6 +44,7 @@ fn engine(t0: Timestamp) -> Engine {
             price: None,
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     };

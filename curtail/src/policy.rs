@@ -201,8 +201,13 @@ pub struct Staleness {
     /// Site load (only checked when [`PolicyConfig::contract_kw`] is set or
     /// a site load was ever received).
     pub site_load: Option<Freshness>,
-    /// Dispatch heartbeat (only checked once a dispatch was received).
+    /// Dispatch heartbeat (checked once a dispatch was received, or from
+    /// start when [`Self::dispatch_from_start`] is set).
     pub dispatch: Option<Freshness>,
+    /// A dispatcher is configured: a site that never hears from it goes to
+    /// the dispatch safe state `max_age` after start, as after a lost one.
+    #[serde(default)]
+    pub dispatch_from_start: bool,
 }
 
 impl Default for Staleness {
@@ -220,6 +225,7 @@ impl Default for Staleness {
                 max_age: Duration::from_secs(4 * 60),
                 on_stale: SafeState::CurtailAll,
             }),
+            dispatch_from_start: false,
         }
     }
 }

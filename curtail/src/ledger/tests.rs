@@ -309,6 +309,7 @@ fn restart_does_not_wake_curtailed_miners() {
             price: None,
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     };

@@ -266,7 +266,7 @@ impl Engine {
             } else {
                 None
             },
-            dispatch: if self.dispatch_sig.is_some() {
+            dispatch: if self.dispatch_sig.is_some() || st.dispatch_from_start {
                 check(st.dispatch, self.dispatch_sig.map(|d| d.at))
             } else {
                 None

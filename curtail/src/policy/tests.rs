@@ -20,6 +20,7 @@ fn no_staleness() -> Staleness {
         price: None,
         site_load: None,
         dispatch: None,
+        dispatch_from_start: false,
     }
 }
 
@@ -798,6 +799,40 @@ fn stale_dispatch_auto_curtails() {
     s.run(240 + 60);
     assert_eq!(s.e.stale_signal(), Some("dispatch"));
     assert!(s.miners.iter().all(|m| m.asleep));
+}
+
+/// A configured dispatcher that never speaks: without `dispatch_from_start`
+/// the site mines on; with it, the site reaches the safe state `max_age`
+/// after start, as after a lost heartbeat.
+#[test]
+fn silent_dispatcher_fails_safe_from_start() {
+    let cfg = |from_start| PolicyConfig {
+        staleness: Staleness {
+            dispatch: Some(Freshness {
+                max_age: Duration::from_secs(240),
+                on_stale: SafeState::CurtailAll,
+            }),
+            dispatch_from_start: from_start,
+            ..no_staleness()
+        },
+        ..base_cfg()
+    };
+    let mut off = Sim::new(cfg(false), mixed_fleet(10));
+    off.run(240 + 60);
+    assert_eq!(off.e.stale_signal(), None);
+    assert!(off.miners.iter().all(|m| !m.asleep));
+
+    let mut on = Sim::new(cfg(true), mixed_fleet(10));
+    on.run(200);
+    assert_eq!(
+        on.e.stale_signal(),
+        None,
+        "not stale inside the start-up grace"
+    );
+    assert!(on.miners.iter().all(|m| !m.asleep));
+    on.run(100);
+    assert_eq!(on.e.stale_signal(), Some("dispatch"));
+    assert!(on.miners.iter().all(|m| m.asleep));
 }
 
 /// No one-second window ever carries more than the configured command rate.
