@@ -32,6 +32,10 @@ pub struct Config {
     /// Control API, metrics and dashboard (`crate::api::config`).
     #[serde(default)]
     pub api: crate::api::config::ApiConfig,
+    /// Curtailment engine, miners and grid signal sources (`crate::site`);
+    /// off when absent.
+    #[serde(default)]
+    pub site: Option<crate::site::SiteConfig>,
 }
 
 /// Upstream protocol.
@@ -285,6 +289,9 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         cfg.validate(origin)?;
+        if let Some(site) = &cfg.site {
+            site.validate(origin, Some(text))?;
+        }
         Ok(cfg)
     }
 

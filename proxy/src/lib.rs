@@ -8,6 +8,7 @@
 //! - [`proxy`]: wiring it all together (`Proxy::start`).
 //! - [`reload`]: hot reload (SIGHUP, `POST /api/v1/reload`) without dropping miners.
 //! - [`backtest`]: replay a price trace through the engine; compare with always-on and a perfect-foresight oracle.
+//! - [`site`]: `[site]`: the curtailment engine, miners and grid signal sources run next to the proxy.
 //! - [`curtail_bridge`]: park/unpark/reroute actuator for the curtailment engine (re-exports `gridproxy-curtail`).
 #![warn(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod router;
+pub mod site;
 pub mod stats;
 pub mod sv2_io;
 pub mod upstream;

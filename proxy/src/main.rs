@@ -185,11 +185,15 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { config } => match load(&config) {
             Ok(c) => {
                 println!(
-                    "{}: ok ({} pools{})",
+                    "{}: ok ({} pools{}{})",
                     config.display(),
                     c.pools.len(),
                     match c.api.listen {
                         Some(a) => format!(", control API on {a}"),
+                        None => String::new(),
+                    },
+                    match &c.site {
+                        Some(s) => format!(", site with {} miners", s.miners.len()),
                         None => String::new(),
                     }
                 );
@@ -361,6 +365,7 @@ fn main() -> ExitCode {
 
 async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()> {
     let api_cfg = cfg.api.clone();
+    let site_cfg = cfg.site.clone();
     let proxy = Proxy::start(cfg).await?;
     proxy.ctx.set_config_path(path.clone());
     if let Some(a) = proxy.sv1_addr {
@@ -369,10 +374,12 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     if let Some(a) = proxy.sv2_addr {
         println!("gridproxy: SV2 miners -> {a}");
     }
+    let site_handle = SiteHandle::new();
+    let mut metrics = None;
     if api_cfg.listen.is_some() {
         let server = api::start(
             proxy.ctx.clone(),
-            SiteHandle::new(),
+            site_handle.clone(),
             &api_cfg,
             None,
             proxy.shutdown.clone(),
@@ -382,18 +389,52 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
             "gridproxy: dashboard and control API -> http://{}/ (metrics: /metrics)",
             server.addr
         );
+        metrics = Some(server.metrics.clone());
     }
+    let site = match &site_cfg {
+        Some(s) => match gridproxy::site::start(
+            s,
+            proxy.ctx.router.clone(),
+            site_handle.clone(),
+            metrics,
+            proxy.shutdown.clone(),
+        )
+        .await
+        {
+            Ok(r) => {
+                for line in &r.started {
+                    println!("gridproxy: {line}");
+                }
+                Some(r)
+            }
+            Err(e) => {
+                proxy.shutdown.cancel();
+                return Err(e.context("[site]"));
+            }
+        },
+        None => None,
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(status_every.max(1)));
     gridproxy::reload::spawn_sighup(proxy.ctx.clone())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("SIGTERM handler: {e}"))?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
             _ = tick.tick() => {
                 if status_every > 0 {
                     println!("{}", gridproxy::proxy::status_line(&proxy));
                 }
             }
         }
+    }
+    if let Some(s) = site {
+        println!(
+            "gridproxy: stopping the curtailment engine (ledger {})",
+            s.ledger.display()
+        );
+        s.stop().await;
     }
     proxy.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;

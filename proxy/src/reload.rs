@@ -5,7 +5,8 @@
 //! next retarget), limits (the connection cap at once, per-connection limits
 //! for connections made after the reload). What needs a restart: listener
 //! addresses and keys, the extranonce layout (miners hold slots cut from it)
-//! and the `[api]` section; a reload that changes them is refused whole, so
+//! and the `[api]` and `[site]` sections (the curtailment engine, its
+//! miners, ledger and signal sources); a reload that changes them is refused whole, so
 //! the running state never half-matches the file.
 
 use crate::config::Config;
@@ -58,6 +59,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.api != new.api {
         v.push("api");
+    }
+    if old.site != new.site {
+        v.push("site");
     }
     v
 }
@@ -130,4 +134,24 @@ pub fn spawn_sighup(ctx: Arc<Ctx>) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_site_section_needs_a_restart() {
+        let base = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n";
+        let site = |kw: &str| {
+            format!(
+                "{base}\n[site]\nledger = \"l.sqlite\"\nmin_on_secs = {kw}\n\n[[site.miners]]\nname = \"m\"\nfirmware = \"luxos\"\naddress = \"127.0.0.1:4028\"\nths = 100.0\nwatts = 3000.0\n"
+            )
+        };
+        let parse = |t: &str| Config::parse(t, "t.toml").unwrap();
+        let (none, a, b) = (parse(base), parse(&site("60")), parse(&site("90")));
+        assert!(needs_restart(&a, &a).is_empty());
+        assert_eq!(needs_restart(&a, &b), vec!["site"]);
+        assert_eq!(needs_restart(&none, &a), vec!["site"]);
+    }
 }

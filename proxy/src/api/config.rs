@@ -321,6 +321,9 @@ fn check_in(
                 *p = dir.join(&*p);
             }
         }
+        if let Some(site) = &mut cfg.site {
+            site.resolve_paths(dir);
+        }
     }
     cfg.api.validate(origin, Some(text))?;
     Ok(cfg)

@@ -1,0 +1,1878 @@
+//! `[site]`: the curtailment engine and its grid signal sources, run by
+//! `gridproxy run` next to the proxy.
+//!
+//! The section lists the miners (firmware, API address, credentials,
+//! nameplate figures, the SV1 worker they hash as through this proxy), the
+//! engine's policy knobs, and the signal sources in `[site.signals]`: an
+//! OpenADR 3 VEN, MQTT dispatch, a polled price feed and a site-load meter.
+//! [`start`] assembles them: the curtailment driver (with its SQLite
+//! ledger), the firmware clients, the proxy's park actuator, each source
+//! feeding the driver, and the link to the control API's site view and
+//! `POST /api/v1/curtail` commands.
+//!
+//! Nothing here listens: the sources are clients (VTN, broker, price URL,
+//! meter) and the firmware APIs are reached outbound.
+//!
+//! ```toml
+//! [site]
+//! ledger = "curtail-ledger.sqlite"     # relative to the config file
+//! hashprice_usd_per_ph_day = 55.0      # enables price mode
+//!
+//! [[site.miners]]
+//! name = "r1-01"
+//! firmware = "luxos"                   # luxos | braiins | whatsminer | vnish | stock
+//! address = "10.0.1.11:4028"
+//! ths = 104.0
+//! watts = 3068.0                       # or j_per_th = 29.5
+//! worker = "acct.r1-01"                # SV1 worker name through this proxy
+//!
+//! [site.signals.mqtt]
+//! broker = "10.0.0.2:1883"
+//! site_id = "s1"                       # topics site/s1/dispatch, /status, /ack
+//! ```
+
+use crate::api::config::find_line;
+use crate::api::site::{DrEventView, MinerView, SiteCommand, SiteHandle, SiteState};
+use crate::config::ConfigError;
+use crate::curtail_bridge::{curtail, ProxyActuator};
+use crate::metrics::Metrics;
+use curtail::actuator::{ActuatorError, TelemetrySource};
+use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
+use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Telemetry};
+use curtail::policy::{
+    Ack, Action, Economics, Freshness, PolicyConfig, PolicyEvent, SafeState, Staleness,
+};
+use curtail::signal::{DrTarget, ManualOverride, OverrideMode, Signal};
+use curtail::time::{Clock, SystemClock};
+use gridproxy_grid::{mqtt, openadr, price, site_load};
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+/// A secret given inline in the file (kept out of `Debug` output).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// What a stale signal does to the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStale {
+    /// Curtail every miner.
+    CurtailAll,
+    /// Drop the constraint the signal drove; keep mining.
+    KeepRunning,
+    /// Keep using the signal's last value.
+    HoldLast,
+}
+
+impl OnStale {
+    fn safe_state(self) -> SafeState {
+        match self {
+            OnStale::CurtailAll => SafeState::CurtailAll,
+            OnStale::KeepRunning => SafeState::KeepRunning,
+            OnStale::HoldLast => SafeState::HoldLast,
+        }
+    }
+}
+
+/// A miner's firmware (its control API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareKind {
+    /// LuxOS: TCP JSON API (port 4028).
+    Luxos,
+    /// Braiins OS: gRPC API (port 50051), user and password.
+    #[serde(alias = "braiinsos")]
+    Braiins,
+    /// Whatsminer API v2 (port 4028), admin password.
+    Whatsminer,
+    /// VNish REST API (port 80), web password.
+    Vnish,
+    /// Stock cgminer: telemetry only; curtailed by parking it at the proxy.
+    Stock,
+}
+
+impl FirmwareKind {
+    fn surface(self) -> ControlSurface {
+        match self {
+            FirmwareKind::Luxos => ControlSurface::LuxOs,
+            FirmwareKind::Braiins => ControlSurface::BraiinsOs,
+            FirmwareKind::Whatsminer => ControlSurface::Whatsminer,
+            FirmwareKind::Vnish => ControlSurface::Vnish,
+            FirmwareKind::Stock => ControlSurface::None,
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            FirmwareKind::Braiins => 50051,
+            FirmwareKind::Vnish => 80,
+            _ => 4028,
+        }
+    }
+
+    fn needs_password(self) -> bool {
+        matches!(
+            self,
+            FirmwareKind::Braiins | FirmwareKind::Whatsminer | FirmwareKind::Vnish
+        )
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirmwareKind::Luxos => "luxos",
+            FirmwareKind::Braiins => "braiins",
+            FirmwareKind::Whatsminer => "whatsminer",
+            FirmwareKind::Vnish => "vnish",
+            FirmwareKind::Stock => "stock",
+        }
+    }
+}
+
+/// One `[[site.miners]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinerConfig {
+    /// Unique name (logs, dashboard; the ledger knows the miner by it).
+    pub name: String,
+    /// Firmware / control API.
+    pub firmware: FirmwareKind,
+    /// Firmware API address, `ip:port` or `ip` (the firmware's default port).
+    pub address: String,
+    /// SV1 worker name it authorizes with through this proxy (for parking).
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// Model label, e.g. `S19j Pro`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Nominal hashrate, TH/s.
+    pub ths: f64,
+    /// Nominal power, W (or give `j_per_th`).
+    #[serde(default)]
+    pub watts: Option<f64>,
+    /// Efficiency, J/TH (power = ths × j_per_th).
+    #[serde(default)]
+    pub j_per_th: Option<f64>,
+    /// API user (Braiins OS; default `root`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// API password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Or: the environment variable holding it.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Or: a file holding it (relative to the config file).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Draw while asleep, W (default: min(20, nominal)).
+    #[serde(default)]
+    pub sleep_w: Option<f64>,
+    /// Lowest power target the firmware accepts, W (default: 60 % of nominal).
+    #[serde(default)]
+    pub min_power_w: Option<f64>,
+    /// Draw while parked at the proxy, W (default: nominal, i.e. no saving,
+    /// as an ASIC with a backup pool keeps hashing; lower it where backup
+    /// pools are blocked).
+    #[serde(default)]
+    pub parked_w: Option<f64>,
+}
+
+impl MinerConfig {
+    /// Nominal power, W.
+    pub fn nominal_w(&self) -> f64 {
+        self.watts
+            .or(self.j_per_th.map(|j| j * self.ths))
+            .unwrap_or(0.0)
+    }
+
+    fn socket_addr(&self) -> Result<SocketAddr, String> {
+        let a = self.address.trim();
+        if let Ok(s) = a.parse::<SocketAddr>() {
+            return Ok(s);
+        }
+        match a.parse::<IpAddr>() {
+            Ok(ip) => Ok(SocketAddr::new(ip, self.firmware.default_port())),
+            Err(_) => Err(format!(
+                "{a:?} is not ip:port or ip (names are not resolved here)"
+            )),
+        }
+    }
+}
+
+/// `[site.signals.mqtt]`: dispatch targets from an MQTT broker.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSource {
+    /// Broker, `host:port` or `host` (port 1883).
+    pub broker: String,
+    /// Site id: topics `site/<id>/dispatch`, `site/<id>/status`, `site/<id>/ack`.
+    pub site_id: String,
+    /// MQTT client id (default `gridproxy-<site_id>`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Broker login.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Broker password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Or: the environment variable holding it.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Or: a file holding it.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Override the dispatch topic (a filter is allowed).
+    #[serde(default)]
+    pub dispatch_topic: Option<String>,
+    /// Override the status topic.
+    #[serde(default)]
+    pub status_topic: Option<String>,
+    /// Override the ack topic.
+    #[serde(default)]
+    pub ack_topic: Option<String>,
+    /// QoS 0..=2.
+    #[serde(default = "d_qos")]
+    pub qos: u8,
+    /// No dispatch for this long puts the fleet in `on_silence`, seconds.
+    #[serde(default = "d_240")]
+    pub silence_timeout_secs: u64,
+    /// What silence does.
+    #[serde(default = "d_curtail_all")]
+    pub on_silence: OnStale,
+    /// MQTT keepalive, seconds.
+    #[serde(default = "d_30")]
+    pub keepalive_secs: u64,
+    /// Status publish period, seconds.
+    #[serde(default = "d_10")]
+    pub status_secs: u64,
+}
+
+/// `[site.signals.openadr]`: an OpenADR 3 VEN.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAdrSource {
+    /// VTN base URL.
+    pub vtn_url: String,
+    /// OAuth2 token endpoint (default `<vtn_url>/auth/token`).
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret.
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    /// Or: the environment variable holding it.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// Or: a file holding it.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// This VEN's name.
+    pub ven_name: String,
+    /// Only events of these programs (empty: all).
+    #[serde(default)]
+    pub programs: Vec<String>,
+    /// Event poll period without the websocket, seconds.
+    #[serde(default = "d_5")]
+    pub poll_secs: u64,
+    /// Use the VTN's websocket notifier when offered.
+    #[serde(default = "d_true")]
+    pub websocket: bool,
+    /// Report period per event, seconds.
+    #[serde(default = "d_60")]
+    pub report_secs: u64,
+    /// Per-request timeout, seconds.
+    #[serde(default = "d_10")]
+    pub request_timeout_secs: u64,
+    /// Fraction of draw shed per SIMPLE level 0..=3.
+    #[serde(default)]
+    pub simple_shed: Option<[f64; 4]>,
+}
+
+/// `[site.signals.price]`: a polled energy price.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSource {
+    /// URL of an ERCOT RTM settlement-point price report (CSV).
+    #[serde(default)]
+    pub ercot_csv_url: Option<String>,
+    /// Settlement point for `ercot_csv_url`, e.g. `HB_HOUSTON`.
+    #[serde(default)]
+    pub settlement_point: Option<String>,
+    /// Or: URL of a JSON document with the price.
+    #[serde(default)]
+    pub json_url: Option<String>,
+    /// JSON pointer to the price, $/MWh.
+    #[serde(default = "d_lmp")]
+    pub json_price: String,
+    /// JSON pointer to its timestamp (`""`: the time it was received).
+    #[serde(default = "d_timestamp")]
+    pub json_time: String,
+    /// Poll period, seconds.
+    #[serde(default = "d_60")]
+    pub poll_secs: u64,
+    /// Per-request timeout, seconds.
+    #[serde(default = "d_10")]
+    pub timeout_secs: u64,
+    /// A price older than this is stale, seconds.
+    #[serde(default = "d_900")]
+    pub max_age_secs: u64,
+    /// What a stale price does.
+    #[serde(default = "d_keep_running")]
+    pub on_stale: OnStale,
+}
+
+/// Modbus register table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModbusTable {
+    /// Holding registers (function 3).
+    Holding,
+    /// Input registers (function 4).
+    Input,
+}
+
+/// Modbus value encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModbusType {
+    /// One register, unsigned.
+    U16,
+    /// One register, signed.
+    I16,
+    /// Two registers, unsigned.
+    U32,
+    /// Two registers, signed.
+    I32,
+    /// Two registers, IEEE 754.
+    F32,
+}
+
+/// Word order of 32-bit Modbus values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusWordOrder {
+    /// High word first.
+    HighFirst,
+    /// Low word first.
+    LowFirst,
+}
+
+/// `[site.signals.site_load]`: a meter of the site's other (non-mining) load.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteLoadSource {
+    /// Prometheus base URL (instant query).
+    #[serde(default)]
+    pub prometheus_url: Option<String>,
+    /// PromQL for `prometheus_url`.
+    #[serde(default)]
+    pub prometheus_query: Option<String>,
+    /// Or: a Modbus TCP meter, `ip:port`.
+    #[serde(default)]
+    pub modbus: Option<SocketAddr>,
+    /// Modbus unit id.
+    #[serde(default = "d_unit")]
+    pub modbus_unit: u8,
+    /// First register (0-based wire address).
+    #[serde(default)]
+    pub modbus_register: u16,
+    /// Register table.
+    #[serde(default = "d_holding")]
+    pub modbus_table: ModbusTable,
+    /// Encoding.
+    #[serde(default = "d_f32")]
+    pub modbus_type: ModbusType,
+    /// Word order of 32-bit values.
+    #[serde(default = "d_high_first")]
+    pub modbus_word_order: ModbusWordOrder,
+    /// Or: an HTTP JSON meter URL.
+    #[serde(default)]
+    pub http_json_url: Option<String>,
+    /// JSON pointer to the figure.
+    #[serde(default)]
+    pub http_json_pointer: Option<String>,
+    /// Multiplies the figure to give kW (W: 0.001).
+    #[serde(default = "d_one")]
+    pub factor: f64,
+    /// Read period, milliseconds.
+    #[serde(default = "d_1000")]
+    pub poll_ms: u64,
+    /// Read timeout, milliseconds.
+    #[serde(default = "d_800")]
+    pub timeout_ms: u64,
+    /// Readings above this are absurd, kW.
+    #[serde(default = "d_max_kw")]
+    pub max_kw: f64,
+    /// A reading older than this is stale, seconds.
+    #[serde(default = "d_10")]
+    pub max_age_secs: u64,
+    /// What a stale reading does.
+    #[serde(default = "d_hold_last")]
+    pub on_stale: OnStale,
+}
+
+/// `[site.signals]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalsConfig {
+    /// MQTT dispatch.
+    #[serde(default)]
+    pub mqtt: Option<MqttSource>,
+    /// OpenADR 3 VEN.
+    #[serde(default)]
+    pub openadr: Option<OpenAdrSource>,
+    /// Energy price feed.
+    #[serde(default)]
+    pub price: Option<PriceSource>,
+    /// Site-load meter.
+    #[serde(default)]
+    pub site_load: Option<SiteLoadSource>,
+}
+
+/// The `[site]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The curtailment ledger (SQLite), relative to the config file.
+    pub ledger: PathBuf,
+    /// Hashprice, $/PH/s/day: enables price mode.
+    #[serde(default)]
+    pub hashprice_usd_per_ph_day: Option<f64>,
+    /// Pool fee, 0..1.
+    #[serde(default = "d_pool_fee")]
+    pub pool_fee: f64,
+    /// Power usage effectiveness (>= 1).
+    #[serde(default = "d_one")]
+    pub pue: f64,
+    /// Half-width of the price hysteresis band, $/MWh.
+    #[serde(default = "d_hysteresis")]
+    pub hysteresis_usd_per_mwh: f64,
+    /// Balance mode: contracted site kW (needs a site-load meter).
+    #[serde(default)]
+    pub contract_kw: Option<f64>,
+    /// Headroom under the contract, kW.
+    #[serde(default)]
+    pub balance_margin_kw: f64,
+    /// Aim this fraction under a kW cap.
+    #[serde(default = "d_target_margin")]
+    pub target_margin: f64,
+    /// A woken miner stays on at least this long before price curtails it, seconds.
+    #[serde(default = "d_300")]
+    pub min_on_secs: u64,
+    /// A curtailed miner stays off at least this long, seconds.
+    #[serde(default = "d_600")]
+    pub min_off_secs: u64,
+    /// Commands per second, at most.
+    #[serde(default = "d_50")]
+    pub max_commands_per_sec: u32,
+    /// Miners restored per batch.
+    #[serde(default = "d_50")]
+    pub restore_batch: u32,
+    /// Time between restore batches, seconds.
+    #[serde(default = "d_30")]
+    pub restore_interval_secs: u64,
+    /// Time for a firmware to acknowledge a command, seconds.
+    #[serde(default = "d_10")]
+    pub ack_timeout_secs: u64,
+    /// Slack over a miner's ramp before a command counts as unverified, seconds.
+    #[serde(default = "d_30")]
+    pub verify_grace_secs: u64,
+    /// Retries before a miner is reported unresponsive.
+    #[serde(default = "d_retries")]
+    pub max_retries: u8,
+    /// Wait between retries, seconds.
+    #[serde(default = "d_30")]
+    pub retry_backoff_secs: u64,
+    /// Extra lead before a DR event's start, seconds.
+    #[serde(default = "d_10")]
+    pub dr_lead_margin_secs: u64,
+    /// After a restart, miners found curtailed stay so this long or until a
+    /// fresh signal, seconds.
+    #[serde(default = "d_300")]
+    pub resume_hold_secs: u64,
+    /// Telemetry round period over the fleet, seconds.
+    #[serde(default = "d_10")]
+    pub telemetry_secs: u64,
+    /// Measured-kW interval written to the ledger, seconds.
+    #[serde(default = "d_60")]
+    pub ledger_interval_secs: u64,
+    /// Bound on each firmware API operation, milliseconds.
+    #[serde(default = "d_5000")]
+    pub client_timeout_ms: u64,
+    /// The miners.
+    #[serde(default)]
+    pub miners: Vec<MinerConfig>,
+    /// Signal sources.
+    #[serde(default)]
+    pub signals: SignalsConfig,
+}
+
+fn d_qos() -> u8 {
+    1
+}
+fn d_5() -> u64 {
+    5
+}
+fn d_10() -> u64 {
+    10
+}
+fn d_30() -> u64 {
+    30
+}
+fn d_50() -> u32 {
+    50
+}
+fn d_60() -> u64 {
+    60
+}
+fn d_240() -> u64 {
+    240
+}
+fn d_300() -> u64 {
+    300
+}
+fn d_600() -> u64 {
+    600
+}
+fn d_900() -> u64 {
+    900
+}
+fn d_800() -> u64 {
+    800
+}
+fn d_1000() -> u64 {
+    1000
+}
+fn d_5000() -> u64 {
+    5000
+}
+fn d_true() -> bool {
+    true
+}
+fn d_unit() -> u8 {
+    1
+}
+fn d_retries() -> u8 {
+    3
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_pool_fee() -> f64 {
+    0.02
+}
+fn d_hysteresis() -> f64 {
+    2.0
+}
+fn d_target_margin() -> f64 {
+    0.005
+}
+fn d_max_kw() -> f64 {
+    1_000_000.0
+}
+fn d_lmp() -> String {
+    "/lmp".into()
+}
+fn d_timestamp() -> String {
+    "/timestamp".into()
+}
+fn d_curtail_all() -> OnStale {
+    OnStale::CurtailAll
+}
+fn d_keep_running() -> OnStale {
+    OnStale::KeepRunning
+}
+fn d_hold_last() -> OnStale {
+    OnStale::HoldLast
+}
+fn d_holding() -> ModbusTable {
+    ModbusTable::Holding
+}
+fn d_f32() -> ModbusType {
+    ModbusType::F32
+}
+fn d_high_first() -> ModbusWordOrder {
+    ModbusWordOrder::HighFirst
+}
+
+/// The ledger id of a miner: a stable hash of its name (48 bits), so
+/// reordering `[[site.miners]]` does not mix miners up across restarts.
+pub fn miner_id(name: &str) -> MinerId {
+    // FNV-1a 64.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    MinerId(h & 0xffff_ffff_ffff)
+}
+
+fn secret_count(inline: bool, env: bool, file: bool) -> usize {
+    usize::from(inline) + usize::from(env) + usize::from(file)
+}
+
+impl SiteConfig {
+    /// Resolve paths relative to `dir` (the config file's folder).
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.ledger);
+        for m in &mut self.miners {
+            if let Some(p) = &mut m.password_file {
+                fix(p);
+            }
+        }
+        if let Some(m) = &mut self.signals.mqtt {
+            if let Some(p) = &mut m.password_file {
+                fix(p);
+            }
+        }
+        if let Some(o) = &mut self.signals.openadr {
+            if let Some(p) = &mut o.client_secret_file {
+                fix(p);
+            }
+        }
+    }
+
+    /// Check the section; `text` (the whole file) lets errors name the line.
+    pub fn validate(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
+        let err = |key: String, line: Option<usize>, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key,
+            message: match line {
+                Some(l) => format!("{message} (line {l})"),
+                None => message,
+            },
+        };
+        // Line of `key` in `[header]` (n-th), else of the inline table
+        // `field = {…}` in `[parent]`, else of `[site]`.
+        let line = |header: &str, n: usize, key: &str| -> Option<usize> {
+            let t = text?;
+            find_line(t, header, n, Some(key))
+                .or_else(|| {
+                    let inner = header.trim_matches(|c| c == '[' || c == ']');
+                    let (parent, field) = inner.rsplit_once('.')?;
+                    find_line(t, &format!("[{parent}]"), 0, Some(field))
+                })
+                .or_else(|| find_line(t, "[site]", 0, None))
+        };
+        let site = |k: &str| (format!("site.{k}"), line("[site]", 0, k));
+        let bad_site = |k: &str, m: &str| {
+            let (key, l) = site(k);
+            err(key, l, m.to_string())
+        };
+        if self.ledger.as_os_str().is_empty() {
+            return Err(bad_site(
+                "ledger",
+                "give the curtailment ledger's file (SQLite), e.g. \"curtail-ledger.sqlite\"",
+            ));
+        }
+        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        if let Some(h) = self.hashprice_usd_per_ph_day {
+            if !nonneg(h) {
+                return Err(bad_site("hashprice_usd_per_ph_day", "must be >= 0"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.pool_fee) {
+            return Err(bad_site("pool_fee", "must be in 0..1 (0.02 = 2 %)"));
+        }
+        if !(self.pue.is_finite() && self.pue >= 1.0) {
+            return Err(bad_site("pue", "must be >= 1"));
+        }
+        if !nonneg(self.hysteresis_usd_per_mwh) {
+            return Err(bad_site("hysteresis_usd_per_mwh", "must be >= 0"));
+        }
+        if let Some(c) = self.contract_kw {
+            if !nonneg(c) {
+                return Err(bad_site("contract_kw", "must be >= 0"));
+            }
+            if self.signals.site_load.is_none() {
+                return Err(bad_site(
+                    "contract_kw",
+                    "balance mode needs a site-load meter: add [site.signals.site_load]",
+                ));
+            }
+        }
+        if !nonneg(self.balance_margin_kw) {
+            return Err(bad_site("balance_margin_kw", "must be >= 0"));
+        }
+        if !(0.0..0.5).contains(&self.target_margin) {
+            return Err(bad_site("target_margin", "must be in 0..0.5"));
+        }
+        for (k, v) in [
+            ("max_commands_per_sec", u64::from(self.max_commands_per_sec)),
+            ("restore_batch", u64::from(self.restore_batch)),
+            ("restore_interval_secs", self.restore_interval_secs),
+            ("ack_timeout_secs", self.ack_timeout_secs),
+            ("telemetry_secs", self.telemetry_secs),
+            ("ledger_interval_secs", self.ledger_interval_secs),
+            ("client_timeout_ms", self.client_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(bad_site(k, "must be > 0"));
+            }
+        }
+        if self.miners.is_empty() {
+            return Err(bad_site(
+                "miners",
+                "at least one [[site.miners]] entry is needed",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut ids = HashMap::new();
+        let mut workers = HashSet::new();
+        for (i, m) in self.miners.iter().enumerate() {
+            let bad = |k: &str, msg: String| {
+                err(
+                    format!("site.miners[{i}].{k}"),
+                    line("[[site.miners]]", i, k),
+                    msg,
+                )
+            };
+            if m.name.trim().is_empty() {
+                return Err(bad("name", "must not be empty".into()));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(bad("name", format!("duplicate miner name {:?}", m.name)));
+            }
+            if let Some(other) = ids.insert(miner_id(&m.name), m.name.as_str()) {
+                return Err(bad(
+                    "name",
+                    format!(
+                        "{:?} and {other:?} hash to the same ledger id; rename one",
+                        m.name
+                    ),
+                ));
+            }
+            if let Err(e) = m.socket_addr() {
+                return Err(bad("address", e));
+            }
+            if !(m.ths.is_finite() && m.ths > 0.0) {
+                return Err(bad("ths", "must be > 0 (nominal TH/s)".into()));
+            }
+            match (m.watts, m.j_per_th) {
+                (None, None) => {
+                    return Err(bad(
+                        "watts",
+                        "give the nominal power: watts, or j_per_th (efficiency)".into(),
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(bad("j_per_th", "give watts or j_per_th, not both".into()))
+                }
+                (Some(w), None) if !(w.is_finite() && w > 0.0) => {
+                    return Err(bad("watts", "must be > 0".into()))
+                }
+                (None, Some(j)) if !(j.is_finite() && j > 0.0) => {
+                    return Err(bad("j_per_th", "must be > 0".into()))
+                }
+                _ => {}
+            }
+            let w = m.nominal_w();
+            for (k, v) in [
+                ("sleep_w", m.sleep_w),
+                ("min_power_w", m.min_power_w),
+                ("parked_w", m.parked_w),
+            ] {
+                if let Some(v) = v {
+                    if !(nonneg(v) && v <= w) {
+                        return Err(bad(k, format!("must be in 0..={w:.0} (nominal W)")));
+                    }
+                }
+            }
+            let n = secret_count(
+                m.password.is_some(),
+                m.password_env.is_some(),
+                m.password_file.is_some(),
+            );
+            if n > 1 {
+                return Err(bad(
+                    "password",
+                    "give one of password, password_env, password_file".into(),
+                ));
+            }
+            if n == 0 && m.firmware.needs_password() {
+                return Err(bad(
+                    "password",
+                    format!(
+                        "{} firmware needs its API password: password, password_env or password_file",
+                        m.firmware.as_str()
+                    ),
+                ));
+            }
+            match &m.worker {
+                Some(wk) if wk.trim().is_empty() => {
+                    return Err(bad("worker", "must not be empty".into()))
+                }
+                Some(wk) => {
+                    if !workers.insert(wk.as_str()) {
+                        return Err(bad("worker", format!("duplicate worker {wk:?}")));
+                    }
+                }
+                None if m.firmware == FirmwareKind::Stock => {
+                    return Err(bad(
+                        "worker",
+                        "stock firmware cannot be commanded: give the SV1 worker name it hashes as through this proxy, so it can be parked".into(),
+                    ))
+                }
+                None => {}
+            }
+        }
+        let s = &self.signals;
+        if let Some(q) = &s.mqtt {
+            let h = "[site.signals.mqtt]";
+            let bad =
+                |k: &str, msg: String| err(format!("site.signals.mqtt.{k}"), line(h, 0, k), msg);
+            if let Err(e) = split_host_port(&q.broker, 1883) {
+                return Err(bad("broker", e));
+            }
+            if q.site_id.trim().is_empty() || q.site_id.contains(['/', '+', '#']) {
+                return Err(bad(
+                    "site_id",
+                    "must be a non-empty topic level (no '/', '+', '#')".into(),
+                ));
+            }
+            if secret_count(
+                q.password.is_some(),
+                q.password_env.is_some(),
+                q.password_file.is_some(),
+            ) > 1
+            {
+                return Err(bad(
+                    "password",
+                    "give one of password, password_env, password_file".into(),
+                ));
+            }
+            if q.silence_timeout_secs == 0 {
+                return Err(bad("silence_timeout_secs", "must be > 0".into()));
+            }
+            if q.status_secs == 0 || q.keepalive_secs == 0 {
+                return Err(bad(
+                    if q.status_secs == 0 {
+                        "status_secs"
+                    } else {
+                        "keepalive_secs"
+                    },
+                    "must be > 0".into(),
+                ));
+            }
+            // Everything else (topics, qos, login) as the client checks it.
+            let (host, port) = split_host_port(&q.broker, 1883).unwrap_or_default();
+            let mut c = mqtt_config(q, host, port, None);
+            if q.password.is_some() || q.password_env.is_some() || q.password_file.is_some() {
+                c.password = Some(String::new());
+            }
+            if let Err(e) = c.validate() {
+                let k = match e.to_string() {
+                    m if m.contains("topic") => "dispatch_topic",
+                    m if m.contains("qos") => "qos",
+                    m if m.contains("password") => "username",
+                    _ => "broker",
+                };
+                return Err(bad(k, e.to_string()));
+            }
+        }
+        if let Some(o) = &s.openadr {
+            let h = "[site.signals.openadr]";
+            let bad =
+                |k: &str, msg: String| err(format!("site.signals.openadr.{k}"), line(h, 0, k), msg);
+            if !(o.vtn_url.starts_with("http://") || o.vtn_url.starts_with("https://")) {
+                return Err(bad("vtn_url", "must be an http:// or https:// URL".into()));
+            }
+            if o.client_id.is_empty() {
+                return Err(bad("client_id", "must not be empty".into()));
+            }
+            if o.ven_name.is_empty() {
+                return Err(bad("ven_name", "must not be empty".into()));
+            }
+            if secret_count(
+                o.client_secret.is_some(),
+                o.client_secret_env.is_some(),
+                o.client_secret_file.is_some(),
+            ) != 1
+            {
+                return Err(bad(
+                    "client_secret",
+                    "give exactly one of client_secret, client_secret_env, client_secret_file"
+                        .into(),
+                ));
+            }
+            if o.poll_secs == 0 || o.report_secs == 0 || o.request_timeout_secs == 0 {
+                return Err(bad(
+                    "poll_secs",
+                    "poll_secs, report_secs and request_timeout_secs must be > 0".into(),
+                ));
+            }
+            if let Some(sh) = o.simple_shed {
+                if sh.iter().any(|f| !nonneg(*f)) {
+                    return Err(bad("simple_shed", "fractions must be >= 0".into()));
+                }
+            }
+        }
+        if let Some(p) = &s.price {
+            let h = "[site.signals.price]";
+            let bad =
+                |k: &str, msg: String| err(format!("site.signals.price.{k}"), line(h, 0, k), msg);
+            match (&p.ercot_csv_url, &p.json_url) {
+                (None, None) | (Some(_), Some(_)) => {
+                    return Err(bad(
+                        "ercot_csv_url",
+                        "give exactly one of ercot_csv_url or json_url".into(),
+                    ))
+                }
+                (Some(u), None) => {
+                    if !is_http(u) {
+                        return Err(bad("ercot_csv_url", "must be an http(s) URL".into()));
+                    }
+                    if p.settlement_point.as_deref().unwrap_or("").is_empty() {
+                        return Err(bad(
+                            "settlement_point",
+                            "ercot_csv_url needs settlement_point, e.g. \"HB_HOUSTON\"".into(),
+                        ));
+                    }
+                }
+                (None, Some(u)) => {
+                    if !is_http(u) {
+                        return Err(bad("json_url", "must be an http(s) URL".into()));
+                    }
+                    if !p.json_price.starts_with('/') {
+                        return Err(bad(
+                            "json_price",
+                            "must be a JSON pointer, e.g. \"/lmp\"".into(),
+                        ));
+                    }
+                }
+            }
+            if p.poll_secs == 0 || p.timeout_secs == 0 || p.max_age_secs == 0 {
+                return Err(bad(
+                    "poll_secs",
+                    "poll_secs, timeout_secs and max_age_secs must be > 0".into(),
+                ));
+            }
+            if self.hashprice_usd_per_ph_day.is_none() {
+                let (_, l) = site("hashprice_usd_per_ph_day");
+                return Err(err(
+                    "site.hashprice_usd_per_ph_day".into(),
+                    l.or(line(h, 0, "poll_secs")),
+                    "a price feed needs the hashprice ($/PH/s/day) to compare prices with".into(),
+                ));
+            }
+        }
+        if let Some(m) = &s.site_load {
+            let h = "[site.signals.site_load]";
+            let bad = |k: &str, msg: String| {
+                err(format!("site.signals.site_load.{k}"), line(h, 0, k), msg)
+            };
+            let n = usize::from(m.prometheus_url.is_some())
+                + usize::from(m.modbus.is_some())
+                + usize::from(m.http_json_url.is_some());
+            if n != 1 {
+                return Err(bad(
+                    "prometheus_url",
+                    "give exactly one meter: prometheus_url, modbus or http_json_url".into(),
+                ));
+            }
+            if m.prometheus_url.is_some() && m.prometheus_query.is_none() {
+                return Err(bad(
+                    "prometheus_query",
+                    "prometheus_url needs a query".into(),
+                ));
+            }
+            if m.http_json_url.is_some() && m.http_json_pointer.is_none() {
+                return Err(bad(
+                    "http_json_pointer",
+                    "http_json_url needs a JSON pointer to the figure".into(),
+                ));
+            }
+            if !(m.factor.is_finite() && m.factor != 0.0) {
+                return Err(bad("factor", "must be a non-zero number".into()));
+            }
+            if m.poll_ms == 0 || m.timeout_ms == 0 || m.max_age_secs == 0 {
+                return Err(bad(
+                    "poll_ms",
+                    "poll_ms, timeout_ms and max_age_secs must be > 0".into(),
+                ));
+            }
+            if !(m.max_kw.is_finite() && m.max_kw > 0.0) {
+                return Err(bad("max_kw", "must be > 0".into()));
+            }
+        }
+        // What the engine checks itself.
+        if let Err(e) = self.policy().validate() {
+            let (key, l) = site("ledger");
+            return Err(err(key.replace("ledger", "policy"), l, e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The engine's configuration.
+    pub fn policy(&self) -> PolicyConfig {
+        let s = Duration::from_secs;
+        let sig = &self.signals;
+        PolicyConfig {
+            economics: self.hashprice_usd_per_ph_day.map(|h| Economics {
+                hashprice_usd_per_ph_day: h,
+                pool_fee: self.pool_fee,
+                pue: self.pue,
+                hysteresis_usd_per_mwh: self.hysteresis_usd_per_mwh,
+            }),
+            contract_kw: self.contract_kw,
+            balance_margin_kw: self.balance_margin_kw,
+            target_margin: self.target_margin,
+            min_on: s(self.min_on_secs),
+            min_off: s(self.min_off_secs),
+            max_commands_per_sec: self.max_commands_per_sec,
+            restore_batch: self.restore_batch,
+            restore_interval: s(self.restore_interval_secs),
+            staleness: Staleness {
+                price: sig.price.as_ref().map(|p| Freshness {
+                    max_age: s(p.max_age_secs),
+                    on_stale: p.on_stale.safe_state(),
+                }),
+                site_load: sig.site_load.as_ref().map(|m| Freshness {
+                    max_age: s(m.max_age_secs),
+                    on_stale: m.on_stale.safe_state(),
+                }),
+                dispatch: sig.mqtt.as_ref().map(|q| Freshness {
+                    max_age: s(q.silence_timeout_secs),
+                    on_stale: q.on_silence.safe_state(),
+                }),
+                // A configured dispatcher that never speaks fails safe too.
+                dispatch_from_start: sig.mqtt.is_some(),
+            },
+            ack_timeout: s(self.ack_timeout_secs),
+            verify_grace: s(self.verify_grace_secs),
+            max_retries: self.max_retries,
+            retry_backoff: s(self.retry_backoff_secs),
+            dr_lead_margin: s(self.dr_lead_margin_secs),
+            resume_hold: s(self.resume_hold_secs),
+            ..PolicyConfig::default()
+        }
+    }
+
+    /// The engine's fleet (inventory).
+    pub fn fleet(&self) -> Result<Fleet, String> {
+        let specs = self.miners.iter().map(|m| {
+            let s = m.firmware.surface();
+            let w = m.nominal_w();
+            let mut spec = MinerSpec::new(
+                miner_id(&m.name),
+                m.model.clone().unwrap_or_else(|| "miner".into()),
+                m.ths,
+                w,
+                s,
+            );
+            if let Some(v) = m.sleep_w {
+                spec.ramp.sleep_w = v;
+            }
+            if let Some(v) = m.min_power_w {
+                spec.ramp.min_power_w = v;
+            }
+            if let Some(v) = m.parked_w {
+                spec.ramp.parked_w = v;
+            }
+            spec
+        });
+        Fleet::from_specs(specs).map_err(|e| e.to_string())
+    }
+}
+
+fn is_http(u: &str) -> bool {
+    u.starts_with("http://") || u.starts_with("https://")
+}
+
+/// `host:port` or `host` (then `default_port`); IPv6 as `[::1]:1883`.
+fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty address".into());
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok((a.ip().to_string(), a.port()));
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Ok((s.to_string(), default_port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.contains(':') => p
+            .parse::<u16>()
+            .map(|p| (h.to_string(), p))
+            .map_err(|_| format!("{s:?}: port {p:?} is not a number")),
+        Some(_) => Err(format!("{s:?} is not host:port")),
+        None => Ok((s.to_string(), default_port)),
+    }
+}
+
+fn mqtt_config(
+    q: &MqttSource,
+    host: String,
+    port: u16,
+    password: Option<String>,
+) -> mqtt::MqttConfig {
+    let d = mqtt::MqttConfig::for_site(&q.site_id);
+    mqtt::MqttConfig {
+        host,
+        port,
+        client_id: q.client_id.clone().unwrap_or(d.client_id),
+        username: q.username.clone(),
+        password,
+        dispatch_topic: q.dispatch_topic.clone().unwrap_or(d.dispatch_topic),
+        status_topic: q.status_topic.clone().unwrap_or(d.status_topic),
+        ack_topic: q.ack_topic.clone().unwrap_or(d.ack_topic),
+        qos: q.qos,
+        silence_timeout: Duration::from_secs(q.silence_timeout_secs),
+        keepalive: Duration::from_secs(q.keepalive_secs),
+        status_interval: Duration::from_secs(q.status_secs),
+        ..d
+    }
+}
+
+/// Read a secret given inline, by environment variable or by file.
+fn resolve_secret(
+    key: &str,
+    inline: &Option<Secret>,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> anyhow::Result<Option<String>> {
+    if let Some(s) = inline {
+        return Ok(Some(s.0.clone()));
+    }
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{key}_env: environment variable {var} is not set"));
+    }
+    if let Some(p) = file {
+        let s = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("{key}_file: {}: {e}", p.display()))?;
+        return Ok(Some(s.trim_end_matches(['\r', '\n']).to_string()));
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------------------
+// Running
+
+/// Telemetry passed through, the last reading of each miner kept for the
+/// dashboard and the site's measured draw.
+struct Recording<T> {
+    inner: T,
+    last: Arc<Mutex<HashMap<MinerId, Telemetry>>>,
+}
+
+impl<T: TelemetrySource> TelemetrySource for Recording<T> {
+    fn read(
+        &self,
+        miner: MinerId,
+    ) -> impl Future<Output = Result<Telemetry, ActuatorError>> + Send {
+        let fut = self.inner.read(miner);
+        let last = self.last.clone();
+        async move {
+            let r = fut.await;
+            if let Ok(t) = &r {
+                last.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(miner, *t);
+            }
+            r
+        }
+    }
+}
+
+/// Shared between the commit hook (ledger thread) and the publisher.
+struct Tracker {
+    /// Last commanded state per miner.
+    commanded: Mutex<HashMap<MinerId, String>>,
+    issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
+    events: Mutex<Vec<DrEventView>>,
+    price_bits: AtomicU64,
+    override_note: Mutex<Option<String>>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            commanded: Mutex::default(),
+            issued_at: Mutex::default(),
+            events: Mutex::default(),
+            price_bits: AtomicU64::new(f64::NAN.to_bits()),
+            override_note: Mutex::default(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hook(
+    tracker: Arc<Tracker>,
+    site: Arc<SiteHandle>,
+    metrics: Option<Arc<Metrics>>,
+    names: Arc<HashMap<MinerId, String>>,
+) -> driver::CommitHook {
+    let name = move |id: MinerId| names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+    Arc::new(move |r: &Record| match r {
+        Record::Signal {
+            signal: Signal::Price(p),
+            ..
+        } => tracker.price_bits.store(p.usd_per_mwh.to_bits(), Relaxed),
+        Record::Commands(cs) => {
+            let now = Instant::now();
+            let mut issued = lock(&tracker.issued_at);
+            let mut cmd = lock(&tracker.commanded);
+            let mut by: HashMap<&str, usize> = HashMap::new();
+            for c in cs {
+                issued.insert(c.id.0, (now, c.action.as_str()));
+                *by.entry(c.action.as_str()).or_default() += 1;
+                let state = match c.action {
+                    Action::Sleep => "sleeping".to_string(),
+                    Action::Wake | Action::Unpark => "hashing".into(),
+                    Action::SetPowerTarget(w) => format!("limited {w} W"),
+                    Action::Park => "parked".into(),
+                    Action::Reroute(_) => continue,
+                };
+                cmd.insert(c.miner, state);
+            }
+            let mut parts: Vec<String> = by.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
+            parts.sort();
+            site.log
+                .push("curtail", format!("commands sent: {}", parts.join(", ")));
+        }
+        Record::Ack { id, ack, .. } => {
+            let e = lock(&tracker.issued_at).remove(&id.0);
+            if let (Some((t, action)), Some(m)) = (e, &metrics) {
+                let outcome = if matches!(ack, Ack::Ok) {
+                    "ok"
+                } else {
+                    "failed"
+                };
+                m.command_latency(action, outcome, t.elapsed().as_secs_f64());
+            }
+            if let Ack::Failed(why) = ack {
+                site.log
+                    .push("curtail", format!("command {id} failed: {why}"));
+            }
+        }
+        Record::Event(PolicyEvent::Decision(d)) => site.log.push(
+            "curtail",
+            format!(
+                "plan: mode {}, {} changes, expect {:.0} kW{} ({})",
+                d.mode.as_str(),
+                d.changes,
+                d.expected_kw,
+                d.cap_kw
+                    .map(|c| format!(", cap {c:.0} kW"))
+                    .unwrap_or_default(),
+                d.reason
+            ),
+        ),
+        Record::Event(PolicyEvent::DrEvent {
+            event,
+            state,
+            baseline_kw,
+            ..
+        }) => {
+            let (target, limit) = match event.target {
+                DrTarget::LimitKw(k) => (format!("limit {k:.0} kW"), Some(k)),
+                DrTarget::ShedKw(k) => {
+                    (format!("shed {k:.0} kW"), Some((baseline_kw - k).max(0.0)))
+                }
+            };
+            let view = DrEventView {
+                id: event.id.clone(),
+                state: state.as_str().to_string(),
+                target: target.clone(),
+                limit_kw: limit,
+                start_ms: event.start.as_millis(),
+                end_ms: event.end.map(|e| e.as_millis()),
+            };
+            {
+                let mut ev = lock(&tracker.events);
+                ev.retain(|e| e.id != view.id);
+                if view.state != "ended" {
+                    ev.push(view);
+                }
+            }
+            site.log.push(
+                "dr_event",
+                format!(
+                    "{}: {} ({target}, baseline {baseline_kw:.0} kW)",
+                    event.id,
+                    state.as_str()
+                ),
+            );
+        }
+        Record::Event(PolicyEvent::Escalated {
+            miner, from, to, ..
+        }) => site.log.push(
+            "curtail",
+            format!(
+                "{}: {} failed, escalating to {}",
+                name(*miner),
+                from.as_str(),
+                to.as_str()
+            ),
+        ),
+        Record::Event(PolicyEvent::Unresponsive { miner, .. }) => site
+            .log
+            .push("curtail", format!("{}: unresponsive", name(*miner))),
+        Record::Event(PolicyEvent::SafeState { stale, .. }) => site.log.push(
+            "curtail",
+            match stale {
+                Some(s) => format!("safe state: {s} is stale"),
+                None => "safe state left".into(),
+            },
+        ),
+        _ => {}
+    })
+}
+
+/// A running site: driver, sources, publisher. Stop it with [`RunningSite::stop`].
+pub struct RunningSite {
+    driver: DriverHandle,
+    mqtt: Option<mqtt::MqttHandle>,
+    ven: Option<openadr::VenHandle>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// One line per part started (for the operator).
+    pub started: Vec<String>,
+    /// The ledger file.
+    pub ledger: PathBuf,
+}
+
+impl RunningSite {
+    /// Stop the sources, then the driver (waiting for answers to commands
+    /// in flight, so the ledger is complete).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Some(m) = self.mqtt {
+            m.shutdown().await;
+        }
+        if let Some(v) = self.ven {
+            v.stop().await;
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        match self.driver.shutdown().await {
+            Ok(r) => tracing::info!(
+                issued = r.status.issued,
+                verified = r.status.verified,
+                failed = r.status.failed,
+                unanswered = r.unanswered,
+                "curtailment driver stopped"
+            ),
+            Err(e) => tracing::warn!(error = %e, "curtailment driver stopped with an error"),
+        }
+    }
+}
+
+/// Start the site: engine, driver and ledger, firmware clients, the proxy's
+/// park actuator over `router`, every configured signal source, and the link
+/// to the control API (`site`: state published, operator commands obeyed).
+pub async fn start(
+    cfg: &SiteConfig,
+    router: Arc<crate::router::Router>,
+    site: Arc<SiteHandle>,
+    metrics: Option<Arc<Metrics>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningSite> {
+    let stop = shutdown.child_token();
+    let fleet = cfg
+        .fleet()
+        .map_err(|e| anyhow::anyhow!("site.miners: {e}"))?;
+    let nominal_kw = fleet.nominal_kw();
+    let timeout = Duration::from_millis(cfg.client_timeout_ms);
+    let mut firmware = FleetActuator::new(timeout);
+    let proxy = ProxyActuator::new(router);
+    let mut names = HashMap::new();
+    let mut info: Vec<(MinerId, &MinerConfig)> = Vec::new();
+    for (i, m) in cfg.miners.iter().enumerate() {
+        let id = miner_id(&m.name);
+        let key = format!("site.miners[{i}].password");
+        let password = resolve_secret(&key, &m.password, &m.password_env, &m.password_file)?
+            .unwrap_or_default();
+        let addr = m
+            .socket_addr()
+            .map_err(|e| anyhow::anyhow!("site.miners[{i}].address: {e}"))?;
+        let ep = MinerEndpoint::new(m.firmware.surface(), addr).with_credentials(
+            m.username.clone().unwrap_or_else(|| "root".into()),
+            password,
+        );
+        firmware.insert(id, &ep);
+        if let Some(w) = &m.worker {
+            proxy.insert(id, w.clone());
+        }
+        names.insert(id, m.name.clone());
+        info.push((id, m));
+    }
+    let firmware = Arc::new(firmware);
+    let last = Arc::new(Mutex::new(HashMap::new()));
+    let telemetry = Recording {
+        inner: firmware.clone(),
+        last: last.clone(),
+    };
+    let tracker = Arc::new(Tracker::default());
+    let names = Arc::new(names);
+    if let Some(dir) = cfg.ledger.parent() {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            anyhow::bail!("site.ledger: folder {} does not exist", dir.display());
+        }
+    }
+    site.set_ledger(cfg.ledger.clone());
+    let dcfg = DriverConfig {
+        poll_interval: Duration::from_secs(cfg.telemetry_secs),
+        interval: Duration::from_secs(cfg.ledger_interval_secs),
+        drain_timeout: Duration::from_secs(5),
+        commit_hook: Some(hook(tracker.clone(), site.clone(), metrics, names.clone())),
+        ..DriverConfig::default()
+    };
+    let drv = driver::spawn(
+        &cfg.ledger,
+        cfg.policy(),
+        fleet,
+        Edge {
+            actuator: Route {
+                firmware,
+                proxy: proxy.clone(),
+            },
+            telemetry,
+            clock: SystemClock,
+        },
+        dcfg,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("curtailment driver ({}): {e}", cfg.ledger.display()))?;
+    proxy.spawn_reconciler(Duration::from_secs(2), stop.clone());
+
+    let mut started = vec![format!(
+        "curtailment engine: {} miners, {:.1} kW nameplate; ledger {}",
+        cfg.miners.len(),
+        nominal_kw,
+        cfg.ledger.display()
+    )];
+    let mut tasks = Vec::new();
+
+    // What the sources read back: site status (MQTT) and site kW (VEN).
+    let (status_tx, status_rx) = watch::channel(mqtt::SiteStatus::default());
+    let (kw_tx, kw_rx) = watch::channel(0.0f64);
+
+    let sig = &cfg.signals;
+    let mqtt = match &sig.mqtt {
+        Some(q) => {
+            let (host, port) = split_host_port(&q.broker, 1883)
+                .map_err(|e| anyhow::anyhow!("site.signals.mqtt.broker: {e}"))?;
+            let password = resolve_secret(
+                "site.signals.mqtt.password",
+                &q.password,
+                &q.password_env,
+                &q.password_file,
+            )?;
+            let c = mqtt_config(q, host.clone(), port, password);
+            let topic = c.dispatch_topic.clone();
+            let h = mqtt::spawn(c, nominal_kw, drv.signals(), status_rx, SystemClock)
+                .map_err(|e| anyhow::anyhow!("site.signals.mqtt: {e}"))?;
+            started.push(format!(
+                "MQTT dispatch: broker {host}:{port}, topic {topic}, silence {} s -> {:?}",
+                q.silence_timeout_secs, q.on_silence
+            ));
+            Some(h)
+        }
+        None => None,
+    };
+    let ven = match &sig.openadr {
+        Some(o) => {
+            let secret = resolve_secret(
+                "site.signals.openadr.client_secret",
+                &o.client_secret,
+                &o.client_secret_env,
+                &o.client_secret_file,
+            )?
+            .unwrap_or_default();
+            let mut c = openadr::VenConfig::new(&o.vtn_url, &o.client_id, &secret, &o.ven_name);
+            c.token_url = o.token_url.clone();
+            c.programs = o.programs.clone();
+            c.poll_interval = Duration::from_secs(o.poll_secs);
+            c.websocket = o.websocket;
+            c.report_interval = Duration::from_secs(o.report_secs);
+            c.request_timeout = Duration::from_secs(o.request_timeout_secs);
+            if let Some(sh) = o.simple_shed {
+                c.mapping.simple_shed = sh;
+            }
+            started.push(format!("OpenADR 3 VEN {:?}: VTN {}", o.ven_name, o.vtn_url));
+            Some(openadr::spawn_ven(c, drv.signals(), kw_rx))
+        }
+        None => None,
+    };
+    if let Some(p) = &sig.price {
+        let (url, format) = match (&p.ercot_csv_url, &p.json_url) {
+            (Some(u), _) => (
+                u.clone(),
+                price::feed::Format::ErcotRtm(price::ercot::RtmOptions::new(
+                    p.settlement_point.as_deref().unwrap_or_default(),
+                )),
+            ),
+            (None, Some(u)) => (
+                u.clone(),
+                price::feed::Format::Json(price::json::JsonFormat {
+                    price: p.json_price.clone(),
+                    time: (!p.json_time.is_empty()).then(|| p.json_time.clone()),
+                    ..Default::default()
+                }),
+            ),
+            (None, None) => anyhow::bail!("site.signals.price: no URL"),
+        };
+        let mut pc = price::feed::PollConfig::new(&url, format, Duration::from_secs(p.poll_secs));
+        pc.timeout = Duration::from_secs(p.timeout_secs);
+        let feed = price::feed::PriceFeed::new(pc)
+            .map_err(|e| anyhow::anyhow!("site.signals.price: {e}"))?;
+        tasks.push(tokio::spawn(feed.run(
+            drv.signals(),
+            SystemClock,
+            stop.clone(),
+        )));
+        started.push(format!(
+            "price feed: {url} every {} s (stale after {} s -> {:?})",
+            p.poll_secs, p.max_age_secs, p.on_stale
+        ));
+    }
+    if let Some(m) = &sig.site_load {
+        let meter = if let Some(u) = &m.prometheus_url {
+            site_load::Meter::Prometheus(site_load::prometheus::PrometheusMeter {
+                base_url: u.clone(),
+                query: m.prometheus_query.clone().unwrap_or_default(),
+                factor: m.factor,
+            })
+        } else if let Some(a) = m.modbus {
+            use site_load::modbus::{DataType, RegisterKind, WordOrder};
+            site_load::Meter::Modbus(site_load::modbus::ModbusMeter {
+                addr: a,
+                unit: m.modbus_unit,
+                kind: match m.modbus_table {
+                    ModbusTable::Holding => RegisterKind::Holding,
+                    ModbusTable::Input => RegisterKind::Input,
+                },
+                address: m.modbus_register,
+                data_type: match m.modbus_type {
+                    ModbusType::U16 => DataType::U16,
+                    ModbusType::I16 => DataType::I16,
+                    ModbusType::U32 => DataType::U32,
+                    ModbusType::I32 => DataType::I32,
+                    ModbusType::F32 => DataType::F32,
+                },
+                word_order: match m.modbus_word_order {
+                    ModbusWordOrder::HighFirst => WordOrder::HighFirst,
+                    ModbusWordOrder::LowFirst => WordOrder::LowFirst,
+                },
+                scale: m.factor,
+            })
+        } else {
+            site_load::Meter::HttpJson(site_load::http_json::HttpJsonMeter {
+                url: m.http_json_url.clone().unwrap_or_default(),
+                pointer: m.http_json_pointer.clone().unwrap_or_default(),
+                factor: m.factor,
+            })
+        };
+        let what = match &meter {
+            site_load::Meter::Prometheus(p) => format!("Prometheus {}", p.base_url),
+            site_load::Meter::Modbus(p) => format!("Modbus {}", p.addr),
+            site_load::Meter::HttpJson(p) => format!("HTTP JSON {}", p.url),
+        };
+        let poller = site_load::Poller::new(
+            meter,
+            site_load::PollConfig {
+                interval: Duration::from_millis(m.poll_ms),
+                timeout: Duration::from_millis(m.timeout_ms),
+                max_kw: m.max_kw,
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("site.signals.site_load: {e}"))?;
+        let (_status, task) = site_load::spawn(poller, SystemClock, drv.signals(), stop.clone());
+        tasks.push(task);
+        started.push(format!(
+            "site-load meter: {what} every {} ms (stale after {} s -> {:?})",
+            m.poll_ms, m.max_age_secs, m.on_stale
+        ));
+    }
+    if sig.mqtt.is_none() && sig.openadr.is_none() && sig.price.is_none() && sig.site_load.is_none()
+    {
+        started.push("no [site.signals]: curtailment follows the control API only".into());
+    }
+
+    // Operator commands from the control API.
+    let rx = site.attach(64);
+    tasks.push(tokio::spawn(operator_commands(
+        rx,
+        drv.signals(),
+        tracker.clone(),
+        drv.watch(),
+        stop.clone(),
+    )));
+
+    // The publisher: site state for the API, status for MQTT, kW for the VEN.
+    {
+        let site = site.clone();
+        let status = drv.watch();
+        let stop = stop.clone();
+        let miners: Vec<(MinerId, String, String, String, Option<String>)> = info
+            .iter()
+            .map(|(id, m)| {
+                (
+                    *id,
+                    m.name.clone(),
+                    m.model.clone().unwrap_or_default(),
+                    m.firmware.as_str().to_string(),
+                    m.worker.clone(),
+                )
+            })
+            .collect();
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let st = status.borrow().clone();
+                let readings = lock(&last).clone();
+                let commanded = lock(&tracker.commanded).clone();
+                let (mut views, mut curtailed, mut ths, mut measured_w) =
+                    (HashMap::new(), 0usize, 0.0, 0.0);
+                for (id, name, model, fw, worker) in &miners {
+                    let parked = worker.as_deref().is_some_and(|w| proxy.is_parked(w));
+                    let state = if parked {
+                        "parked".to_string()
+                    } else {
+                        commanded
+                            .get(id)
+                            .cloned()
+                            .unwrap_or_else(|| "hashing".into())
+                    };
+                    if state != "hashing" {
+                        curtailed += 1;
+                    }
+                    let (p, h) = readings
+                        .get(id)
+                        .map(|t| (t.power_w, t.hashrate_ths))
+                        .unwrap_or((0.0, 0.0));
+                    ths += h;
+                    measured_w += p;
+                    let key = worker.clone().unwrap_or_else(|| name.clone());
+                    views.insert(
+                        key.clone(),
+                        MinerView {
+                            worker: key,
+                            model: model.clone(),
+                            firmware: fw.clone(),
+                            state,
+                            power_w: p,
+                            ths: h,
+                        },
+                    );
+                }
+                let site_kw = st.measured_kw.unwrap_or(measured_w / 1000.0);
+                let _ = kw_tx.send(site_kw);
+                let _ = status_tx.send(
+                    mqtt::SiteStatus {
+                        miners_running: miners.len() - curtailed,
+                        miners_asleep: curtailed,
+                        ..Default::default()
+                    }
+                    .with_engine(st.mode, st.cap_kw, Some(site_kw)),
+                );
+                let price = f64::from_bits(tracker.price_bits.load(Relaxed));
+                site.publish_miners(views);
+                site.publish(SiteState {
+                    attached: true,
+                    updated_ms: crate::api::site::now_ms(),
+                    site_kw,
+                    target_kw: st.cap_kw,
+                    expected_kw: st.expected_kw,
+                    nominal_kw,
+                    price_usd_per_mwh: price.is_finite().then_some(price),
+                    mode: st.mode.as_str().to_string(),
+                    fleet_ths: ths,
+                    miners_total: miners.len(),
+                    miners_curtailed: curtailed,
+                    events: lock(&tracker.events).clone(),
+                    commands: crate::api::site::CommandCounts {
+                        issued: st.issued,
+                        verified: st.verified,
+                        failed: st.failed,
+                    },
+                    override_note: lock(&tracker.override_note).clone(),
+                });
+            }
+        }));
+    }
+    site.log.push("curtail", started.join("; "));
+    Ok(RunningSite {
+        driver: drv,
+        mqtt,
+        ven,
+        stop,
+        tasks,
+        started,
+        ledger: cfg.ledger.clone(),
+    })
+}
+
+/// Turn the control API's site commands into manual overrides.
+async fn operator_commands(
+    mut rx: tokio::sync::mpsc::Receiver<SiteCommand>,
+    signals: tokio::sync::mpsc::Sender<Signal>,
+    tracker: Arc<Tracker>,
+    status: watch::Receiver<driver::DriverStatus>,
+    stop: CancellationToken,
+) {
+    loop {
+        let c = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = rx.recv() => match c { Some(c) => c, None => return },
+        };
+        let (mode, by, note) = match c {
+            SiteCommand::CapKw { kw, by } => {
+                (OverrideMode::CapKw(kw), by, Some(format!("cap {kw:.0} kW")))
+            }
+            SiteCommand::ShedKw { kw, by } => {
+                let st = status.borrow().clone();
+                let now_kw = st.measured_kw.unwrap_or(st.expected_kw);
+                let cap = (now_kw - kw).max(0.0);
+                (
+                    OverrideMode::CapKw(cap),
+                    by,
+                    Some(format!("shed {kw:.0} kW (cap {cap:.0} kW)")),
+                )
+            }
+            SiteCommand::CurtailAll { by } => {
+                (OverrideMode::CurtailAll, by, Some("curtail all".into()))
+            }
+            SiteCommand::RunAll { by } => (OverrideMode::RunAll, by, Some("run all".into())),
+            SiteCommand::Clear { by } => (OverrideMode::Clear, by, None),
+        };
+        *lock(&tracker.override_note) = note;
+        let s = Signal::Override(ManualOverride {
+            at: SystemClock.now(),
+            mode,
+            until: None,
+            by,
+        });
+        if signals.send(s).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\n";
+
+    fn parse(extra: &str) -> Result<crate::config::Config, String> {
+        let t = format!("{BASE}{extra}");
+        crate::api::config::check(&t, "t.toml").map_err(|e| e.to_string())
+    }
+
+    const MINER: &str = "[[site.miners]]\nname = \"m1\"\nfirmware = \"luxos\"\naddress = \"127.0.0.1:4028\"\nths = 100.0\nwatts = 3000.0\n";
+
+    #[test]
+    fn a_minimal_site_parses_with_defaults() {
+        let c = parse(&format!("[site]\nledger = \"l.sqlite\"\n\n{MINER}")).unwrap();
+        let s = c.site.unwrap();
+        assert_eq!(s.miners.len(), 1);
+        let p = s.policy();
+        assert!(p.economics.is_none());
+        assert!(p.staleness.dispatch.is_none());
+        assert_eq!(s.fleet().unwrap().nominal_kw(), 3.0);
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\nmin_onn_secs = 3\n\n{MINER}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("min_onn_secs") && e.contains("line 9"), "{e}");
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n[[site.miners]]\nname = \"m2\"\nfirmware = \"braiins\"\naddress = \"127.0.0.1\"\nths = 100.0\nwatts = 3000.0\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("site.miners[1].password") && e.contains("line 17"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{}",
+            MINER.replace("127.0.0.1:4028", "miner.local:4028")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("site.miners[0].address") && e.contains("line 13"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n[site.signals.mqtt]\nbroker = \"127.0.0.1:1883\"\nsite_id = \"a/b\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("site.signals.mqtt.site_id") && e.contains("line 19"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n[site.signals]\nprice = {{ json_url = \"http://127.0.0.1:1/p\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("site.hashprice_usd_per_ph_day"), "{e}");
+        let e = parse("[site]\nledger = \"l.sqlite\"\n").unwrap_err();
+        assert!(e.contains("site.miners") && e.contains("line 7"), "{e}");
+    }
+
+    #[test]
+    fn ids_are_stable_and_fit_sqlite() {
+        assert_eq!(miner_id("r1-01"), miner_id("r1-01"));
+        assert_ne!(miner_id("r1-01"), miner_id("r1-02"));
+        assert!(miner_id("x").0 < (1 << 48));
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            split_host_port("10.0.0.1", 1883).unwrap(),
+            ("10.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            split_host_port("broker:8883", 1883).unwrap(),
+            ("broker".into(), 8883)
+        );
+        assert!(split_host_port("broker:x", 1883).is_err());
+    }
+}
