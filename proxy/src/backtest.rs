@@ -562,6 +562,7 @@ pub fn backtest(opts: &BacktestOptions) -> anyhow::Result<BacktestReport> {
             }),
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..opts.policy.clone().unwrap_or_default()
     };

@@ -653,6 +653,7 @@ token = "{read_token}"
             }),
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ack_timeout: Duration::from_secs(6),
         verify_grace: Duration::from_secs(10),

@@ -74,6 +74,7 @@ fn policy() -> PolicyConfig {
                 on_stale: SafeState::CurtailAll,
             }),
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     }

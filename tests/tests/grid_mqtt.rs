@@ -70,6 +70,7 @@ fn policy(cfg: &MqttConfig) -> PolicyConfig {
             price: None,
             site_load: None,
             dispatch: Some(cfg.freshness()),
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     }

@@ -160,6 +160,7 @@ async fn run() {
             }),
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     };

@@ -24,6 +24,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -198,7 +199,7 @@ impl Session {
             // Zeroed rather than read into uninitialised memory: no unsafe.
             let start = buf.len();
             buf.resize(start + READ_CHUNK, 0);
-            match stream.try_read(&mut buf[start..]) {
+            let drained = match stream.try_read(&mut buf[start..]) {
                 Ok(0) => {
                     buf.truncate(start);
                     return Err(Close::Eof);
@@ -206,13 +207,14 @@ impl Session {
                 Ok(k) => {
                     buf.truncate(start + k);
                     got = true;
+                    k < READ_CHUNK
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     buf.truncate(start);
                     break;
                 }
                 Err(e) => return Err(Close::Reason(format!("read: {e}"))),
-            }
+            };
             // Lines in place: no per-line allocation.
             let mut from = 0;
             while let Some(off) = buf[from..].iter().position(|&b| b == b'\n') {
@@ -240,6 +242,17 @@ impl Session {
                 return Err(Close::Reason(
                     "miner does not read (answers piling up)".into(),
                 ));
+            }
+            if drained {
+                // A short read emptied the socket: drop the readiness without
+                // the second read that would only say WouldBlock (one syscall
+                // per share fewer; tokio's own poll_read does the same). Data
+                // arriving later raises a new readiness event, and a peer's
+                // close stays visible (tokio keeps the closed bits).
+                let _ = stream.try_io(Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+                break;
             }
         }
         if buf.is_empty() {
