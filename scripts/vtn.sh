@@ -71,6 +71,9 @@ cmd_install() {
   cp -a "$(dirname "$manifest")" "$src"
   chmod -R u+w "$src"
   printf '\n[workspace]\n' >>"$src/Cargo.toml"
+  # A test peer, not a production VTN: opt-level 1 builds in much less time;
+  # the password hashing (argon2) keeps full optimisation so logins stay fast.
+  printf '\n[profile.release]\nopt-level = 1\n\n[profile.release.package.argon2]\nopt-level = 3\n\n[profile.release.package.blake2]\nopt-level = 3\n' >>"$src/Cargo.toml"
 
   # Patch 1: the listener is hard-coded to 0.0.0.0; bind VTN_BIND_ADDRESS (default loopback).
   sed -i 's|let addr = format!("0.0.0.0:{}", config.port);|let addr = format!("{}:{}", std::env::var("VTN_BIND_ADDRESS").unwrap_or_else(\|_\| "127.0.0.1".into()), config.port);|' \
