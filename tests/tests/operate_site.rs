@@ -458,6 +458,27 @@ async fn run(bin: PathBuf) {
         site.power_w() / 1000.0
     );
 
+    // --- a reload that changes [site] is refused whole, with the reason ---
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("min_on_secs = 1\n", "min_on_secs = 2\n"),
+    )
+    .unwrap();
+    let r = client::request(
+        api,
+        "POST",
+        "/api/v1/reload",
+        Some(TOKEN),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("[site]"), "{}", r.text());
+    std::fs::write(&cfg_path, text).unwrap();
+
     // --- stop cleanly; the ledger has it all ---
     let pid = proxy.pid().to_string();
     assert!(Command::new("kill")
@@ -577,4 +598,18 @@ fn a_bad_site_key_is_refused_with_key_and_line() {
         !dir.join("l.sqlite").exists(),
         "a refused config created the ledger"
     );
+}
+
+#[test]
+fn the_site_example_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/site.toml");
+    let text = std::fs::read_to_string(path).expect("examples/site.toml");
+    let cfg = gridproxy::api::config::check(&text, "examples/site.toml").expect("valid example");
+    let site = cfg.site.expect("[site]");
+    assert_eq!(site.miners.len(), 5);
+    let s = &site.signals;
+    assert!(s.mqtt.is_some() && s.openadr.is_some() && s.price.is_some());
+    // Every key of the example is on: price mode and the dispatch fail-safe.
+    let p = site.policy();
+    assert!(p.economics.is_some() && p.staleness.dispatch.is_some());
 }
