@@ -829,11 +829,10 @@ impl SiteConfig {
                 Some(wk) if wk.trim().is_empty() => {
                     return Err(bad("worker", "must not be empty".into()))
                 }
-                Some(wk) => {
-                    if !workers.insert(wk.as_str()) {
-                        return Err(bad("worker", format!("duplicate worker {wk:?}")));
-                    }
+                Some(wk) if !workers.insert(wk.as_str()) => {
+                    return Err(bad("worker", format!("duplicate worker {wk:?}")));
                 }
+                Some(_) => {}
                 None if m.firmware == FirmwareKind::Stock => {
                     return Err(bad(
                         "worker",
