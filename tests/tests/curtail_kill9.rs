@@ -79,6 +79,7 @@ fn policy() -> PolicyConfig {
             price: None,
             site_load: None,
             dispatch: None,
+            dispatch_from_start: false,
         },
         ..PolicyConfig::default()
     }
