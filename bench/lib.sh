@@ -85,6 +85,14 @@ acc_total() { # prefix
   done
   echo $s
 }
+ready_total() { # prefix
+  local f s=0 v
+  for f in "$1".*.log; do
+    v=$(grep -o 'ready=[0-9]*' "$f" | tail -1 | cut -d= -f2)
+    s=$((s + ${v:-0}))
+  done
+  echo $s
+}
 held_total() { # prefix
   local f s=0 v
   for f in "$1".*.log; do
@@ -123,10 +131,18 @@ measure() { # name pid port N RATE SECS PROCS WARM
     done
     [ $r -eq $procs ] && break; sleep 0.5
   done
+  # Each loadgen runs SECS from here; the window must close before they do.
+  local stop_at=$(( $(date +%s) + secs - 2 ))
+  # Settled: every connection has its first job (the proxy is done accepting
+  # and starting channels); then WARM seconds more.
+  for _ in $(seq 240); do
+    [ "$(ready_total "$pre")" -ge "$n" ] && break; sleep 0.5
+  done
   sleep "$warm"
   c0=$(cpu_ticks "$pid"); a0=$(acc_total "$pre"); t0=$(date +%s.%N)
   peak=$(rss_kib "$pid")
-  local end=$(( $(date +%s) + secs - warm - 2 ))
+  local end=$stop_at
+  [ "$end" -gt "$(( $(date +%s) + 5 ))" ] || { echo "FAIL: $name took too long to settle for a ${secs}s run" >&2; return 1; }
   while [ "$(date +%s)" -lt $end ]; do
     r=$(rss_kib "$pid"); [ "$r" -gt "$peak" ] && peak=$r; sleep 1
   done
