@@ -19,7 +19,12 @@ start_pool() {
   tp=$(port); POOL=$(port); mon=$(port)
   secret=$(grep -o 'TEST_AUTHORITY_SECRET_KEY: &str = "[^"]*' fixtures/src/tp.rs | cut -d'"' -f2)
   sed -e "s/{{AUTHORITY_PUBLIC_KEY}}/$KEY/; s/{{AUTHORITY_SECRET_KEY}}/$secret/; s/{{LISTEN}}/127.0.0.1:$POOL/; s/{{SHARES_PER_MINUTE}}/60/; s/{{SHARE_BATCH_SIZE}}/10/; s/{{MONITORING}}/127.0.0.1:$mon/; s/{{TP_ADDRESS}}/127.0.0.1:$tp/; s/{{TP_AUTHORITY_PUBLIC_KEY}}/$KEY/" peers/pool.toml.in > "$run/pool.toml"
-  $R/mock_tp --bind 127.0.0.1:$tp --nbits 1d010000 --no-tip-on-solution > "$run/tp.log" 2>&1 &
+  # BLOCK_INTERVAL=S: a new tip every S seconds. pool_sv2 keeps a per-channel
+  # set of seen shares (bounded, flushed on a new tip) and closes a channel
+  # that overflows it, which a proxy forwarding every share does at full load.
+  $R/mock_tp --bind 127.0.0.1:$tp --nbits 1d010000 --no-tip-on-solution \
+    --block-interval "${BLOCK_INTERVAL:-0}" > "$run/tp.log" 2>&1 &
+  TP_PID=$!
   sleep 1
   NO_COLOR=1 "$BIN/pool_sv2" -c "$run/pool.toml" > "$run/pool.log" 2>&1 &
   POOL_PID=$!

@@ -84,4 +84,9 @@ else:
 PY
 }
 phase fixed
+# For the max phase a new tip every 3 s: translator_sv2 forwards every share
+# upstream (its channel target is the easiest), and pool_sv2 closes a channel
+# whose seen-share set overflows between tips (SeenSharesBudgetExhausted).
+kill "$POOL_PID" "$TP_PID" 2>/dev/null; wait "$POOL_PID" "$TP_PID" 2>/dev/null || true
+BLOCK_INTERVAL=3 start_pool
 phase max
