@@ -4,8 +4,8 @@
 //! Set-up as in `grid_openadr.rs` (the VTN from `scripts/vtn.sh up`, the
 //! test as the utility through `openleadr_client`, gridproxy's VEN feeding
 //! the curtailment driver of a 36-miner emulated site, site time 10x real
-//! time; the `Vtn` wrapper, `policy`, `start_driver` and `limit_event` are
-//! copies of that file's, extended here with kill and restart).
+//! time; the shared pieces are in `vtn_support`, extended here with kill and
+//! restart).
 //!
 //! 1. A capacity limit at 60 % of the site's draw is met.
 //! 2. The VTN and every PostgreSQL process are SIGKILLed. For the outage
@@ -26,30 +26,26 @@
 //! Needs `scripts/vtn.sh install` (fails, with that instruction, without it).
 
 mod curtail_support;
+mod vtn_support;
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use curtail_support::*;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_grid::openadr::{spawn_ven, VenConfig, VenHandle};
-use gridproxy_tests::{free_port, http_get};
-use openleadr_client::{BusinessLogic, Client, ClientCredentials, Filter, ProgramClient};
-use openleadr_wire::event::EventRequest;
-use openleadr_wire::program::ProgramRequest;
-use serde_json::json;
+use gridproxy_grid::openadr::{spawn_ven, VenHandle};
+use gridproxy_tests::http_get;
+use openleadr_client::Filter;
 use tokio::sync::watch;
+use vtn_support::*;
 
-use curtail::driver::{self, Audit, DriverConfig, DriverHandle, Edge, Nothing, Record, Route};
+use curtail::driver::{Audit, CommitHook, Record};
 use curtail::ledger::Ledger;
-use curtail::policy::{PolicyConfig, Staleness};
 
 const TEST_LIMIT: Duration = Duration::from_secs(180);
 /// Wall time from creating an event on the VTN to the site within its limit.
@@ -58,35 +54,6 @@ const DEADLINE_REAL: Duration = Duration::from_secs(5);
 const OUTAGE_REAL: Duration = Duration::from_secs(12);
 /// The VEN's longest wait between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
-}
-
-fn vtn_bin() -> PathBuf {
-    let cache = std::env::var_os("GRIDPROXY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
-                .join(".cache/gridproxy")
-        });
-    cache.join("openleadr-vtn/bin/openleadr-vtn")
-}
-
-/// Resident set size of this process (site, driver and VEN), KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .expect("VmRSS in /proc/self/status")
-}
 
 /// `(state, parent pid)` of a process, `None` once it is gone.
 fn proc_stat(pid: u32) -> Option<(char, u32)> {
@@ -140,63 +107,8 @@ struct Killed {
     vtn_env: Vec<(OsString, OsString)>,
 }
 
-/// A VTN started by `scripts/vtn.sh up` on free loopback ports; killed and
-/// restarted by the test; `down` on drop.
-struct Vtn {
-    env: Vec<(String, String)>,
-    vars: HashMap<String, String>,
-    run_dir: PathBuf,
-    /// The VTN started again by [`Vtn::restart_vtn`] (our child).
-    restarted: Option<Child>,
-}
-
+/// The VTN killed and restarted by the test.
 impl Vtn {
-    fn up(run_dir: &Path) -> Vtn {
-        let bin = vtn_bin();
-        assert!(
-            bin.is_file(),
-            "openleadr-vtn not found at {}: run `scripts/vtn.sh install` first (builds the real \
-             openleadr-rs VTN once, ~15 min cold; set GRIDPROXY_CACHE for another cache folder)",
-            bin.display()
-        );
-        let env = vec![
-            ("VTN_PORT".to_string(), free_port().to_string()),
-            ("VTN_PG_PORT".to_string(), free_port().to_string()),
-            ("VTN_RUN_DIR".to_string(), run_dir.display().to_string()),
-            ("VEN_NAME".to_string(), "site-1".to_string()),
-        ];
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/vtn.sh"))
-            .arg("up")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("run scripts/vtn.sh up");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let vtn = Vtn {
-            env,
-            vars: stdout
-                .lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            run_dir: run_dir.to_path_buf(),
-            restarted: None,
-        };
-        assert!(
-            out.status.success(),
-            "scripts/vtn.sh up failed:\n{}{}",
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        vtn
-    }
-
-    fn var(&self, k: &str) -> &str {
-        self.vars
-            .get(k)
-            .unwrap_or_else(|| panic!("{k} missing from scripts/vtn.sh up output"))
-    }
-
     fn addr(&self) -> SocketAddr {
         let port = &self.env[0].1;
         format!("127.0.0.1:{port}").parse().expect("VTN address")
@@ -328,39 +240,6 @@ impl Vtn {
     }
 }
 
-impl Drop for Vtn {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.restarted.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/vtn.sh"))
-            .arg("down")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .status();
-    }
-}
-
-fn policy() -> PolicyConfig {
-    PolicyConfig {
-        max_commands_per_sec: 50,
-        restore_batch: 50,
-        restore_interval: Duration::from_secs(5),
-        min_on: Duration::from_secs(20),
-        min_off: Duration::from_secs(20),
-        ack_timeout: Duration::from_secs(20),
-        verify_grace: Duration::from_secs(20),
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
-        ..PolicyConfig::default()
-    }
-}
-
 /// A committed command, as the driver's commit hook saw it.
 struct Committed {
     at: Instant,
@@ -368,13 +247,9 @@ struct Committed {
     curtail: bool,
 }
 
-async fn start_driver(
-    site: &Site,
-    ledger: &Path,
-    committed: Arc<Mutex<Vec<Committed>>>,
-) -> DriverHandle {
-    let fw = Arc::new(firmware(site));
-    let hook = Arc::new(move |r: &Record| {
+/// A commit hook recording every committed command into `committed`.
+fn record_commits(committed: Arc<Mutex<Vec<Committed>>>) -> CommitHook {
+    Arc::new(move |r: &Record| {
         if let Record::Commands(cmds) = r {
             let at = Instant::now();
             committed
@@ -386,62 +261,12 @@ async fn start_driver(
                     curtail: c.curtail,
                 }));
         }
-    });
-    driver::spawn(
-        ledger,
-        policy(),
-        fleet(site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: Nothing,
-            },
-            telemetry: fw,
-            clock: ScaledClock::new(SPEED),
-        },
-        DriverConfig {
-            poll_interval: Duration::from_secs(3),
-            interval: Duration::from_secs(30),
-            commit_hook: Some(hook),
-            ..DriverConfig::default()
-        },
-    )
-    .await
-    .expect("driver starts")
+    })
 }
 
-/// An IMPORT_CAPACITY_LIMIT event (kW) for `target`, from now, two hours
-/// (wall time: 12 min of the engine's 10x clock, well past the test).
-fn limit_event(
-    program: &ProgramClient<BusinessLogic>,
-    name: &str,
-    target: &str,
-    kw: f64,
-) -> EventRequest {
-    let start = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    serde_json::from_value(json!({
-        "objectType": "EVENT",
-        "programID": program.id().as_str(),
-        "eventName": name,
-        "priority": 0,
-        "targets": [target],
-        "intervalPeriod": {"start": start, "duration": "PT2H"},
-        "payloadDescriptors": [{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "IMPORT_CAPACITY_LIMIT", "units": "KW"}],
-        "intervals": [{"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [kw]}]}],
-    }))
-    .expect("event request")
-}
-
-/// Wall time until the site draws at most `kw` (+0.5 %), polled every 50 ms.
-async fn time_to_limit(site: &Site, kw: f64, since: Instant, limit: Duration) -> Option<Duration> {
-    while since.elapsed() < limit {
-        if site_kw(site) <= kw * 1.005 {
-            return Some(since.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
+/// Events last two hours (wall time: 12 min of the engine's 10x clock, well
+/// past the test).
+const EVENT_DURATION: &str = "PT2H";
 
 /// Everything logged (gridproxy's VEN at info and up), for assertions.
 #[derive(Clone, Default)]
@@ -494,10 +319,7 @@ fn max_kw(samples: &Mutex<Vec<(Instant, f64)>>, from: Instant, to: Instant) -> f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_holds_the_event_through_a_vtn_and_database_crash() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
@@ -518,37 +340,16 @@ async fn run() {
     let dir = temp_dir("chaos-vtn");
     let mut vtn = Vtn::up(&dir.join("vtn"));
     let url = vtn.var("VTN_URL").to_string();
-    let ven_name = vtn.var("VEN_NAME").to_string();
     println!(
         "chaos_vtn: VTN up at {url} after {:.1} s",
         t_test.elapsed().as_secs_f64()
     );
 
     // --- the site, the driver, the site meter ---
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 9),
-            (Firmware::BraiinsOs, 9),
-            (Firmware::Whatsminer, 9),
-            (Firmware::Vnish, 9),
-        ],
-        time_scale: 1.0 / SPEED,
-        subnet: (74, 0),
-        worker_prefix: "cvtn".into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .map(Arc::new)
-    .expect("site starts");
+    let site = start_site((74, 0), "cvtn").await;
     let ledger = dir.join("ledger.db");
     let committed: Arc<Mutex<Vec<Committed>>> = Arc::default();
-    let h = start_driver(&site, &ledger, committed.clone()).await;
-    assert!(
-        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
-            .await
-            .is_some(),
-        "first telemetry round"
-    );
+    let h = start_driver(&site, &ledger, Some(record_commits(committed.clone()))).await;
     let base_kw = site_kw(&site);
     let (kw_tx, kw_rx) = watch::channel(base_kw);
     let samples: Arc<Mutex<Vec<(Instant, f64)>>> = Arc::default();
@@ -568,13 +369,7 @@ async fn run() {
     };
 
     // --- the VEN ---
-    let mut cfg = VenConfig::new(
-        &url,
-        vtn.var("VEN_CLIENT_ID"),
-        vtn.var("VEN_CLIENT_SECRET"),
-        &ven_name,
-    );
-    cfg.report_interval = Duration::from_secs(1);
+    let mut cfg = vtn.ven_config();
     cfg.backoff_max = BACKOFF_MAX;
     cfg.request_timeout = Duration::from_secs(3);
     let ven: VenHandle = spawn_ven(cfg, h.signals(), kw_rx.clone());
@@ -587,23 +382,13 @@ async fn run() {
     );
 
     // --- the utility ---
-    let bl = Client::<BusinessLogic>::with_url(
-        url.parse().expect("VTN url"),
-        Some(ClientCredentials::new(
-            vtn.var("BL_CLIENT_ID").into(),
-            vtn.var("BL_CLIENT_SECRET").into(),
-        )),
-    );
-    let program = bl
-        .create_program(ProgramRequest::new("gridproxy-chaos"))
-        .await
-        .expect("create program");
+    let utility = vtn.utility("gridproxy-chaos", EVENT_DURATION).await;
 
     // 1. A capacity limit at 60 % of the site's draw.
-    let target1 = (0.6 * base_kw * 10.0).round() / 10.0;
+    let target1 = share_kw(base_kw, 0.6);
     let t0 = Instant::now();
-    let ev1 = program
-        .create_event(limit_event(&program, "cap-60", &ven_name, target1))
+    let ev1 = utility
+        .create_limit("cap-60", target1, "KW")
         .await
         .expect("create event 1");
     let id1 = ev1.id().to_string();
@@ -774,7 +559,8 @@ async fn run() {
     );
     // The event survived in the database, and the VEN did not re-send it
     // (unchanged) nor end it.
-    let events = program
+    let events = utility
+        .program
         .get_event_list(Filter::none())
         .await
         .expect("list events after the restart");
@@ -788,10 +574,7 @@ async fn run() {
     // Reports resume (the report object in the database is updated).
     let reports_at = st.reports_sent;
     assert!(
-        ven.wait_for(Duration::from_secs(10), |s| s.reports_sent
-            >= reports_at + 2)
-            .await
-            .is_some(),
+        reports_reach(&ven, reports_at + 2).await,
         "reports after the restart: {:?}",
         ven.status()
     );
@@ -804,20 +587,25 @@ async fn run() {
     );
 
     // A lower limit created after the restart.
-    let target2 = (0.4 * base_kw * 10.0).round() / 10.0;
+    let target2 = share_kw(base_kw, 0.4);
     let notifications = ven.status().notifications;
     let engine_ev2 = h.status().now;
     let t2 = Instant::now();
-    let ev2 = program
-        .create_event(limit_event(&program, "cap-40", &ven_name, target2))
-        .await
-        .expect("create event 2 after the restart");
-    let id2 = ev2.id().to_string();
-    let applied2 = ven
-        .wait_for(DEADLINE_REAL, |s| s.applied.contains_key(&id2))
-        .await
-        .map(|_| t2.elapsed());
-    let within2 = time_to_limit(&site, target2, t2, DEADLINE_REAL).await;
+    let Timed {
+        ev: ev2,
+        id: id2,
+        applied: applied2,
+        within: within2,
+    } = utility
+        .create_timed(
+            "cap-40",
+            target2,
+            "create event 2 after the restart",
+            &ven,
+            &site,
+            DEADLINE_REAL,
+        )
+        .await;
     println!(
         "chaos_vtn: event 2 (limit {target2:.1} kW) after the restart: VEN applied after \
          {applied2:?}, site within after {within2:?} (wall), {} notification(s)",
@@ -848,26 +636,9 @@ async fn run() {
     let engine_cancel = h.status().now;
     let t3 = Instant::now();
     for mut ev in [ev1, ev2] {
-        let period = ev
-            .content_mut()
-            .interval_period
-            .as_mut()
-            .expect("event has an intervalPeriod");
-        let ran = (chrono::Utc::now() - period.start).num_seconds().max(0) + 1;
-        period.duration = Some(format!("PT{ran}S").parse().expect("ISO 8601 duration"));
-        ev.update().await.expect("cut the event short");
+        cut_short(&mut ev).await;
     }
-    let restored = {
-        let mut at = None;
-        while t3.elapsed() < Duration::from_secs(30) {
-            if site_kw(&site) >= 0.98 * base_kw {
-                at = Some(t3.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        at
-    };
+    let restored = time_to_restore(&site, base_kw, t3).await;
     println!(
         "chaos_vtn: both events cut short: site back to {:.1} kW after {restored:?} (wall)",
         site_kw(&site)

@@ -10,185 +10,20 @@
 //! Needs `scripts/vtn.sh install` (fails, with that instruction, without it).
 
 mod curtail_support;
+mod vtn_support;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use curtail_support::*;
-use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_grid::openadr::{spawn_ven, VenConfig, VenHandle};
 use gridproxy_tests::free_port;
-use openleadr_client::{BusinessLogic, Client, ClientCredentials, ProgramClient};
-use openleadr_wire::event::EventRequest;
-use openleadr_wire::program::ProgramRequest;
 use openleadr_wire::values_map::Value as WireValue;
-use serde_json::json;
 use tokio::sync::watch;
-
-use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Nothing, Route};
-use curtail::policy::{PolicyConfig, Staleness};
+use vtn_support::*;
 
 const TEST_LIMIT: Duration = Duration::from_secs(240);
 /// Wall time from creating an event on the VTN to the site within its limit.
 const DEADLINE_REAL: Duration = Duration::from_secs(5);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
-}
-
-fn vtn_bin() -> PathBuf {
-    let cache = std::env::var_os("GRIDPROXY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
-                .join(".cache/gridproxy")
-        });
-    cache.join("openleadr-vtn/bin/openleadr-vtn")
-}
-
-/// A VTN started by `scripts/vtn.sh up` on free loopback ports; `down` on drop.
-struct Vtn {
-    env: Vec<(String, String)>,
-    vars: std::collections::HashMap<String, String>,
-}
-
-impl Vtn {
-    fn up(run_dir: &std::path::Path) -> Vtn {
-        let bin = vtn_bin();
-        assert!(
-            bin.is_file(),
-            "openleadr-vtn not found at {}: run `scripts/vtn.sh install` first (builds the real \
-             openleadr-rs VTN once, ~15 min cold; set GRIDPROXY_CACHE for another cache folder)",
-            bin.display()
-        );
-        let env = vec![
-            ("VTN_PORT".to_string(), free_port().to_string()),
-            ("VTN_PG_PORT".to_string(), free_port().to_string()),
-            ("VTN_RUN_DIR".to_string(), run_dir.display().to_string()),
-            ("VEN_NAME".to_string(), "site-1".to_string()),
-        ];
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/vtn.sh"))
-            .arg("up")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("run scripts/vtn.sh up");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let vtn = Vtn {
-            env,
-            vars: stdout
-                .lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        assert!(
-            out.status.success(),
-            "scripts/vtn.sh up failed:\n{}{}",
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        vtn
-    }
-
-    fn var(&self, k: &str) -> &str {
-        self.vars
-            .get(k)
-            .unwrap_or_else(|| panic!("{k} missing from scripts/vtn.sh up output"))
-    }
-}
-
-impl Drop for Vtn {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/vtn.sh"))
-            .arg("down")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .status();
-    }
-}
-
-fn policy() -> PolicyConfig {
-    PolicyConfig {
-        max_commands_per_sec: 50,
-        restore_batch: 50,
-        restore_interval: Duration::from_secs(5),
-        // Short dwell (site time) so the restore fits the test.
-        min_on: Duration::from_secs(20),
-        min_off: Duration::from_secs(20),
-        ack_timeout: Duration::from_secs(20),
-        verify_grace: Duration::from_secs(20),
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
-        ..PolicyConfig::default()
-    }
-}
-
-async fn start_driver(site: &Site, dir: &std::path::Path) -> DriverHandle {
-    let fw = std::sync::Arc::new(firmware(site));
-    driver::spawn(
-        &dir.join("ledger.db"),
-        policy(),
-        fleet(site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: Nothing,
-            },
-            telemetry: fw,
-            clock: ScaledClock::new(SPEED),
-        },
-        DriverConfig {
-            poll_interval: Duration::from_secs(3),
-            interval: Duration::from_secs(30),
-            ..DriverConfig::default()
-        },
-    )
-    .await
-    .expect("driver starts")
-}
-
-/// An IMPORT_CAPACITY_LIMIT event (kW, or `units`) for `target`, from now, one hour.
-fn limit_event(
-    program: &ProgramClient<BusinessLogic>,
-    name: &str,
-    target: &str,
-    kw: f64,
-    units: &str,
-) -> EventRequest {
-    let start = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    serde_json::from_value(json!({
-        "objectType": "EVENT",
-        "programID": program.id().as_str(),
-        "eventName": name,
-        "priority": 0,
-        "targets": [target],
-        "intervalPeriod": {"start": start, "duration": "PT1H"},
-        "payloadDescriptors": [{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "IMPORT_CAPACITY_LIMIT", "units": units}],
-        "intervals": [{"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [kw]}]}],
-    }))
-    .expect("event request")
-}
-
-/// Wall time until the site draws at most `kw` (+0.5 %), polled every 50 ms.
-async fn time_to_limit(site: &Site, kw: f64, since: Instant, limit: Duration) -> Option<Duration> {
-    while since.elapsed() < limit {
-        if site_kw(site) <= kw * 1.005 {
-            return Some(since.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
 
 fn number(v: &WireValue) -> f64 {
     match v {
@@ -200,10 +35,7 @@ fn number(v: &WireValue) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ven_follows_real_vtn_events_reports_and_skips_malformed_ones() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
@@ -217,28 +49,8 @@ async fn run() {
     let ven_name = vtn.var("VEN_NAME").to_string();
 
     // --- the site, the driver, the site meter ---
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 9),
-            (Firmware::BraiinsOs, 9),
-            (Firmware::Whatsminer, 9),
-            (Firmware::Vnish, 9),
-        ],
-        time_scale: 1.0 / SPEED,
-        subnet: (71, 0),
-        worker_prefix: "oadr".into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .map(std::sync::Arc::new)
-    .expect("site starts");
-    let h = start_driver(&site, &dir).await;
-    assert!(
-        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
-            .await
-            .is_some(),
-        "first telemetry round"
-    );
+    let site = start_site((71, 0), "oadr").await;
+    let h = start_driver(&site, &dir.join("ledger.db"), None).await;
     let base_kw = site_kw(&site);
     let (kw_tx, kw_rx) = watch::channel(base_kw);
     let meter = {
@@ -272,13 +84,7 @@ async fn run() {
     assert!(bad_rx.try_recv().is_err());
 
     // --- the VEN ---
-    let mut cfg = VenConfig::new(
-        &url,
-        vtn.var("VEN_CLIENT_ID"),
-        vtn.var("VEN_CLIENT_SECRET"),
-        &ven_name,
-    );
-    cfg.report_interval = Duration::from_secs(1);
+    let cfg = vtn.ven_config();
     let ven: VenHandle = spawn_ven(cfg, h.signals(), kw_rx.clone());
     let s = ven
         .wait_for(Duration::from_secs(15), |s| s.connected && s.websocket)
@@ -287,31 +93,25 @@ async fn run() {
     println!("openadr: VEN up, websocket {}", s.websocket);
 
     // --- the utility ---
-    let bl = Client::<BusinessLogic>::with_url(
-        url.parse().expect("VTN url"),
-        Some(ClientCredentials::new(
-            vtn.var("BL_CLIENT_ID").into(),
-            vtn.var("BL_CLIENT_SECRET").into(),
-        )),
-    );
-    let program = bl
-        .create_program(ProgramRequest::new("gridproxy-dr"))
-        .await
-        .expect("create program");
+    let utility = vtn.utility("gridproxy-dr", "PT1H").await;
 
     // 1. A capacity limit at 60 % of the site's draw, starting now.
-    let target1 = (0.6 * base_kw * 10.0).round() / 10.0;
-    let t0 = Instant::now();
-    let ev1 = program
-        .create_event(limit_event(&program, "cap-60", &ven_name, target1, "KW"))
-        .await
-        .expect("create event 1");
-    let id1 = ev1.id().to_string();
-    let applied = ven
-        .wait_for(DEADLINE_REAL, |s| s.applied.contains_key(&id1))
-        .await
-        .map(|_| t0.elapsed());
-    let within1 = time_to_limit(&site, target1, t0, DEADLINE_REAL).await;
+    let target1 = share_kw(base_kw, 0.6);
+    let Timed {
+        ev: ev1,
+        id: id1,
+        applied,
+        within: within1,
+    } = utility
+        .create_timed(
+            "cap-60",
+            target1,
+            "create event 1",
+            &ven,
+            &site,
+            DEADLINE_REAL,
+        )
+        .await;
     println!(
         "openadr: site {base_kw:.1} kW, limit {target1:.1} kW: VEN applied after {:?}, site \
          within the limit after {:?} (wall; deadline {DEADLINE_REAL:?}), now {:.1} kW; {} \
@@ -339,9 +139,7 @@ async fn run() {
 
     // 2. Reports, read back as the utility.
     assert!(
-        ven.wait_for(Duration::from_secs(10), |s| s.reports_sent >= 3)
-            .await
-            .is_some(),
+        reports_reach(&ven, 3).await,
         "reports sent: {:?}",
         ven.status()
     );
@@ -392,20 +190,14 @@ async fn run() {
         .all(|(u, d)| *u > 0.0 && *u < d / 3600.0 * 10.0));
 
     // 3. A malformed event next to a valid one: the valid one applies.
-    let target2 = (0.4 * base_kw * 10.0).round() / 10.0;
+    let target2 = share_kw(base_kw, 0.4);
     let t2 = Instant::now();
-    let bad_ev = program
-        .create_event(limit_event(
-            &program,
-            "cap-kwh",
-            &ven_name,
-            0.1 * base_kw,
-            "KWH",
-        ))
+    let bad_ev = utility
+        .create_limit("cap-kwh", 0.1 * base_kw, "KWH")
         .await
         .expect("VTN accepts the malformed event");
-    let ev2 = program
-        .create_event(limit_event(&program, "cap-40", &ven_name, target2, "KW"))
+    let ev2 = utility
+        .create_limit("cap-40", target2, "KW")
         .await
         .expect("create event 2");
     let (bad_id, id2) = (bad_ev.id().to_string(), ev2.id().to_string());
@@ -438,14 +230,7 @@ async fn run() {
     // an event with reports) and the malformed one: the fleet comes back.
     let t3 = Instant::now();
     let mut ev1 = ev1;
-    let period = ev1
-        .content_mut()
-        .interval_period
-        .as_mut()
-        .expect("event 1 has an intervalPeriod");
-    let ran = (chrono::Utc::now() - period.start).num_seconds().max(0) + 1;
-    period.duration = Some(format!("PT{ran}S").parse().expect("ISO 8601 duration"));
-    ev1.update().await.expect("cancel event 1 (end it now)");
+    cut_short(&mut ev1).await;
     for r in ev2.get_report_list(None).await.expect("reports of event 2") {
         r.delete().await.expect("delete a report of event 2");
     }
@@ -457,17 +242,7 @@ async fn run() {
         })
         .await
         .map(|_| t3.elapsed());
-    let restored = {
-        let mut at = None;
-        while t3.elapsed() < Duration::from_secs(30) {
-            if site_kw(&site) >= 0.98 * base_kw {
-                at = Some(t3.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        at
-    };
+    let restored = time_to_restore(&site, base_kw, t3).await;
     println!(
         "openadr: event 1 cut short, event 2 deleted: VEN saw it after {ended:?}, site back to \
          {:.1} kW after {restored:?} (wall)",
