@@ -23,20 +23,18 @@
 use crate::api::{
     self,
     config::random_token,
-    site::{CommandCounts, DrEventView, MinerView, SiteCommand, SiteHandle, SiteState},
+    site::{CommandCounts, MinerView, SiteCommand, SiteHandle, SiteState},
 };
 use crate::config::Config;
 use crate::curtail_bridge::{curtail, ProxyActuator};
-use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::site::{hook, operator_commands, Tracker};
 use curtail::actuator::{Actuator, ActuatorError};
 use curtail::actuators::{FleetActuator, MinerEndpoint};
-use curtail::driver::{self, DriverConfig, Edge, Record, Route};
+use curtail::driver::{self, DriverConfig, Edge, Route};
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
-use curtail::policy::{
-    Ack, Action, Command, Economics, Freshness, PolicyConfig, PolicyEvent, SafeState, Staleness,
-};
-use curtail::signal::{DrEvent, DrTarget, ManualOverride, OverrideMode, PriceSignal, Signal};
+use curtail::policy::{Action, Command, Economics, Freshness, PolicyConfig, SafeState, Staleness};
+use curtail::signal::{DrEvent, DrTarget, PriceSignal, Signal};
 use curtail::time::{Clock, SystemClock, Timestamp};
 use gridproxy_fixtures::firmware::model::{Mode, SimMiner};
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
@@ -47,8 +45,8 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -221,153 +219,6 @@ impl Actuator for SiteProxyActuator {
             Ok(())
         }
     }
-}
-
-/// Shared between the commit hook (ledger thread), the replay task and the
-/// publisher.
-struct Tracker {
-    issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
-    events: Mutex<Vec<DrEventView>>,
-    price_bits: AtomicU64,
-    override_note: Mutex<Option<String>>,
-    /// Commands sent since the last log line, by action.
-    pending: Mutex<HashMap<&'static str, usize>>,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        Self {
-            issued_at: Mutex::default(),
-            events: Mutex::default(),
-            // No price yet.
-            price_bits: AtomicU64::new(f64::NAN.to_bits()),
-            override_note: Mutex::default(),
-            pending: Mutex::default(),
-        }
-    }
-}
-
-impl Tracker {
-    /// One log line for the commands sent since the last call.
-    fn flush_commands(&self, site: &SiteHandle) {
-        let p = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if p.is_empty() {
-            return;
-        }
-        let mut parts: Vec<String> = p.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
-        parts.sort();
-        site.log
-            .push("curtail", format!("commands sent: {}", parts.join(", ")));
-    }
-}
-
-fn hook(tracker: Arc<Tracker>, site: Arc<SiteHandle>, metrics: Arc<Metrics>) -> driver::CommitHook {
-    Arc::new(move |r: &Record| match r {
-        Record::Commands(cs) => {
-            let now = Instant::now();
-            let mut m = tracker.issued_at.lock().unwrap_or_else(|e| e.into_inner());
-            let mut p = tracker.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for c in cs {
-                m.insert(c.id.0, (now, c.action.as_str()));
-                *p.entry(c.action.as_str()).or_default() += 1;
-            }
-        }
-        Record::Ack { id, ack, .. } => {
-            let e = tracker
-                .issued_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id.0);
-            if let Some((t, action)) = e {
-                let outcome = if matches!(ack, Ack::Ok) {
-                    "ok"
-                } else {
-                    "failed"
-                };
-                metrics.command_latency(action, outcome, t.elapsed().as_secs_f64());
-            }
-            if let Ack::Failed(why) = ack {
-                site.log
-                    .push("curtail", format!("command {id} failed: {why}"));
-            }
-        }
-        Record::Event(PolicyEvent::Decision(d)) => {
-            site.log.push(
-                "curtail",
-                format!(
-                    "plan: mode {}, {} changes, expect {:.0} kW{} ({})",
-                    d.mode.as_str(),
-                    d.changes,
-                    d.expected_kw,
-                    d.cap_kw
-                        .map(|c| format!(", cap {c:.0} kW"))
-                        .unwrap_or_default(),
-                    d.reason
-                ),
-            );
-        }
-        Record::Event(PolicyEvent::DrEvent {
-            event,
-            state,
-            baseline_kw,
-            ..
-        }) => {
-            let (target, limit) = match event.target {
-                DrTarget::LimitKw(k) => (format!("limit {k:.0} kW"), Some(k)),
-                DrTarget::ShedKw(k) => {
-                    (format!("shed {k:.0} kW"), Some((baseline_kw - k).max(0.0)))
-                }
-            };
-            let view = DrEventView {
-                id: event.id.clone(),
-                state: state.as_str().to_string(),
-                target: target.clone(),
-                limit_kw: limit,
-                start_ms: event.start.as_millis(),
-                end_ms: event.end.map(|e| e.as_millis()),
-            };
-            {
-                let mut ev = tracker.events.lock().unwrap_or_else(|e| e.into_inner());
-                ev.retain(|e| e.id != view.id);
-                if view.state != "ended" {
-                    ev.push(view);
-                }
-            }
-            site.log.push(
-                "dr_event",
-                format!(
-                    "{}: {} ({target}, baseline {baseline_kw:.0} kW)",
-                    event.id,
-                    state.as_str()
-                ),
-            );
-        }
-        Record::Event(PolicyEvent::Escalated {
-            miner, from, to, ..
-        }) => {
-            site.log.push(
-                "curtail",
-                format!(
-                    "{miner}: {} failed, escalating to {}",
-                    from.as_str(),
-                    to.as_str()
-                ),
-            );
-        }
-        Record::Event(PolicyEvent::Unresponsive { miner, .. }) => {
-            site.log.push("curtail", format!("{miner}: unresponsive"));
-        }
-        Record::Event(PolicyEvent::SafeState { stale, .. }) => {
-            site.log.push(
-                "curtail",
-                match stale {
-                    Some(s) => format!("safe state: {s} is stale"),
-                    None => "safe state left".into(),
-                },
-            );
-        }
-        _ => {}
-    })
 }
 
 /// A running demo (for tests and the CLI).
@@ -681,7 +532,9 @@ token = "{read_token}"
         commit_hook: Some(hook(
             tracker.clone(),
             site_handle.clone(),
-            server.metrics.clone(),
+            Some(server.metrics.clone()),
+            Arc::default(),
+            false,
         )),
         ..DriverConfig::default()
     };
@@ -773,7 +626,10 @@ token = "{read_token}"
             site_handle_commands(&task_site_handle),
             drv.signals(),
             tracker.clone(),
-            Arc::new(site_power(&site)),
+            {
+                let power = site_power(&site);
+                move || power.kw()
+            },
             demo_stop.clone(),
         ));
         let replay = tokio::spawn(replay(
@@ -839,39 +695,10 @@ token = "{read_token}"
                     },
                 );
             }
-            let price = f64::from_bits(tracker.price_bits.load(Relaxed));
-            let events = tracker
-                .events
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let counts = CommandCounts {
-                issued: st.issued,
-                verified: st.verified,
-                failed: st.failed,
-            };
+            let state = tracker.site_state(&st, site_kw, nominal_kw, ths, site.len(), curtailed);
+            report.commands = state.commands.clone();
             task_site_handle.publish_miners(views);
-            task_site_handle.publish(SiteState {
-                attached: true,
-                updated_ms: crate::api::site::now_ms(),
-                site_kw,
-                target_kw: st.cap_kw,
-                expected_kw: st.expected_kw,
-                nominal_kw,
-                price_usd_per_mwh: price.is_finite().then_some(price),
-                mode: st.mode.as_str().to_string(),
-                fleet_ths: ths,
-                miners_total: site.len(),
-                miners_curtailed: curtailed,
-                events,
-                commands: counts.clone(),
-                override_note: tracker
-                    .override_note
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-            });
-            report.commands = counts;
+            task_site_handle.publish(state);
             if opts.print
                 && !opts.status_every.is_zero()
                 && last_status.elapsed() >= opts.status_every
@@ -976,53 +803,6 @@ fn site_power(site: &Site) -> SitePower {
             .map(|m| m.emulator.miner().clone())
             .collect(),
     )
-}
-
-async fn operator_commands(
-    mut rx: tokio::sync::mpsc::Receiver<SiteCommand>,
-    signals: tokio::sync::mpsc::Sender<Signal>,
-    tracker: Arc<Tracker>,
-    power: Arc<SitePower>,
-    stop: CancellationToken,
-) {
-    loop {
-        let c = tokio::select! {
-            _ = stop.cancelled() => return,
-            c = rx.recv() => match c { Some(c) => c, None => return },
-        };
-        let at = SystemClock.now();
-        let (mode, by, note) = match c {
-            SiteCommand::CapKw { kw, by } => {
-                (OverrideMode::CapKw(kw), by, Some(format!("cap {kw:.0} kW")))
-            }
-            SiteCommand::ShedKw { kw, by } => {
-                let cap = (power.kw() - kw).max(0.0);
-                (
-                    OverrideMode::CapKw(cap),
-                    by,
-                    Some(format!("shed {kw:.0} kW (cap {cap:.0} kW)")),
-                )
-            }
-            SiteCommand::CurtailAll { by } => {
-                (OverrideMode::CurtailAll, by, Some("curtail all".into()))
-            }
-            SiteCommand::RunAll { by } => (OverrideMode::RunAll, by, Some("run all".into())),
-            SiteCommand::Clear { by } => (OverrideMode::Clear, by, None),
-        };
-        *tracker
-            .override_note
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = note;
-        let s = Signal::Override(ManualOverride {
-            at,
-            mode,
-            until: None,
-            by,
-        });
-        if signals.send(s).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// Replay the trace; returns (intervals, DR events).

@@ -529,92 +529,45 @@ pub struct SiteConfig {
     pub signals: SignalsConfig,
 }
 
-fn d_qos() -> u8 {
-    1
+/// The serde defaults above: `name: type = value` gives `fn name() -> type`.
+macro_rules! defaults {
+    ($($name:ident: $t:ty = $v:expr;)*) => {
+        $(fn $name() -> $t {
+            $v
+        })*
+    };
 }
-fn d_5() -> u64 {
-    5
-}
-fn d_10() -> u64 {
-    10
-}
-fn d_30() -> u64 {
-    30
-}
-fn d_50() -> u32 {
-    50
-}
-fn d_60() -> u64 {
-    60
-}
-fn d_240() -> u64 {
-    240
-}
-fn d_300() -> u64 {
-    300
-}
-fn d_600() -> u64 {
-    600
-}
-fn d_900() -> u64 {
-    900
-}
-fn d_800() -> u64 {
-    800
-}
-fn d_1000() -> u64 {
-    1000
-}
-fn d_5000() -> u64 {
-    5000
-}
-fn d_true() -> bool {
-    true
-}
-fn d_unit() -> u8 {
-    1
-}
-fn d_retries() -> u8 {
-    3
-}
-fn d_one() -> f64 {
-    1.0
-}
-fn d_pool_fee() -> f64 {
-    0.02
-}
-fn d_hysteresis() -> f64 {
-    2.0
-}
-fn d_target_margin() -> f64 {
-    0.005
-}
-fn d_max_kw() -> f64 {
-    1_000_000.0
-}
-fn d_lmp() -> String {
-    "/lmp".into()
-}
-fn d_timestamp() -> String {
-    "/timestamp".into()
-}
-fn d_curtail_all() -> OnStale {
-    OnStale::CurtailAll
-}
-fn d_keep_running() -> OnStale {
-    OnStale::KeepRunning
-}
-fn d_hold_last() -> OnStale {
-    OnStale::HoldLast
-}
-fn d_holding() -> ModbusTable {
-    ModbusTable::Holding
-}
-fn d_f32() -> ModbusType {
-    ModbusType::F32
-}
-fn d_high_first() -> ModbusWordOrder {
-    ModbusWordOrder::HighFirst
+
+defaults! {
+    d_qos: u8 = 1;
+    d_5: u64 = 5;
+    d_10: u64 = 10;
+    d_30: u64 = 30;
+    d_50: u32 = 50;
+    d_60: u64 = 60;
+    d_240: u64 = 240;
+    d_300: u64 = 300;
+    d_600: u64 = 600;
+    d_900: u64 = 900;
+    d_800: u64 = 800;
+    d_1000: u64 = 1000;
+    d_5000: u64 = 5000;
+    d_true: bool = true;
+    d_unit: u8 = 1;
+    d_retries: u8 = 3;
+    d_one: f64 = 1.0;
+    d_pool_fee: f64 = 0.02;
+    d_hysteresis: f64 = 2.0;
+    d_target_margin: f64 = 0.005;
+    d_max_kw: f64 = 1_000_000.0;
+    d_lmp: String = "/lmp".into();
+    d_timestamp: String = "/timestamp".into();
+    d_curtail_all: OnStale = OnStale::CurtailAll;
+    d_keep_running: OnStale = OnStale::KeepRunning;
+    d_hold_last: OnStale = OnStale::HoldLast;
+    d_holding: ModbusTable = ModbusTable::Holding;
+    d_f32: ModbusType = ModbusType::F32;
+    d_high_first: ModbusWordOrder = ModbusWordOrder::HighFirst;
 }
 
 /// The ledger id of a miner: a stable hash of its name (48 bits), so
@@ -1203,14 +1156,18 @@ impl<T: TelemetrySource> TelemetrySource for Recording<T> {
     }
 }
 
-/// Shared between the commit hook (ledger thread) and the publisher.
-struct Tracker {
+/// Shared between the commit hook (ledger thread), the publisher and the
+/// operator-command task; `gridproxy demo` uses it too.
+pub(crate) struct Tracker {
     /// Last commanded state per miner.
     commanded: Mutex<HashMap<MinerId, String>>,
     issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
     events: Mutex<Vec<DrEventView>>,
-    price_bits: AtomicU64,
+    /// Last price seen, $/MWh (NaN: none yet).
+    pub(crate) price_bits: AtomicU64,
     override_note: Mutex<Option<String>>,
+    /// Commands sent since the last log line, by action.
+    pending: Mutex<HashMap<&'static str, usize>>,
 }
 
 impl Default for Tracker {
@@ -1221,19 +1178,73 @@ impl Default for Tracker {
             events: Mutex::default(),
             price_bits: AtomicU64::new(f64::NAN.to_bits()),
             override_note: Mutex::default(),
+            pending: Mutex::default(),
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+impl Tracker {
+    /// One log line for the commands sent since the last call.
+    pub(crate) fn flush_commands(&self, site: &SiteHandle) {
+        let p = std::mem::take(&mut *lock(&self.pending));
+        if p.is_empty() {
+            return;
+        }
+        let mut parts: Vec<String> = p.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
+        parts.sort();
+        site.log
+            .push("curtail", format!("commands sent: {}", parts.join(", ")));
+    }
+
+    /// The API's site view from the driver's status, this tracker and the
+    /// fleet figures the caller measured.
+    pub(crate) fn site_state(
+        &self,
+        st: &driver::DriverStatus,
+        site_kw: f64,
+        nominal_kw: f64,
+        fleet_ths: f64,
+        miners_total: usize,
+        miners_curtailed: usize,
+    ) -> SiteState {
+        let price = f64::from_bits(self.price_bits.load(Relaxed));
+        SiteState {
+            attached: true,
+            updated_ms: crate::api::site::now_ms(),
+            site_kw,
+            target_kw: st.cap_kw,
+            expected_kw: st.expected_kw,
+            nominal_kw,
+            price_usd_per_mwh: price.is_finite().then_some(price),
+            mode: st.mode.as_str().to_string(),
+            fleet_ths,
+            miners_total,
+            miners_curtailed,
+            events: lock(&self.events).clone(),
+            commands: crate::api::site::CommandCounts {
+                issued: st.issued,
+                verified: st.verified,
+                failed: st.failed,
+            },
+            override_note: lock(&self.override_note).clone(),
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn hook(
+/// The driver's commit hook: tracks prices, commands, acks and DR events,
+/// and writes the site log. Miners are named from `names` (else by id).
+/// With `log_each_commit` every batch of commands gets its log line at
+/// once; without, they gather until [`Tracker::flush_commands`].
+pub(crate) fn hook(
     tracker: Arc<Tracker>,
     site: Arc<SiteHandle>,
     metrics: Option<Arc<Metrics>>,
     names: Arc<HashMap<MinerId, String>>,
+    log_each_commit: bool,
 ) -> driver::CommitHook {
     let name = move |id: MinerId| names.get(&id).cloned().unwrap_or_else(|| id.to_string());
     Arc::new(move |r: &Record| match r {
@@ -1243,25 +1254,26 @@ fn hook(
         } => tracker.price_bits.store(p.usd_per_mwh.to_bits(), Relaxed),
         Record::Commands(cs) => {
             let now = Instant::now();
-            let mut issued = lock(&tracker.issued_at);
-            let mut cmd = lock(&tracker.commanded);
-            let mut by: HashMap<&str, usize> = HashMap::new();
-            for c in cs {
-                issued.insert(c.id.0, (now, c.action.as_str()));
-                *by.entry(c.action.as_str()).or_default() += 1;
-                let state = match c.action {
-                    Action::Sleep => "sleeping".to_string(),
-                    Action::Wake | Action::Unpark => "hashing".into(),
-                    Action::SetPowerTarget(w) => format!("limited {w} W"),
-                    Action::Park => "parked".into(),
-                    Action::Reroute(_) => continue,
-                };
-                cmd.insert(c.miner, state);
+            {
+                let mut issued = lock(&tracker.issued_at);
+                let mut cmd = lock(&tracker.commanded);
+                let mut by = lock(&tracker.pending);
+                for c in cs {
+                    issued.insert(c.id.0, (now, c.action.as_str()));
+                    *by.entry(c.action.as_str()).or_default() += 1;
+                    let state = match c.action {
+                        Action::Sleep => "sleeping".to_string(),
+                        Action::Wake | Action::Unpark => "hashing".into(),
+                        Action::SetPowerTarget(w) => format!("limited {w} W"),
+                        Action::Park => "parked".into(),
+                        Action::Reroute(_) => continue,
+                    };
+                    cmd.insert(c.miner, state);
+                }
             }
-            let mut parts: Vec<String> = by.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
-            parts.sort();
-            site.log
-                .push("curtail", format!("commands sent: {}", parts.join(", ")));
+            if log_each_commit {
+                tracker.flush_commands(&site);
+            }
         }
         Record::Ack { id, ack, .. } => {
             let e = lock(&tracker.issued_at).remove(&id.0);
@@ -1449,7 +1461,13 @@ pub async fn start(
         poll_interval: Duration::from_secs(cfg.telemetry_secs),
         interval: Duration::from_secs(cfg.ledger_interval_secs),
         drain_timeout: Duration::from_secs(5),
-        commit_hook: Some(hook(tracker.clone(), site.clone(), metrics, names.clone())),
+        commit_hook: Some(hook(
+            tracker.clone(),
+            site.clone(),
+            metrics,
+            names.clone(),
+            true,
+        )),
         ..DriverConfig::default()
     };
     let drv = driver::spawn(
@@ -1630,7 +1648,13 @@ pub async fn start(
         rx,
         drv.signals(),
         tracker.clone(),
-        drv.watch(),
+        {
+            let status = drv.watch();
+            move || {
+                let st = status.borrow().clone();
+                st.measured_kw.unwrap_or(st.expected_kw)
+            }
+        },
         stop.clone(),
     )));
 
@@ -1707,28 +1731,10 @@ pub async fn start(
                     }
                     .with_engine(st.mode, st.cap_kw, Some(site_kw)),
                 );
-                let price = f64::from_bits(tracker.price_bits.load(Relaxed));
+                let state =
+                    tracker.site_state(&st, site_kw, nominal_kw, ths, miners.len(), curtailed);
                 site.publish_miners(views);
-                site.publish(SiteState {
-                    attached: true,
-                    updated_ms: crate::api::site::now_ms(),
-                    site_kw,
-                    target_kw: st.cap_kw,
-                    expected_kw: st.expected_kw,
-                    nominal_kw,
-                    price_usd_per_mwh: price.is_finite().then_some(price),
-                    mode: st.mode.as_str().to_string(),
-                    fleet_ths: ths,
-                    miners_total: miners.len(),
-                    miners_curtailed: curtailed,
-                    events: lock(&tracker.events).clone(),
-                    commands: crate::api::site::CommandCounts {
-                        issued: st.issued,
-                        verified: st.verified,
-                        failed: st.failed,
-                    },
-                    override_note: lock(&tracker.override_note).clone(),
-                });
+                site.publish(state);
             }
         }));
     }
@@ -1744,12 +1750,13 @@ pub async fn start(
     })
 }
 
-/// Turn the control API's site commands into manual overrides.
-async fn operator_commands(
+/// Turn the control API's site commands into manual overrides; `now_kw`
+/// is the site's draw a shed is taken from.
+pub(crate) async fn operator_commands(
     mut rx: tokio::sync::mpsc::Receiver<SiteCommand>,
     signals: tokio::sync::mpsc::Sender<Signal>,
     tracker: Arc<Tracker>,
-    status: watch::Receiver<driver::DriverStatus>,
+    now_kw: impl Fn() -> f64,
     stop: CancellationToken,
 ) {
     loop {
@@ -1757,14 +1764,13 @@ async fn operator_commands(
             _ = stop.cancelled() => return,
             c = rx.recv() => match c { Some(c) => c, None => return },
         };
+        let at = SystemClock.now();
         let (mode, by, note) = match c {
             SiteCommand::CapKw { kw, by } => {
                 (OverrideMode::CapKw(kw), by, Some(format!("cap {kw:.0} kW")))
             }
             SiteCommand::ShedKw { kw, by } => {
-                let st = status.borrow().clone();
-                let now_kw = st.measured_kw.unwrap_or(st.expected_kw);
-                let cap = (now_kw - kw).max(0.0);
+                let cap = (now_kw() - kw).max(0.0);
                 (
                     OverrideMode::CapKw(cap),
                     by,
@@ -1779,7 +1785,7 @@ async fn operator_commands(
         };
         *lock(&tracker.override_note) = note;
         let s = Signal::Override(ManualOverride {
-            at: SystemClock.now(),
+            at,
             mode,
             until: None,
             by,
