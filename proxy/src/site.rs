@@ -796,10 +796,16 @@ impl SiteConfig {
             }
         }
         let s = &self.signals;
+        // Errors in `[site.signals.<sec>]`, naming `site.signals.<sec>.<key>`.
+        let (err_ref, line_ref) = (&err, &line);
+        let in_signal = |sec: &'static str| {
+            move |k: &str, msg: String| {
+                let h = format!("[site.signals.{sec}]");
+                err_ref(format!("site.signals.{sec}.{k}"), line_ref(&h, 0, k), msg)
+            }
+        };
         if let Some(q) = &s.mqtt {
-            let h = "[site.signals.mqtt]";
-            let bad =
-                |k: &str, msg: String| err(format!("site.signals.mqtt.{k}"), line(h, 0, k), msg);
+            let bad = in_signal("mqtt");
             if let Err(e) = split_host_port(&q.broker, 1883) {
                 return Err(bad("broker", e));
             }
@@ -850,9 +856,7 @@ impl SiteConfig {
             }
         }
         if let Some(o) = &s.openadr {
-            let h = "[site.signals.openadr]";
-            let bad =
-                |k: &str, msg: String| err(format!("site.signals.openadr.{k}"), line(h, 0, k), msg);
+            let bad = in_signal("openadr");
             if !(o.vtn_url.starts_with("http://") || o.vtn_url.starts_with("https://")) {
                 return Err(bad("vtn_url", "must be an http:// or https:// URL".into()));
             }
@@ -887,9 +891,7 @@ impl SiteConfig {
             }
         }
         if let Some(p) = &s.price {
-            let h = "[site.signals.price]";
-            let bad =
-                |k: &str, msg: String| err(format!("site.signals.price.{k}"), line(h, 0, k), msg);
+            let bad = in_signal("price");
             match (&p.ercot_csv_url, &p.json_url) {
                 (None, None) | (Some(_), Some(_)) => {
                     return Err(bad(
@@ -930,16 +932,13 @@ impl SiteConfig {
                 let (_, l) = site("hashprice_usd_per_ph_day");
                 return Err(err(
                     "site.hashprice_usd_per_ph_day".into(),
-                    l.or(line(h, 0, "poll_secs")),
+                    l.or(line("[site.signals.price]", 0, "poll_secs")),
                     "a price feed needs the hashprice ($/PH/s/day) to compare prices with".into(),
                 ));
             }
         }
         if let Some(m) = &s.site_load {
-            let h = "[site.signals.site_load]";
-            let bad = |k: &str, msg: String| {
-                err(format!("site.signals.site_load.{k}"), line(h, 0, k), msg)
-            };
+            let bad = in_signal("site_load");
             let n = usize::from(m.prometheus_url.is_some())
                 + usize::from(m.modbus.is_some())
                 + usize::from(m.http_json_url.is_some());
