@@ -81,31 +81,18 @@ start_translator() {
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
-# Sum of the latest acc_total over the loadgen logs with this prefix.
-acc_total() { # prefix
+# Sum over the loadgen logs with this prefix of the latest KEY=N value.
+latest_sum() { # key prefix
   local f s=0 v
-  for f in "$1".*.log; do
-    v=$(grep -o 'acc_total=[0-9]*' "$f" | tail -1 | cut -d= -f2)
+  for f in "$2".*.log; do
+    v=$(grep -o "$1=[0-9]*" "$f" | tail -1 | cut -d= -f2)
     s=$((s + ${v:-0}))
   done
   echo $s
 }
-ready_total() { # prefix
-  local f s=0 v
-  for f in "$1".*.log; do
-    v=$(grep -o 'ready=[0-9]*' "$f" | tail -1 | cut -d= -f2)
-    s=$((s + ${v:-0}))
-  done
-  echo $s
-}
-held_total() { # prefix
-  local f s=0 v
-  for f in "$1".*.log; do
-    v=$(grep -o 'held=[0-9]*' "$f" | tail -1 | cut -d= -f2)
-    s=$((s + ${v:-0}))
-  done
-  echo $s
-}
+acc_total() { latest_sum acc_total "$1"; }
+ready_total() { latest_sum ready "$1"; }
+held_total() { latest_sum held "$1"; }
 
 # Put N miners at RATE shares/s on 127.0.0.1:PORT for SECS after the ramp, over
 # PROCS loadgen processes, and measure PID over a steady window (after ramp and
