@@ -727,6 +727,18 @@ pub fn start_sv1_miners(
     (stats, stop)
 }
 
+/// Resident set size of this process (an in-process proxy included), KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .expect("VmRSS in /proc/self/status")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

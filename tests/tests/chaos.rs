@@ -42,18 +42,6 @@ use mqtt_support::*;
 
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 
-/// Resident set size of this process (the in-process proxy included), KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .expect("VmRSS in /proc/self/status")
-}
-
 fn proxy_config(pool: SocketAddr, key: &str) -> Config {
     let s = format!(
         "[[pools]]\nname = \"sri\"\naddress = \"{pool}\"\nprotocol = \"sv2\"\n\

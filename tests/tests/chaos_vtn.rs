@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use curtail_support::*;
 use gridproxy::curtail_bridge::curtail;
 use gridproxy_grid::openadr::{spawn_ven, VenHandle};
-use gridproxy_tests::http_get;
+use gridproxy_tests::{http_get, rss_kib};
 use openleadr_client::Filter;
 use tokio::sync::watch;
 use vtn_support::*;

@@ -397,20 +397,10 @@ impl ChannelCore {
     /// Wait for something that changes the channel. Cancel-safe. Err means the
     /// channel cannot go on (the proxy is shutting down its pool or router).
     pub async fn wake(&mut self) -> Result<Wake, String> {
-        // Wake for vardiff, and at least every HASHRATE_WINDOW for the router's split.
-        let at =
-            Instant::from_std(self.vardiff.poll_timeout()).min(self.window.1 + HASHRATE_WINDOW);
-        tokio::select! {
-            r = view_changed(&mut self.view) => match r {
-                Ok(()) => Ok(Wake::View),
-                Err(_) => Err("upstream task ended".into()),
-            },
-            _ = assignment_changed(&self.lease.cell, self.assigned) => Ok(Wake::Assignment),
-            _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),
-        }
+        self.wake_owned().await
     }
 
-    /// Like [`Self::wake`], but owning clones of what it waits on, so a
+    /// [`Self::wake`] as a future owning clones of what it waits on, so a
     /// session can keep one such future across many shares instead of
     /// re-registering two watch waiters and a timer per loop turn. Build a new
     /// one after it fires and after anything that may move the deadline or

@@ -363,16 +363,3 @@ pub async fn time_to_restore(site: &Site, base_kw: f64, since: Instant) -> Optio
     }
     None
 }
-
-/// Resident set size of this process, KiB.
-#[allow(dead_code)]
-pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .expect("VmRSS in /proc/self/status")
-}
