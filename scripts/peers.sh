@@ -7,7 +7,7 @@ set -euo pipefail
 
 CACHE="${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy}"
 PEERS_BIN="$CACHE/peers/bin"
-export CARGO_TARGET_DIR="$CACHE/peers-target"
+PEERS_TARGET="$CACHE/peers-target"
 
 POOL_VERSION=0.7.0
 TRANSLATOR_VERSION=0.6.0
@@ -35,8 +35,8 @@ install_one() { # crate version bin
     return
   fi
   log "building $bin from $crate $version (cold: several minutes)"
-  cargo install --locked --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin" \
-    || cargo install --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin"
+  CARGO_TARGET_DIR="$PEERS_TARGET" cargo install --locked --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin" \
+    || CARGO_TARGET_DIR="$PEERS_TARGET" cargo install --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin"
 }
 
 cmd_install() {
@@ -45,6 +45,9 @@ cmd_install() {
   install_one pool_sv2 "$POOL_VERSION" pool_sv2
   install_one translator_sv2 "$TRANSLATOR_VERSION" translator_sv2
   install_one integration_tests_sv2 "$ITESTS_VERSION" mining_device
+  # The three builds share one target folder (common dependencies build once);
+  # only the installed binaries are kept, a CI disk is small.
+  [ "${PEERS_KEEP_TARGET:-0}" = 1 ] || rm -rf "$PEERS_TARGET"
   log "peers ready in $PEERS_BIN"
 }
 
@@ -93,8 +96,9 @@ cmd_up() {
   # Stray POOL__/TPROXY__ overrides in the caller's shell must not reach the peers.
   local v
   for v in $(compgen -e | grep -E '^(POOL|TPROXY)__' || true); do unset "$v"; done
-  (cd "$REPO" && cargo build -q -p gridproxy-fixtures --bin mock_tp)
-  local tp_bin="${CARGO_TARGET_DIR_REPO:-$REPO/target}/debug/mock_tp"
+  local repo_target="${CARGO_TARGET_DIR_REPO:-$REPO/target}"
+  (cd "$REPO" && CARGO_TARGET_DIR="$repo_target" cargo build -q -p gridproxy-fixtures --bin mock_tp)
+  local tp_bin="$repo_target/debug/mock_tp"
   start_bg mock_tp "$STATE/mock_tp.log" "$tp_bin" --bind "127.0.0.1:$TP_PORT"
   wait_port "$TP_PORT" 10 || { log "mock TP did not listen"; cmd_down; exit 1; }
 

@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
+# A one-off full build: incremental state would only double the target folder.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 log "installing test peers (cached in ${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy})"
 bash scripts/peers.sh install
 
