@@ -48,6 +48,7 @@ sv1 = "127.0.0.1:$GP_PORT"
 [limits]
 max_connections = 19500
 submits_per_second = ${GP_SUBMITS_PER_SECOND:-200}
+notify_writers = ${GP_NOTIFY_WRITERS:-0}
 [difficulty]
 initial = 2.3283064365386963e-10
 min = 2.3283064365386963e-10
@@ -110,7 +111,7 @@ measure() { # name pid port N RATE SECS PROCS WARM
     # Each process gets its own source addresses (ephemeral ports are per source).
     $R/loadgen --target 127.0.0.1:$tport --connections "$c" --rate "$rate" --duration "$secs" \
       --user "$name$i" --warmup "$warm" --sources 4 --connect-rate $((2000 / procs)) \
-      --lat-out "$pre.$i.lat" --inflight "${INFLIGHT:-0}" > "$pre.$i.log" 2>&1 &
+      --lat-out "$pre.$i.lat" --steady-file "$pre.steady" --inflight "${INFLIGHT:-0}" > "$pre.$i.log" 2>&1 &
     lgs+=($!)
   done
   # Ramp: wait until every process has printed its first per-second line.
@@ -131,6 +132,7 @@ measure() { # name pid port N RATE SECS PROCS WARM
     [ "$(ready_total "$pre")" -ge "$n" ] && break; sleep 0.5
   done
   sleep "$warm"
+  touch "$pre.steady" # latency samples count from here, in every process
   c0=$(cpu_ticks "$pid"); a0=$(acc_total "$pre"); t0=$(date +%s.%N)
   peak=$(rss_kib "$pid")
   local end=$stop_at

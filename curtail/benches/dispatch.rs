@@ -112,12 +112,7 @@ async fn once(dir: &Path, n: u64) -> Run {
     ));
     let policy = PolicyConfig {
         max_commands_per_sec: 1_000_000,
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     };
     let stubs = Stubs::default();

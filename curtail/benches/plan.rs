@@ -40,12 +40,7 @@ fn engine(t0: Timestamp) -> Engine {
             pue: 1.05,
             hysteresis_usd_per_mwh: 2.0,
         }),
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     };
     Engine::new(cfg, fleet(), t0).expect("engine")

@@ -210,6 +210,16 @@ pub struct Staleness {
     pub dispatch_from_start: bool,
 }
 
+impl Staleness {
+    /// No signal is required to be fresh (tests, backtests, benches).
+    pub const NONE: Staleness = Staleness {
+        price: None,
+        site_load: None,
+        dispatch: None,
+        dispatch_from_start: false,
+    };
+}
+
 impl Default for Staleness {
     fn default() -> Self {
         Staleness {

@@ -560,9 +560,7 @@ pub fn backtest(opts: &BacktestOptions) -> anyhow::Result<BacktestReport> {
                 max_age: interval * 3,
                 on_stale: SafeState::KeepRunning,
             }),
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
+            ..Staleness::NONE
         },
         ..opts.policy.clone().unwrap_or_default()
     };

@@ -138,6 +138,10 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Longest worker name kept (longer names are truncated).
     pub max_worker_name: usize,
+    /// SV1 sessions writing a new job's notify at once (0: half the cores).
+    /// A new template wakes every miner together; a bound keeps cores free
+    /// for shares meanwhile. Read at start.
+    pub notify_writers: usize,
 }
 
 impl Default for Limits {
@@ -150,6 +154,7 @@ impl Default for Limits {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
             max_worker_name: 128,
+            notify_writers: 0,
         }
     }
 }

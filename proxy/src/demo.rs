@@ -502,9 +502,7 @@ token = "{read_token}"
                 max_age: Duration::from_secs(600),
                 on_stale: SafeState::KeepRunning,
             }),
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
+            ..Staleness::NONE
         },
         ack_timeout: Duration::from_secs(6),
         verify_grace: Duration::from_secs(10),

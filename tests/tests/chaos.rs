@@ -401,10 +401,8 @@ async fn curtail_chaos() {
             verify_grace: Duration::from_secs(20),
             retry_backoff: Duration::from_secs(10),
             staleness: Staleness {
-                price: None,
-                site_load: None,
                 dispatch: Some(cfg.freshness()),
-                dispatch_from_start: false,
+                ..Staleness::NONE
             },
             ..PolicyConfig::default()
         },

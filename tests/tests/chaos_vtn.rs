@@ -349,7 +349,7 @@ async fn run() {
     let site = start_site((74, 0), "cvtn").await;
     let ledger = dir.join("ledger.db");
     let committed: Arc<Mutex<Vec<Committed>>> = Arc::default();
-    let h = start_driver(&site, &ledger, Some(record_commits(committed.clone()))).await;
+    let h = start_vtn_site_driver(&site, &ledger, Some(record_commits(committed.clone()))).await;
     let base_kw = site_kw(&site);
     let (kw_tx, kw_rx) = watch::channel(base_kw);
     let samples: Arc<Mutex<Vec<(Instant, f64)>>> = Arc::default();

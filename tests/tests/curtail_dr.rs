@@ -36,7 +36,7 @@ use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 
-use curtail::driver::{self, Audit, DriverConfig, Edge, Route};
+use curtail::driver::{Audit, DriverConfig};
 use curtail::fleet::MinerId;
 use curtail::policy::{Action, PolicyConfig, Staleness};
 use curtail::signal::{DrEvent, DrTarget, Signal};
@@ -57,12 +57,7 @@ fn policy() -> PolicyConfig {
         retry_backoff: Duration::from_secs(10),
         // Start at once: leaves room for a round of escalation in the window.
         dr_lead_margin: Duration::from_secs(55),
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     }
 }
@@ -148,21 +143,14 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
     let dir = temp_dir(name);
     let ledger = dir.join("ledger.db");
     let clock = ScaledClock::new(SPEED);
-    let fw = std::sync::Arc::new(firmware(&site));
     let bridge = bridge(&site, proxy.ctx.router.clone());
     bridge.spawn_reconciler(Duration::from_millis(250), proxy.shutdown.child_token());
-    let h = driver::spawn(
+    let h = start_driver(
+        &site,
         &ledger,
         policy(),
-        fleet(&site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: bridge.clone(),
-            },
-            telemetry: fw,
-            clock,
-        },
+        bridge.clone(),
+        clock,
         DriverConfig {
             poll_interval: Duration::from_secs(5),
             poll_concurrency: 64,
@@ -170,14 +158,7 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
             ..DriverConfig::default()
         },
     )
-    .await
-    .expect("driver starts");
-    assert!(
-        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
-            .await
-            .is_some(),
-        "first telemetry round"
-    );
+    .await;
 
     // --- the event ---
     let base_kw = site_kw(&site);

@@ -75,12 +75,7 @@ fn policy() -> PolicyConfig {
         verify_grace: Duration::from_secs(20),
         dr_lead_margin: Duration::from_secs(55),
         resume_hold: RESUME_HOLD,
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     }
 }

@@ -68,13 +68,11 @@ fn policy() -> PolicyConfig {
         verify_grace: Duration::from_secs(10),
         retry_backoff: Duration::from_secs(5),
         staleness: Staleness {
-            price: None,
             site_load: Some(Freshness {
                 max_age: SITE_LOAD_MAX_AGE,
                 on_stale: SafeState::CurtailAll,
             }),
-            dispatch: None,
-            dispatch_from_start: false,
+            ..Staleness::NONE
         },
         ..PolicyConfig::default()
     }

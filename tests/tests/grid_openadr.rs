@@ -50,7 +50,7 @@ async fn run() {
 
     // --- the site, the driver, the site meter ---
     let site = start_site((71, 0), "oadr").await;
-    let h = start_driver(&site, &dir.join("ledger.db"), None).await;
+    let h = start_vtn_site_driver(&site, &dir.join("ledger.db"), None).await;
     let base_kw = site_kw(&site);
     let (kw_tx, kw_rx) = watch::channel(base_kw);
     let meter = {

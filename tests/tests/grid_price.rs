@@ -158,9 +158,7 @@ async fn run() {
                 max_age: PRICE_MAX_AGE,
                 on_stale: SafeState::CurtailAll,
             }),
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
+            ..Staleness::NONE
         },
         ..PolicyConfig::default()
     };

@@ -252,3 +252,78 @@ async fn weighted_split_park_unpark_and_move() {
     stop.cancel();
     proxy.shutdown.cancel();
 }
+
+/// Through the fan-out gate (one notify writer at a time), every new job
+/// still reaches every miner, and hashing miners' shares keep being accepted
+/// while jobs fan out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_jobs_reach_every_miner_through_the_notify_gate() {
+    use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
+    use std::collections::HashSet;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let stop = CancellationToken::new();
+    let pool = sv1_pool::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        Sv1PoolConfig {
+            difficulty: 1.0 / (1u64 << 22) as f64,
+            job_interval: Duration::from_millis(500),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let cfg = format!(
+        "[[pools]]\nname = \"p\"\naddress = \"{}\"\nprotocol = \"sv1\"\nuser = \"acct\"\n\n\
+         [listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 2.384185791015625e-7\nmin = 1e-9\n\n\
+         [limits]\nnotify_writers = 1\n",
+        pool.addr()
+    );
+    let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap())
+        .await
+        .unwrap();
+    let addr = proxy.sv1_addr.unwrap();
+
+    // 300 listening miners: each records the distinct job ids it is sent.
+    const N: usize = 300;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!(
+            "{{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[]}}\n{{\"id\":2,\"method\":\"mining.authorize\",\"params\":[\"acct.l{i}\",\"x\"]}}\n"
+        ).as_bytes()).await.unwrap();
+        clients.push(tokio::spawn(async move {
+            let mut jobs = HashSet::new();
+            let mut lines = BufReader::new(s).lines();
+            let until = tokio::time::Instant::now() + Duration::from_secs(6);
+            while let Ok(Ok(Some(line))) = tokio::time::timeout_at(until, lines.next_line()).await {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if v["method"] == "mining.notify" {
+                    jobs.insert(v["params"][0].as_str().unwrap_or_default().to_string());
+                }
+            }
+            jobs.len()
+        }));
+    }
+    // Hashing miners alongside: their shares must keep flowing.
+    let (stats, miners_stop) = start_sv1_miners(addr, 20, "acct.h", 2.0e6);
+    let mut counts = Vec::new();
+    for c in clients {
+        counts.push(c.await.unwrap());
+    }
+    let accepted = stats.accepted.get();
+    miners_stop.cancel();
+    let fewest = *counts.iter().min().unwrap();
+    println!(
+        "notify gate: {N} miners saw {fewest}..{} distinct jobs in 6 s (a new one every 0.5 s); hashing miners' accepted shares {accepted}",
+        counts.iter().max().unwrap()
+    );
+    assert!(
+        fewest >= 8,
+        "a miner saw only {fewest} jobs in 6 s: {counts:?}"
+    );
+    assert!(accepted > 0, "no share accepted while jobs fanned out");
+    proxy.shutdown.cancel();
+    stop.cancel();
+}

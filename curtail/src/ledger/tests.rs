@@ -305,12 +305,7 @@ fn small_fleet(n: u64) -> Fleet {
 fn restart_does_not_wake_curtailed_miners() {
     let dir = TempDir::new("restart");
     let cfg = PolicyConfig {
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     };
     let t0 = Timestamp::from_secs(1_700_000_000);

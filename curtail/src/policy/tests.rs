@@ -15,18 +15,9 @@ fn t(secs: u64) -> Timestamp {
     Timestamp::from_secs(T0 + secs)
 }
 
-fn no_staleness() -> Staleness {
-    Staleness {
-        price: None,
-        site_load: None,
-        dispatch: None,
-        dispatch_from_start: false,
-    }
-}
-
 fn base_cfg() -> PolicyConfig {
     PolicyConfig {
-        staleness: no_staleness(),
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     }
 }
@@ -712,7 +703,7 @@ fn stale_price_goes_to_safe_state() {
                 max_age: Duration::from_secs(600),
                 on_stale: SafeState::CurtailAll,
             }),
-            ..no_staleness()
+            ..Staleness::NONE
         },
         min_off: Duration::from_secs(0),
         ..base_cfg()
@@ -759,7 +750,7 @@ fn stale_price_keep_running() {
                 max_age: Duration::from_secs(300),
                 on_stale: SafeState::KeepRunning,
             }),
-            ..no_staleness()
+            ..Staleness::NONE
         },
         min_off: Duration::from_secs(0),
         ..base_cfg()
@@ -783,7 +774,7 @@ fn stale_dispatch_auto_curtails() {
                 max_age: Duration::from_secs(240),
                 on_stale: SafeState::CurtailAll,
             }),
-            ..no_staleness()
+            ..Staleness::NONE
         },
         ..base_cfg()
     };
@@ -813,7 +804,7 @@ fn silent_dispatcher_fails_safe_from_start() {
                 on_stale: SafeState::CurtailAll,
             }),
             dispatch_from_start: from_start,
-            ..no_staleness()
+            ..Staleness::NONE
         },
         ..base_cfg()
     };

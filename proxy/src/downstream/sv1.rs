@@ -12,7 +12,7 @@ use super::channel::{
     self, ChannelCore, ChannelSetup, ExtranonceMode, Out, SlotGuard, SubmitBucket, TargetScope,
     Work, WorkerGuard,
 };
-use super::Ctx;
+use super::{Ctx, FanoutTurn};
 use crate::router::Lease;
 use crate::stats::{RejectReason, WorkerStats};
 use bytes::BytesMut;
@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::AcquireError;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -61,6 +62,10 @@ struct Session {
 /// A channel wake-up kept across loop turns.
 type WakeFut =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<channel::Wake, String>> + Send>>;
+/// A wait for a turn at the fan-out gate (see [`Ctx::fanout`]); allocated
+/// only while a new job waits, so idle miners do not carry it.
+type TurnFut =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<FanoutTurn, AcquireError>> + Send>>;
 
 /// Bytes asked of the socket per read (a submit line is ~150).
 const READ_CHUNK: usize = 1024;
@@ -126,14 +131,19 @@ impl Session {
         let mut last_read = Instant::now();
         let mut buf = BytesMut::new();
         let mut wake: Option<WakeFut> = None;
+        let mut turn_wait: Option<TurnFut> = None;
         loop {
             let ready = self.core.is_some();
-            if wake.is_none() {
+            // While a new job waits for its turn the view stays unread, so
+            // a new wake-up would fire at once: none is built until then.
+            if wake.is_none() && turn_wait.is_none() {
                 wake = self
                     .core
                     .as_ref()
                     .map(|c| Box::pin(c.wake_owned()) as WakeFut);
             }
+            // Held from a new job's turn until its notify is written.
+            let mut _turn = None;
             tokio::select! {
                 _ = &mut cancelled => return Close::Shutdown,
                 r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
@@ -153,11 +163,20 @@ impl Session {
                     wake = None;
                     match w {
                         Err(why) => return Close::Reason(why),
+                        Ok(channel::Wake::View) => {
+                            turn_wait = Some(Box::pin(self.ctx.fanout.clone().acquire_owned()));
+                        }
                         Ok(w) => {
                             let out = self.core.as_mut().and_then(|c| c.on_wake(w));
                             self.emit(out);
                         }
                     }
+                }
+                t = poll_turn(&mut turn_wait) => {
+                    turn_wait = None;
+                    _turn = t.ok();
+                    let out = self.core.as_mut().and_then(|c| c.on_wake(channel::Wake::View));
+                    self.emit(out);
                 }
                 _ = &mut timer => {
                     let now = Instant::now();
@@ -499,6 +518,13 @@ impl Session {
 
 async fn poll_wake(w: &mut Option<WakeFut>) -> Result<channel::Wake, String> {
     match w {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_turn(t: &mut Option<TurnFut>) -> Result<FanoutTurn, AcquireError> {
+    match t {
         Some(f) => f.await,
         None => std::future::pending().await,
     }

@@ -10,7 +10,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,10 +20,12 @@ use gridproxy::curtail_bridge::ProxyActuator;
 use gridproxy::router::Router;
 use gridproxy_fixtures::site::{Firmware, Site, SiteMiner};
 
+use curtail::actuator::Actuator;
 use curtail::actuators::{FleetActuator, MinerEndpoint};
-use curtail::driver::Audit;
+use curtail::driver::{self, Audit, DriverConfig, DriverHandle, Edge, Route};
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
 use curtail::policy::Action;
+use curtail::policy::PolicyConfig;
 use curtail::time::Timestamp;
 
 pub use curtail::driver::ScaledClock;
@@ -219,4 +221,40 @@ pub fn assert_staggered(
         );
     }
     batches.into_iter().map(|(_, n)| n).collect()
+}
+
+/// The driver on `site`'s firmware APIs, `proxy` for proxy-side actions,
+/// ledger at `ledger`; returns after its first telemetry round.
+pub async fn start_driver<P: Actuator + 'static>(
+    site: &Site,
+    ledger: &Path,
+    policy: PolicyConfig,
+    proxy: P,
+    clock: ScaledClock,
+    cfg: DriverConfig,
+) -> DriverHandle {
+    let fw = Arc::new(firmware(site));
+    let h = driver::spawn(
+        ledger,
+        policy,
+        fleet(site),
+        Edge {
+            actuator: Route {
+                firmware: fw.clone(),
+                proxy,
+            },
+            telemetry: fw,
+            clock,
+        },
+        cfg,
+    )
+    .await
+    .expect("driver starts");
+    assert!(
+        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
+            .await
+            .is_some(),
+        "first telemetry round"
+    );
+    h
 }

@@ -22,10 +22,10 @@ use openleadr_wire::event::EventRequest;
 use openleadr_wire::program::ProgramRequest;
 use serde_json::json;
 
-use curtail::driver::{self, CommitHook, DriverConfig, DriverHandle, Edge, Nothing, Route};
+use curtail::driver::{CommitHook, DriverConfig, DriverHandle, Nothing};
 use curtail::policy::{PolicyConfig, Staleness};
 
-use super::curtail_support::{firmware, fleet, site_kw, ScaledClock, SERIAL, SPEED};
+use super::curtail_support::{site_kw, ScaledClock, SERIAL, SPEED};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -182,36 +182,24 @@ pub fn policy() -> PolicyConfig {
         min_off: Duration::from_secs(20),
         ack_timeout: Duration::from_secs(20),
         verify_grace: Duration::from_secs(20),
-        staleness: Staleness {
-            price: None,
-            site_load: None,
-            dispatch: None,
-            dispatch_from_start: false,
-        },
+        staleness: Staleness::NONE,
         ..PolicyConfig::default()
     }
 }
 
 /// The driver on the site's firmware APIs (no proxy), ledger at `ledger`;
 /// returns after its first telemetry round.
-pub async fn start_driver(
+pub async fn start_vtn_site_driver(
     site: &Site,
     ledger: &Path,
     commit_hook: Option<CommitHook>,
 ) -> DriverHandle {
-    let fw = Arc::new(firmware(site));
-    let h = driver::spawn(
+    super::curtail_support::start_driver(
+        site,
         ledger,
         policy(),
-        fleet(site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: Nothing,
-            },
-            telemetry: fw,
-            clock: ScaledClock::new(SPEED),
-        },
+        Nothing,
+        ScaledClock::new(SPEED),
         DriverConfig {
             poll_interval: Duration::from_secs(3),
             interval: Duration::from_secs(30),
@@ -220,14 +208,6 @@ pub async fn start_driver(
         },
     )
     .await
-    .expect("driver starts");
-    assert!(
-        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
-            .await
-            .is_some(),
-        "first telemetry round"
-    );
-    h
 }
 
 /// The utility's side: a program on the VTN and its events.
