@@ -368,7 +368,7 @@ impl Router {
         self.lock().miners.remove(&id);
     }
 
-    fn usable_home(st: &State, p: usize, now: Instant) -> bool {
+    fn usable(st: &State, p: usize, now: Instant) -> bool {
         let h = &st.health[p];
         h.live
             && (!h.has_failed
@@ -386,38 +386,33 @@ impl Router {
         }
         let now = Instant::now();
         let want = e.pinned.unwrap_or(e.home);
-        if Self::usable_home(st, want, now) {
+        if Self::usable(st, want, now) {
             return Assignment {
                 pool: Some(want),
                 parked: false,
             };
         }
-        // Failover: stay on a live pool of the same standing if the miner is already there,
-        // else the best live pool by priority.
-        let current = e.cell.assignment().pool;
-        if let Some(c) = current {
-            if st.health[c].live
-                && c != want
-                && st.priority(c) <= Self::best_live_priority(st).unwrap_or(u32::MAX)
-            {
+        // Failover. The best pool is the first by priority that is usable (a
+        // pool back from a failure is not, until its cooldown ends), else the
+        // first live one. A miner already on a live pool of that standing stays.
+        let best = st
+            .order
+            .iter()
+            .copied()
+            .find(|&p| Self::usable(st, p, now))
+            .or_else(|| st.order.iter().copied().find(|&p| st.health[p].live));
+        if let (Some(c), Some(b)) = (e.cell.assignment().pool, best) {
+            if st.health[c].live && c != want && st.priority(c) <= st.priority(b) {
                 return Assignment {
                     pool: Some(c),
                     parked: false,
                 };
             }
         }
-        let pool = st.order.iter().copied().find(|&p| st.health[p].live);
         Assignment {
-            pool,
+            pool: best,
             parked: false,
         }
-    }
-
-    fn best_live_priority(st: &State) -> Option<u32> {
-        st.order
-            .iter()
-            .find(|&&p| st.health[p].live)
-            .map(|&p| st.priority(p))
     }
 
     /// Recompute every miner's assignment; send the ones that changed.

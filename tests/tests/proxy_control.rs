@@ -276,7 +276,7 @@ async fn new_jobs_reach_every_miner_through_the_notify_gate() {
     .unwrap();
     let cfg = format!(
         "[[pools]]\nname = \"p\"\naddress = \"{}\"\nprotocol = \"sv1\"\nuser = \"acct\"\n\n\
-         [listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 2.384185791015625e-7\nmin = 1e-9\n\n\
+         [listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 7.62939453125e-6\nmin = 1e-9\n\n\
          [limits]\nnotify_writers = 1\n",
         pool.addr()
     );
@@ -307,7 +307,8 @@ async fn new_jobs_reach_every_miner_through_the_notify_gate() {
         }));
     }
     // Hashing miners alongside: their shares must keep flowing.
-    let (stats, miners_stop) = start_sv1_miners(addr, 20, "acct.h", 2.0e6);
+    // 20 x 50 kH/s at difficulty 2^-17: ~2 shares/s each, light on 2 cores.
+    let (stats, miners_stop) = start_sv1_miners(addr, 20, "acct.h", 5.0e4);
     let mut counts = Vec::new();
     for c in clients {
         counts.push(c.await.unwrap());
@@ -316,11 +317,16 @@ async fn new_jobs_reach_every_miner_through_the_notify_gate() {
     miners_stop.cancel();
     let fewest = *counts.iter().min().unwrap();
     println!(
+        "pool jobs {} proxy upstream jobs {}",
+        pool.stats().jobs.get(),
+        proxy.ctx.router.pools()[0].stats.jobs.get()
+    );
+    println!(
         "notify gate: {N} miners saw {fewest}..{} distinct jobs in 6 s (a new one every 0.5 s); hashing miners' accepted shares {accepted}",
         counts.iter().max().unwrap()
     );
     assert!(
-        fewest >= 8,
+        fewest >= 10,
         "a miner saw only {fewest} jobs in 6 s: {counts:?}"
     );
     assert!(accepted > 0, "no share accepted while jobs fanned out");
