@@ -459,6 +459,7 @@ async fn curtail_chaos() {
         m.emulator.miner().wake();
         m.set_fault(Fault::None);
     }
+    let rebooted_at = curtail::time::Clock::now(&clock);
     let drift0 = h.status().drift;
     assert!(
         {
@@ -541,7 +542,6 @@ async fn curtail_chaos() {
     // The engine noticed (drift, or an unverified sleep escalated). Its next
     // status poll may come after the miners already look curtailed (they come
     // back at a persisted power target), so give it a few poll rounds.
-    // TODO: per rebooted miner, a curtail command after its reboot in the ledger.
     assert!(
         wait_until(Duration::from_secs(20), || {
             let s = h.status();
@@ -568,6 +568,25 @@ async fn curtail_chaos() {
     assert_eq!(hooked.len(), audit.commands.len());
     assert!(hooked.iter().all(|id| in_ledger.contains(id)));
     let ok = every_command_answered(&audit);
+    // Per rebooted miner, a curtailing command after its reboot: each one
+    // was noticed and acted on, not left at its persisted power target.
+    // (Known gap: rebooted Whatsminers get their minimum power target, the
+    // others a sleep.)
+    let missed: Vec<usize> = rebooted
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let mid = id(&site.miners()[i]);
+            !audit
+                .commands
+                .iter()
+                .any(|c| c.miner == mid && c.at >= rebooted_at && c.curtail)
+        })
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "rebooted miners with no curtailing command after the reboot: {missed:?}"
+    );
     println!(
         "ledger: {} commands ({ok} OK), every committed one present; {} signals",
         audit.commands.len(),

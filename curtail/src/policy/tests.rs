@@ -1111,3 +1111,33 @@ fn event_driven_by_poll_timeout() {
     assert!(!wakes.is_empty());
     assert!(wakes.iter().all(|w| w.issued_at >= end));
 }
+
+/// A 0 kW dispatch has every miner asleep; a miner that reboots comes back
+/// hashing at its persisted power target. The engine puts it back to sleep,
+/// not to a power target: the reboot was not its on-switch.
+#[test]
+fn rebooted_miner_under_zero_kw_dispatch_sleeps_again() {
+    let specs = mixed_fleet(8);
+    let mut s = Sim::new(base_cfg(), specs);
+    s.signal(Signal::Dispatch(DispatchSignal {
+        at: s.now,
+        target_kw: Some(0.0),
+    }));
+    s.run(60);
+    assert!(s.miners.iter().all(|m| m.asleep), "all asleep at 0 kW");
+    let n = s.log.len();
+    // Every capable miner reboots at a power target 60 % of nominal.
+    for m in &mut s.miners {
+        if m.spec.capabilities().power_target {
+            m.asleep = false;
+            m.limit = Some(0.6 * m.spec.nominal_w);
+            m.settle();
+        }
+    }
+    s.run(60);
+    let after: Vec<_> = s.log[n..].iter().map(|c| (c.miner, c.action)).collect();
+    assert!(
+        s.miners.iter().all(|m| m.asleep),
+        "every rebooted miner asleep again; commands after the reboot: {after:?}"
+    );
+}
