@@ -570,8 +570,10 @@ async fn curtail_chaos() {
     let ok = every_command_answered(&audit);
     // Per rebooted miner, a curtailing command after its reboot: each one
     // was noticed and acted on, not left at its persisted power target.
-    // (Known gap: rebooted Whatsminers get their minimum power target, the
-    // others a sleep.)
+    // Whatsminers get their minimum power target, the others a sleep: a
+    // Whatsminer acks power_off before acting, so its sleep is confirmed only
+    // by telemetry; the reboot comes before that, the miner is seen hashing,
+    // and the unconfirmed sleep escalates as one the firmware ignored would.
     let missed: Vec<usize> = rebooted
         .iter()
         .copied()
