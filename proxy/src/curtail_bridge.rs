@@ -16,7 +16,7 @@
 //! the daemon crate reach the engine, driver and firmware clients through
 //! it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -107,30 +107,29 @@ impl ProxyActuator {
     /// reconnected come back unparked and unpinned). Returns the number of
     /// router entries touched.
     pub fn reconcile(&self) -> usize {
+        // Sets, not lists: the router asks about every miner it holds.
         let (parked, pins) = {
             let inner = self.lock();
-            let parked: Vec<String> = inner
+            let parked: HashSet<String> = inner
                 .desired
                 .iter()
                 .filter(|(_, d)| d.parked)
                 .map(|(w, _)| w.clone())
                 .collect();
-            let mut pins: HashMap<usize, Vec<String>> = HashMap::new();
+            let mut pins: HashMap<usize, HashSet<String>> = HashMap::new();
             for (w, d) in &inner.desired {
                 if let Some(p) = d.pool {
-                    pins.entry(p).or_default().push(w.clone());
+                    pins.entry(p).or_default().insert(w.clone());
                 }
             }
             (parked, pins)
         };
         let mut n = 0;
         if !parked.is_empty() {
-            n += self.router.park(|w| parked.iter().any(|p| p == w));
+            n += self.router.park(|w| parked.contains(w));
         }
         for (pool, workers) in pins {
-            n += self
-                .router
-                .move_to(|w| workers.iter().any(|x| x == w), Some(pool));
+            n += self.router.move_to(|w| workers.contains(w), Some(pool));
         }
         n
     }
