@@ -57,6 +57,24 @@ fn gridproxy_bin() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
     let mut cmd = Command::new(cargo);
+    // Drop what cargo set for this test process: build scripts watch some of
+    // it (ring reruns on CARGO_MANIFEST_DIR), and a changed value rebuilt
+    // ring, rustls, sqlx and reqwest here (~220 s in CI) instead of nothing.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p));
+        if per_crate || k == "CARGO_PRIMARY_PACKAGE" || k == "CARGO_TARGET_TMPDIR" || k == "OUT_DIR"
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
     cmd.args(["build", "--quiet", "-p", "gridproxy", "--bin", "gridproxy"])
         .arg("--manifest-path")
         .arg(&manifest)
