@@ -242,7 +242,7 @@ async fn weighted_split_park_unpark_and_move() {
         router.shares()
     );
     assert!(
-        wait_until(Duration::from_secs(30), || router.pools()[1]
+        wait_until(Duration::from_secs(60), || router.pools()[1]
             .stats
             .submitted
             .get()
