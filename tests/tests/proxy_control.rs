@@ -138,7 +138,7 @@ fn config(pools: &[(&str, SocketAddr, String, f64)]) -> Config {
             "[[pools]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{key}\"\nuser = \"gridproxy-test\"\npriority = 0\nweight = {weight}\nnominal_hashrate = 250000.0\n\n"
         ));
     }
-    s.push_str("[listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\nretarget_secs = 3600\n\n[routing]\nrebalance_secs = 2\n");
+    s.push_str("[listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\nretarget_secs = 3600\n\n[routing]\nrebalance_secs = 2\n# park/move is under test, not fail-back: a pool that reconnects is usable again soon\nfailback_cooldown_secs = 2\n");
     Config::parse(&s, "test").unwrap()
 }
 
