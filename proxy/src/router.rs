@@ -141,6 +141,12 @@ struct State {
     walked_at: Instant,
 }
 
+/// See [`Router::standing`].
+struct Standing {
+    now: Instant,
+    best: Option<usize>,
+}
+
 impl State {
     fn priority(&self, p: usize) -> u32 {
         self.slots[p].config.priority
@@ -354,7 +360,11 @@ impl Router {
             pinned: None,
             parked: false,
         };
-        entry.cell.set(Self::effective(&st, &entry));
+        entry.cell.set(Self::effective(
+            &st,
+            &Self::standing(&st, Instant::now()),
+            &entry,
+        ));
         let cell = entry.cell.clone();
         st.miners.insert(id, entry);
         Lease {
@@ -368,40 +378,55 @@ impl Router {
         self.lock().miners.remove(&id);
     }
 
-    fn usable(st: &State, p: usize, now: Instant) -> bool {
-        let h = &st.health[p];
-        h.live
-            && (!h.has_failed
-                || h.live_since.is_some_and(|t| {
-                    now.duration_since(t) >= Duration::from_secs(st.cfg.failback_cooldown_secs)
-                }))
+    /// When pool `p`'s fail-back cooldown ends, counted from its return.
+    fn cooldown_end(st: &State, p: usize) -> Option<Instant> {
+        let cooldown = Duration::from_secs(st.cfg.failback_cooldown_secs);
+        st.health[p].live_since.map(|t| t + cooldown)
     }
 
-    fn effective(st: &State, e: &Entry) -> Assignment {
-        if e.parked {
-            return Assignment {
-                pool: None,
-                parked: true,
-            };
-        }
-        let now = Instant::now();
-        let want = e.pinned.unwrap_or(e.home);
-        if Self::usable(st, want, now) {
-            return Assignment {
-                pool: Some(want),
-                parked: false,
-            };
-        }
-        // Failover. The best pool is the first by priority that is usable (a
-        // pool back from a failure is not, until its cooldown ends), else the
-        // first live one. A miner already on a live pool of that standing stays.
+    /// Live, and past the fail-back cooldown if it ever failed.
+    fn usable(st: &State, p: usize, now: Instant) -> bool {
+        let h = &st.health[p];
+        h.live && (!h.has_failed || Self::cooldown_end(st, p).is_some_and(|end| now >= end))
+    }
+
+    /// Pool `i` as its task reports it: a retired pool's task is gone, and
+    /// its last view may still say live.
+    fn reported_live(st: &State, i: usize, p: &PoolHandle) -> bool {
+        !st.slots[i].retired && p.view.borrow().live
+    }
+
+    /// What every miner is judged against, worked out once per walk: the
+    /// best failover pool is the first by priority that is usable (a pool
+    /// back from a failure is not, until its cooldown ends), else the first
+    /// live one.
+    fn standing(st: &State, now: Instant) -> Standing {
         let best = st
             .order
             .iter()
             .copied()
             .find(|&p| Self::usable(st, p, now))
             .or_else(|| st.order.iter().copied().find(|&p| st.health[p].live));
-        if let (Some(c), Some(b)) = (e.cell.assignment().pool, best) {
+        Standing { now, best }
+    }
+
+    fn effective(st: &State, at: &Standing, e: &Entry) -> Assignment {
+        if e.parked {
+            return Assignment {
+                pool: None,
+                parked: true,
+            };
+        }
+        let want = e.pinned.unwrap_or(e.home);
+        if Self::usable(st, want, at.now) {
+            return Assignment {
+                pool: Some(want),
+                parked: false,
+            };
+        }
+        // Failover to the best pool; a miner already on a live pool of its
+        // standing stays.
+        if let (Some(c), Some(b)) = (e.cell.assignment().pool, at.best) {
             if st.health[c].live && c != want && st.priority(c) <= st.priority(b) {
                 return Assignment {
                     pool: Some(c),
@@ -410,7 +435,7 @@ impl Router {
             }
         }
         Assignment {
-            pool: best,
+            pool: at.best,
             parked: false,
         }
     }
@@ -421,8 +446,7 @@ impl Router {
         let mut st = self.lock();
         let now = Instant::now();
         for (i, p) in pools.iter().enumerate() {
-            // A retired pool's task is gone; its last view may still say live.
-            let live = !st.slots[i].retired && p.view.borrow().live;
+            let live = Self::reported_live(&st, i, p);
             let h = &mut st.health[i];
             if live && !h.live {
                 h.live_since = Some(now);
@@ -434,9 +458,10 @@ impl Router {
             h.live = live;
         }
         st.walked_at = now;
+        let at = Self::standing(&st, now);
         let mut changed = 0;
         for e in st.miners.values() {
-            if e.cell.set(Self::effective(&st, e)) {
+            if e.cell.set(Self::effective(&st, &at, e)) {
                 changed += 1;
             }
         }
@@ -453,15 +478,13 @@ impl Router {
         let due = {
             let st = self.lock();
             let now = Instant::now();
-            let cooldown = Duration::from_secs(st.cfg.failback_cooldown_secs);
             pools.iter().enumerate().any(|(i, p)| {
                 let h = &st.health[i];
-                let live = !st.slots[i].retired && p.view.borrow().live;
-                let ends = h.live_since.map(|t| t + cooldown);
-                live != h.live
+                Self::reported_live(&st, i, p) != h.live
                     || (h.has_failed
                         && h.live
-                        && ends.is_some_and(|end| end > st.walked_at && end <= now))
+                        && Self::cooldown_end(&st, i)
+                            .is_some_and(|end| end > st.walked_at && end <= now))
             })
         };
         due.then(|| self.reevaluate())
