@@ -285,9 +285,15 @@ impl Drop for PeerProcess {
 /// Removes inherited `POOL__*` / `TPROXY__*` overrides from `cmd`'s environment, so a stray
 /// variable in the developer's shell cannot change (or un-loopback) a peer's config.
 pub fn clean_env(cmd: &mut Command) {
+    remove_env(cmd, &["POOL__", "TPROXY__"]);
+}
+
+/// Removes every inherited variable whose name starts with one of `prefixes` from `cmd`'s
+/// environment.
+pub fn remove_env(cmd: &mut Command, prefixes: &[&str]) {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
-        if k.starts_with("POOL__") || k.starts_with("TPROXY__") {
+        if prefixes.iter().any(|p| k.starts_with(p)) {
             cmd.env_remove(k.as_ref());
         }
     }

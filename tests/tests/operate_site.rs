@@ -28,7 +28,7 @@ use gridproxy::curtail_bridge::curtail;
 use gridproxy::site::miner_id;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
-use gridproxy_tests::{free_addr, wait_until, PeerProcess};
+use gridproxy_tests::{free_addr, remove_env, wait_until, PeerProcess};
 use mqtt_support::{Mosquitto, Recorder, PASSWORD, USER};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -60,21 +60,18 @@ fn gridproxy_bin() -> PathBuf {
     // Drop what cargo set for this test process: build scripts watch some of
     // it (ring reruns on CARGO_MANIFEST_DIR), and a changed value rebuilt
     // ring, rustls, sqlx and reqwest here (~220 s in CI) instead of nothing.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        let per_crate = [
+    remove_env(
+        &mut cmd,
+        &[
             "CARGO_PKG_",
             "CARGO_MANIFEST_",
             "CARGO_CRATE_",
             "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p));
-        if per_crate || k == "CARGO_PRIMARY_PACKAGE" || k == "CARGO_TARGET_TMPDIR" || k == "OUT_DIR"
-        {
-            cmd.env_remove(k.as_ref());
-        }
-    }
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ],
+    );
     cmd.args(["build", "--quiet", "-p", "gridproxy", "--bin", "gridproxy"])
         .arg("--manifest-path")
         .arg(&manifest)

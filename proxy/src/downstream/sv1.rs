@@ -159,7 +159,7 @@ impl Session {
                         }
                     }
                 }
-                w = poll_wake(&mut wake) => {
+                w = poll_kept(&mut wake) => {
                     wake = None;
                     match w {
                         Err(why) => return Close::Reason(why),
@@ -172,7 +172,7 @@ impl Session {
                         }
                     }
                 }
-                t = poll_turn(&mut turn_wait) => {
+                t = poll_kept(&mut turn_wait) => {
                     turn_wait = None;
                     _turn = t.ok();
                     let out = self.core.as_mut().and_then(|c| c.on_wake(channel::Wake::View));
@@ -516,15 +516,11 @@ impl Session {
     }
 }
 
-async fn poll_wake(w: &mut Option<WakeFut>) -> Result<channel::Wake, String> {
-    match w {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn poll_turn(t: &mut Option<TurnFut>) -> Result<FanoutTurn, AcquireError> {
-    match t {
+/// The kept future's output, or never when there is none.
+async fn poll_kept<T>(
+    f: &mut Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+) -> T {
+    match f {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
