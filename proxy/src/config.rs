@@ -1,17 +1,19 @@
-//! TOML configuration: pools, listeners, limits, difficulty.
+//! The engine's configuration: pools, listeners, limits, difficulty, routing,
+//! extranonce layout.
 //!
 //! Every key has a default except the pool list; unknown keys are refused so a
-//! typo does not silently fall back to a default.
+//! typo does not silently fall back to a default. The application embeds these
+//! tables in its own file (with `[api]` and `[site]`) and names file and line
+//! in errors; here an error names the key.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-/// The whole configuration file.
+/// What the proxy engine needs: the tables the engine reads.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct ProxyConfig {
     /// Upstream pools, by priority (lowest `priority` first).
     pub pools: Vec<PoolConfig>,
     /// Downstream listeners.
@@ -29,13 +31,6 @@ pub struct Config {
     /// Extranonce layout.
     #[serde(default)]
     pub extranonce: ExtranonceConfig,
-    /// Control API, metrics and dashboard (`crate::api::config`).
-    #[serde(default)]
-    pub api: crate::api::config::ApiConfig,
-    /// Curtailment engine, miners and grid signal sources (`crate::site`);
-    /// off when absent.
-    #[serde(default)]
-    pub site: Option<crate::site::SiteConfig>,
 }
 
 /// Upstream protocol.
@@ -245,67 +240,39 @@ impl Default for ExtranonceConfig {
     }
 }
 
-/// A config error naming the file, line and key where possible.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// file
-        path: String,
-        /// io error
-        source: std::io::Error,
-    },
-    /// TOML or type errors (the message carries line and column).
-    #[error("{path}: {message}")]
-    Parse {
-        /// file
-        path: String,
-        /// parser message
-        message: String,
-    },
-    /// The values parse but do not make sense together.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        /// file
-        path: String,
-        /// offending key
-        key: String,
-        /// what is wrong
-        message: String,
-    },
+/// A value that parses but does not make sense; names the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct Invalid {
+    /// The offending key, as a path (`pools[1].weight`).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
 }
 
-impl Config {
-    /// Read and validate a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: p.clone(),
-            source: e,
-        })?;
-        Self::parse(&text, &p)
-    }
+/// A configuration that did not parse or validate.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// TOML or type errors (the message carries line and column).
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// The values parse but do not make sense together.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+}
 
-    /// Parse and validate config text; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
-        cfg.validate(origin)?;
-        if let Some(site) = &cfg.site {
-            site.validate(origin, Some(text))?;
-        }
+impl ProxyConfig {
+    /// Parse and validate the engine's tables from TOML text (embedders and
+    /// tests; the application has its own loader for the whole file).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: ProxyConfig = toml::from_str(text)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |key: String, message: String| ConfigError::Invalid {
-            path: origin.to_string(),
-            key,
-            message,
-        };
+    /// Check the values make sense together; the error names the key.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |key: String, message: String| Invalid { key, message };
         if self.pools.is_empty() {
             return Err(bad(
                 "pools".into(),
@@ -391,35 +358,30 @@ mod tests {
 
     #[test]
     fn minimal_config_parses_with_loopback_defaults() {
-        let c = Config::parse(&ok(""), "t.toml").unwrap();
+        let c = ProxyConfig::from_toml(&ok("")).unwrap();
         assert_eq!(c.listen.sv1.unwrap().ip().to_string(), "127.0.0.1");
         assert_eq!(c.extranonce.extranonce2_size, 4);
     }
 
     #[test]
-    fn errors_name_the_key_and_line() {
-        let e = Config::parse(&ok("[limits]\nmax_lien = 5\n"), "t.toml")
+    fn errors_name_the_key() {
+        let e = ProxyConfig::from_toml(&ok("[limits]\nmax_lien = 5\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_lien") && e.contains("line 8"), "{e}");
-        let e = Config::parse(&ok("[extranonce]\nextranonce2_size = 12\n"), "t.toml")
+        let e = ProxyConfig::from_toml(&ok("[extranonce]\nextranonce2_size = 12\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("extranonce.extranonce2_size"), "{e}");
-        let e = Config::parse(
+        let e = ProxyConfig::from_toml(
             "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv2'\nuser='u'\n",
-            "t.toml",
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
-        let e = Config::parse(&ok("").replace(KEY, "notakey"), "t.toml")
+        let e = ProxyConfig::from_toml(&ok("").replace(KEY, "notakey"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
-        let e = Config::parse(&ok("").replace("127.0.0.1:1", "nowhere"), "t.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("address") && e.contains("line 3"), "{e}");
     }
 }

@@ -1,17 +1,22 @@
-//! Wiring: start upstream tasks, the router, and the listeners.
+//! Wiring: start upstream tasks, the router and the listeners; reconfigure
+//! them live; shut them down and wait for every task.
 
-use crate::config::Config;
+use crate::config::ProxyConfig;
 use crate::downstream::{self, Ctx};
-use crate::router::Router;
+use crate::error::{ReconfigureError, StartError};
+use crate::router::{Reconfigured, Router};
 use crate::stats::{PoolStats, Registry};
 use crate::upstream;
 use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// A running proxy.
+/// A running proxy engine (a cheap handle: clones share the engine).
+#[derive(Clone)]
 pub struct Proxy {
     /// Shared context (config, registry, router).
     pub ctx: Arc<Ctx>,
@@ -19,16 +24,31 @@ pub struct Proxy {
     pub sv1_addr: Option<SocketAddr>,
     /// Where the SV2 listener is bound.
     pub sv2_addr: Option<SocketAddr>,
-    /// Cancel to stop everything.
-    pub shutdown: CancellationToken,
+    /// Fires when the proxy stops (cancel it, or call [`Proxy::shutdown`]).
+    pub stop: CancellationToken,
+}
+
+/// What a reconfiguration changed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Changes {
+    /// Pool changes.
+    pub pools: Reconfigured,
+    /// Tables whose values changed (`pools`, `routing`, `limits`, `difficulty`).
+    pub sections: Vec<&'static str>,
 }
 
 impl Proxy {
-    /// Start upstreams, router and listeners. Binds before returning, so the
-    /// addresses are usable at once (port 0 picks a free port).
-    pub async fn start(cfg: Config) -> anyhow::Result<Proxy> {
+    /// Start upstreams, router and listeners; everything stops when
+    /// `shutdown` fires. Binds before returning, so the addresses are usable
+    /// at once (port 0 picks a free port).
+    pub async fn start(cfg: ProxyConfig, shutdown: CancellationToken) -> Result<Proxy, StartError> {
         let cfg = Arc::new(cfg);
-        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        // Check the keys before any task starts: a refused start leaves nothing running.
+        let authority = match cfg.listen.sv2 {
+            Some(_) => Some(sv2_authority(&cfg)?),
+            None => None,
+        };
         let mut handles = Vec::new();
         let mut stops = Vec::new();
         for (index, pool) in cfg.pools.iter().enumerate() {
@@ -41,54 +61,145 @@ impl Proxy {
                 &cfg.extranonce,
                 stats,
                 stop.clone(),
+                &tasks,
             ));
             stops.push(stop);
         }
         let router = Router::with_stops(&cfg, handles, stops);
-        router.spawn_monitor(shutdown.clone());
+        router.spawn_monitor(shutdown.clone(), &tasks);
         let registry = Arc::new(Registry::default());
-        let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone());
-        let mut sv1_addr = None;
-        if let Some(addr) = cfg.listen.sv1 {
-            let l = bind(addr).map_err(|e| anyhow::anyhow!("bind sv1 listener {addr}: {e}"))?;
-            sv1_addr = Some(l.local_addr()?);
-            tokio::spawn(downstream::serve_sv1(ctx.clone(), l));
+        let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone(), tasks);
+        let started = async {
+            let mut sv1_addr = None;
+            if let Some(addr) = cfg.listen.sv1 {
+                let l = bind("sv1", addr)?;
+                sv1_addr = Some(l.local_addr().map_err(|e| bind_error("sv1", addr, e))?);
+                ctx.tasks.spawn(downstream::serve_sv1(ctx.clone(), l));
+            }
+            let mut sv2_addr = None;
+            if let (Some(addr), Some(authority)) = (cfg.listen.sv2, authority) {
+                let l = bind("sv2", addr)?;
+                sv2_addr = Some(l.local_addr().map_err(|e| bind_error("sv2", addr, e))?);
+                ctx.tasks
+                    .spawn(downstream::serve_sv2(ctx.clone(), l, authority));
+            }
+            Ok((sv1_addr, sv2_addr))
+        };
+        match started.await {
+            Ok((sv1_addr, sv2_addr)) => Ok(Proxy {
+                ctx,
+                sv1_addr,
+                sv2_addr,
+                stop: shutdown,
+            }),
+            Err(e) => {
+                // A listener failed: stop the upstreams already started.
+                shutdown.cancel();
+                ctx.tasks.close();
+                ctx.tasks.wait().await;
+                Err(e)
+            }
         }
-        let mut sv2_addr = None;
-        if let Some(addr) = cfg.listen.sv2 {
-            let (Some(public), Some(secret)) = (
-                cfg.listen.sv2_authority_pubkey.as_deref(),
-                cfg.listen.sv2_authority_secret.as_deref(),
-            ) else {
-                anyhow::bail!("listen.sv2 needs sv2_authority_pubkey and sv2_authority_secret");
-            };
-            let authority = AuthorityKeypair::from_strs(public, secret).map_err(|e| {
-                anyhow::anyhow!("listen.sv2_authority_pubkey / sv2_authority_secret: {e}")
-            })?;
-            let l = bind(addr).map_err(|e| anyhow::anyhow!("bind sv2 listener {addr}: {e}"))?;
-            sv2_addr = Some(l.local_addr()?);
-            tokio::spawn(downstream::serve_sv2(ctx.clone(), l, authority));
-        }
-        Ok(Proxy {
-            ctx,
-            sv1_addr,
-            sv2_addr,
-            shutdown,
-        })
     }
+
+    /// Put a new configuration in force without dropping a miner: pools
+    /// (added, removed, re-addressed), priorities and split weights, routing
+    /// timings, difficulty (at each channel's next retarget) and limits (the
+    /// connection cap at once, per-connection limits for new connections).
+    /// Listener addresses and keys and the extranonce layout need a restart
+    /// (miners hold slots cut from it): a change to them is refused whole.
+    pub fn reconfigure(&self, new: ProxyConfig) -> Result<Changes, ReconfigureError> {
+        let ctx = &self.ctx;
+        let old = ctx.cfg();
+        let mut fixed = Vec::new();
+        if old.listen != new.listen {
+            fixed.push("listen");
+        }
+        if old.extranonce != new.extranonce {
+            fixed.push("extranonce");
+        }
+        if !fixed.is_empty() {
+            return Err(ReconfigureError::NeedsRestart(fixed));
+        }
+        new.validate()?;
+        let mut sections = Vec::new();
+        for (name, changed) in [
+            ("pools", old.pools != new.pools),
+            ("routing", old.routing != new.routing),
+            ("limits", old.limits != new.limits),
+            ("difficulty", old.difficulty != new.difficulty),
+        ] {
+            if changed {
+                sections.push(name);
+            }
+        }
+        let pools = if sections.contains(&"pools") || sections.contains(&"routing") {
+            let (routing, extranonce) = (new.routing.clone(), new.extranonce.clone());
+            ctx.router.reconfigure(&new, |index, pool, stats| {
+                let stop = ctx.shutdown.child_token();
+                let h = upstream::spawn(
+                    index,
+                    pool,
+                    &routing,
+                    &extranonce,
+                    stats,
+                    stop.clone(),
+                    &ctx.tasks,
+                );
+                (h, stop)
+            })
+        } else {
+            Reconfigured::default()
+        };
+        ctx.set_cfg(Arc::new(new));
+        Ok(Changes { pools, sections })
+    }
+
+    /// Stop accepting, stop every session and upstream, and wait (up to
+    /// `grace`) for their tasks to end. Returns whether they all did.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.stop.cancel();
+        self.ctx.tasks.close();
+        tokio::time::timeout(grace, self.ctx.tasks.wait())
+            .await
+            .is_ok()
+    }
+}
+
+fn sv2_authority(cfg: &ProxyConfig) -> Result<AuthorityKeypair, StartError> {
+    let (Some(public), Some(secret)) = (
+        cfg.listen.sv2_authority_pubkey.as_deref(),
+        cfg.listen.sv2_authority_secret.as_deref(),
+    ) else {
+        return Err(StartError::Authority(
+            "listen.sv2 needs sv2_authority_pubkey and sv2_authority_secret".into(),
+        ));
+    };
+    AuthorityKeypair::from_strs(public, secret).map_err(|e| {
+        StartError::Authority(format!(
+            "listen.sv2_authority_pubkey / sv2_authority_secret: {e}"
+        ))
+    })
+}
+
+fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> StartError {
+    StartError::Bind { what, addr, source }
 }
 
 /// Listen on `addr` with a deep accept queue: a site's miners reconnect all
 /// at once after a power event, and the default backlog (1024) drops SYNs.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    listen().map_err(|e| bind_error(what, addr, e))
 }
 
 /// Accept queue length asked of the kernel (capped by net.core.somaxconn).

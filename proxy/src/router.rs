@@ -13,7 +13,7 @@
 //! The router's map is locked on connect, disconnect and re-evaluation only,
 //! never on the share path.
 
-use crate::config::{Config, PoolConfig, RoutingConfig};
+use crate::config::{PoolConfig, ProxyConfig, RoutingConfig};
 use crate::stats::PoolStats;
 use crate::upstream::PoolHandle;
 use std::collections::HashMap;
@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 /// Where a miner should hash now.
@@ -270,7 +271,7 @@ pub struct Router {
     pools: RwLock<Arc<Vec<PoolHandle>>>,
     state: Mutex<State>,
     /// Set by [`Router::spawn_monitor`]: pools added later get watched too.
-    monitor: Mutex<Option<CancellationToken>>,
+    monitor: Mutex<Option<(CancellationToken, TaskTracker)>>,
 }
 
 fn hr(a: &AtomicU64) -> f64 {
@@ -279,14 +280,14 @@ fn hr(a: &AtomicU64) -> f64 {
 
 impl Router {
     /// A router over running pools.
-    pub fn new(cfg: &Config, pools: Vec<PoolHandle>) -> Arc<Self> {
+    pub fn new(cfg: &ProxyConfig, pools: Vec<PoolHandle>) -> Arc<Self> {
         Self::with_stops(cfg, pools, Vec::new())
     }
 
     /// A router over running pools, with the tokens that stop each pool's
     /// task (so a reload can stop pools it removes).
     pub fn with_stops(
-        cfg: &Config,
+        cfg: &ProxyConfig,
         pools: Vec<PoolHandle>,
         stops: Vec<CancellationToken>,
     ) -> Arc<Self> {
@@ -558,7 +559,7 @@ impl Router {
     /// sockets. `start` launches an upstream for (index, pool, counters).
     pub fn reconfigure(
         self: &Arc<Self>,
-        cfg: &Config,
+        cfg: &ProxyConfig,
         start: impl Fn(usize, &PoolConfig, Arc<PoolStats>) -> (PoolHandle, CancellationToken),
     ) -> Reconfigured {
         let mut out = Reconfigured::default();
@@ -644,14 +645,14 @@ impl Router {
                 }
             }
         }
-        if let Some(stop) = self
+        if let Some((stop, tasks)) = self
             .monitor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
             for (index, rx) in added {
-                self.watch_pool(index, rx, stop.clone());
+                self.watch_pool(index, rx, stop.clone(), &tasks);
             }
         }
         self.reevaluate();
@@ -716,9 +717,10 @@ impl Router {
         index: usize,
         mut rx: watch::Receiver<crate::upstream::PoolView>,
         stop: CancellationToken,
+        tasks: &TaskTracker,
     ) {
         let router = self.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut was_live = rx.borrow().live;
             loop {
                 tokio::select! {
@@ -737,13 +739,15 @@ impl Router {
 
     /// Watch pool views and re-evaluate on every change; tick for cooldowns
     /// and rebalancing.
-    pub fn spawn_monitor(self: &Arc<Self>, shutdown: CancellationToken) {
-        *self.monitor.lock().unwrap_or_else(|e| e.into_inner()) = Some(shutdown.clone());
+    /// The tasks go on `tasks`, so a shutdown can wait for them.
+    pub fn spawn_monitor(self: &Arc<Self>, shutdown: CancellationToken, tasks: &TaskTracker) {
+        *self.monitor.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((shutdown.clone(), tasks.clone()));
         for (index, p) in self.pools().iter().enumerate() {
-            self.watch_pool(index, p.view.clone(), shutdown.clone());
+            self.watch_pool(index, p.view.clone(), shutdown.clone(), tasks);
         }
         let router = self.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut last = Instant::now();
             loop {
@@ -785,7 +789,7 @@ mod tests {
         let text = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\npriority=0\n\
                     [[pools]]\nname='b'\naddress='127.0.0.1:2'\nprotocol='sv1'\nuser='u'\npriority=1\n\
                     [routing]\nfailback_cooldown_secs=1\n";
-        let cfg = Config::parse(text, "test").expect("config");
+        let cfg = ProxyConfig::from_toml(text).expect("config");
         let (tx_a, rx_a) = watch::channel(view(true));
         let (_tx_b, rx_b) = watch::channel(view(true));
         let handle = |index, view| PoolHandle {

@@ -809,7 +809,7 @@ mod tests {
         assert_eq!(truncate("abc", 10), "abc");
     }
 
-    use crate::config::Config;
+    use crate::config::ProxyConfig;
     use crate::router::Router;
     use crate::stats::{PoolStats, Registry};
     use crate::upstream::{self, PoolHandle, UpJobId};
@@ -840,10 +840,9 @@ mod tests {
 
     /// A proxy context with one live pool (8 rollable bytes, upstream target MAX).
     fn fixture() -> Fixture {
-        let cfg = Config::parse(
+        let cfg = ProxyConfig::from_toml(
             "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
              [difficulty]\ninitial=0.000000001\nmin=0.000000001\n",
-            "t",
         )
         .unwrap();
         let (vtx, vrx, shares) = upstream::channels();
@@ -865,6 +864,7 @@ mod tests {
             Arc::new(Registry::default()),
             router,
             CancellationToken::new(),
+            tokio_util::task::TaskTracker::new(),
         );
         Fixture {
             ctx,

@@ -8,7 +8,7 @@ pub mod channel;
 pub mod sv1;
 pub mod sv2;
 
-use crate::config::Config;
+use crate::config::ProxyConfig;
 use crate::router::Router;
 use crate::stats::Registry;
 use arc_swap::ArcSwap;
@@ -17,21 +17,19 @@ use gridproxy_protocol::extranonce::{ExtranonceAllocator, ExtranonceError, Slot}
 use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// What every miner session shares.
 pub struct Ctx {
     /// Configuration; swapped whole by a reload (sessions read it when they
     /// need a setting, so new values reach them without a reconnect).
-    cfg: ArcSwap<Config>,
-    /// The file the configuration came from (what a reload reads).
-    config_path: Mutex<Option<PathBuf>>,
+    cfg: ArcSwap<ProxyConfig>,
     /// Worker stats.
     pub registry: Arc<Registry>,
     /// Pool assignment.
@@ -44,6 +42,9 @@ pub struct Ctx {
     max_connections: AtomicUsize,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
+    /// Every task the engine spawns (listeners, sessions, upstreams), so a
+    /// shutdown can wait for them to finish.
+    pub tasks: TaskTracker,
     /// The fan-out gate: SV1 sessions write a new job's notify one gate turn
     /// at a time. A new template wakes every session at once; with 19k of
     /// them the sends took both cores for ~0.9 s and shares queued behind
@@ -66,10 +67,11 @@ fn fanout_turns(configured: usize) -> usize {
 impl Ctx {
     /// Build the shared context.
     pub fn new(
-        cfg: Arc<Config>,
+        cfg: Arc<ProxyConfig>,
         registry: Arc<Registry>,
         router: Arc<Router>,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         let max_connections = cfg.limits.max_connections;
         let notify_writers = cfg.limits.notify_writers;
@@ -83,26 +85,26 @@ impl Ctx {
         .expect("config validation keeps the split consistent");
         Arc::new(Self {
             cfg: ArcSwap::new(cfg),
-            config_path: Mutex::new(None),
             registry,
             router,
             slots: Mutex::new(alloc),
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections: AtomicUsize::new(max_connections),
             shutdown,
+            tasks,
             fanout: Arc::new(Semaphore::new(fanout_turns(notify_writers))),
         })
     }
 
     /// The configuration in force now.
-    pub fn cfg(&self) -> Arc<Config> {
+    pub fn cfg(&self) -> Arc<ProxyConfig> {
         self.cfg.load_full()
     }
 
-    /// Put `cfg` in force for every session (see [`crate::reload`]), and
+    /// Put `cfg` in force for every session (see [`crate::proxy::ProxyHandle::reconfigure`]), and
     /// resize the connection cap. Lowering the cap never drops a miner: it
     /// only stops new ones until enough have left.
-    pub fn set_cfg(&self, cfg: Arc<Config>) {
+    pub fn set_cfg(&self, cfg: Arc<ProxyConfig>) {
         let want = cfg.limits.max_connections;
         let had = self.max_connections.swap(want, Relaxed);
         if want > had {
@@ -114,7 +116,7 @@ impl Ctx {
                 let debt = had - want - forgotten;
                 let sem = self.connections.clone();
                 let stop = self.shutdown.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     for _ in 0..debt {
                         tokio::select! {
                             _ = stop.cancelled() => return,
@@ -128,19 +130,6 @@ impl Ctx {
             }
         }
         self.cfg.store(cfg);
-    }
-
-    /// Remember the file the configuration came from.
-    pub fn set_config_path(&self, path: PathBuf) {
-        *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
-    }
-
-    /// The file the configuration came from, if any.
-    pub fn config_path(&self) -> Option<PathBuf> {
-        self.config_path
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// A unique miner part.
@@ -214,6 +203,7 @@ where
         // `map`, not an async block around the future: a block would hold the
         // session future twice (as a capture and as the awaited value), doubling
         // the largest per-miner allocation.
-        tokio::spawn(serve(ctx.clone(), stream, peer).map(move |()| drop(permit)));
+        ctx.tasks
+            .spawn(serve(ctx.clone(), stream, peer).map(move |()| drop(permit)));
     }
 }

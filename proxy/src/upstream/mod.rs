@@ -103,7 +103,7 @@ pub struct PoolHandle {
 }
 
 /// Start the upstream task for `pool` (config index `index`), counting into
-/// `stats`; it runs until `stop` fires.
+/// `stats`; it runs on `tasks` until `stop` fires.
 pub fn spawn(
     index: usize,
     pool: &PoolConfig,
@@ -111,6 +111,7 @@ pub fn spawn(
     extranonce: &crate::config::ExtranonceConfig,
     stats: Arc<PoolStats>,
     stop: tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> PoolHandle {
     let (vtx, vrx, srx) = channels();
     match pool.protocol {
@@ -121,7 +122,7 @@ pub fn spawn(
                 extranonce: extranonce.clone(),
                 stats: stats.clone(),
             };
-            tokio::spawn(up.run(vtx, srx, stop));
+            tasks.spawn(up.run(vtx, srx, stop));
         }
         crate::config::PoolProtocol::Sv1 => {
             let up = sv1::Sv1Upstream {
@@ -130,7 +131,7 @@ pub fn spawn(
                 extranonce: extranonce.clone(),
                 stats: stats.clone(),
             };
-            tokio::spawn(up.run(vtx, srx, stop));
+            tasks.spawn(up.run(vtx, srx, stop));
         }
     }
     PoolHandle {

@@ -1,17 +1,18 @@
 //! `gridproxy` command line.
 
 use clap::{Parser, Subcommand};
-use gridproxy::api::{self, client, site::SiteHandle};
+use gridproxy::api::client;
+#[cfg(feature = "sim")]
 use gridproxy::backtest;
 use gridproxy::config::Config;
-use gridproxy::curtail_bridge::curtail::mv::{Baseline, MvConfig};
+#[cfg(feature = "sim")]
 use gridproxy::demo::{self, DemoOptions};
-use gridproxy::proxy::Proxy;
+use gridproxy::{App, AppOptions};
+use gridproxy_curtail::mv::{Baseline, MvConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,7 @@ enum Cmd {
     /// proxy, ~500 simulated miners of mixed models and firmwares, a replayed
     /// price trace with a spike and a DR event driving curtailment, and the
     /// dashboard.
+    #[cfg(feature = "sim")]
     Demo {
         /// Simulated miners.
         #[arg(long, default_value_t = 500)]
@@ -91,6 +93,7 @@ enum Cmd {
     /// Replay a price trace (and its DR events) through the curtailment
     /// engine on a virtual clock with ideal actuators; compare profit with
     /// running always-on and with a perfect-foresight oracle.
+    #[cfg(feature = "sim")]
     Backtest {
         /// ERCOT RTM settlement-point price CSV (e.g. fixtures/traces/*.csv).
         #[arg(long)]
@@ -167,7 +170,7 @@ fn init_logs(json: bool, default: &str) {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    api::config::load(path).map_err(|e| e.to_string())
+    Config::load(path).map_err(|e| e.to_string())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -179,7 +182,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Status { .. });
+    let quiet_default = match cli.cmd {
+        #[cfg(feature = "sim")]
+        Cmd::Demo { .. } => true,
+        Cmd::Status { .. } => true,
+        _ => false,
+    };
     init_logs(cli.log_json, if quiet_default { "warn" } else { "info" });
     match cli.cmd {
         Cmd::CheckConfig { config } => match load(&config) {
@@ -223,6 +231,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "sim")]
         Cmd::Demo {
             miners,
             duration,
@@ -247,7 +256,7 @@ fn main() -> ExitCode {
             };
             let rt = runtime();
             let r = rt.block_on(async move {
-                let stop = CancellationToken::new();
+                let stop = tokio_util::sync::CancellationToken::new();
                 let s = stop.clone();
                 tokio::spawn(async move {
                     if tokio::signal::ctrl_c().await.is_ok() {
@@ -278,6 +287,7 @@ fn main() -> ExitCode {
             let token = token.or_else(|| std::env::var("GRIDPROXY_TOKEN").ok());
             runtime().block_on(status(api, config, token, json))
         }
+        #[cfg(feature = "sim")]
         Cmd::Backtest {
             prices,
             point,
@@ -336,9 +346,9 @@ fn main() -> ExitCode {
                 }
             };
             let text = report(&ledger).and_then(|summary| {
-                let input = gridproxy::curtail_bridge::curtail::ledger::read_mv_input(&ledger)
-                    .map_err(|e| e.to_string())?;
-                let r = gridproxy::curtail_bridge::curtail::mv::compute(&input, &mv);
+                let input =
+                    gridproxy_curtail::ledger::read_mv_input(&ledger).map_err(|e| e.to_string())?;
+                let r = gridproxy_curtail::mv::compute(&input, &mv);
                 Ok(match format.as_str() {
                     "csv" => r.to_csv(),
                     "json" => r.to_json() + "\n",
@@ -364,58 +374,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()> {
-    let api_cfg = cfg.api.clone();
-    let site_cfg = cfg.site.clone();
-    let proxy = Proxy::start(cfg).await?;
-    proxy.ctx.set_config_path(path.clone());
-    if let Some(a) = proxy.sv1_addr {
-        println!("gridproxy: SV1 miners -> {a}");
-    }
-    if let Some(a) = proxy.sv2_addr {
-        println!("gridproxy: SV2 miners -> {a}");
-    }
-    let site_handle = SiteHandle::new();
-    let mut metrics = None;
-    if api_cfg.listen.is_some() {
-        let server = api::start(
-            proxy.ctx.clone(),
-            site_handle.clone(),
-            &api_cfg,
-            None,
-            proxy.shutdown.clone(),
-        )
-        .await?;
-        println!(
-            "gridproxy: dashboard and control API -> http://{}/ (metrics: /metrics)",
-            server.addr
-        );
-        metrics = Some(server.metrics.clone());
-    }
-    let site = match &site_cfg {
-        Some(s) => match gridproxy::site::start(
-            s,
-            proxy.ctx.router.clone(),
-            site_handle.clone(),
-            metrics,
-            proxy.shutdown.clone(),
-        )
-        .await
-        {
-            Ok(r) => {
-                for line in &r.started {
-                    println!("gridproxy: {line}");
-                }
-                Some(r)
-            }
-            Err(e) => {
-                proxy.shutdown.cancel();
-                return Err(e.context("[site]"));
-            }
-        },
-        None => None,
+    let opts = AppOptions {
+        config_path: Some(path),
+        sighup: true,
     };
+    let app = App::start(cfg, opts).await?;
+    for line in &app.started {
+        println!("gridproxy: {line}");
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(status_every.max(1)));
-    gridproxy::reload::spawn_sighup(proxy.ctx.clone())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("SIGTERM handler: {e}"))?;
     loop {
@@ -424,20 +391,18 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
             _ = term.recv() => break,
             _ = tick.tick() => {
                 if status_every > 0 {
-                    println!("{}", gridproxy::proxy::status_line(&proxy));
+                    println!("{}", gridproxy_proxy::proxy::status_line(&app.proxy));
                 }
             }
         }
     }
-    if let Some(s) = site {
+    if let Some(s) = &app.site {
         println!(
             "gridproxy: stopping the curtailment engine (ledger {})",
             s.ledger.display()
         );
-        s.stop().await;
     }
-    proxy.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.stop().await;
     Ok(())
 }
 
@@ -454,7 +419,7 @@ async fn status(
             Ok(c) => {
                 // An HTTPS API: trust its own certificate (self-signed set-ups).
                 if let Some(cert) = &c.api.tls_cert {
-                    match api::tls::connector(cert) {
+                    match gridproxy::api::tls::connector(cert) {
                         Ok(t) => tls = Some(t),
                         Err(e) => {
                             eprintln!("error: api.tls_cert: {e}");
@@ -511,11 +476,12 @@ async fn status(
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        print!("{}", demo::format_fleet(&v));
+        print!("{}", client::format_fleet(&v));
     }
     ExitCode::SUCCESS
 }
 
+#[cfg(feature = "sim")]
 #[allow(clippy::too_many_arguments)]
 fn backtest_cmd(
     prices: Option<PathBuf>,
@@ -552,15 +518,14 @@ fn backtest_cmd(
 }
 
 fn report(path: &std::path::Path) -> Result<String, String> {
-    use gridproxy::curtail_bridge::curtail::driver::Audit;
+    use gridproxy_curtail::driver::Audit;
     use std::collections::BTreeMap;
     if !path.exists() {
         return Err("no such file".into());
     }
     let a = Audit::read(path).map_err(|e| e.to_string())?;
     let mut out = String::new();
-    let secs =
-        |t: gridproxy::curtail_bridge::curtail::time::Timestamp| t.as_millis() as f64 / 1000.0;
+    let secs = |t: gridproxy_curtail::time::Timestamp| t.as_millis() as f64 / 1000.0;
     let first = a
         .intervals
         .first()
@@ -677,9 +642,7 @@ fn report(path: &std::path::Path) -> Result<String, String> {
                 .join(", ")
         );
         if let Some(from) = active {
-            let to = ended.unwrap_or(
-                gridproxy::curtail_bridge::curtail::time::Timestamp::from_millis(u64::MAX),
-            );
+            let to = ended.unwrap_or(gridproxy_curtail::time::Timestamp::from_millis(u64::MAX));
             let during: Vec<f64> = a
                 .intervals
                 .iter()

@@ -14,7 +14,7 @@
 //! token_env = "GRIDPROXY_READ_TOKEN"   # or: token = "…" (at least 16 characters)
 //! ```
 
-use crate::config::{Config, ConfigError};
+use gridproxy_proxy::config::Invalid;
 use serde::Deserialize;
 use std::net::SocketAddr;
 
@@ -137,59 +137,14 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// Line (1-based) of `key = ` inside the `n`-th occurrence of `header`
-/// (`[api]` or `[[api.tokens]]`), or of the header itself when the key is
-/// absent. Used to point at the line of a semantic error.
-pub fn find_line(text: &str, header: &str, n: usize, key: Option<&str>) -> Option<usize> {
-    let mut seen = 0usize;
-    let mut inside = false;
-    let mut header_line = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.starts_with('[') {
-            if inside {
-                break;
-            }
-            if line.split('#').next().unwrap_or("").trim() == header {
-                if seen == n {
-                    inside = true;
-                    header_line = Some(i + 1);
-                }
-                seen += 1;
-            }
-            continue;
-        }
-        if inside {
-            if let Some(k) = key {
-                let lhs = line.split('=').next().unwrap_or("").trim();
-                if line.contains('=') && lhs == k {
-                    return Some(i + 1);
-                }
-            }
-        }
-    }
-    header_line
-}
-
 impl ApiConfig {
-    /// Check the section; `text` (the file's contents) lets errors name the line.
-    pub fn validate(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
-        let bad = |key: String, line: Option<usize>, message: String| ConfigError::Invalid {
-            path: origin.to_string(),
-            key,
-            message: match line {
-                Some(l) => format!("{message} (line {l})"),
-                None => message,
-            },
-        };
-        let line = |header: &str, n: usize, key: &str| {
-            text.and_then(|t| find_line(t, header, n, Some(key)))
-        };
+    /// Check the section; the error names the key (the loader adds the line).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |key: String, message: String| Invalid { key, message };
         if let Some(a) = self.listen {
             if !a.ip().is_loopback() && self.tokens.is_empty() {
                 return Err(bad(
                     "api.listen".into(),
-                    line("[api]", 0, "listen"),
                     format!(
                         "{a} is not loopback: configure [[api.tokens]] before exposing the API"
                     ),
@@ -205,7 +160,6 @@ impl ApiConfig {
                 };
                 return Err(bad(
                     format!("api.{k}"),
-                    line("[api]", 0, k),
                     "give both tls_cert and tls_key (PEM files), or neither".into(),
                 ));
             }
@@ -214,7 +168,6 @@ impl ApiConfig {
                     if !p.is_file() {
                         return Err(bad(
                             format!("api.{key}"),
-                            line("[api]", 0, key),
                             format!("{} is not a readable file", p.display()),
                         ));
                     }
@@ -223,30 +176,23 @@ impl ApiConfig {
             (None, None) => {}
         }
         if self.sample_secs == 0 || self.sample_secs > 3600 {
-            return Err(bad(
-                "api.sample_secs".into(),
-                line("[api]", 0, "sample_secs"),
-                "must be 1..=3600".into(),
-            ));
+            return Err(bad("api.sample_secs".into(), "must be 1..=3600".into()));
         }
         if self.metrics_max_workers > 10_000 {
             return Err(bad(
                 "api.metrics_max_workers".into(),
-                line("[api]", 0, "metrics_max_workers"),
                 "at most 10000 (keep metric cardinality bounded)".into(),
             ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, t) in self.tokens.iter().enumerate() {
             let key = |k: &str| format!("api.tokens[{i}].{k}");
-            let at = |k: &str| line("[[api.tokens]]", i, k);
             if t.name.trim().is_empty() {
-                return Err(bad(key("name"), at("name"), "must not be empty".into()));
+                return Err(bad(key("name"), "must not be empty".into()));
             }
             if !names.insert(t.name.clone()) {
                 return Err(bad(
                     key("name"),
-                    at("name"),
                     format!("duplicate token name {:?}", t.name),
                 ));
             }
@@ -254,14 +200,12 @@ impl ApiConfig {
                 (Some(_), Some(_)) | (None, None) => {
                     return Err(bad(
                         key("token"),
-                        at("token").or(at("token_env")).or(at("name")),
                         "give exactly one of token or token_env".into(),
                     ))
                 }
                 (Some(s), None) if s.len() < MIN_TOKEN_LEN => {
                     return Err(bad(
                         key("token"),
-                        at("token"),
                         format!("too short: at least {MIN_TOKEN_LEN} characters"),
                     ))
                 }
@@ -297,115 +241,10 @@ impl ApiConfig {
     }
 }
 
-/// Parse and validate a whole config file's text (the proxy sections and
-/// `[api]`), naming the key and, where it can be found, the line of every
-/// error. `origin` names the file in messages.
-pub fn check(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    check_in(text, origin, None)
-}
-
-/// [`check`], resolving relative file paths (TLS certificate and key)
-/// against `dir`, the config file's folder.
-fn check_in(
-    text: &str,
-    origin: &str,
-    dir: Option<&std::path::Path>,
-) -> Result<Config, ConfigError> {
-    let mut cfg = Config::parse(text, origin).map_err(|e| with_line(e, text))?;
-    if let Some(dir) = dir {
-        for p in [&mut cfg.api.tls_cert, &mut cfg.api.tls_key]
-            .into_iter()
-            .flatten()
-        {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        }
-        if let Some(site) = &mut cfg.site {
-            site.resolve_paths(dir);
-        }
-    }
-    cfg.api.validate(origin, Some(text))?;
-    Ok(cfg)
-}
-
-/// Read and [`check`] a config file.
-pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-    let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-        path: origin.clone(),
-        source: e,
-    })?;
-    check_in(&text, &origin, path.parent())
-}
-
-/// Add `(line N)` to a semantic error whose key can be found in `text`.
-fn with_line(e: ConfigError, text: &str) -> ConfigError {
-    match e {
-        ConfigError::Invalid { path, key, message } if !message.contains("(line ") => {
-            let line = line_of_key(text, &key);
-            ConfigError::Invalid {
-                message: match line {
-                    Some(l) => format!("{message} (line {l})"),
-                    None => message,
-                },
-                path,
-                key,
-            }
-        }
-        e => e,
-    }
-}
-
-/// Line of a dotted key path such as `pools[1].weight`,
-/// `extranonce.extranonce2_size` or `limits` (a section).
-pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let parts: Vec<&str> = key.split('.').collect();
-    let (first, rest) = parts.split_first()?;
-    let (table, index) = match first.split_once('[') {
-        Some((t, i)) => (t, i.trim_end_matches(']').parse::<usize>().ok()),
-        None => (*first, None),
-    };
-    let leaf = rest.last().copied();
-    match index {
-        Some(n) => find_line(text, &format!("[[{table}]]"), n, leaf),
-        None => match leaf {
-            Some(k) => find_line(text, &format!("[{table}]"), 0, Some(k)),
-            // A top-level key or a whole section.
-            None => find_line(text, &format!("[{table}]"), 0, None).or_else(|| {
-                text.lines()
-                    .position(|l| {
-                        let l = l.trim();
-                        l.starts_with(table) && l[table.len()..].trim_start().starts_with('=')
-                    })
-                    .map(|i| i + 1)
-            }),
-        },
-    }
-}
-
 /// A random token (32 hex characters) for demos and first runs.
 pub fn random_token() -> String {
     use rand::RngCore;
     let mut b = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut b);
     hex::encode(b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_of_keys_in_sections() {
-        let t = "[api]\nlisten = \"127.0.0.1:1\"\n\n[[api.tokens]]\nname = \"a\"\n\n[[api.tokens]]\nname = \"b\"\ntoken = \"x\"\n";
-        assert_eq!(find_line(t, "[api]", 0, Some("listen")), Some(2));
-        assert_eq!(find_line(t, "[[api.tokens]]", 1, Some("token")), Some(9));
-        assert_eq!(find_line(t, "[[api.tokens]]", 0, Some("token")), Some(4));
-        let c = "[[pools]]\nname='a'\n\n[[pools]]\nname='b'\nweight = -1\n\n[extranonce]\nextranonce2_size = 12\n";
-        assert_eq!(line_of_key(c, "pools[1].weight"), Some(6));
-        assert_eq!(line_of_key(c, "extranonce.extranonce2_size"), Some(9));
-        assert_eq!(line_of_key(c, "extranonce"), Some(8));
-        assert_eq!(line_of_key(c, "pools[0].authority_pubkey"), Some(1));
-    }
 }

@@ -13,8 +13,8 @@
 //! N + 1 series per scrape).
 
 use crate::api::site::SiteState;
-use crate::downstream::Ctx;
-use crate::stats::{RejectReason, WorkerSnapshot};
+use gridproxy_proxy::downstream::Ctx;
+use gridproxy_proxy::stats::{RejectReason, WorkerSnapshot};
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };

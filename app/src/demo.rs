@@ -26,9 +26,8 @@ use crate::api::{
     site::{CommandCounts, MinerView, SiteCommand, SiteHandle, SiteState},
 };
 use crate::config::Config;
-use crate::curtail_bridge::{curtail, ProxyActuator};
-use crate::proxy::Proxy;
-use crate::site::{hook, operator_commands, Tracker};
+use crate::site::park::ProxyActuator;
+use crate::site::start::{hook, operator_commands, Tracker};
 use curtail::actuator::{Actuator, ActuatorError};
 use curtail::actuators::{FleetActuator, MinerEndpoint};
 use curtail::driver::{self, DriverConfig, Edge, Route};
@@ -36,10 +35,11 @@ use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
 use curtail::policy::{Action, Command, Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use curtail::signal::{DrEvent, DrTarget, PriceSignal, Signal};
 use curtail::time::{Clock, SystemClock, Timestamp};
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::firmware::model::{Mode, SimMiner};
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, PoolReject, Sv1Pool, Sv1PoolConfig};
-use serde_json::Value;
+use gridproxy_proxy::Proxy;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::IsTerminal;
@@ -410,7 +410,7 @@ token = "{read_token}"
     );
     let cfg = Config::parse(&cfg_text, "demo config").map_err(|e| anyhow::anyhow!("{e}"))?;
     let api_cfg = cfg.api.clone();
-    let proxy = Proxy::start(cfg).await?;
+    let proxy = Proxy::start(cfg.proxy(), CancellationToken::new()).await?;
     let sv1_addr = proxy
         .sv1_addr
         .ok_or_else(|| anyhow::anyhow!("no SV1 listener"))?;
@@ -418,9 +418,10 @@ token = "{read_token}"
     let server = match api::start(
         proxy.ctx.clone(),
         site_handle.clone(),
+        None,
         &api_cfg,
         None,
-        proxy.shutdown.clone(),
+        proxy.stop.clone(),
     )
     .await
     {
@@ -430,9 +431,10 @@ token = "{read_token}"
             api::start(
                 proxy.ctx.clone(),
                 site_handle.clone(),
+                None,
                 &api_cfg,
                 Some(SocketAddr::new(opts.api_listen.ip(), 0)),
-                proxy.shutdown.clone(),
+                proxy.stop.clone(),
             )
             .await?
         }
@@ -617,7 +619,7 @@ token = "{read_token}"
     let api_addr = server.addr;
     let task_site_handle = site_handle.clone();
     let ctx = proxy.ctx.clone();
-    let proxy_shutdown = proxy.shutdown.clone();
+    let proxy_handle = proxy.clone();
     let live = server.live.clone();
     let task = tokio::spawn(async move {
         let ops = tokio::spawn(operator_commands(
@@ -756,8 +758,7 @@ token = "{read_token}"
                 .map(|r| p.stats().rejected(*r))
                 .sum::<u64>();
         }
-        proxy_shutdown.cancel();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy_handle.shutdown(Duration::from_secs(5)).await;
         pools_stop.cancel();
         drop(site);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -881,17 +882,12 @@ fn fmt_ts(t: Timestamp) -> String {
     )
 }
 
-fn si(v: f64, unit: &str) -> String {
-    let a = v.abs();
-    for (m, p) in [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")] {
-        if a >= m {
-            return format!("{:.1} {p}{unit}", v / m);
-        }
-    }
-    format!("{v:.0} {unit}")
-}
-
-fn status_line(elapsed: Duration, ctx: &crate::downstream::Ctx, s: &SiteState, hs: f64) -> String {
+fn status_line(
+    elapsed: Duration,
+    ctx: &gridproxy_proxy::downstream::Ctx,
+    s: &SiteState,
+    hs: f64,
+) -> String {
     let shares = ctx.router.shares();
     let total: usize = shares.iter().map(|p| p.miners).sum::<usize>().max(1);
     let split: Vec<String> = ctx
@@ -916,7 +912,7 @@ fn status_line(elapsed: Duration, ctx: &crate::downstream::Ctx, s: &SiteState, h
         "[{:>4}s] miners {:>4} | {} | site {:>5.0} kW cap {} | ${:.0}/MWh {} | curtailed {}/{} | {} | shares {} ok {} rej | cmds {}",
         elapsed.as_secs(),
         ctx.slots_in_use(),
-        si(hs, "H/s"),
+        crate::api::client::si(hs, "H/s"),
         s.site_kw,
         s.target_kw.map(|k| format!("{k:.0}")).unwrap_or_else(|| "–".into()),
         s.price_usd_per_mwh.unwrap_or(0.0),
@@ -928,82 +924,6 @@ fn status_line(elapsed: Duration, ctx: &crate::downstream::Ctx, s: &SiteState, h
         rej,
         s.commands.issued
     )
-}
-
-/// A readable fleet summary from `GET /api/v1/fleet` (for `gridproxy status`).
-pub fn format_fleet(v: &Value) -> String {
-    let mut out = String::new();
-    let f = |x: &Value| x.as_f64().unwrap_or(0.0);
-    out.push_str(&format!(
-        "miners {} connected, {} workers known; hashrate {}\n",
-        v["miners_connected"],
-        v["workers_known"],
-        si(f(&v["hashrate_hs"]), "H/s")
-    ));
-    let rej: u64 = v["shares"]["rejected"]
-        .as_object()
-        .map(|o| o.values().filter_map(Value::as_u64).sum())
-        .unwrap_or(0);
-    out.push_str(&format!(
-        "shares: {} accepted, {} rejected; upstream {} acked, {} rejected\n",
-        v["shares"]["accepted"],
-        rej,
-        v["shares"]["upstream_accepted"],
-        v["shares"]["upstream_rejected"]
-    ));
-    if let Some(pools) = v["pools"].as_array() {
-        for p in pools {
-            out.push_str(&format!(
-                "pool {:<10} {:<4} {:>5} miners  sent {} acked {} rejected {}{}\n",
-                p["name"].as_str().unwrap_or("?"),
-                if p["live"].as_bool() == Some(true) {
-                    "up"
-                } else {
-                    "down"
-                },
-                p["miners"],
-                p["submitted"],
-                p["accepted"],
-                p["rejected"],
-                p["last_error"]
-                    .as_str()
-                    .map(|e| format!("  last error: {e}"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
-    let s = &v["site"];
-    if s["attached"].as_bool() == Some(true) {
-        out.push_str(&format!(
-            "site {:.0} kW of {:.0} kW nameplate; target {}; price {}; mode {}; curtailed {}/{}\n",
-            f(&s["site_kw"]),
-            f(&s["nominal_kw"]),
-            s["target_kw"]
-                .as_f64()
-                .map(|k| format!("{k:.0} kW"))
-                .unwrap_or_else(|| "none".into()),
-            s["price_usd_per_mwh"]
-                .as_f64()
-                .map(|p| format!("${p:.0}/MWh"))
-                .unwrap_or_else(|| "?".into()),
-            s["mode"].as_str().unwrap_or("?"),
-            s["miners_curtailed"],
-            s["miners_total"]
-        ));
-        if let Some(evs) = s["events"].as_array() {
-            for e in evs {
-                out.push_str(&format!(
-                    "event {} {} {}\n",
-                    e["id"].as_str().unwrap_or("?"),
-                    e["state"].as_str().unwrap_or("?"),
-                    e["target"].as_str().unwrap_or("?")
-                ));
-            }
-        }
-    } else {
-        out.push_str("site: no curtailment driver attached\n");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,64 +1,15 @@
-//! `[site]`: the curtailment engine and its grid signal sources, run by
-//! `gridproxy run` next to the proxy.
-//!
-//! The section lists the miners (firmware, API address, credentials,
-//! nameplate figures, the SV1 worker they hash as through this proxy), the
-//! engine's policy knobs, and the signal sources in `[site.signals]`: an
-//! OpenADR 3 VEN, MQTT dispatch, a polled price feed and a site-load meter.
-//! [`start`] assembles them: the curtailment driver (with its SQLite
-//! ledger), the firmware clients, the proxy's park actuator, each source
-//! feeding the driver, and the link to the control API's site view and
-//! `POST /api/v1/curtail` commands.
-//!
-//! Nothing here listens: the sources are clients (VTN, broker, price URL,
-//! meter) and the firmware APIs are reached outbound.
-//!
-//! ```toml
-//! [site]
-//! ledger = "curtail-ledger.sqlite"     # relative to the config file
-//! hashprice_usd_per_ph_day = 55.0      # enables price mode
-//!
-//! [[site.miners]]
-//! name = "r1-01"
-//! firmware = "luxos"                   # luxos | braiins | whatsminer | vnish | stock
-//! address = "10.0.1.11:4028"
-//! ths = 104.0
-//! watts = 3068.0                       # or j_per_th = 29.5
-//! worker = "acct.r1-01"                # SV1 worker name through this proxy
-//!
-//! [site.signals.mqtt]
-//! broker = "10.0.0.2:1883"
-//! site_id = "s1"                       # topics site/s1/dispatch, /status, /ack
-//! ```
+//! `[site]`: the schema of the section and its validation.
 
-use crate::api::config::find_line;
-use crate::api::site::{DrEventView, MinerView, SiteCommand, SiteHandle, SiteState};
-use crate::config::ConfigError;
-use crate::curtail_bridge::{curtail, ProxyActuator};
-use crate::metrics::Metrics;
-use curtail::actuator::{ActuatorError, TelemetrySource};
-use curtail::actuators::{FleetActuator, MinerEndpoint};
-use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
-use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Telemetry};
-use curtail::policy::{
-    Ack, Action, Economics, Freshness, PolicyConfig, PolicyEvent, SafeState, Staleness,
-};
-use curtail::signal::{DrTarget, ManualOverride, OverrideMode, Signal};
-use curtail::time::{Clock, SystemClock};
-use gridproxy_grid::{mqtt, openadr, price, site_load};
+use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec};
+use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
+use gridproxy_curtail as curtail;
+use gridproxy_grid::mqtt;
+use gridproxy_proxy::config::Invalid;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-
-// ---------------------------------------------------------------------------
-// Configuration
+use std::time::Duration;
 
 /// A secret given inline in the file (kept out of `Debug` output).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -111,7 +62,7 @@ pub enum FirmwareKind {
 }
 
 impl FirmwareKind {
-    fn surface(self) -> ControlSurface {
+    pub(crate) fn surface(self) -> ControlSurface {
         match self {
             FirmwareKind::Luxos => ControlSurface::LuxOs,
             FirmwareKind::Braiins => ControlSurface::BraiinsOs,
@@ -205,7 +156,7 @@ impl MinerConfig {
             .unwrap_or(0.0)
     }
 
-    fn socket_addr(&self) -> Result<SocketAddr, String> {
+    pub(crate) fn socket_addr(&self) -> Result<SocketAddr, String> {
         let a = self.address.trim();
         if let Ok(s) = a.parse::<SocketAddr>() {
             return Ok(s);
@@ -612,33 +563,10 @@ impl SiteConfig {
         }
     }
 
-    /// Check the section; `text` (the whole file) lets errors name the line.
-    pub fn validate(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
-        let err = |key: String, line: Option<usize>, message: String| ConfigError::Invalid {
-            path: origin.to_string(),
-            key,
-            message: match line {
-                Some(l) => format!("{message} (line {l})"),
-                None => message,
-            },
-        };
-        // Line of `key` in `[header]` (n-th), else of the inline table
-        // `field = {…}` in `[parent]`, else of `[site]`.
-        let line = |header: &str, n: usize, key: &str| -> Option<usize> {
-            let t = text?;
-            find_line(t, header, n, Some(key))
-                .or_else(|| {
-                    let inner = header.trim_matches(|c| c == '[' || c == ']');
-                    let (parent, field) = inner.rsplit_once('.')?;
-                    find_line(t, &format!("[{parent}]"), 0, Some(field))
-                })
-                .or_else(|| find_line(t, "[site]", 0, None))
-        };
-        let site = |k: &str| (format!("site.{k}"), line("[site]", 0, k));
-        let bad_site = |k: &str, m: &str| {
-            let (key, l) = site(k);
-            err(key, l, m.to_string())
-        };
+    /// Check the section; the error names the key (the loader adds the line).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let err = |key: String, message: String| Invalid { key, message };
+        let bad_site = |k: &str, m: &str| err(format!("site.{k}"), m.to_string());
         if self.ledger.as_os_str().is_empty() {
             return Err(bad_site(
                 "ledger",
@@ -700,13 +628,7 @@ impl SiteConfig {
         let mut ids = HashMap::new();
         let mut workers = HashSet::new();
         for (i, m) in self.miners.iter().enumerate() {
-            let bad = |k: &str, msg: String| {
-                err(
-                    format!("site.miners[{i}].{k}"),
-                    line("[[site.miners]]", i, k),
-                    msg,
-                )
-            };
+            let bad = |k: &str, msg: String| err(format!("site.miners[{i}].{k}"), msg);
             if m.name.trim().is_empty() {
                 return Err(bad("name", "must not be empty".into()));
             }
@@ -797,12 +719,9 @@ impl SiteConfig {
         }
         let s = &self.signals;
         // Errors in `[site.signals.<sec>]`, naming `site.signals.<sec>.<key>`.
-        let (err_ref, line_ref) = (&err, &line);
+        let err_ref = &err;
         let in_signal = |sec: &'static str| {
-            move |k: &str, msg: String| {
-                let h = format!("[site.signals.{sec}]");
-                err_ref(format!("site.signals.{sec}.{k}"), line_ref(&h, 0, k), msg)
-            }
+            move |k: &str, msg: String| err_ref(format!("site.signals.{sec}.{k}"), msg)
         };
         if let Some(q) = &s.mqtt {
             let bad = in_signal("mqtt");
@@ -929,10 +848,8 @@ impl SiteConfig {
                 ));
             }
             if self.hashprice_usd_per_ph_day.is_none() {
-                let (_, l) = site("hashprice_usd_per_ph_day");
                 return Err(err(
                     "site.hashprice_usd_per_ph_day".into(),
-                    l.or(line("[site.signals.price]", 0, "poll_secs")),
                     "a price feed needs the hashprice ($/PH/s/day) to compare prices with".into(),
                 ));
             }
@@ -975,8 +892,7 @@ impl SiteConfig {
         }
         // What the engine checks itself.
         if let Err(e) = self.policy().validate() {
-            let (key, l) = site("ledger");
-            return Err(err(key.replace("ledger", "policy"), l, e.to_string()));
+            return Err(err("site.policy".into(), e.to_string()));
         }
         Ok(())
     }
@@ -1058,7 +974,7 @@ fn is_http(u: &str) -> bool {
 }
 
 /// `host:port` or `host` (then `default_port`); IPv6 as `[::1]:1883`.
-fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+pub(crate) fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
     let s = s.trim();
     if s.is_empty() {
         return Err("empty address".into());
@@ -1079,7 +995,7 @@ fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> 
     }
 }
 
-fn mqtt_config(
+pub(crate) fn mqtt_config(
     q: &MqttSource,
     host: String,
     port: u16,
@@ -1104,7 +1020,7 @@ fn mqtt_config(
 }
 
 /// Read a secret given inline, by environment variable or by file.
-fn resolve_secret(
+pub(crate) fn resolve_secret(
     key: &str,
     inline: &Option<Secret>,
     env: &Option<String>,
@@ -1126,675 +1042,6 @@ fn resolve_secret(
     Ok(None)
 }
 
-// ---------------------------------------------------------------------------
-// Running
-
-/// Telemetry passed through, the last reading of each miner kept for the
-/// dashboard and the site's measured draw.
-struct Recording<T> {
-    inner: T,
-    last: Arc<Mutex<HashMap<MinerId, Telemetry>>>,
-}
-
-impl<T: TelemetrySource> TelemetrySource for Recording<T> {
-    fn read(
-        &self,
-        miner: MinerId,
-    ) -> impl Future<Output = Result<Telemetry, ActuatorError>> + Send {
-        let fut = self.inner.read(miner);
-        let last = self.last.clone();
-        async move {
-            let r = fut.await;
-            if let Ok(t) = &r {
-                last.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(miner, *t);
-            }
-            r
-        }
-    }
-}
-
-/// Shared between the commit hook (ledger thread), the publisher and the
-/// operator-command task; `gridproxy demo` uses it too.
-pub(crate) struct Tracker {
-    /// Last commanded state per miner.
-    commanded: Mutex<HashMap<MinerId, String>>,
-    issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
-    events: Mutex<Vec<DrEventView>>,
-    /// Last price seen, $/MWh (NaN: none yet).
-    pub(crate) price_bits: AtomicU64,
-    override_note: Mutex<Option<String>>,
-    /// Commands sent since the last log line, by action.
-    pending: Mutex<HashMap<&'static str, usize>>,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker {
-            commanded: Mutex::default(),
-            issued_at: Mutex::default(),
-            events: Mutex::default(),
-            price_bits: AtomicU64::new(f64::NAN.to_bits()),
-            override_note: Mutex::default(),
-            pending: Mutex::default(),
-        }
-    }
-}
-
-impl Tracker {
-    /// One log line for the commands sent since the last call.
-    pub(crate) fn flush_commands(&self, site: &SiteHandle) {
-        let p = std::mem::take(&mut *lock(&self.pending));
-        if p.is_empty() {
-            return;
-        }
-        let mut parts: Vec<String> = p.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
-        parts.sort();
-        site.log
-            .push("curtail", format!("commands sent: {}", parts.join(", ")));
-    }
-
-    /// The API's site view from the driver's status, this tracker and the
-    /// fleet figures the caller measured.
-    pub(crate) fn site_state(
-        &self,
-        st: &driver::DriverStatus,
-        site_kw: f64,
-        nominal_kw: f64,
-        fleet_ths: f64,
-        miners_total: usize,
-        miners_curtailed: usize,
-    ) -> SiteState {
-        let price = f64::from_bits(self.price_bits.load(Relaxed));
-        SiteState {
-            attached: true,
-            updated_ms: crate::api::site::now_ms(),
-            site_kw,
-            target_kw: st.cap_kw,
-            expected_kw: st.expected_kw,
-            nominal_kw,
-            price_usd_per_mwh: price.is_finite().then_some(price),
-            mode: st.mode.as_str().to_string(),
-            fleet_ths,
-            miners_total,
-            miners_curtailed,
-            events: lock(&self.events).clone(),
-            commands: crate::api::site::CommandCounts {
-                issued: st.issued,
-                verified: st.verified,
-                failed: st.failed,
-            },
-            override_note: lock(&self.override_note).clone(),
-        }
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The driver's commit hook: tracks prices, commands, acks and DR events,
-/// and writes the site log. Miners are named from `names` (else by id).
-/// With `log_each_commit` every batch of commands gets its log line at
-/// once; without, they gather until [`Tracker::flush_commands`].
-pub(crate) fn hook(
-    tracker: Arc<Tracker>,
-    site: Arc<SiteHandle>,
-    metrics: Option<Arc<Metrics>>,
-    names: Arc<HashMap<MinerId, String>>,
-    log_each_commit: bool,
-) -> driver::CommitHook {
-    let name = move |id: MinerId| names.get(&id).cloned().unwrap_or_else(|| id.to_string());
-    Arc::new(move |r: &Record| match r {
-        Record::Signal {
-            signal: Signal::Price(p),
-            ..
-        } => tracker.price_bits.store(p.usd_per_mwh.to_bits(), Relaxed),
-        Record::Commands(cs) => {
-            let now = Instant::now();
-            {
-                let mut issued = lock(&tracker.issued_at);
-                let mut cmd = lock(&tracker.commanded);
-                let mut by = lock(&tracker.pending);
-                for c in cs {
-                    issued.insert(c.id.0, (now, c.action.as_str()));
-                    *by.entry(c.action.as_str()).or_default() += 1;
-                    let state = match c.action {
-                        Action::Sleep => "sleeping".to_string(),
-                        Action::Wake | Action::Unpark => "hashing".into(),
-                        Action::SetPowerTarget(w) => format!("limited {w} W"),
-                        Action::Park => "parked".into(),
-                        Action::Reroute(_) => continue,
-                    };
-                    cmd.insert(c.miner, state);
-                }
-            }
-            if log_each_commit {
-                tracker.flush_commands(&site);
-            }
-        }
-        Record::Ack { id, ack, .. } => {
-            let e = lock(&tracker.issued_at).remove(&id.0);
-            if let (Some((t, action)), Some(m)) = (e, &metrics) {
-                let outcome = if matches!(ack, Ack::Ok) {
-                    "ok"
-                } else {
-                    "failed"
-                };
-                m.command_latency(action, outcome, t.elapsed().as_secs_f64());
-            }
-            if let Ack::Failed(why) = ack {
-                site.log
-                    .push("curtail", format!("command {id} failed: {why}"));
-            }
-        }
-        Record::Event(PolicyEvent::Decision(d)) => site.log.push(
-            "curtail",
-            format!(
-                "plan: mode {}, {} changes, expect {:.0} kW{} ({})",
-                d.mode.as_str(),
-                d.changes,
-                d.expected_kw,
-                d.cap_kw
-                    .map(|c| format!(", cap {c:.0} kW"))
-                    .unwrap_or_default(),
-                d.reason
-            ),
-        ),
-        Record::Event(PolicyEvent::DrEvent {
-            event,
-            state,
-            baseline_kw,
-            ..
-        }) => {
-            let (target, limit) = match event.target {
-                DrTarget::LimitKw(k) => (format!("limit {k:.0} kW"), Some(k)),
-                DrTarget::ShedKw(k) => {
-                    (format!("shed {k:.0} kW"), Some((baseline_kw - k).max(0.0)))
-                }
-            };
-            let view = DrEventView {
-                id: event.id.clone(),
-                state: state.as_str().to_string(),
-                target: target.clone(),
-                limit_kw: limit,
-                start_ms: event.start.as_millis(),
-                end_ms: event.end.map(|e| e.as_millis()),
-            };
-            {
-                let mut ev = lock(&tracker.events);
-                ev.retain(|e| e.id != view.id);
-                if view.state != "ended" {
-                    ev.push(view);
-                }
-            }
-            site.log.push(
-                "dr_event",
-                format!(
-                    "{}: {} ({target}, baseline {baseline_kw:.0} kW)",
-                    event.id,
-                    state.as_str()
-                ),
-            );
-        }
-        Record::Event(PolicyEvent::Escalated {
-            miner, from, to, ..
-        }) => site.log.push(
-            "curtail",
-            format!(
-                "{}: {} failed, escalating to {}",
-                name(*miner),
-                from.as_str(),
-                to.as_str()
-            ),
-        ),
-        Record::Event(PolicyEvent::Unresponsive { miner, .. }) => site
-            .log
-            .push("curtail", format!("{}: unresponsive", name(*miner))),
-        Record::Event(PolicyEvent::SafeState { stale, .. }) => site.log.push(
-            "curtail",
-            match stale {
-                Some(s) => format!("safe state: {s} is stale"),
-                None => "safe state left".into(),
-            },
-        ),
-        _ => {}
-    })
-}
-
-/// A running site: driver, sources, publisher. Stop it with [`RunningSite::stop`].
-pub struct RunningSite {
-    driver: DriverHandle,
-    mqtt: Option<mqtt::MqttHandle>,
-    ven: Option<openadr::VenHandle>,
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// One line per part started (for the operator).
-    pub started: Vec<String>,
-    /// The ledger file.
-    pub ledger: PathBuf,
-}
-
-impl RunningSite {
-    /// Stop the sources, then the driver (waiting for answers to commands
-    /// in flight, so the ledger is complete).
-    pub async fn stop(self) {
-        self.stop.cancel();
-        if let Some(m) = self.mqtt {
-            m.shutdown().await;
-        }
-        if let Some(v) = self.ven {
-            v.stop().await;
-        }
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        match self.driver.shutdown().await {
-            Ok(r) => tracing::info!(
-                issued = r.status.issued,
-                verified = r.status.verified,
-                failed = r.status.failed,
-                unanswered = r.unanswered,
-                "curtailment driver stopped"
-            ),
-            Err(e) => tracing::warn!(error = %e, "curtailment driver stopped with an error"),
-        }
-    }
-}
-
-/// Start the site: engine, driver and ledger, firmware clients, the proxy's
-/// park actuator over `router`, every configured signal source, and the link
-/// to the control API (`site`: state published, operator commands obeyed).
-pub async fn start(
-    cfg: &SiteConfig,
-    router: Arc<crate::router::Router>,
-    site: Arc<SiteHandle>,
-    metrics: Option<Arc<Metrics>>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<RunningSite> {
-    let stop = shutdown.child_token();
-    let fleet = cfg
-        .fleet()
-        .map_err(|e| anyhow::anyhow!("site.miners: {e}"))?;
-    let nominal_kw = fleet.nominal_kw();
-    let timeout = Duration::from_millis(cfg.client_timeout_ms);
-    let mut firmware = FleetActuator::new(timeout);
-    let proxy = ProxyActuator::new(router);
-    let mut names = HashMap::new();
-    let mut info: Vec<(MinerId, &MinerConfig)> = Vec::new();
-    for (i, m) in cfg.miners.iter().enumerate() {
-        let id = miner_id(&m.name);
-        let key = format!("site.miners[{i}].password");
-        let password = resolve_secret(&key, &m.password, &m.password_env, &m.password_file)?
-            .unwrap_or_default();
-        let addr = m
-            .socket_addr()
-            .map_err(|e| anyhow::anyhow!("site.miners[{i}].address: {e}"))?;
-        let ep = MinerEndpoint::new(m.firmware.surface(), addr).with_credentials(
-            m.username.clone().unwrap_or_else(|| "root".into()),
-            password,
-        );
-        firmware.insert(id, &ep);
-        if let Some(w) = &m.worker {
-            proxy.insert(id, w.clone());
-        }
-        names.insert(id, m.name.clone());
-        info.push((id, m));
-    }
-    let firmware = Arc::new(firmware);
-    let last = Arc::new(Mutex::new(HashMap::new()));
-    let telemetry = Recording {
-        inner: firmware.clone(),
-        last: last.clone(),
-    };
-    let tracker = Arc::new(Tracker::default());
-    let names = Arc::new(names);
-    if let Some(dir) = cfg.ledger.parent() {
-        if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            anyhow::bail!("site.ledger: folder {} does not exist", dir.display());
-        }
-    }
-    site.set_ledger(cfg.ledger.clone());
-    let dcfg = DriverConfig {
-        poll_interval: Duration::from_secs(cfg.telemetry_secs),
-        interval: Duration::from_secs(cfg.ledger_interval_secs),
-        drain_timeout: Duration::from_secs(5),
-        commit_hook: Some(hook(
-            tracker.clone(),
-            site.clone(),
-            metrics,
-            names.clone(),
-            true,
-        )),
-        ..DriverConfig::default()
-    };
-    let drv = driver::spawn(
-        &cfg.ledger,
-        cfg.policy(),
-        fleet,
-        Edge {
-            actuator: Route {
-                firmware,
-                proxy: proxy.clone(),
-            },
-            telemetry,
-            clock: SystemClock,
-        },
-        dcfg,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("curtailment driver ({}): {e}", cfg.ledger.display()))?;
-    proxy.spawn_reconciler(Duration::from_secs(2), stop.clone());
-
-    let mut started = vec![format!(
-        "curtailment engine: {} miners, {:.1} kW nameplate; ledger {}",
-        cfg.miners.len(),
-        nominal_kw,
-        cfg.ledger.display()
-    )];
-    let mut tasks = Vec::new();
-
-    // What the sources read back: site status (MQTT) and site kW (VEN).
-    let (status_tx, status_rx) = watch::channel(mqtt::SiteStatus::default());
-    let (kw_tx, kw_rx) = watch::channel(0.0f64);
-
-    let sig = &cfg.signals;
-    let mqtt = match &sig.mqtt {
-        Some(q) => {
-            let (host, port) = split_host_port(&q.broker, 1883)
-                .map_err(|e| anyhow::anyhow!("site.signals.mqtt.broker: {e}"))?;
-            let password = resolve_secret(
-                "site.signals.mqtt.password",
-                &q.password,
-                &q.password_env,
-                &q.password_file,
-            )?;
-            let c = mqtt_config(q, host.clone(), port, password);
-            let topic = c.dispatch_topic.clone();
-            let h = mqtt::spawn(c, nominal_kw, drv.signals(), status_rx, SystemClock)
-                .map_err(|e| anyhow::anyhow!("site.signals.mqtt: {e}"))?;
-            started.push(format!(
-                "MQTT dispatch: broker {host}:{port}, topic {topic}, silence {} s -> {:?}",
-                q.silence_timeout_secs, q.on_silence
-            ));
-            Some(h)
-        }
-        None => None,
-    };
-    let ven = match &sig.openadr {
-        Some(o) => {
-            let secret = resolve_secret(
-                "site.signals.openadr.client_secret",
-                &o.client_secret,
-                &o.client_secret_env,
-                &o.client_secret_file,
-            )?
-            .unwrap_or_default();
-            let mut c = openadr::VenConfig::new(&o.vtn_url, &o.client_id, &secret, &o.ven_name);
-            c.token_url = o.token_url.clone();
-            c.programs = o.programs.clone();
-            c.poll_interval = Duration::from_secs(o.poll_secs);
-            c.websocket = o.websocket;
-            c.report_interval = Duration::from_secs(o.report_secs);
-            c.request_timeout = Duration::from_secs(o.request_timeout_secs);
-            if let Some(sh) = o.simple_shed {
-                c.mapping.simple_shed = sh;
-            }
-            started.push(format!("OpenADR 3 VEN {:?}: VTN {}", o.ven_name, o.vtn_url));
-            Some(openadr::spawn_ven(c, drv.signals(), kw_rx))
-        }
-        None => None,
-    };
-    if let Some(p) = &sig.price {
-        let (url, format) = match (&p.ercot_csv_url, &p.json_url) {
-            (Some(u), _) => (
-                u.clone(),
-                price::feed::Format::ErcotRtm(price::ercot::RtmOptions::new(
-                    p.settlement_point.as_deref().unwrap_or_default(),
-                )),
-            ),
-            (None, Some(u)) => (
-                u.clone(),
-                price::feed::Format::Json(price::json::JsonFormat {
-                    price: p.json_price.clone(),
-                    time: (!p.json_time.is_empty()).then(|| p.json_time.clone()),
-                    ..Default::default()
-                }),
-            ),
-            (None, None) => anyhow::bail!("site.signals.price: no URL"),
-        };
-        let mut pc = price::feed::PollConfig::new(&url, format, Duration::from_secs(p.poll_secs));
-        pc.timeout = Duration::from_secs(p.timeout_secs);
-        let feed = price::feed::PriceFeed::new(pc)
-            .map_err(|e| anyhow::anyhow!("site.signals.price: {e}"))?;
-        tasks.push(tokio::spawn(feed.run(
-            drv.signals(),
-            SystemClock,
-            stop.clone(),
-        )));
-        started.push(format!(
-            "price feed: {url} every {} s (stale after {} s -> {:?})",
-            p.poll_secs, p.max_age_secs, p.on_stale
-        ));
-    }
-    if let Some(m) = &sig.site_load {
-        let meter = if let Some(u) = &m.prometheus_url {
-            site_load::Meter::Prometheus(site_load::prometheus::PrometheusMeter {
-                base_url: u.clone(),
-                query: m.prometheus_query.clone().unwrap_or_default(),
-                factor: m.factor,
-            })
-        } else if let Some(a) = m.modbus {
-            use site_load::modbus::{DataType, RegisterKind, WordOrder};
-            site_load::Meter::Modbus(site_load::modbus::ModbusMeter {
-                addr: a,
-                unit: m.modbus_unit,
-                kind: match m.modbus_table {
-                    ModbusTable::Holding => RegisterKind::Holding,
-                    ModbusTable::Input => RegisterKind::Input,
-                },
-                address: m.modbus_register,
-                data_type: match m.modbus_type {
-                    ModbusType::U16 => DataType::U16,
-                    ModbusType::I16 => DataType::I16,
-                    ModbusType::U32 => DataType::U32,
-                    ModbusType::I32 => DataType::I32,
-                    ModbusType::F32 => DataType::F32,
-                },
-                word_order: match m.modbus_word_order {
-                    ModbusWordOrder::HighFirst => WordOrder::HighFirst,
-                    ModbusWordOrder::LowFirst => WordOrder::LowFirst,
-                },
-                scale: m.factor,
-            })
-        } else {
-            site_load::Meter::HttpJson(site_load::http_json::HttpJsonMeter {
-                url: m.http_json_url.clone().unwrap_or_default(),
-                pointer: m.http_json_pointer.clone().unwrap_or_default(),
-                factor: m.factor,
-            })
-        };
-        let what = match &meter {
-            site_load::Meter::Prometheus(p) => format!("Prometheus {}", p.base_url),
-            site_load::Meter::Modbus(p) => format!("Modbus {}", p.addr),
-            site_load::Meter::HttpJson(p) => format!("HTTP JSON {}", p.url),
-        };
-        let poller = site_load::Poller::new(
-            meter,
-            site_load::PollConfig {
-                interval: Duration::from_millis(m.poll_ms),
-                timeout: Duration::from_millis(m.timeout_ms),
-                max_kw: m.max_kw,
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("site.signals.site_load: {e}"))?;
-        let (_status, task) = site_load::spawn(poller, SystemClock, drv.signals(), stop.clone());
-        tasks.push(task);
-        started.push(format!(
-            "site-load meter: {what} every {} ms (stale after {} s -> {:?})",
-            m.poll_ms, m.max_age_secs, m.on_stale
-        ));
-    }
-    if sig.mqtt.is_none() && sig.openadr.is_none() && sig.price.is_none() && sig.site_load.is_none()
-    {
-        started.push("no [site.signals]: curtailment follows the control API only".into());
-    }
-
-    // Operator commands from the control API.
-    let rx = site.attach(64);
-    tasks.push(tokio::spawn(operator_commands(
-        rx,
-        drv.signals(),
-        tracker.clone(),
-        {
-            let status = drv.watch();
-            move || {
-                let st = status.borrow().clone();
-                st.measured_kw.unwrap_or(st.expected_kw)
-            }
-        },
-        stop.clone(),
-    )));
-
-    // The publisher: site state for the API, status for MQTT, kW for the VEN.
-    {
-        let site = site.clone();
-        let status = drv.watch();
-        let stop = stop.clone();
-        let miners: Vec<(MinerId, String, String, String, Option<String>)> = info
-            .iter()
-            .map(|(id, m)| {
-                (
-                    *id,
-                    m.name.clone(),
-                    m.model.clone().unwrap_or_default(),
-                    m.firmware.as_str().to_string(),
-                    m.worker.clone(),
-                )
-            })
-            .collect();
-        let proxy = proxy.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let st = status.borrow().clone();
-                let readings = lock(&last).clone();
-                let commanded = lock(&tracker.commanded).clone();
-                let (mut views, mut curtailed, mut ths, mut measured_w) =
-                    (HashMap::new(), 0usize, 0.0, 0.0);
-                for (id, name, model, fw, worker) in &miners {
-                    let parked = worker.as_deref().is_some_and(|w| proxy.is_parked(w));
-                    let state = if parked {
-                        "parked".to_string()
-                    } else {
-                        commanded
-                            .get(id)
-                            .cloned()
-                            .unwrap_or_else(|| "hashing".into())
-                    };
-                    if state != "hashing" {
-                        curtailed += 1;
-                    }
-                    let (p, h) = readings
-                        .get(id)
-                        .map(|t| (t.power_w, t.hashrate_ths))
-                        .unwrap_or((0.0, 0.0));
-                    ths += h;
-                    measured_w += p;
-                    let key = worker.clone().unwrap_or_else(|| name.clone());
-                    views.insert(
-                        key.clone(),
-                        MinerView {
-                            worker: key,
-                            model: model.clone(),
-                            firmware: fw.clone(),
-                            state,
-                            power_w: p,
-                            ths: h,
-                        },
-                    );
-                }
-                let site_kw = st.measured_kw.unwrap_or(measured_w / 1000.0);
-                let _ = kw_tx.send(site_kw);
-                let _ = status_tx.send(
-                    mqtt::SiteStatus {
-                        miners_running: miners.len() - curtailed,
-                        miners_asleep: curtailed,
-                        ..Default::default()
-                    }
-                    .with_engine(st.mode, st.cap_kw, Some(site_kw)),
-                );
-                let state =
-                    tracker.site_state(&st, site_kw, nominal_kw, ths, miners.len(), curtailed);
-                site.publish_miners(views);
-                site.publish(state);
-            }
-        }));
-    }
-    site.log.push("curtail", started.join("; "));
-    Ok(RunningSite {
-        driver: drv,
-        mqtt,
-        ven,
-        stop,
-        tasks,
-        started,
-        ledger: cfg.ledger.clone(),
-    })
-}
-
-/// Turn the control API's site commands into manual overrides; `now_kw`
-/// is the site's draw a shed is taken from.
-pub(crate) async fn operator_commands(
-    mut rx: tokio::sync::mpsc::Receiver<SiteCommand>,
-    signals: tokio::sync::mpsc::Sender<Signal>,
-    tracker: Arc<Tracker>,
-    now_kw: impl Fn() -> f64,
-    stop: CancellationToken,
-) {
-    loop {
-        let c = tokio::select! {
-            _ = stop.cancelled() => return,
-            c = rx.recv() => match c { Some(c) => c, None => return },
-        };
-        let at = SystemClock.now();
-        let (mode, by, note) = match c {
-            SiteCommand::CapKw { kw, by } => {
-                (OverrideMode::CapKw(kw), by, Some(format!("cap {kw:.0} kW")))
-            }
-            SiteCommand::ShedKw { kw, by } => {
-                let cap = (now_kw() - kw).max(0.0);
-                (
-                    OverrideMode::CapKw(cap),
-                    by,
-                    Some(format!("shed {kw:.0} kW (cap {cap:.0} kW)")),
-                )
-            }
-            SiteCommand::CurtailAll { by } => {
-                (OverrideMode::CurtailAll, by, Some("curtail all".into()))
-            }
-            SiteCommand::RunAll { by } => (OverrideMode::RunAll, by, Some("run all".into())),
-            SiteCommand::Clear { by } => (OverrideMode::Clear, by, None),
-        };
-        *lock(&tracker.override_note) = note;
-        let s = Signal::Override(ManualOverride {
-            at,
-            mode,
-            until: None,
-            by,
-        });
-        if signals.send(s).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1803,7 +1050,7 @@ mod tests {
 
     fn parse(extra: &str) -> Result<crate::config::Config, String> {
         let t = format!("{BASE}{extra}");
-        crate::api::config::check(&t, "t.toml").map_err(|e| e.to_string())
+        crate::config::Config::parse(&t, "t.toml").map_err(|e| e.to_string())
     }
 
     const MINER: &str = "[[site.miners]]\nname = \"m1\"\nfirmware = \"luxos\"\naddress = \"127.0.0.1:4028\"\nths = 100.0\nwatts = 3000.0\n";

@@ -26,8 +26,8 @@ pub mod live;
 pub mod site;
 pub mod tls;
 
-use crate::downstream::Ctx;
 use crate::metrics::Metrics;
+use crate::reload::{ReloadError, Reloader};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -35,6 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use config::{ApiConfig, Role, Token};
+use gridproxy_proxy::downstream::Ctx;
 use live::Live;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -60,6 +61,8 @@ pub struct ApiState {
     pub ctx: Arc<Ctx>,
     /// The site side (may have no driver attached).
     pub site: Arc<SiteHandle>,
+    /// Hot reload from the configuration file.
+    pub reloader: Option<Arc<Reloader>>,
     /// Rates and history.
     pub live: Arc<Live>,
     /// Prometheus metrics.
@@ -80,9 +83,11 @@ pub struct ApiServer {
 }
 
 /// Bind `cfg.listen` (or `listen` when given) and serve until `shutdown`.
+/// `reloader` serves `POST /api/v1/reload` (refused without one).
 pub async fn start(
     ctx: Arc<Ctx>,
     site: Arc<SiteHandle>,
+    reloader: Option<Arc<Reloader>>,
     cfg: &ApiConfig,
     listen: Option<SocketAddr>,
     shutdown: CancellationToken,
@@ -106,6 +111,7 @@ pub async fn start(
     let state = Arc::new(ApiState {
         ctx,
         site,
+        reloader,
         live: live.clone(),
         metrics: metrics.clone(),
         tokens,
@@ -331,7 +337,11 @@ async fn app_js() -> Response {
 
 /// Hot reload from the configuration file (same as SIGHUP).
 async fn reload(State(st): State<Arc<ApiState>>) -> Response {
-    match crate::reload::reload_file(&st.ctx) {
+    let r = match &st.reloader {
+        Some(r) => r.reload_file(),
+        None => Err(ReloadError::NoFile),
+    };
+    match r {
         Ok(r) => {
             info!(%r, "configuration reloaded through the API");
             Json(json!({
@@ -626,7 +636,7 @@ async fn history(State(st): State<Arc<ApiState>>, Query(q): Query<HistoryQuery>)
 /// `GET /api/v1/ledger`: the curtailment ledger as JSON (commands,
 /// acknowledgements and verifications, DR event states, measured intervals).
 async fn ledger_export(State(st): State<Arc<ApiState>>) -> Response {
-    use crate::curtail_bridge::curtail::driver::Audit;
+    use gridproxy_curtail::driver::Audit;
     let Some(path) = st.site.ledger() else {
         return err(StatusCode::NOT_FOUND, "no curtailment ledger on this proxy");
     };

@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use gridproxy_curtail as curtail;
+use gridproxy_curtail as curtail;
 
-use crate::router::Router;
 use curtail::actuator::{Actuator, ActuatorError};
 use curtail::fleet::{ControlSurface, MinerId};
 use curtail::policy::{Action, Command};
+use gridproxy_proxy::router::Router;
 
 /// What the engine last asked of one worker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

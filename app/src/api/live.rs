@@ -6,7 +6,7 @@
 //! share path).
 
 use super::site::{now_ms, SiteHandle};
-use crate::downstream::Ctx;
+use gridproxy_proxy::downstream::Ctx;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};

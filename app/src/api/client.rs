@@ -228,3 +228,90 @@ mod tests {
         assert_eq!(r.body, b"abcde");
     }
 }
+
+/// A readable fleet summary from `GET /api/v1/fleet` (for `gridproxy status`).
+pub fn format_fleet(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let f = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
+    out.push_str(&format!(
+        "miners {} connected, {} workers known; hashrate {}\n",
+        v["miners_connected"],
+        v["workers_known"],
+        si(f(&v["hashrate_hs"]), "H/s")
+    ));
+    let rej: u64 = v["shares"]["rejected"]
+        .as_object()
+        .map(|o| o.values().filter_map(serde_json::Value::as_u64).sum())
+        .unwrap_or(0);
+    out.push_str(&format!(
+        "shares: {} accepted, {} rejected; upstream {} acked, {} rejected\n",
+        v["shares"]["accepted"],
+        rej,
+        v["shares"]["upstream_accepted"],
+        v["shares"]["upstream_rejected"]
+    ));
+    if let Some(pools) = v["pools"].as_array() {
+        for p in pools {
+            out.push_str(&format!(
+                "pool {:<10} {:<4} {:>5} miners  sent {} acked {} rejected {}{}\n",
+                p["name"].as_str().unwrap_or("?"),
+                if p["live"].as_bool() == Some(true) {
+                    "up"
+                } else {
+                    "down"
+                },
+                p["miners"],
+                p["submitted"],
+                p["accepted"],
+                p["rejected"],
+                p["last_error"]
+                    .as_str()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let s = &v["site"];
+    if s["attached"].as_bool() == Some(true) {
+        out.push_str(&format!(
+            "site {:.0} kW of {:.0} kW nameplate; target {}; price {}; mode {}; curtailed {}/{}\n",
+            f(&s["site_kw"]),
+            f(&s["nominal_kw"]),
+            s["target_kw"]
+                .as_f64()
+                .map(|k| format!("{k:.0} kW"))
+                .unwrap_or_else(|| "none".into()),
+            s["price_usd_per_mwh"]
+                .as_f64()
+                .map(|p| format!("${p:.0}/MWh"))
+                .unwrap_or_else(|| "?".into()),
+            s["mode"].as_str().unwrap_or("?"),
+            s["miners_curtailed"],
+            s["miners_total"]
+        ));
+        if let Some(evs) = s["events"].as_array() {
+            for e in evs {
+                out.push_str(&format!(
+                    "event {} {} {}\n",
+                    e["id"].as_str().unwrap_or("?"),
+                    e["state"].as_str().unwrap_or("?"),
+                    e["target"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    } else {
+        out.push_str("site: no curtailment driver attached\n");
+    }
+    out
+}
+
+/// `v` with an SI prefix: `1.2 TH/s`.
+pub fn si(v: f64, unit: &str) -> String {
+    let a = v.abs();
+    for (m, p) in [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")] {
+        if a >= m {
+            return format!("{:.1} {p}{unit}", v / m);
+        }
+    }
+    format!("{v:.0} {unit}")
+}

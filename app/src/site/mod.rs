@@ -1,0 +1,43 @@
+//! `[site]`: the curtailment engine and its grid signal sources, run by
+//! `gridproxy run` next to the proxy.
+//!
+//! The section lists the miners (firmware, API address, credentials,
+//! nameplate figures, the SV1 worker they hash as through this proxy), the
+//! engine's policy knobs, and the signal sources in `[site.signals]`: an
+//! OpenADR 3 VEN, MQTT dispatch, a polled price feed and a site-load meter.
+//! [`start`] assembles them: the curtailment driver (with its SQLite
+//! ledger), the firmware clients, the proxy's park actuator, each source
+//! feeding the driver, and the link to the control API's site view and
+//! `POST /api/v1/curtail` commands.
+//!
+//! Nothing here listens: the sources are clients (VTN, broker, price URL,
+//! meter) and the firmware APIs are reached outbound.
+//!
+//! ```toml
+//! [site]
+//! ledger = "curtail-ledger.sqlite"     # relative to the config file
+//! hashprice_usd_per_ph_day = 55.0      # enables price mode
+//!
+//! [[site.miners]]
+//! name = "r1-01"
+//! firmware = "luxos"                   # luxos | braiins | whatsminer | vnish | stock
+//! address = "10.0.1.11:4028"
+//! ths = 104.0
+//! watts = 3068.0                       # or j_per_th = 29.5
+//! worker = "acct.r1-01"                # SV1 worker name through this proxy
+//!
+//! [site.signals.mqtt]
+//! broker = "10.0.0.2:1883"
+//! site_id = "s1"                       # topics site/s1/dispatch, /status, /ack
+//! ```
+//!
+//! - [`config`]: the section's schema and validation.
+//! - [`start`]: wiring it up and running it ([`start::start`], [`start::RunningSite`]).
+//! - [`park`]: the engine's hand on the proxy (park, unpark, reroute).
+
+pub mod config;
+pub mod park;
+pub mod start;
+
+pub use config::{miner_id, SiteConfig};
+pub use start::{start, RunningSite};
