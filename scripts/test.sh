@@ -1,17 +1,84 @@
 #!/usr/bin/env bash
-# gridproxy's test command: installs what the tests need (Debian packages and
-# the real SRI peers, built once into a cache folder), then runs format and
-# lint checks and the whole test suite.
+# gridproxy's test command, in two stages:
+#
+#   1 checks      fast, no peers: cargo fmt --check, cargo clippy -D warnings,
+#                 cargo deny (licences, bans, sources) and the unit tests (each
+#                 crate's lib, bins, doc tests and own tests/; not the
+#                 end-to-end tests of gridproxy-tests)
+#   2 end to end  installs what the end-to-end tests need (Debian packages, the
+#                 real SRI peers and the grid peers, built once into a cache
+#                 folder), then runs gridproxy-tests' end-to-end binary,
+#                 tests/tests/e2e
+#
+# then, opt-in, fuzzing (FUZZ_SECS). A failing stage stops the run: a format,
+# lint or unit-test failure is reported before any peer is built.
 #
 #   scripts/test.sh            # everything
-#   scripts/test.sh -- NAME    # only tests matching NAME (after the checks)
+#   scripts/test.sh -- NAME    # the checks, then only tests matching NAME
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*" >&2; }
+START=$SECONDS
+STAGE=""
+STAGE_START=$SECONDS
+# Every line carries the seconds since the start, so a CI log shows where the
+# time went.
+log() { printf '\n== [%5d s] %s\n' $((SECONDS - START)) "$*" >&2; }
+stage() { # NAME: ends the running stage (with its duration) and opens NAME
+  stage_end
+  STAGE=$1
+  STAGE_START=$SECONDS
+  printf '\n==== [%5d s] stage %s\n' $((SECONDS - START)) "$STAGE" >&2
+}
+stage_end() {
+  [ -n "$STAGE" ] || return 0
+  printf '\n==== [%5d s] stage %s passed in %d s\n' $((SECONDS - START)) "$STAGE" $((SECONDS - STAGE_START)) >&2
+  STAGE=""
+}
+on_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ -n "$STAGE" ]; then
+    printf '\n==== [%5d s] stage %s FAILED after %d s (exit %d)\n' \
+      $((SECONDS - START)) "$STAGE" $((SECONDS - STAGE_START)) "$rc" >&2
+  fi
+}
+trap on_exit EXIT
+
+filter=()
+if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
 
 # A one-off full build: incremental state would only double the target folder.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# ---------------------------------------------------------------------------
+stage "1/2 checks"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo deny check licenses bans sources (deny.toml; cargo-deny built once into ${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy}/tools)"
+bash scripts/tools.sh install
+PATH="$(bash scripts/tools.sh path):$PATH"
+export PATH
+# advisories is left out: it fetches the advisory database over the network.
+cargo deny check licenses bans sources
+
+log "unit tests: every crate's lib, bins and doc tests, each crate's own tests/ but gridproxy-tests'"
+# One test at a time, as the whole suite always ran: some unit tests time real
+# sockets and timers, and 2 cores shared by parallel tests make that flaky.
+# Each command selects the whole workspace (--exclude gridproxy-tests resolves
+# the same features): `-p gridproxy-tests` alone would resolve other features
+# (criterion's zerocopy/derive drops out) and rebuild rusqlite, rand and all
+# our crates a second time.
+cargo test --workspace --lib --bins -- --test-threads=1 "${filter[@]}"
+cargo test --workspace --exclude gridproxy-tests --test '*' -- --test-threads=1 "${filter[@]}"
+cargo test --workspace --doc -- "${filter[@]}"
+
+# ---------------------------------------------------------------------------
+stage "2/2 end to end"
 
 log "installing test peers (cached in ${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy})"
 bash scripts/peers.sh install
@@ -24,18 +91,14 @@ bash scripts/vtn.sh install
 bash scripts/mosquitto.sh install
 python3 -m pip install --quiet --user 'pymodbus==3.16.1'
 
-log "cargo fmt --check"
-cargo fmt --all -- --check
-
-log "cargo clippy (warnings are errors)"
-cargo clippy --workspace --all-targets -- -D warnings
-
-log "cargo test"
-filter=()
-if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
+log "cargo test: the end-to-end binary (tests/tests/e2e)"
 # One test at a time: the end-to-end tests each run real pools, a proxy and
 # hashing miners, and two of them at once on 2 cores makes timings flaky.
-cargo test --workspace -- --test-threads=1 "${filter[@]}"
+# (--workspace for the same features as stage 1's builds, see above: only
+# gridproxy-tests has an e2e target.)
+cargo test --workspace --test e2e -- --test-threads=1 "${filter[@]}"
+
+stage_end
 
 # Fuzzing needs its own instrumented release build of every crate (10-20 min
 # cold on 2 cores), more than CI's time budget leaves: opt in with FUZZ_SECS.
@@ -45,3 +108,4 @@ if [ "${#filter[@]}" -eq 0 ] && [ "${FUZZ_SECS:-0}" -gt 0 ]; then
 else
     log "fuzzing skipped (FUZZ_SECS=10 bash scripts/test.sh runs every target 10 s; see fuzz/README.md)"
 fi
+log "all stages passed"
