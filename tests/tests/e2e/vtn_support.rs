@@ -3,8 +3,7 @@
 //! 36-miner emulated site and its curtailment driver, capacity-limit events
 //! as the utility creates them, and waits on the site's draw.
 //!
-//! Uses [`curtail_support`](super::curtail_support), so a test declares
-//! `mod curtail_support;` before `mod vtn_support;`.
+//! Builds on [`gridproxy_tests::bench`] (site, driver, scaled clock).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,7 +24,8 @@ use serde_json::json;
 use curtail::driver::{CommitHook, DriverConfig, DriverHandle, Nothing};
 use curtail::policy::{PolicyConfig, Staleness};
 
-use super::curtail_support::{site_kw, ScaledClock, SERIAL, SPEED};
+use gridproxy_tests::bench::{site_kw, ScaledClock, SiteBench, SPEED};
+use gridproxy_tests::SERIAL;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -155,21 +155,10 @@ impl Drop for Vtn {
 
 /// 36 emulated miners (9 of each firmware), site time [`SPEED`] x real time.
 pub async fn start_site(subnet: (u8, u8), worker_prefix: &str) -> Arc<Site> {
-    Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 9),
-            (Firmware::BraiinsOs, 9),
-            (Firmware::Whatsminer, 9),
-            (Firmware::Vnish, 9),
-        ],
-        time_scale: 1.0 / SPEED,
-        subnet,
-        worker_prefix: worker_prefix.into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .map(Arc::new)
-    .expect("site starts")
+    Site::start(SiteBench::new(worker_prefix, subnet).mixed(9).config())
+        .await
+        .map(Arc::new)
+        .expect("site starts")
 }
 
 pub fn policy() -> PolicyConfig {
@@ -194,7 +183,7 @@ pub async fn start_vtn_site_driver(
     ledger: &Path,
     commit_hook: Option<CommitHook>,
 ) -> DriverHandle {
-    super::curtail_support::start_driver(
+    gridproxy_tests::bench::start_driver(
         site,
         ledger,
         policy(),
