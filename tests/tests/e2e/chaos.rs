@@ -25,15 +25,14 @@ use gridproxy::config::Config;
 use gridproxy::curtail_bridge::curtail;
 use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::firmware::Fault;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
 use gridproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::mqtt_support::*;
-use curtail::driver::{self, Audit, DriverConfig, Edge, Nothing, Record, Route};
+use curtail::driver::{Audit, DriverConfig, Nothing, Record};
 use curtail::policy::{PolicyConfig, Staleness};
 use gridproxy_tests::bench::*;
 

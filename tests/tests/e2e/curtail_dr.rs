@@ -27,10 +27,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use gridproxy::curtail_bridge::curtail;
-use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::firmware::Fault;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_fixtures::site::Firmware;
 use gridproxy_tests::bench::*;
 use gridproxy_tests::*;
 

@@ -42,8 +42,7 @@ use std::time::Duration;
 
 use gridproxy::curtail_bridge::{curtail, ProxyActuator};
 use gridproxy::proxy::Proxy;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_fixtures::site::{Firmware, Site};
 use gridproxy_tests::bench::*;
 use gridproxy_tests::*;
 use serde_json::{json, Value};

@@ -19,11 +19,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_tests::bench::*;
 use gridproxy_tests::SERIAL;
 
-use curtail::driver::{self, Audit, DriverConfig, Edge, Nothing, Route};
+use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::fleet::MinerId;
 use curtail::policy::{Action, Economics, PolicyConfig, Staleness};
 use curtail::signal::{PriceSignal, Signal};

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::mqtt_support::*;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
+use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
 use gridproxy_tests::bench::*;
 use gridproxy_tests::wait_until;

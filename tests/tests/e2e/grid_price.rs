@@ -25,13 +25,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_grid::price::feed::{Format, PollConfig, PriceFeed};
 use gridproxy_grid::price::json::JsonFormat;
 use gridproxy_tests::bench::*;
 use gridproxy_tests::SERIAL;
 
-use curtail::driver::{self, Audit, DriverConfig, Edge, Nothing, Route};
+use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::policy::{Action, Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use curtail::time::{Clock, Timestamp};
 use tokio_util::sync::CancellationToken;

@@ -7,7 +7,6 @@
 use gridproxy::api::{self, client, site::SiteHandle};
 use gridproxy::proxy::Proxy;
 use gridproxy::router::PoolShare;
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 use serde_json::Value;
 use std::net::SocketAddr;

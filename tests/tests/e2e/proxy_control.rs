@@ -6,7 +6,6 @@ use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 use std::net::SocketAddr;
 use std::sync::Arc;

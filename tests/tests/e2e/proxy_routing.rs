@@ -11,7 +11,6 @@ use gridproxy_protocol::sv1::{self, ServerMessage};
 use gridproxy_tests::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;

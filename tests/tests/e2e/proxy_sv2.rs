@@ -14,7 +14,6 @@ use gridproxy::sv2_io::{connect_noise, next_msg};
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::sv2_miner::{ChannelKind, Sv2MinerConfig, Sv2Miners};
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::share;
 use gridproxy_protocol::sv2::{

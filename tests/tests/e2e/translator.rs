@@ -4,7 +4,6 @@
 
 use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 use std::time::Duration;
 

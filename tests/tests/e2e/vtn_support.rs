@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
+use gridproxy_fixtures::site::Site;
 use gridproxy_grid::openadr::{VenConfig, VenHandle};
 use gridproxy_tests::free_port;
 use openleadr_client::{BusinessLogic, Client, ClientCredentials, EventClient, ProgramClient};
