@@ -65,6 +65,14 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// two shared cores. Modules never overlap anyway ([`module_gate`]).
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Runs a test alone in its module (the [`SERIAL`] lock), failing it after `limit`.
+pub async fn serially(limit: Duration, test: impl std::future::Future<Output = ()>) {
+    let _serial = SERIAL.lock().await;
+    tokio::time::timeout(limit, test)
+        .await
+        .expect("test finished in time");
+}
+
 /// Holds [`module_gate`] open for its module until dropped.
 #[must_use = "the gate closes when this is dropped"]
 pub struct ModuleGate {

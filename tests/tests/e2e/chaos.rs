@@ -139,10 +139,7 @@ async fn submit_flood(addr: SocketAddr, count: usize) -> (usize, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_survives_pool_kill_slowloris_and_submit_flood() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, proxy_chaos())
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, proxy_chaos()).await;
 }
 
 async fn proxy_chaos() {
@@ -310,10 +307,7 @@ async fn proxy_chaos() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curtailment_survives_firmware_reboots_and_broker_crash() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, curtail_chaos())
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, curtail_chaos()).await;
 }
 
 async fn curtail_chaos() {

@@ -61,19 +61,13 @@ fn policy() -> PolicyConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_event_sheds_200_miners_to_40_percent_within_60s() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run("dr", (62, 0), false))
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, run("dr", (62, 0), false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_event_met_with_10_percent_of_emulators_unresponsive() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run("drdead", (63, 0), true))
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, run("drdead", (63, 0), true)).await;
 }
 
 async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {

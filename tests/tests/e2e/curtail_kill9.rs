@@ -416,10 +416,7 @@ fn watch(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_dr_event_keeps_fleet_curtailed_and_ledger_whole() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {

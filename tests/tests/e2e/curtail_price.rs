@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use gridproxy::curtail_bridge::curtail;
 use gridproxy_tests::bench::*;
-use gridproxy_tests::SERIAL;
 
 use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::fleet::MinerId;
@@ -52,10 +51,7 @@ const END_S: u64 = 330;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn price_series_turns_models_off_and_on_in_efficiency_order_with_dwell() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {

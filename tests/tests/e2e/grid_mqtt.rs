@@ -24,7 +24,6 @@ use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
 use gridproxy_tests::bench::*;
 use gridproxy_tests::wait_until;
-use gridproxy_tests::SERIAL;
 
 use curtail::driver::{Audit, DriverConfig, DriverHandle, Nothing};
 use curtail::policy::{Mode, PolicyConfig, Staleness};
@@ -75,10 +74,7 @@ fn policy(cfg: &MqttConfig) -> PolicyConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_dispatch_against_mosquitto() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 fn all_asleep(site: &Site) -> bool {

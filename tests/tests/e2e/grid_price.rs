@@ -28,7 +28,6 @@ use gridproxy::curtail_bridge::curtail;
 use gridproxy_grid::price::feed::{Format, PollConfig, PriceFeed};
 use gridproxy_grid::price::json::JsonFormat;
 use gridproxy_tests::bench::*;
-use gridproxy_tests::SERIAL;
 
 use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::policy::{Action, Economics, Freshness, PolicyConfig, SafeState, Staleness};
@@ -89,10 +88,7 @@ async fn price(State(s): State<Server>) -> (StatusCode, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_price_feed_curtails_least_efficient_first_and_fails_safe_when_bad() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {

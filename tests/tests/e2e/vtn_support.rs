@@ -6,7 +6,6 @@
 //! Builds on [`gridproxy_tests::bench`] (site, driver, scaled clock).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use curtail::driver::{CommitHook, DriverConfig, DriverHandle, Nothing};
 use curtail::policy::{PolicyConfig, Staleness};
 
 use gridproxy_tests::bench::{site_kw, ScaledClock, SiteBench, SPEED};
-use gridproxy_tests::SERIAL;
+pub use gridproxy_tests::serially;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -283,14 +282,6 @@ pub async fn reports_reach(ven: &VenHandle, n: u64) -> bool {
     ven.wait_for(Duration::from_secs(10), |s| s.reports_sent >= n)
         .await
         .is_some()
-}
-
-/// Runs a test alone (the shared [`SERIAL`] lock), failing it after `limit`.
-pub async fn serially(limit: Duration, test: impl Future<Output = ()>) {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(limit, test)
-        .await
-        .expect("test finished in time");
 }
 
 /// The utility cancels an event by cutting its window short: it ends now.
