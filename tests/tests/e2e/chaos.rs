@@ -314,7 +314,7 @@ async fn curtail_chaos() {
     gridproxy_tests::init_tracing();
     let mut broker = Mosquitto::start("chaos").await;
     let bench = SiteBench::new("chaos", (72, 0)).mixed(10).start().await;
-    let site = &bench.site;
+    let site = bench.site.clone();
     let nominal_kw = site.nominal_w() / 1000.0;
     let cfg = MqttConfig {
         port: broker.port,

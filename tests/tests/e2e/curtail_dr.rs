@@ -74,7 +74,7 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
     gridproxy_tests::init_tracing();
     // --- peers: TP, pool_sv2, gridproxy, the site ---
     let bench = SiteBench::new(name, subnet).behind_proxy().start().await;
-    let (site, pool, proxy) = (&bench.site, bench.pool(), bench.proxy());
+    let (site, pool, proxy) = (bench.site.clone(), bench.pool(), bench.proxy());
     assert_eq!(site.len(), 200);
     let registry = proxy.ctx.registry.clone();
     let connected = || {

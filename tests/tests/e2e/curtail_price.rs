@@ -61,7 +61,7 @@ async fn run() {
         .with(|c| c.unit_spread = 0.0)
         .start()
         .await;
-    let site = &bench.site;
+    let site = bench.site.clone();
     let economics = Economics {
         hashprice_usd_per_ph_day: 39.5,
         pool_fee: 0.0,

@@ -123,7 +123,7 @@ async fn run() {
 
     // --- the site and its driver ---
     let bench = SiteBench::new("mqtt", (71, 0)).mixed(10).start().await;
-    let site = &bench.site;
+    let site = bench.site.clone();
     let n = site.len();
     let nominal_kw = site.nominal_w() / 1000.0;
     let standby_kw: f64 = site.miners().iter().map(|m| m.config.sleep_w).sum::<f64>() / 1000.0;

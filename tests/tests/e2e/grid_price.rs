@@ -98,7 +98,7 @@ async fn run() {
         .with(|c| c.unit_spread = 0.0)
         .start()
         .await;
-    let site = &bench.site;
+    let site = bench.site.clone();
     let clock = ScaledClock::new(SPEED);
 
     // The price server.
