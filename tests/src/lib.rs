@@ -17,6 +17,14 @@
 //! # }
 //! ```
 //! Keep every handle alive for the duration of the test: dropping one stops that peer.
+//!
+//! All end-to-end tests are modules of one binary (`tests/e2e`), so they share one process:
+//! every test opens with [`module_gate`] (modules run one after another, as the separate
+//! binaries did), tracing is installed once by [`init_tracing`], and [`SERIAL`] is the one
+//! lock for tests that must run alone. [`bench`] is the site harness (TP → `pool_sv2` →
+//! gridproxy → emulated fleet → curtailment driver).
+
+pub mod bench;
 
 use std::{
     collections::HashSet,
@@ -49,6 +57,157 @@ pub const TRANSLATOR_TEMPLATE: &str = include_str!("../../peers/translator.toml.
 
 /// How long a peer may take to start listening.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// One process for every test
+
+/// Only one site-sized (or otherwise heavy) test at a time within a module: the machine has
+/// two shared cores. Modules never overlap anyway ([`module_gate`]).
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs a test alone in its module (the [`SERIAL`] lock), failing it after `limit`.
+pub async fn serially(limit: Duration, test: impl std::future::Future<Output = ()>) {
+    let _serial = SERIAL.lock().await;
+    tokio::time::timeout(limit, test)
+        .await
+        .expect("test finished in time");
+}
+
+/// Holds [`module_gate`] open for its module until dropped.
+#[must_use = "the gate closes when this is dropped"]
+pub struct ModuleGate {
+    _private: (),
+}
+
+#[derive(Default)]
+struct GateState {
+    module: Option<&'static str>,
+    holders: usize,
+}
+
+fn gate() -> &'static (Mutex<GateState>, std::sync::Condvar) {
+    static GATE: OnceLock<(Mutex<GateState>, std::sync::Condvar)> = OnceLock::new();
+    GATE.get_or_init(Default::default)
+}
+
+/// Waits until no test of another module runs, then lets this test in; call it first in
+/// every test, with `module_path!()`. Tests of one module may run side by side (as they did
+/// in their own binary); tests of different modules never do (as separate binaries never
+/// did), so the timing-sensitive end-to-end tests keep the machine to their module. Blocks
+/// the thread, which is fine before a test has started anything.
+pub fn module_gate(module: &'static str) -> ModuleGate {
+    let (lock, cvar) = gate();
+    let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+    while st.holders > 0 && st.module != Some(module) {
+        st = cvar.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.module = Some(module);
+    st.holders += 1;
+    ModuleGate { _private: () }
+}
+
+impl Drop for ModuleGate {
+    fn drop(&mut self) {
+        let (lock, cvar) = gate();
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.holders -= 1;
+        if st.holders == 0 {
+            st.module = None;
+            cvar.notify_all();
+        }
+    }
+}
+
+/// Installs the process's tracing subscriber once (later calls do nothing): events go to
+/// the test writer, filtered by `RUST_LOG` (empty: errors only), and `gridproxy_grid::openadr`
+/// events at info and up (plus `RUST_LOG`) also go to the active [`LogCapture`], if any.
+pub fn init_tracing() {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
+        let capture_filter = if rust_log.is_empty() {
+            "gridproxy_grid::openadr=info".to_string()
+        } else {
+            format!("{rust_log},gridproxy_grid::openadr=info")
+        };
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_test_writer()
+                    .with_filter(EnvFilter::new(rust_log)),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(|| CaptureWriter)
+                    .with_filter(EnvFilter::new(capture_filter)),
+            )
+            .try_init();
+    });
+}
+
+type LogBuf = std::sync::Arc<Mutex<Vec<u8>>>;
+
+fn active_capture() -> &'static Mutex<Option<LogBuf>> {
+    static ACTIVE: Mutex<Option<LogBuf>> = Mutex::new(None);
+    &ACTIVE
+}
+
+/// Log lines of this process, collected from [`LogCapture::start`] until it is dropped (one
+/// capture at a time: run the test under [`SERIAL`]). What is collected is what
+/// [`init_tracing`] sends to captures.
+pub struct LogCapture(LogBuf);
+
+impl LogCapture {
+    /// Installs [`init_tracing`] if needed and starts collecting (ending any other capture).
+    pub fn start() -> LogCapture {
+        init_tracing();
+        let buf = LogBuf::default();
+        *active_capture().lock().unwrap_or_else(|e| e.into_inner()) = Some(buf.clone());
+        LogCapture(buf)
+    }
+
+    /// What was collected so far, line by line.
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for LogCapture {
+    fn drop(&mut self) {
+        let mut active = active_capture().lock().unwrap_or_else(|e| e.into_inner());
+        if active
+            .as_ref()
+            .is_some_and(|a| std::sync::Arc::ptr_eq(a, &self.0))
+        {
+            *active = None;
+        }
+    }
+}
+
+struct CaptureWriter;
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some(c) = active_capture()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Peer binaries
@@ -367,6 +526,16 @@ pub async fn start_tp() -> MockTp {
     start_tp_with(TpConfig::default()).await
 }
 
+/// Starts the fixture TP on a free loopback port with a tip that stays put when a block is
+/// found (`new_tip_on_solution: false`), so no share goes stale by a race.
+pub async fn start_quiet_tp() -> MockTp {
+    start_tp_with(TpConfig {
+        new_tip_on_solution: false,
+        ..Default::default()
+    })
+    .await
+}
+
 /// Starts the fixture TP with `cfg` on a free loopback port.
 pub async fn start_tp_with(cfg: TpConfig) -> MockTp {
     MockTp::start("127.0.0.1:0".parse().unwrap(), cfg)
@@ -511,6 +680,24 @@ pub async fn start_pool_with(tp_addr: SocketAddr, opts: PoolOptions) -> Pool {
         monitoring_addr,
         process,
     }
+}
+
+/// Starts `pool_sv2` again from a killed pool's config (same ports, same TP), and waits
+/// until it is ready to accept connections.
+pub async fn restart_pool(old: &Pool) -> PeerProcess {
+    let dir = PeerProcess::make_dir("pool_sv2_restarted");
+    fs::copy(old.process.dir().join("pool.toml"), dir.join("pool.toml")).unwrap();
+    let mut cmd = Command::new(peer_bin("pool_sv2"));
+    cmd.arg("-c").arg(dir.join("pool.toml"));
+    clean_env(&mut cmd);
+    let mut p = PeerProcess::spawn("pool_sv2", dir, cmd);
+    assert!(
+        p.wait_for_log("ready to accept connections", Duration::from_secs(30))
+            .await,
+        "{}",
+        p.log_tail(2000)
+    );
+    p
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,16 +15,13 @@
 //! rises to 52 again at 250 s, just after S19s woke: their min-on dwell holds
 //! them on until ~40 s after waking.
 
-mod curtail_support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use curtail_support::*;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
+use gridproxy_tests::bench::*;
 
-use curtail::driver::{self, Audit, DriverConfig, Edge, Nothing, Route};
+use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::fleet::MinerId;
 use curtail::policy::{Action, Economics, PolicyConfig, Staleness};
 use curtail::signal::{PriceSignal, Signal};
@@ -53,32 +50,18 @@ const END_S: u64 = 330;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn price_series_turns_models_off_and_on_in_efficiency_order_with_dwell() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 6),
-            (Firmware::BraiinsOs, 6),
-            (Firmware::Whatsminer, 6),
-            (Firmware::Vnish, 6),
-        ],
-        unit_spread: 0.0,
-        time_scale: 1.0 / SPEED,
-        subnet: (64, 0),
-        worker_prefix: "price".into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("site starts");
+    gridproxy_tests::init_tracing();
+    let bench = SiteBench::new("price", (64, 0))
+        .mixed(6)
+        .with(|c| c.unit_spread = 0.0)
+        .start()
+        .await;
+    let site = bench.site.clone();
     let economics = Economics {
         hashprice_usd_per_ph_day: 39.5,
         pool_fee: 0.0,
@@ -101,30 +84,20 @@ async fn run() {
         },
         ..PolicyConfig::default()
     };
-    let dir = temp_dir("price");
-    let ledger = dir.join("ledger.db");
+    let ledger = bench.ledger();
     let clock = ScaledClock::new(SPEED);
-    let fw = std::sync::Arc::new(firmware(&site));
-    let h = driver::spawn(
-        &ledger,
-        policy,
-        fleet(&site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: Nothing,
-            },
-            telemetry: fw,
+    let h = bench
+        .spawn_driver(
+            policy,
+            Nothing,
             clock,
-        },
-        DriverConfig {
-            poll_interval: Duration::from_secs(3),
-            interval: Duration::from_secs(30),
-            ..DriverConfig::default()
-        },
-    )
-    .await
-    .expect("driver starts");
+            DriverConfig {
+                poll_interval: Duration::from_secs(3),
+                interval: Duration::from_secs(30),
+                ..DriverConfig::default()
+            },
+        )
+        .await;
 
     let t0 = clock.now();
     let at = |s: u64| t0 + Duration::from_secs(s);
@@ -298,5 +271,5 @@ async fn run() {
         assert_eq!(asleep(m), slept_last, "{} {}", m.index, m.model);
     }
     site.stop();
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&bench.dir);
 }

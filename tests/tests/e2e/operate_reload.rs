@@ -7,7 +7,6 @@
 use gridproxy::api::{self, client, site::SiteHandle};
 use gridproxy::proxy::Proxy;
 use gridproxy::router::PoolShare;
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -72,17 +71,14 @@ fn by_name(proxy: &Proxy, name: &str) -> Option<(usize, PoolShare)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_changes_pools_split_and_limits_without_dropping_a_miner() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     tokio::time::timeout(Duration::from_secs(240), run())
         .await
         .expect("test finished in time");
 }
 
 async fn run() {
-    let quiet = || TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    };
-    let (tp_a, tp_b) = (start_tp_with(quiet()).await, start_tp_with(quiet()).await);
+    let (tp_a, tp_b) = (start_quiet_tp().await, start_quiet_tp().await);
     let pool_a = start_pool(tp_a.addr()).await;
     let pool_b = start_pool(tp_b.addr()).await;
     let key = pool_a.authority_pubkey.to_string();

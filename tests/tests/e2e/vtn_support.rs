@@ -3,18 +3,16 @@
 //! 36-miner emulated site and its curtailment driver, capacity-limit events
 //! as the utility creates them, and waits on the site's draw.
 //!
-//! Uses [`curtail_support`](super::curtail_support), so a test declares
-//! `mod curtail_support;` before `mod vtn_support;`.
+//! Builds on [`gridproxy_tests::bench`] (site, driver, scaled clock).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
+use gridproxy_fixtures::site::Site;
 use gridproxy_grid::openadr::{VenConfig, VenHandle};
 use gridproxy_tests::free_port;
 use openleadr_client::{BusinessLogic, Client, ClientCredentials, EventClient, ProgramClient};
@@ -25,7 +23,8 @@ use serde_json::json;
 use curtail::driver::{CommitHook, DriverConfig, DriverHandle, Nothing};
 use curtail::policy::{PolicyConfig, Staleness};
 
-use super::curtail_support::{site_kw, ScaledClock, SERIAL, SPEED};
+use gridproxy_tests::bench::{site_kw, ScaledClock, SiteBench, SPEED};
+pub use gridproxy_tests::serially;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -155,21 +154,10 @@ impl Drop for Vtn {
 
 /// 36 emulated miners (9 of each firmware), site time [`SPEED`] x real time.
 pub async fn start_site(subnet: (u8, u8), worker_prefix: &str) -> Arc<Site> {
-    Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 9),
-            (Firmware::BraiinsOs, 9),
-            (Firmware::Whatsminer, 9),
-            (Firmware::Vnish, 9),
-        ],
-        time_scale: 1.0 / SPEED,
-        subnet,
-        worker_prefix: worker_prefix.into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .map(Arc::new)
-    .expect("site starts")
+    Site::start(SiteBench::new(worker_prefix, subnet).mixed(9).config())
+        .await
+        .map(Arc::new)
+        .expect("site starts")
 }
 
 pub fn policy() -> PolicyConfig {
@@ -194,7 +182,7 @@ pub async fn start_vtn_site_driver(
     ledger: &Path,
     commit_hook: Option<CommitHook>,
 ) -> DriverHandle {
-    super::curtail_support::start_driver(
+    gridproxy_tests::bench::start_driver(
         site,
         ledger,
         policy(),
@@ -294,14 +282,6 @@ pub async fn reports_reach(ven: &VenHandle, n: u64) -> bool {
     ven.wait_for(Duration::from_secs(10), |s| s.reports_sent >= n)
         .await
         .is_some()
-}
-
-/// Runs a test alone (the shared [`SERIAL`] lock), failing it after `limit`.
-pub async fn serially(limit: Duration, test: impl Future<Output = ()>) {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(limit, test)
-        .await
-        .expect("test finished in time");
 }
 
 /// The utility cancels an event by cutting its window short: it ends now.

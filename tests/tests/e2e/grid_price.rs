@@ -18,21 +18,18 @@
 //!   rejected with a clear error and nothing is sent; 60 s after the last
 //!   good price (its max age) the engine's safe state curtails the rest.
 
-mod curtail_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use curtail_support::*;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_grid::price::feed::{Format, PollConfig, PriceFeed};
 use gridproxy_grid::price::json::JsonFormat;
+use gridproxy_tests::bench::*;
 
-use curtail::driver::{self, Audit, DriverConfig, Edge, Nothing, Route};
+use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::policy::{Action, Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use curtail::time::{Clock, Timestamp};
 use tokio_util::sync::CancellationToken;
@@ -90,32 +87,18 @@ async fn price(State(s): State<Server>) -> (StatusCode, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_price_feed_curtails_least_efficient_first_and_fails_safe_when_bad() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 6),
-            (Firmware::BraiinsOs, 6),
-            (Firmware::Whatsminer, 6),
-            (Firmware::Vnish, 6),
-        ],
-        unit_spread: 0.0,
-        time_scale: 1.0 / SPEED,
-        subnet: (65, 0),
-        worker_prefix: "gridprice".into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("site starts");
+    gridproxy_tests::init_tracing();
+    let bench = SiteBench::new("gridprice", (65, 0))
+        .mixed(6)
+        .with(|c| c.unit_spread = 0.0)
+        .start()
+        .await;
+    let site = bench.site.clone();
     let clock = ScaledClock::new(SPEED);
 
     // The price server.
@@ -162,29 +145,19 @@ async fn run() {
         },
         ..PolicyConfig::default()
     };
-    let dir = temp_dir("grid-price");
-    let ledger = dir.join("ledger.db");
-    let fw = Arc::new(firmware(&site));
-    let h = driver::spawn(
-        &ledger,
-        policy,
-        fleet(&site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: Nothing,
-            },
-            telemetry: fw,
+    let ledger = bench.ledger();
+    let h = bench
+        .spawn_driver(
+            policy,
+            Nothing,
             clock,
-        },
-        DriverConfig {
-            poll_interval: Duration::from_secs(3),
-            interval: Duration::from_secs(30),
-            ..DriverConfig::default()
-        },
-    )
-    .await
-    .expect("driver starts");
+            DriverConfig {
+                poll_interval: Duration::from_secs(3),
+                interval: Duration::from_secs(30),
+                ..DriverConfig::default()
+            },
+        )
+        .await;
 
     // The feed: poll every 0.5 s real (5 s site).
     let feed = PriceFeed::new(PollConfig::new(
@@ -326,7 +299,7 @@ async fn run() {
         "safe state recorded"
     );
     site.stop();
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&bench.dir);
 }
 
 /// Time of the last price signal recorded in the ledger.

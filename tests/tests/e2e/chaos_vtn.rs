@@ -25,9 +25,6 @@
 //!
 //! Needs `scripts/vtn.sh install` (fails, with that instruction, without it).
 
-mod curtail_support;
-mod vtn_support;
-
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
@@ -36,13 +33,13 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use curtail_support::*;
+use crate::vtn_support::*;
 use gridproxy::curtail_bridge::curtail;
 use gridproxy_grid::openadr::{spawn_ven, VenHandle};
-use gridproxy_tests::{http_get, rss_kib};
+use gridproxy_tests::bench::*;
+use gridproxy_tests::{http_get, rss_kib, LogCapture};
 use openleadr_client::Filter;
 use tokio::sync::watch;
-use vtn_support::*;
 
 use curtail::driver::{Audit, CommitHook, Record};
 use curtail::ledger::Ledger;
@@ -268,29 +265,6 @@ fn record_commits(committed: Arc<Mutex<Vec<Committed>>>) -> CommitHook {
 /// past the test).
 const EVENT_DURATION: &str = "PT2H";
 
-/// Everything logged (gridproxy's VEN at info and up), for assertions.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-}
-
 /// "retrying in 2s" -> 2 s.
 fn retry_delay(line: &str) -> Option<Duration> {
     let s = line.split("retrying in ").nth(1)?.trim();
@@ -319,23 +293,14 @@ fn max_kw(samples: &Mutex<Vec<(Instant, f64)>>, from: Instant, to: Instant) -> f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_holds_the_event_through_a_vtn_and_database_crash() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
-    let logs = LogBuf::default();
-    {
-        let logs = logs.clone();
-        let filter = match std::env::var("RUST_LOG") {
-            Ok(v) if !v.is_empty() => format!("{v},gridproxy_grid::openadr=info"),
-            _ => "gridproxy_grid::openadr=info".to_string(),
-        };
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(move || logs.clone())
-            .try_init();
-    }
+    // The VEN's log lines (`gridproxy_grid::openadr` at info, and RUST_LOG), for the
+    // checks on its retries; the process's one subscriber is shared with every test.
+    let logs = LogCapture::start();
     let t_test = Instant::now();
     let dir = temp_dir("chaos-vtn");
     let mut vtn = Vtn::up(&dir.join("vtn"));

@@ -9,17 +9,14 @@
 //!
 //! Needs `scripts/vtn.sh install` (fails, with that instruction, without it).
 
-mod curtail_support;
-mod vtn_support;
-
 use std::time::{Duration, Instant};
 
-use curtail_support::*;
+use crate::vtn_support::*;
 use gridproxy_grid::openadr::{spawn_ven, VenConfig, VenHandle};
+use gridproxy_tests::bench::*;
 use gridproxy_tests::free_port;
 use openleadr_wire::values_map::Value as WireValue;
 use tokio::sync::watch;
-use vtn_support::*;
 
 const TEST_LIMIT: Duration = Duration::from_secs(240);
 /// Wall time from creating an event on the VTN to the site within its limit.
@@ -35,14 +32,12 @@ fn number(v: &WireValue) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ven_follows_real_vtn_events_reports_and_skips_malformed_ones() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    gridproxy_tests::init_tracing();
     let dir = temp_dir("openadr");
     let vtn = Vtn::up(&dir.join("vtn"));
     let url = vtn.var("VTN_URL").to_string();
@@ -271,6 +266,7 @@ async fn run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ven_reports_an_unreachable_vtn_and_keeps_retrying() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     // A loopback port nobody listens on.
     let port = free_port();
     let (tx, _rx) = tokio::sync::mpsc::channel(8);

@@ -14,7 +14,6 @@ use gridproxy::sv2_io::{connect_noise, next_msg};
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::sv2_miner::{ChannelKind, Sv2MinerConfig, Sv2Miners};
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::share;
 use gridproxy_protocol::sv2::{
@@ -37,19 +36,9 @@ use tokio_util::bytes::BytesMut;
 use tokio_util::codec::{Encoder, Framed};
 use tokio_util::sync::CancellationToken;
 
-/// These tests each run a pool, a proxy and miners on a 2-core machine: one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// gridproxy's own SV2 authority (not the pool's: miners pin the proxy).
 fn proxy_authority() -> AuthorityKeypair {
     AuthorityKeypair::from_secret_bytes([0x5a; 32]).expect("valid secret")
-}
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
 }
 
 /// Proxy config: `upstreams` SV2 pool entries (all pointing at `pool`, equal priority and
@@ -85,15 +74,6 @@ reconnect_ms = 100
         secret = kp.secret_string(),
     ));
     Config::parse(&s, "test").expect("valid test config")
-}
-
-/// TP whose tip only moves when told to, so no share races a new block.
-async fn steady_tp() -> gridproxy_fixtures::tp::MockTp {
-    start_tp_with(TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await
 }
 
 async fn start_proxy(pool: &Pool, upstreams: usize, difficulty: &str, extra: &str) -> Proxy {
@@ -197,9 +177,10 @@ fn device_opts(user: &str) -> MiningDeviceOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mining_device_through_gridproxy_into_pool_sv2() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
-    init_logs();
-    let tp = steady_tp().await;
+    init_tracing();
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let proxy = start_proxy(&pool, 2, "retarget_secs = 3", "").await;
     let key = proxy_authority().public();
@@ -315,9 +296,10 @@ async fn wait_fixture(miners: &Sv2Miners, n: u64, what: &str, pool: &Pool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
-    init_logs();
-    let tp = steady_tp().await;
+    init_tracing();
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let proxy = start_proxy(&pool, 2, "", "").await;
     let addr = proxy.sv2_addr.unwrap();
@@ -400,9 +382,10 @@ async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mining_device_and_hundred_sv1_miners_through_gridproxy() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
-    init_logs();
-    let tp = steady_tp().await;
+    init_tracing();
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let proxy = start_proxy(&pool, 1, "", "").await;
     let key = proxy_authority().public();
@@ -619,9 +602,10 @@ fn find_nonce(hash: impl Fn(u32) -> [u8; 32], target: &Target, meet: bool) -> u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sv2_protocol_edges_with_a_raw_client() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
-    init_logs();
-    let tp = steady_tp().await;
+    init_tracing();
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let proxy = start_proxy(
         &pool,

@@ -24,16 +24,10 @@ pub fn proxy_config(pools: &[(&str, SocketAddr, &str, u32, f64)], extra: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_sv1_miners_through_gridproxy_into_pool_sv2() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::init_tracing();
     // The tip stays put on blocks found, so no share is stale by a race: counts must match exactly.
-    let tp = start_tp_with(gridproxy_fixtures::tp::TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await;
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let key = pool.authority_pubkey.to_string();
     let proxy = Proxy::start(proxy_config(&[("sri", pool.addr, &key, 0, 1.0)], ""))

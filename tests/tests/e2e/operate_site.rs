@@ -14,22 +14,19 @@
 //! refused with the key and its line, and nothing starts.
 
 #[allow(unused_imports)] // only part of the shared helpers is used here
-mod curtail_support;
-mod mqtt_support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use curtail_support::{asleep, temp_dir};
+use crate::mqtt_support::{Mosquitto, Recorder, PASSWORD, USER};
 use gridproxy::api::client;
 use gridproxy::curtail_bridge::curtail;
 use gridproxy::site::miner_id;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
+use gridproxy_tests::bench::{asleep, temp_dir};
 use gridproxy_tests::{free_addr, remove_env, wait_until, PeerProcess};
-use mqtt_support::{Mosquitto, Recorder, PASSWORD, USER};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +44,7 @@ const TIME_SCALE: f64 = 0.1;
 /// cargo into the same target directory (quick when it is up to date).
 fn gridproxy_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // <target>/<profile>/deps/operate_site-<hash>
+    // <target>/<profile>/deps/e2e-<hash>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
@@ -248,6 +245,7 @@ async fn dispatch(broker: &Mosquitto, rec: &Recorder, id: &str, payload: Value) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_with_site_follows_mqtt_dispatch_and_keeps_a_ledger() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let bin = gridproxy_bin();
     tokio::time::timeout(Duration::from_secs(120), run(bin))
         .await
@@ -577,6 +575,7 @@ async fn run(bin: PathBuf) {
 
 #[test]
 fn a_bad_site_key_is_refused_with_key_and_line() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let bin = gridproxy_bin();
     let dir = temp_dir("operate-site-bad");
     let path = dir.join("bad.toml");
@@ -617,6 +616,7 @@ fn a_bad_site_key_is_refused_with_key_and_line() {
 
 #[test]
 fn the_site_example_is_valid() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/site.toml");
     let text = std::fs::read_to_string(path).expect("examples/site.toml");
     let cfg = gridproxy::api::config::check(&text, "examples/site.toml").expect("valid example");

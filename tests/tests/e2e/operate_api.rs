@@ -145,6 +145,7 @@ async fn wait_for(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_endpoints_need_tokens_and_roles() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let r = rig(0).await;
     let a = r.api;
     let park = json!({"action": "park", "workers": "*"});
@@ -277,6 +278,7 @@ async fn pool_miners(a: SocketAddr) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operate_parks_unparks_and_moves_groups_of_live_miners() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let r = rig(8).await;
     let a = r.api;
     wait_for("8 miners on live pools", 20, async || {
@@ -395,6 +397,7 @@ async fn operate_parks_unparks_and_moves_groups_of_live_miners() {
 
 #[test]
 fn config_parse_of_the_api_section() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let ok = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n";
     let c = Config::parse(ok, "t").unwrap();
     assert!(c.api.listen.is_none(), "the API is off unless configured");

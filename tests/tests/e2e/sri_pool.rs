@@ -60,6 +60,7 @@ async fn assert_fixture_miners_accepted(pool: &Pool, miners: &Sv2Miners, n: u64)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_accepts_shares_from_sri_mining_device() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(quiet_tp()).await;
     let pool = start_pool(tp.addr()).await;
     let opts = MiningDeviceOptions {
@@ -100,6 +101,7 @@ async fn pool_accepts_shares_from_sri_mining_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_accepts_fixture_miner_shares_on_standard_channels() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(quiet_tp()).await;
     let pool = start_pool(tp.addr()).await;
     let miners = Sv2Miners::start(miner_cfg(&pool, ChannelKind::Standard, 2));
@@ -109,6 +111,7 @@ async fn pool_accepts_fixture_miner_shares_on_standard_channels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_accepts_fixture_miner_shares_on_extended_channels() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(quiet_tp()).await;
     let pool = start_pool(tp.addr()).await;
     let kind = ChannelKind::Extended { extranonce_size: 4 };
@@ -121,6 +124,7 @@ async fn pool_accepts_fixture_miner_shares_on_extended_channels() {
 /// to the TP, which rebuilds the header and checks the proof of work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_found_on_both_channel_types_reach_the_tp_valid() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(TpConfig {
         nbits: REGTEST_NBITS,
         // Keep one tip so block shares never go stale.
@@ -150,6 +154,7 @@ async fn blocks_found_on_both_channel_types_reach_the_tp_valid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_miner_fails_over_to_backup_upstream() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(quiet_tp()).await;
     let pool = start_pool(tp.addr()).await;
     let dead = free_addr(); // nothing listens here
@@ -169,6 +174,7 @@ async fn fixture_miner_fails_over_to_backup_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_miner_refuses_a_pool_with_another_authority_key() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(quiet_tp()).await;
     let pool = start_pool(tp.addr()).await;
     let wrong = AuthorityKeypair::from_secret_bytes([42; 32])
@@ -193,6 +199,7 @@ async fn fixture_miner_refuses_a_pool_with_another_authority_key() {
 /// shares accepted by the pool (counted by the pool itself, not by the translator's SV1 acks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_accepts_sv1_shares_through_the_sri_translator() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     use gridproxy_fixtures::{
         stats::MinerStats,
         sv1_miner::{self, Sv1MinerConfig},

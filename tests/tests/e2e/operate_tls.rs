@@ -39,6 +39,7 @@ fn write(dir: &Path, name: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_api_with_tokens_and_a_pinned_certificate() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let dir = std::env::temp_dir().join(format!("gridproxy-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = self_signed();

@@ -16,17 +16,14 @@
 //! dispatch works again (a kW target is met); acks and statuses arrived on
 //! their topics; the last will says `online: false` after shutdown.
 
-mod curtail_support;
-mod mqtt_support;
-
 use std::time::{Duration, Instant};
 
-use curtail_support::*;
+use crate::mqtt_support::*;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
+use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
+use gridproxy_tests::bench::*;
 use gridproxy_tests::wait_until;
-use mqtt_support::*;
 
 use curtail::driver::{Audit, DriverConfig, DriverHandle, Nothing};
 use curtail::policy::{Mode, PolicyConfig, Staleness};
@@ -76,10 +73,8 @@ fn policy(cfg: &MqttConfig) -> PolicyConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_dispatch_against_mosquitto() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 fn all_asleep(site: &Site) -> bool {
@@ -122,48 +117,31 @@ async fn time_until(
 }
 
 async fn run() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    gridproxy_tests::init_tracing();
     let mut broker = Mosquitto::start("grid-mqtt").await;
     let rec = Recorder::start(broker.port, "test-recorder", &[ACK, STATUS]);
 
     // --- the site and its driver ---
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 10),
-            (Firmware::BraiinsOs, 10),
-            (Firmware::Whatsminer, 10),
-            (Firmware::Vnish, 10),
-        ],
-        time_scale: 1.0 / SPEED,
-        subnet: (71, 0),
-        worker_prefix: "mqtt".into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("site starts");
+    let bench = SiteBench::new("mqtt", (71, 0)).mixed(10).start().await;
+    let site = bench.site.clone();
     let n = site.len();
     let nominal_kw = site.nominal_w() / 1000.0;
     let standby_kw: f64 = site.miners().iter().map(|m| m.config.sleep_w).sum::<f64>() / 1000.0;
-    let dir = temp_dir("grid-mqtt");
-    let ledger = dir.join("ledger.db");
+    let ledger = bench.ledger();
     let clock = ScaledClock::new(SPEED);
     let cfg = mqtt_config(broker.port, PASSWORD, "gridproxy-t1");
-    let h = start_driver(
-        &site,
-        &ledger,
-        policy(&cfg),
-        Nothing,
-        clock,
-        DriverConfig {
-            poll_interval: Duration::from_secs(5),
-            interval: Duration::from_secs(10),
-            ..DriverConfig::default()
-        },
-    )
-    .await;
+    let h = bench
+        .start_driver(
+            policy(&cfg),
+            Nothing,
+            clock,
+            DriverConfig {
+                poll_interval: Duration::from_secs(5),
+                interval: Duration::from_secs(10),
+                ..DriverConfig::default()
+            },
+        )
+        .await;
 
     // Site status for the status topic: engine figures plus miner counts.
     let (status_tx, status_rx) = tokio::sync::watch::channel(SiteStatus::default());
@@ -459,7 +437,7 @@ async fn run() {
     status_task.abort();
     finish(h, &ledger, 4).await;
     site.stop();
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&bench.dir);
 }
 
 /// Stop the driver; the ledger holds every command answered, the accepted

@@ -1,4 +1,5 @@
-//! Shared pieces of the `curtail_*` end-to-end tests: a simulated site
+//! Shared pieces of the site-sized end-to-end tests (`curtail_*`, `grid_*`,
+//! `chaos`, `operate_site`): a simulated site
 //! ([`gridproxy_fixtures::site`]) turned into the curtailment engine's fleet,
 //! its firmware actuator and the proxy bridge, a proxy config, and checks on
 //! the ledger.
@@ -7,8 +8,26 @@
 //! (the driver's [`ScaledClock`], the emulators' `time_scale = 1/SPEED`), so
 //! "60 s" of site time is 6 s of wall time. Durations below are site time
 //! unless named `*_real`.
-#![allow(dead_code)]
-
+//!
+//! The harness: [`PoolBench`] is the quiet fixture TP and a real `pool_sv2`
+//! on it; [`SiteBench`] builds an emulated site, optionally mining through an
+//! in-process gridproxy on such a pool, and the resulting [`Bench`] starts
+//! the curtailment driver on it:
+//! ```no_run
+//! # async fn demo() {
+//! use gridproxy_tests::bench::*;
+//! let bench = SiteBench::new("dr", (62, 0)).behind_proxy().start().await;
+//! let proxy = bench.proxy();
+//! let h = bench
+//!     .start_driver(
+//!         Default::default(),
+//!         bridge(&bench.site, proxy.ctx.router.clone()),
+//!         ScaledClock::new(SPEED),
+//!         Default::default(),
+//!     )
+//!     .await;
+//! # }
+//! ```
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,8 +36,12 @@ use std::time::Duration;
 use gridproxy::config::Config;
 use gridproxy::curtail_bridge::curtail;
 use gridproxy::curtail_bridge::ProxyActuator;
+use gridproxy::proxy::Proxy;
 use gridproxy::router::Router;
-use gridproxy_fixtures::site::{Firmware, Site, SiteMiner};
+use gridproxy_fixtures::site::{Firmware, Site, SiteConfig, SiteMiner};
+use gridproxy_fixtures::tp::MockTp;
+
+use crate::{start_pool, start_quiet_tp, Pool};
 
 use curtail::actuator::Actuator;
 use curtail::actuators::{FleetActuator, MinerEndpoint};
@@ -35,9 +58,6 @@ pub const SPEED: f64 = 10.0;
 
 /// Firmware client timeout per operation (real time).
 pub const CLIENT_TIMEOUT_REAL: Duration = Duration::from_millis(1000);
-
-/// Only one site-sized test at a time in a test binary (2 shared cores).
-pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Site time `d` in real time.
 pub fn real(d: Duration) -> Duration {
@@ -233,8 +253,28 @@ pub async fn start_driver<P: Actuator + 'static>(
     clock: ScaledClock,
     cfg: DriverConfig,
 ) -> DriverHandle {
+    let h = spawn_driver(site, ledger, policy, proxy, clock, cfg).await;
+    assert!(
+        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
+            .await
+            .is_some(),
+        "first telemetry round"
+    );
+    h
+}
+
+/// The driver as [`start_driver`] starts it, without waiting for its first
+/// telemetry round.
+pub async fn spawn_driver<P: Actuator + 'static>(
+    site: &Site,
+    ledger: &Path,
+    policy: PolicyConfig,
+    proxy: P,
+    clock: ScaledClock,
+    cfg: DriverConfig,
+) -> DriverHandle {
     let fw = Arc::new(firmware(site));
-    let h = driver::spawn(
+    driver::spawn(
         ledger,
         policy,
         fleet(site),
@@ -249,12 +289,173 @@ pub async fn start_driver<P: Actuator + 'static>(
         cfg,
     )
     .await
-    .expect("driver starts");
-    assert!(
-        h.wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
+    .expect("driver starts")
+}
+
+// ---------------------------------------------------------------------------
+// The harness: TP → pool_sv2 → gridproxy → site → driver.
+
+/// The fixture TP with a tip that stays put on blocks found (no share goes
+/// stale by a race), and a real `pool_sv2` fed by it. Panics if `pool_sv2`
+/// is not installed (the tests that need it fail, never skip).
+pub struct PoolBench {
+    pub tp: MockTp,
+    pub pool: Pool,
+}
+
+impl PoolBench {
+    /// Starts the TP, then the pool; returns when the pool accepts miners.
+    pub async fn start() -> PoolBench {
+        let tp = start_quiet_tp().await;
+        let pool = start_pool(tp.addr()).await;
+        PoolBench { tp, pool }
+    }
+
+    /// The pool's authority key, as a config file spells it.
+    pub fn key(&self) -> String {
+        self.pool.authority_pubkey.to_string()
+    }
+
+    /// gridproxy in this process on [`proxy_config`] for this pool, SV1 on
+    /// `sv1` (`127.0.0.1:0` for any free port).
+    pub async fn start_proxy(&self, sv1: SocketAddr) -> Proxy {
+        Proxy::start(proxy_config(self.pool.addr, &self.key(), sv1))
             .await
-            .is_some(),
-        "first telemetry round"
-    );
-    h
+            .expect("proxy starts")
+    }
+}
+
+/// Builder of a [`Bench`]: an emulated site (by default
+/// [`SiteConfig::default`]'s fleet) named `name` on loopback subnet
+/// `subnet`, its time [`SPEED`] times real time, optionally mining through
+/// gridproxy ([`SiteBench::behind_proxy`]).
+pub struct SiteBench {
+    name: String,
+    site: SiteConfig,
+    proxy: bool,
+}
+
+impl SiteBench {
+    /// A site whose workers are named `name.…`, emulators on `subnet`.
+    pub fn new(name: &str, subnet: (u8, u8)) -> SiteBench {
+        SiteBench {
+            name: name.into(),
+            site: SiteConfig {
+                time_scale: 1.0 / SPEED,
+                subnet,
+                worker_prefix: name.into(),
+                ..SiteConfig::default()
+            },
+            proxy: false,
+        }
+    }
+
+    /// `n` miners of each firmware the engine manages (LuxOS, Braiins OS,
+    /// Whatsminer, Vnish).
+    pub fn mixed(mut self, n: usize) -> SiteBench {
+        self.site.counts = vec![
+            (Firmware::LuxOs, n),
+            (Firmware::BraiinsOs, n),
+            (Firmware::Whatsminer, n),
+            (Firmware::Vnish, n),
+        ];
+        self
+    }
+
+    /// Any other site setting.
+    pub fn with(mut self, f: impl FnOnce(&mut SiteConfig)) -> SiteBench {
+        f(&mut self.site);
+        self
+    }
+
+    /// Start a [`PoolBench`] and gridproxy on it (any free SV1 port) before
+    /// the site, and point the site's miners at the proxy.
+    pub fn behind_proxy(mut self) -> SiteBench {
+        self.proxy = true;
+        self
+    }
+
+    /// The site's config as built so far (the pool comes with
+    /// [`SiteBench::start`]).
+    pub fn config(self) -> SiteConfig {
+        self.site
+    }
+
+    /// Starts what was asked for: pool and proxy first, then the site.
+    pub async fn start(self) -> Bench {
+        let SiteBench {
+            name,
+            mut site,
+            proxy,
+        } = self;
+        let upstream = if proxy {
+            let pool = PoolBench::start().await;
+            let proxy = pool.start_proxy("127.0.0.1:0".parse().unwrap()).await;
+            site.pool = proxy.sv1_addr;
+            Some((pool, proxy))
+        } else {
+            None
+        };
+        let site = Site::start(site).await.map(Arc::new).expect("site starts");
+        let (pool, proxy) = upstream.unzip();
+        Bench {
+            site,
+            proxy,
+            pool,
+            dir: temp_dir(&name),
+        }
+    }
+}
+
+/// A started [`SiteBench`]. Keep it alive for the whole test: dropping it
+/// stops the pool, the proxy and the emulators.
+pub struct Bench {
+    // Dropped in this order: the site, the proxy, then the pool.
+    pub site: Arc<Site>,
+    /// gridproxy, with [`SiteBench::behind_proxy`].
+    pub proxy: Option<Proxy>,
+    /// TP and `pool_sv2`, with [`SiteBench::behind_proxy`].
+    pub pool: Option<PoolBench>,
+    /// A fresh temp directory for the test (ledger, configs).
+    pub dir: PathBuf,
+}
+
+impl Bench {
+    /// The driver's ledger: `ledger.db` in [`Bench::dir`].
+    pub fn ledger(&self) -> PathBuf {
+        self.dir.join("ledger.db")
+    }
+
+    /// The pool (panics without [`SiteBench::behind_proxy`]).
+    pub fn pool(&self) -> &Pool {
+        &self.pool.as_ref().expect("bench has a pool").pool
+    }
+
+    /// The proxy (panics without [`SiteBench::behind_proxy`]).
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("bench has a proxy")
+    }
+
+    /// [`start_driver`] on this site and [`Bench::ledger`]: returns after
+    /// the first telemetry round.
+    pub async fn start_driver<P: Actuator + 'static>(
+        &self,
+        policy: PolicyConfig,
+        proxy: P,
+        clock: ScaledClock,
+        cfg: DriverConfig,
+    ) -> DriverHandle {
+        start_driver(&self.site, &self.ledger(), policy, proxy, clock, cfg).await
+    }
+
+    /// [`spawn_driver`] on this site and [`Bench::ledger`]: does not wait.
+    pub async fn spawn_driver<P: Actuator + 'static>(
+        &self,
+        policy: PolicyConfig,
+        proxy: P,
+        clock: ScaledClock,
+        cfg: DriverConfig,
+    ) -> DriverHandle {
+        spawn_driver(&self.site, &self.ledger(), policy, proxy, clock, cfg).await
+    }
 }

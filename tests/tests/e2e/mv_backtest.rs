@@ -63,6 +63,7 @@ fn run(file: &str, hashprice: Option<f64>) -> BacktestReport {
 
 #[test]
 fn uri_week_engine_between_always_on_and_oracle() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let r = run("ercot_rtm_uri_2021-02-13_20.csv", None);
     assert_eq!(r.intervals, 2304);
     // Four days at $9,000: always-on loses heavily, the engine does not
@@ -82,6 +83,7 @@ fn uri_week_engine_between_always_on_and_oracle() {
 
 #[test]
 fn august_2023_engine_between_always_on_and_oracle() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let r = run("ercot_rtm_heat_2023-08-15_25.csv", None);
     assert_eq!(r.intervals, 3168);
     assert!(r.policy.profit() > r.flat_out.profit(), "{}", r.text());
@@ -91,6 +93,7 @@ fn august_2023_engine_between_always_on_and_oracle() {
 
 #[test]
 fn ordinary_week_little_to_gain() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let r = run("ercot_rtm_ordinary_2023-07-17_23.csv", None);
     assert_eq!(r.intervals, 2016);
     // Prices below every breakeven nearly all week: the three agree to 1 %.
@@ -106,6 +109,7 @@ fn t(min: u64) -> Timestamp {
 
 #[test]
 fn mv_from_a_ledger_by_hand() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let dir = std::env::temp_dir().join(format!("gridproxy-mv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ledger.db");

@@ -23,17 +23,13 @@
 //! engine escalates (sleep → power target → park through the proxy) and
 //! still meets the target.
 
-mod curtail_support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use curtail_support::*;
 use gridproxy::curtail_bridge::curtail;
-use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::firmware::Fault;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_fixtures::site::Firmware;
+use gridproxy_tests::bench::*;
 use gridproxy_tests::*;
 
 use curtail::driver::{Audit, DriverConfig};
@@ -64,49 +60,21 @@ fn policy() -> PolicyConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_event_sheds_200_miners_to_40_percent_within_60s() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run("dr", (62, 0), false))
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, run("dr", (62, 0), false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_event_met_with_10_percent_of_emulators_unresponsive() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run("drdead", (63, 0), true))
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, run("drdead", (63, 0), true)).await;
 }
 
 async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    gridproxy_tests::init_tracing();
     // --- peers: TP, pool_sv2, gridproxy, the site ---
-    let tp = start_tp_with(TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await;
-    let pool = start_pool(tp.addr()).await;
-    let key = pool.authority_pubkey.to_string();
-    let proxy = Proxy::start(proxy_config(
-        pool.addr,
-        &key,
-        "127.0.0.1:0".parse().unwrap(),
-    ))
-    .await
-    .expect("proxy starts");
-    let site = Site::start(SiteConfig {
-        pool: proxy.sv1_addr,
-        time_scale: 1.0 / SPEED,
-        subnet,
-        worker_prefix: name.into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("site starts");
+    let bench = SiteBench::new(name, subnet).behind_proxy().start().await;
+    let (site, pool, proxy) = (bench.site.clone(), bench.pool(), bench.proxy());
     assert_eq!(site.len(), 200);
     let registry = proxy.ctx.registry.clone();
     let connected = || {
@@ -140,25 +108,23 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
     }
 
     // --- the driver ---
-    let dir = temp_dir(name);
-    let ledger = dir.join("ledger.db");
+    let ledger = bench.ledger();
     let clock = ScaledClock::new(SPEED);
     let bridge = bridge(&site, proxy.ctx.router.clone());
     bridge.spawn_reconciler(Duration::from_millis(250), proxy.shutdown.child_token());
-    let h = start_driver(
-        &site,
-        &ledger,
-        policy(),
-        bridge.clone(),
-        clock,
-        DriverConfig {
-            poll_interval: Duration::from_secs(5),
-            poll_concurrency: 64,
-            interval: Duration::from_secs(10),
-            ..DriverConfig::default()
-        },
-    )
-    .await;
+    let h = bench
+        .start_driver(
+            policy(),
+            bridge.clone(),
+            clock,
+            DriverConfig {
+                poll_interval: Duration::from_secs(5),
+                poll_concurrency: 64,
+                interval: Duration::from_secs(10),
+                ..DriverConfig::default()
+            },
+        )
+        .await;
 
     // --- the event ---
     let base_kw = site_kw(&site);
@@ -451,5 +417,5 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
     }
     proxy.shutdown.cancel();
     site.stop();
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&bench.dir);
 }

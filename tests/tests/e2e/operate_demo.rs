@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_site_follows_the_price_spike_and_the_dr_event() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let dir = std::env::temp_dir().join(format!("gridproxy-operate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ledger = dir.join("ledger.sqlite");

@@ -4,17 +4,13 @@
 
 use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_sv1_miners_through_translator_into_pool() {
-    let tp = start_tp_with(TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await;
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let tproxy = start_translator_with(
         &pool,
@@ -45,11 +41,8 @@ async fn fixture_sv1_miners_through_translator_into_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gridproxy_sv1_upstream_through_translator_into_pool() {
-    let tp = start_tp_with(TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await;
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     // One SV1 "miner" (gridproxy) carrying 100 miners' work: 8-byte extranonce2 to split.
     let tproxy = start_translator_with(

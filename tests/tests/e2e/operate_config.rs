@@ -135,6 +135,7 @@ fn cases() -> Vec<(&'static str, String, &'static str, &'static str)> {
 
 #[test]
 fn the_valid_base_and_the_example_config_pass() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     check(&base(""), "site.toml").unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gridproxy.toml");
     let text = std::fs::read_to_string(example).unwrap();
@@ -143,6 +144,7 @@ fn the_valid_base_and_the_example_config_pass() {
 
 #[test]
 fn broken_configs_name_the_key_and_the_line() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     for (what, text, key, marker) in cases() {
         let err = match check(&text, "site.toml") {
             Ok(_) => panic!("{what}: accepted"),

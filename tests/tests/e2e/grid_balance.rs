@@ -18,18 +18,16 @@
 //!
 //! Site time runs [`SPEED`] times faster than the wall clock.
 
-mod curtail_support;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use curtail_support::{firmware, fleet, temp_dir, ScaledClock};
 use gridproxy::curtail_bridge::curtail;
 use gridproxy_fixtures::gpu_load::{GpuLoad, GpuProfile};
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_grid::site_load::modbus::{DataType, ModbusMeter, RegisterKind, WordOrder};
 use gridproxy_grid::site_load::{self, http_json::HttpJsonMeter, Meter, PollConfig, Poller};
+use gridproxy_tests::bench::{firmware, fleet, temp_dir, ScaledClock};
 use gridproxy_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -49,9 +47,6 @@ const BAND: f64 = 0.03;
 const MIN_SHARE: f64 = 0.95;
 /// Site-load max age before the safe state, site time.
 const SITE_LOAD_MAX_AGE: Duration = Duration::from_secs(5);
-
-/// Only one site at a time (2 shared cores).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn policy() -> PolicyConfig {
     PolicyConfig {
@@ -208,10 +203,7 @@ fn http_meter(gpu: &GpuLoad) -> Meter {
 /// Run the GPU profile for `span` of site time read by `kind` and sample
 /// the site total every site second.
 async fn balance_run(name: &str, subnet: (u8, u8), kind: MeterKind, span: Duration) -> Figures {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    gridproxy_tests::init_tracing();
     let site = Site::start(site_config(subnet, [27, 27, 26]))
         .await
         .expect("site starts");
@@ -289,11 +281,7 @@ async fn balance_run(name: &str, subnet: (u8, u8), kind: MeterKind, span: Durati
     let (gpu_lo, gpu_hi) = samples
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), s| (a.min(s.1), b.max(s.1)));
-    let sleeps = site
-        .miners()
-        .iter()
-        .filter(|m| curtail_support::asleep(m))
-        .count();
+    let sleeps = site.miners().iter().filter(|m| bench::asleep(m)).count();
     let ms = meter_status.lock().unwrap().clone();
     println!(
         "{name}: {} samples over {:.0} s site time; site total within ±{:.0} % ({band_kw:.1} kW) of \
@@ -391,6 +379,7 @@ fn assert_balanced(name: &str, f: &Figures) {
 /// ≥ 95 % of 1 s samples.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modbus_meter_holds_site_at_contract_for_10_minutes() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
     let f = tokio::time::timeout(
         Duration::from_secs(240),
@@ -410,6 +399,7 @@ async fn modbus_meter_holds_site_at_contract_for_10_minutes() {
 /// The same over the HTTP JSON meter, 3 site minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_json_meter_holds_site_at_contract() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
     let f = tokio::time::timeout(
         Duration::from_secs(120),
@@ -432,6 +422,7 @@ async fn http_json_meter_holds_site_at_contract() {
 /// reported and skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_meter_puts_the_site_in_its_safe_state() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let _serial = SERIAL.lock().await;
     tokio::time::timeout(Duration::from_secs(120), dead_meter())
         .await
@@ -490,7 +481,7 @@ async fn dead_meter() {
     );
     let ok_before = meter_status.lock().unwrap().ok;
     assert!(ok_before > 0);
-    assert!(site.miners().iter().all(|m| !curtail_support::asleep(m)));
+    assert!(site.miners().iter().all(|m| !bench::asleep(m)));
 
     meter_proc.kill();
     let killed_at = clock.now();
@@ -503,14 +494,11 @@ async fn dead_meter() {
         h.status()
     );
     let safe_at = clock.now();
-    let all_asleep = || site.miners().iter().all(curtail_support::asleep);
+    let all_asleep = || site.miners().iter().all(bench::asleep);
     assert!(
         wait_until(Duration::from_secs(10), all_asleep).await,
         "{} of {} miners asleep",
-        site.miners()
-            .iter()
-            .filter(|m| curtail_support::asleep(m))
-            .count(),
+        site.miners().iter().filter(|m| bench::asleep(m)).count(),
         site.len()
     );
     let ms = meter_status.lock().unwrap().clone();

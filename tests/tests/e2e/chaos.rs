@@ -16,9 +16,6 @@
 //!
 //! Each test is bounded (count and wall time, < 90 s).
 
-mod curtail_support;
-mod mqtt_support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -28,17 +25,16 @@ use gridproxy::config::Config;
 use gridproxy::curtail_bridge::curtail;
 use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::firmware::Fault;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
 use gridproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use curtail::driver::{self, Audit, DriverConfig, Edge, Nothing, Record, Route};
+use crate::mqtt_support::*;
+use curtail::driver::{Audit, DriverConfig, Nothing, Record};
 use curtail::policy::{PolicyConfig, Staleness};
-use curtail_support::*;
-use mqtt_support::*;
+use gridproxy_tests::bench::*;
 
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 
@@ -53,23 +49,6 @@ fn proxy_config(pool: SocketAddr, key: &str) -> Config {
          [limits]\nhandshake_timeout_secs = 3\nsubmits_per_second = 50\n"
     );
     Config::parse(&s, "chaos").expect("valid test config")
-}
-
-/// Start `pool_sv2` again from a killed pool's config (same ports, same TP).
-async fn restart_pool(old: &Pool) -> PeerProcess {
-    let dir = PeerProcess::make_dir("pool_sv2_restarted");
-    std::fs::copy(old.process.dir().join("pool.toml"), dir.join("pool.toml")).unwrap();
-    let mut cmd = std::process::Command::new(peer_bin("pool_sv2"));
-    cmd.arg("-c").arg(dir.join("pool.toml"));
-    clean_env(&mut cmd);
-    let mut p = PeerProcess::spawn("pool_sv2", dir, cmd);
-    assert!(
-        p.wait_for_log("ready to accept connections", Duration::from_secs(30))
-            .await,
-        "{}",
-        p.log_tail(2000)
-    );
-    p
 }
 
 /// Whether the peer closed `s` within `within`.
@@ -159,23 +138,13 @@ async fn submit_flood(addr: SocketAddr, count: usize) -> (usize, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_survives_pool_kill_slowloris_and_submit_flood() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, proxy_chaos())
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, proxy_chaos()).await;
 }
 
 async fn proxy_chaos() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
-    let tp = start_tp_with(TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await;
-    let mut pool = start_pool(tp.addr()).await;
+    gridproxy_tests::init_tracing();
+    let PoolBench { tp: _tp, mut pool } = PoolBench::start().await;
     let key = pool.authority_pubkey.to_string();
     let proxy = Proxy::start(proxy_config(pool.addr, &key))
         .await
@@ -337,32 +306,15 @@ async fn proxy_chaos() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curtailment_survives_firmware_reboots_and_broker_crash() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, curtail_chaos())
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, curtail_chaos()).await;
 }
 
 async fn curtail_chaos() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    gridproxy_tests::init_tracing();
     let mut broker = Mosquitto::start("chaos").await;
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 10),
-            (Firmware::BraiinsOs, 10),
-            (Firmware::Whatsminer, 10),
-            (Firmware::Vnish, 10),
-        ],
-        time_scale: 1.0 / SPEED,
-        subnet: (72, 0),
-        worker_prefix: "chaos".into(),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("site starts");
+    let bench = SiteBench::new("chaos", (72, 0)).mixed(10).start().await;
+    let site = bench.site.clone();
     let nominal_kw = site.nominal_w() / 1000.0;
     let cfg = MqttConfig {
         port: broker.port,
@@ -376,8 +328,7 @@ async fn curtail_chaos() {
         backoff_max: Duration::from_secs(1),
         ..MqttConfig::for_site("chaos")
     };
-    let dir = temp_dir("chaos");
-    let ledger = dir.join("ledger.db");
+    let ledger = bench.ledger();
     let clock = ScaledClock::new(SPEED);
     // Every record the ledger committed, as the driver reports them.
     let committed: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -389,45 +340,32 @@ async fn curtail_chaos() {
             }
         })
     };
-    let fw = Arc::new(firmware(&site));
-    let h = driver::spawn(
-        &ledger,
-        PolicyConfig {
-            restore_batch: 20,
-            restore_interval: Duration::from_secs(10),
-            min_on: Duration::from_secs(30),
-            min_off: Duration::from_secs(30),
-            ack_timeout: Duration::from_secs(20),
-            verify_grace: Duration::from_secs(20),
-            retry_backoff: Duration::from_secs(10),
-            staleness: Staleness {
-                dispatch: Some(cfg.freshness()),
-                ..Staleness::NONE
+    let h = bench
+        .start_driver(
+            PolicyConfig {
+                restore_batch: 20,
+                restore_interval: Duration::from_secs(10),
+                min_on: Duration::from_secs(30),
+                min_off: Duration::from_secs(30),
+                ack_timeout: Duration::from_secs(20),
+                verify_grace: Duration::from_secs(20),
+                retry_backoff: Duration::from_secs(10),
+                staleness: Staleness {
+                    dispatch: Some(cfg.freshness()),
+                    ..Staleness::NONE
+                },
+                ..PolicyConfig::default()
             },
-            ..PolicyConfig::default()
-        },
-        fleet(&site),
-        Edge {
-            actuator: Route {
-                firmware: fw.clone(),
-                proxy: Nothing,
-            },
-            telemetry: fw,
+            Nothing,
             clock,
-        },
-        DriverConfig {
-            poll_interval: Duration::from_secs(5),
-            interval: Duration::from_secs(10),
-            commit_hook: Some(hook),
-            ..DriverConfig::default()
-        },
-    )
-    .await
-    .expect("driver starts");
-    assert!(h
-        .wait_for(Duration::from_secs(20), |s| s.measured_kw.is_some())
-        .await
-        .is_some());
+            DriverConfig {
+                poll_interval: Duration::from_secs(5),
+                interval: Duration::from_secs(10),
+                commit_hook: Some(hook),
+                ..DriverConfig::default()
+            },
+        )
+        .await;
     let (_status_tx, status_rx) = tokio::sync::watch::channel(SiteStatus::default());
     let client =
         mqtt::spawn(cfg.clone(), nominal_kw, h.signals(), status_rx, clock).expect("config valid");
@@ -595,5 +533,5 @@ async fn curtail_chaos() {
         audit.signals
     );
     site.stop();
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&bench.dir);
 }

@@ -47,6 +47,7 @@ fn promtool_check(text: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_bound_worker_series() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let stop = CancellationToken::new();
     let pool = sv1_pool::spawn(
         "127.0.0.1:0".parse().unwrap(),

@@ -251,6 +251,7 @@ const POINTS: &str = "return ['plot-power','plot-hashrate','plot-price','plot-po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_chromium_plots_live_data_and_curtails() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let stop = CancellationToken::new();
     let demo = demo::start(
         DemoOptions {
@@ -459,6 +460,7 @@ async fn dashboard_in_chromium_plots_live_data_and_curtails() {
 
 #[test]
 fn base64_decoder() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     assert_eq!(b64decode("aGVsbG8gd29ybGQ="), b"hello world");
     assert_eq!(b64decode("iVBORw=="), b"\x89PNG");
 }

@@ -11,7 +11,6 @@ use gridproxy_protocol::sv1::{self, ServerMessage};
 use gridproxy_tests::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -152,6 +151,7 @@ impl RawMiner {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_share_gets_its_own_reject_reason() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let tp = start_tp_with(TpConfig {
         new_tip_on_solution: false,
         template_interval: Duration::from_secs(3600),
@@ -229,10 +229,8 @@ async fn each_bad_share_gets_its_own_reject_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_pool_authority_key_is_refused() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
-        .with_test_writer()
-        .try_init();
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::init_tracing();
     let tp = start_tp().await;
     let pool = start_pool(tp.addr()).await;
     let wrong = gridproxy_protocol::sv2::AuthorityKeypair::from_secret_bytes([7u8; 32])
@@ -255,31 +253,17 @@ async fn wrong_pool_authority_key_is_refused() {
     proxy.shutdown.cancel();
 }
 
-/// Start `pool_sv2` again from a killed pool's config (same ports, same TP).
-async fn restart_pool(old: &Pool) -> PeerProcess {
-    let dir = PeerProcess::make_dir("pool_sv2_restarted");
-    std::fs::copy(old.process.dir().join("pool.toml"), dir.join("pool.toml")).unwrap();
-    let mut cmd = Command::new(peer_bin("pool_sv2"));
-    cmd.arg("-c").arg(dir.join("pool.toml"));
-    clean_env(&mut cmd);
-    let mut p = PeerProcess::spawn("pool_sv2", dir, cmd);
-    assert!(
-        p.wait_for_log("ready to accept connections", Duration::from_secs(30))
-            .await,
-        "{}",
-        p.log_tail(2000)
-    );
+/// [`restart_pool`], and its SV2 port accepts connections again.
+async fn restart_pool_listening(old: &Pool) -> PeerProcess {
+    let p = restart_pool(old).await;
     assert!(wait_for_port(old.addr, Duration::from_secs(10)).await);
     p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_backup_and_failback_without_reconnecting_miners() {
-    let quiet = || TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    };
-    let (tp_a, tp_b) = (start_tp_with(quiet()).await, start_tp_with(quiet()).await);
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let (tp_a, tp_b) = (start_quiet_tp().await, start_quiet_tp().await);
     let mut primary = start_pool(tp_a.addr()).await;
     let backup = start_pool(tp_b.addr()).await;
     let key = primary.authority_pubkey.to_string();
@@ -322,7 +306,7 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
     assert_eq!(stats.disconnects.get(), 0);
 
     // Bring the primary back: after the 3 s cooldown the miners return, still without reconnecting.
-    let restarted = restart_pool(&primary).await;
+    let restarted = restart_pool_listening(&primary).await;
     let a_before = a.submitted.get();
     let t1 = Instant::now();
     assert!(

@@ -34,19 +34,16 @@
 //!    command in the ledger has its acknowledgement except those in flight
 //!    at a kill.
 
-mod curtail_support;
-
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use curtail_support::*;
 use gridproxy::curtail_bridge::{curtail, ProxyActuator};
 use gridproxy::proxy::Proxy;
-use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::tp::TpConfig;
+use gridproxy_fixtures::site::{Firmware, Site};
+use gridproxy_tests::bench::*;
 use gridproxy_tests::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -62,6 +59,14 @@ use curtail::time::{Clock, Timestamp};
 
 const TEST_LIMIT: Duration = Duration::from_secs(300);
 const CHILD_ENV: &str = "GRIDPROXY_CURTAIL_KILL9_CHILD";
+
+/// The child's test name in this binary (`curtail_kill9::kill9_child`: libtest
+/// names a test by its module path without the crate).
+fn child_test_name() -> String {
+    let module = module_path!();
+    let module = module.split_once("::").map_or(module, |(_, m)| m);
+    format!("{module}::kill9_child")
+}
 const RESUME_HOLD: Duration = Duration::from_secs(30);
 
 fn policy() -> PolicyConfig {
@@ -86,6 +91,7 @@ fn policy() -> PolicyConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "child process of kill9_during_dr_event_*, started by it"]
 async fn kill9_child() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let Ok(path) = std::env::var(CHILD_ENV) else {
         return;
     };
@@ -199,13 +205,8 @@ impl Child {
             .open(log)
             .expect("child log");
         let mut process = tokio::process::Command::new(exe)
-            .args([
-                "kill9_child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .arg(child_test_name())
+            .args(["--exact", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, config)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -414,39 +415,24 @@ fn watch(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_dr_event_keeps_fleet_curtailed_and_ledger_whole() {
-    let _serial = SERIAL.lock().await;
-    tokio::time::timeout(TEST_LIMIT, run())
-        .await
-        .expect("test finished in time");
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    gridproxy_tests::serially(TEST_LIMIT, run()).await;
 }
 
 async fn run() {
-    let tp = start_tp_with(TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    })
-    .await;
-    let pool = start_pool(tp.addr()).await;
+    // gridproxy runs in the child: the site mines to its SV1 port.
+    let PoolBench { tp: _tp, pool } = PoolBench::start().await;
     let sv1 = free_addr();
-    let site = Arc::new(
-        Site::start(SiteConfig {
-            counts: vec![
-                (Firmware::LuxOs, 24),
-                (Firmware::BraiinsOs, 24),
-                (Firmware::Whatsminer, 24),
-                (Firmware::Vnish, 24),
-                (Firmware::Stock, 4),
-            ],
-            pool: Some(sv1),
-            time_scale: 1.0 / SPEED,
-            subnet: (65, 0),
-            worker_prefix: "k9".into(),
-            ..SiteConfig::default()
+    let bench = SiteBench::new("k9", (65, 0))
+        .mixed(24)
+        .with(|c| {
+            c.counts.push((Firmware::Stock, 4));
+            c.pool = Some(sv1);
         })
-        .await
-        .expect("site starts"),
-    );
-    let dir = temp_dir("kill9");
+        .start()
+        .await;
+    let site = bench.site.clone();
+    let dir = &bench.dir;
     let ledger = dir.join("ledger.db");
     let clock = ScaledClock::new(SPEED);
     let config = dir.join("child.json");

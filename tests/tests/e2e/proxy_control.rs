@@ -6,7 +6,6 @@ use gridproxy::config::Config;
 use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
-use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_tests::*;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +43,7 @@ const HELLO: &str = "{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[\"t\"
 
 #[tokio::test]
 async fn bad_peers_are_dropped_good_ones_kept() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     let p = offline_proxy("max_line = 1024\nhandshake_timeout_secs = 1\nsubmits_per_second = 10\nmax_connections = 8\nmax_worker_name = 32").await;
     let addr = p.sv1_addr.unwrap();
 
@@ -154,11 +154,8 @@ fn miners(addr: SocketAddr, n: usize, prefix: &str, stop: &CancellationToken) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_park_unpark_and_move() {
-    let quiet = || TpConfig {
-        new_tip_on_solution: false,
-        ..Default::default()
-    };
-    let (tp_a, tp_b) = (start_tp_with(quiet()).await, start_tp_with(quiet()).await);
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let (tp_a, tp_b) = (start_quiet_tp().await, start_quiet_tp().await);
     let (pa, pb) = (start_pool(tp_a.addr()).await, start_pool(tp_b.addr()).await);
     let key = pa.authority_pubkey.to_string();
     let proxy = Proxy::start(config(&[
@@ -258,6 +255,7 @@ async fn weighted_split_park_unpark_and_move() {
 /// while jobs fan out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_jobs_reach_every_miner_through_the_notify_gate() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
     use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
     use std::collections::HashSet;
     use tokio::io::{AsyncBufReadExt, BufReader};
