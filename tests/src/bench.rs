@@ -34,12 +34,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gridproxy::config::Config;
-use gridproxy::curtail_bridge::curtail;
-use gridproxy::curtail_bridge::ProxyActuator;
-use gridproxy::proxy::Proxy;
-use gridproxy::router::Router;
+use gridproxy::site::park::ProxyActuator;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig, SiteMiner};
 use gridproxy_fixtures::tp::MockTp;
+use gridproxy_proxy::router::Router;
+use gridproxy_proxy::Proxy;
 
 use crate::{start_pool, start_quiet_tp, Pool};
 
@@ -319,7 +319,7 @@ impl PoolBench {
     /// gridproxy in this process on [`proxy_config`] for this pool, SV1 on
     /// `sv1` (`127.0.0.1:0` for any free port).
     pub async fn start_proxy(&self, sv1: SocketAddr) -> Proxy {
-        Proxy::start(proxy_config(self.pool.addr, &self.key(), sv1))
+        crate::start_proxy(proxy_config(self.pool.addr, &self.key(), sv1))
             .await
             .expect("proxy starts")
     }

@@ -212,6 +212,14 @@ impl std::io::Write for CaptureWriter {
 // ---------------------------------------------------------------------------------------------
 // Peer binaries
 
+/// Start the proxy engine on the engine's part of an application config
+/// (tests that need no control API or site).
+pub async fn start_proxy(
+    cfg: gridproxy::Config,
+) -> Result<gridproxy_proxy::Proxy, gridproxy_proxy::error::StartError> {
+    gridproxy_proxy::Proxy::start(cfg.proxy(), tokio_util::sync::CancellationToken::new()).await
+}
+
 /// Where `scripts/peers.sh install` puts the peer binaries:
 /// `$GRIDPROXY_CACHE/peers/bin`, else `$HOME/.cache/gridproxy/peers/bin`.
 pub fn peers_bin_dir() -> PathBuf {

@@ -211,24 +211,6 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked() {
-        let r = parse(
-            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nWWW-Authenticate: Bearer\r\n\r\n{}",
-        )
-        .unwrap();
-        assert_eq!(r.status, 401);
-        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
-        assert_eq!(r.body, b"{}");
-        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
-        assert_eq!(r.body, b"abcde");
-    }
-}
-
 /// A readable fleet summary from `GET /api/v1/fleet` (for `gridproxy status`).
 pub fn format_fleet(v: &serde_json::Value) -> String {
     let mut out = String::new();
@@ -314,4 +296,22 @@ pub fn si(v: f64, unit: &str) -> String {
         }
     }
     format!("{v:.0} {unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked() {
+        let r = parse(
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nWWW-Authenticate: Bearer\r\n\r\n{}",
+        )
+        .unwrap();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        assert_eq!(r.body, b"{}");
+        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        assert_eq!(r.body, b"abcde");
+    }
 }

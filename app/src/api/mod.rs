@@ -72,7 +72,7 @@ pub struct ApiState {
 }
 
 /// A running API server.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiServer {
     /// Where it listens.
     pub addr: SocketAddr,

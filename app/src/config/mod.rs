@@ -207,8 +207,8 @@ mod tests {
     /// The forms a line scan missed: an inline table and dotted keys.
     #[test]
     fn inline_tables_and_dotted_keys_name_the_right_line() {
-        let inline = format!(
-            "# pools as an inline array\npools = [\n  {{ name = 'a', address = '127.0.0.1:1', protocol = 'sv1', user = 'u' }},\n  {{ name = 'b', address = '127.0.0.1:2', protocol = 'sv1', user = 'u', weight = -1.0 }},\n]\n"
+        let inline = String::from(
+            "# pools as an inline array\npools = [\n  { name = 'a', address = '127.0.0.1:1', protocol = 'sv1', user = 'u' },\n  { name = 'b', address = '127.0.0.1:2', protocol = 'sv1', user = 'u', weight = -1.0 },\n]\n",
         );
         let e = err(&inline);
         assert!(

@@ -22,8 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gridproxy::config::Config;
-use gridproxy::curtail_bridge::curtail;
-use gridproxy::proxy::Proxy;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::firmware::Fault;
 use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
@@ -146,7 +145,7 @@ async fn proxy_chaos() {
     gridproxy_tests::init_tracing();
     let PoolBench { tp: _tp, mut pool } = PoolBench::start().await;
     let key = pool.authority_pubkey.to_string();
-    let proxy = Proxy::start(proxy_config(pool.addr, &key))
+    let proxy = gridproxy_tests::start_proxy(proxy_config(pool.addr, &key))
         .await
         .expect("proxy starts");
     let addr = proxy.sv1_addr.expect("sv1 listener");
@@ -301,7 +300,7 @@ async fn proxy_chaos() {
         "RSS grew from {rss0} KiB to {rss1} KiB"
     );
     drop(restarted);
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

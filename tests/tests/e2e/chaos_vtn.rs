@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::vtn_support::*;
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_grid::openadr::{spawn_ven, VenHandle};
 use gridproxy_tests::bench::*;
 use gridproxy_tests::{http_get, rss_kib, LogCapture};

@@ -26,7 +26,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::firmware::Fault;
 use gridproxy_fixtures::site::Firmware;
 use gridproxy_tests::bench::*;
@@ -111,7 +111,7 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
     let ledger = bench.ledger();
     let clock = ScaledClock::new(SPEED);
     let bridge = bridge(&site, proxy.ctx.router.clone());
-    bridge.spawn_reconciler(Duration::from_millis(250), proxy.shutdown.child_token());
+    bridge.spawn_reconciler(Duration::from_millis(250), proxy.stop.child_token());
     let h = bench
         .start_driver(
             policy(),
@@ -415,7 +415,7 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
         assert_eq!(report.status.escalated, 0);
         assert_eq!(report.status.failed, 0);
     }
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
     site.stop();
     let _ = std::fs::remove_dir_all(&bench.dir);
 }

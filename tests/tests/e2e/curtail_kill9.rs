@@ -40,8 +40,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gridproxy::curtail_bridge::{curtail, ProxyActuator};
-use gridproxy::proxy::Proxy;
+use gridproxy::site::park::ProxyActuator;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::site::{Firmware, Site};
 use gridproxy_tests::bench::*;
 use gridproxy_tests::*;
@@ -101,7 +101,7 @@ async fn kill9_child() {
         .try_init();
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let addr = |k: &str| -> SocketAddr { cfg[k].as_str().unwrap().parse().unwrap() };
-    let proxy = Proxy::start(proxy_config(
+    let proxy = gridproxy_tests::start_proxy(proxy_config(
         addr("pool"),
         cfg["key"].as_str().unwrap(),
         addr("sv1"),
@@ -119,7 +119,7 @@ async fn kill9_child() {
         fw.insert(id, &ep);
         bridge.insert(id, m["worker"].as_str().unwrap());
     }
-    bridge.spawn_reconciler(Duration::from_millis(250), proxy.shutdown.child_token());
+    bridge.spawn_reconciler(Duration::from_millis(250), proxy.stop.child_token());
     let fw = Arc::new(fw);
     let ms = |k: &str| Timestamp::from_millis(cfg["clock"][k].as_u64().unwrap());
     let clock = ScaledClock::anchored(
@@ -182,7 +182,7 @@ async fn kill9_child() {
     }
     let report = h.shutdown().await.expect("driver stops");
     println!("STOPPED {}", report.unanswered);
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 // ---------------------------------------------------------------------------

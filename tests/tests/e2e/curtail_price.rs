@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_tests::bench::*;
 
 use curtail::driver::{Audit, DriverConfig, Nothing};

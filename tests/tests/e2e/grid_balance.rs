@@ -22,7 +22,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::gpu_load::{GpuLoad, GpuProfile};
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_grid::site_load::modbus::{DataType, ModbusMeter, RegisterKind, WordOrder};

@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use crate::mqtt_support::*;
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::site::Site;
 use gridproxy_grid::mqtt::{self, MqttConfig, SiteStatus};
 use gridproxy_tests::bench::*;

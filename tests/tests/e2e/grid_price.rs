@@ -24,7 +24,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_grid::price::feed::{Format, PollConfig, PriceFeed};
 use gridproxy_grid::price::json::JsonFormat;
 use gridproxy_tests::bench::*;

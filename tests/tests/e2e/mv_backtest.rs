@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gridproxy::backtest::{backtest, BacktestOptions, BacktestReport, FleetFile};
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 
 use curtail::ledger::{read_mv_input, Interval, Ledger};
 use curtail::mv::{compute, Baseline, MvConfig};

@@ -3,12 +3,12 @@
 //! OpenAPI document, and operate commands (park / unpark / move a worker
 //! group) acting on live miners behind a local validating pool.
 
-use gridproxy::api::{self, client, site::SiteHandle};
+use gridproxy::api::client;
 use gridproxy::config::Config;
-use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
+use gridproxy_proxy::Proxy;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,18 +77,18 @@ token = "{READ}"
         pools[0].addr(),
         pools[1].addr()
     );
-    let cfg = api::config::check(&text, "test.toml").unwrap();
-    let api_cfg = cfg.api.clone();
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let server = api::start(
-        proxy.ctx.clone(),
-        SiteHandle::new(),
-        &api_cfg,
-        None,
-        proxy.shutdown.clone(),
+    let cfg = gridproxy::Config::parse(&text, "test.toml").unwrap();
+    let app = gridproxy::App::start(
+        cfg,
+        gridproxy::AppOptions {
+            config_path: None,
+            sighup: false,
+        },
     )
     .await
     .unwrap();
+    let proxy = app.proxy.clone();
+    let server = app.api.clone().expect("[api] listen is set");
     let stats = Arc::new(MinerStats::default());
     for i in 0..miners {
         let group = if i % 2 == 0 { "even" } else { "odd" };
@@ -261,7 +261,7 @@ async fn control_endpoints_need_tokens_and_roles() {
     assert_eq!(call(a, "GET", "/metrics", None, None).await.status, 200);
     assert_eq!(call(a, "GET", "/nope", Some(READ), None).await.status, 404);
     r.stop.cancel();
-    r.proxy.shutdown.cancel();
+    r.proxy.stop.cancel();
 }
 
 async fn pool_miners(a: SocketAddr) -> Vec<u64> {
@@ -392,7 +392,7 @@ async fn operate_parks_unparks_and_moves_groups_of_live_miners() {
     assert_eq!(h["pools"], json!(["pa", "pb"]));
     assert!(!h["points"].as_array().unwrap().is_empty());
     r.stop.cancel();
-    r.proxy.shutdown.cancel();
+    r.proxy.stop.cancel();
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Broken configs each produce a precise error: the file, the key and the
 //! line (what `gridproxy check-config` and `gridproxy run` print).
 
-use gridproxy::api::config::check;
+fn check(text: &str, origin: &str) -> Result<gridproxy::Config, gridproxy::config::ConfigError> {
+    gridproxy::Config::parse(text, origin)
+}
 
 const KEY: &str = "9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72";
 

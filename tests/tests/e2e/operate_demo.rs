@@ -4,9 +4,9 @@
 //! is recorded in the ledger, and the demo stops cleanly.
 
 use gridproxy::api::client;
-use gridproxy::curtail_bridge::curtail::driver::Audit;
-use gridproxy::curtail_bridge::curtail::policy::Action;
 use gridproxy::demo::{self, DemoOptions};
+use gridproxy_curtail::driver::Audit;
+use gridproxy_curtail::policy::Action;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 

@@ -2,8 +2,7 @@
 //! by `scripts/browser.sh install`), carries the series operators need, and
 //! keeps per-worker cardinality bounded.
 
-use gridproxy::api::{self, client, site::*};
-use gridproxy::proxy::Proxy;
+use gridproxy::api::{client, site::*};
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
@@ -63,19 +62,19 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
         "[[pools]]\nname = \"local\"\naddress = \"{}\"\nprotocol = \"sv1\"\nuser = \"acct\"\n\n[listen]\nsv1 = \"127.0.0.1:0\"\n\n[difficulty]\ninitial = 2.384185791015625e-7\nmin = 1e-9\n\n[api]\nlisten = \"127.0.0.1:0\"\nmetrics_max_workers = 3\nsample_secs = 1\n",
         pool.addr()
     );
-    let cfg = api::config::check(&text, "t.toml").unwrap();
-    let api_cfg = cfg.api.clone();
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let site = SiteHandle::new();
-    let server = api::start(
-        proxy.ctx.clone(),
-        site.clone(),
-        &api_cfg,
-        None,
-        proxy.shutdown.clone(),
+    let cfg = gridproxy::Config::parse(&text, "t.toml").unwrap();
+    let app = gridproxy::App::start(
+        cfg,
+        gridproxy::AppOptions {
+            config_path: None,
+            sighup: false,
+        },
     )
     .await
     .unwrap();
+    let proxy = app.proxy.clone();
+    let site = app.site_handle.clone();
+    let server = app.api.clone().expect("[api] listen is set");
     let stats = Arc::new(MinerStats::default());
     for i in 0..6 {
         let mut m = Sv1MinerConfig::new(proxy.sv1_addr.unwrap(), format!("acct.rig-{i}"));
@@ -214,5 +213,5 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
     let (ok, _) = promtool_check("# TYPE x counter\nx_total{a=\"1\" 2\n");
     assert!(!ok);
     stop.cancel();
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }

@@ -4,9 +4,9 @@
 //! that need a restart are refused whole, with the reason. Upstreams are
 //! real `pool_sv2` instances fed by the fixture template provider.
 
-use gridproxy::api::{self, client, site::SiteHandle};
-use gridproxy::proxy::Proxy;
-use gridproxy::router::PoolShare;
+use gridproxy::api::client;
+use gridproxy_proxy::router::PoolShare;
+use gridproxy_proxy::Proxy;
 use gridproxy_tests::*;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -94,20 +94,18 @@ async fn run() {
         &path,
         &config_text(&a_only, "max_connections = 100", &listen),
     );
-    let cfg = api::config::load(&path).expect("valid config");
-    let api_cfg = cfg.api.clone();
-    let proxy = Proxy::start(cfg).await.unwrap();
-    proxy.ctx.set_config_path(path.clone());
-    gridproxy::reload::spawn_sighup(proxy.ctx.clone()).unwrap();
-    let server = api::start(
-        proxy.ctx.clone(),
-        SiteHandle::new(),
-        &api_cfg,
-        None,
-        proxy.shutdown.clone(),
+    let cfg = gridproxy::Config::load(&path).expect("valid config");
+    let app = gridproxy::App::start(
+        cfg,
+        gridproxy::AppOptions {
+            config_path: Some(path.clone()),
+            sighup: true,
+        },
     )
     .await
     .unwrap();
+    let proxy = app.proxy.clone();
+    let server = app.api.clone().expect("[api] listen is set");
 
     let (stats, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), MINERS, "rl", 5_000.0);
     let a = proxy.ctx.router.pools()[0].stats.clone();
@@ -265,6 +263,6 @@ async fn run() {
         MINERS,
         stats.connects.get()
     );
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use crate::mqtt_support::{Mosquitto, Recorder, PASSWORD, USER};
 use gridproxy::api::client;
-use gridproxy::curtail_bridge::curtail;
 use gridproxy::site::miner_id;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
 use gridproxy_tests::bench::{asleep, temp_dir};
@@ -619,7 +619,7 @@ fn the_site_example_is_valid() {
     let _gate = gridproxy_tests::module_gate(module_path!());
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/site.toml");
     let text = std::fs::read_to_string(path).expect("examples/site.toml");
-    let cfg = gridproxy::api::config::check(&text, "examples/site.toml").expect("valid example");
+    let cfg = gridproxy::Config::parse(&text, "examples/site.toml").expect("valid example");
     let site = cfg.site.expect("[site]");
     assert_eq!(site.miners.len(), 5);
     let s = &site.signals;

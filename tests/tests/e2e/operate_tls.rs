@@ -5,8 +5,7 @@
 //! paths resolve against the config file's folder, and a half TLS config is
 //! refused naming the key and line.
 
-use gridproxy::api::{self, client, site::SiteHandle};
-use gridproxy::proxy::Proxy;
+use gridproxy::api::{self, client};
 use gridproxy_tests::free_addr;
 use std::path::Path;
 use std::time::Duration;
@@ -50,22 +49,22 @@ async fn https_api_with_tokens_and_a_pinned_certificate() {
         "gridproxy.toml",
         &config("tls_cert = \"api.pem\"\ntls_key = \"api.key\""),
     );
-    let cfg = api::config::load(&dir.join("gridproxy.toml")).expect("config with TLS loads");
+    let cfg = gridproxy::Config::load(&dir.join("gridproxy.toml")).expect("config with TLS loads");
     assert_eq!(
         cfg.api.tls_cert.as_deref(),
         Some(dir.join("api.pem").as_path())
     );
-    let api_cfg = cfg.api.clone();
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let server = api::start(
-        proxy.ctx.clone(),
-        SiteHandle::new(),
-        &api_cfg,
-        None,
-        proxy.shutdown.clone(),
+    let app = gridproxy::App::start(
+        cfg,
+        gridproxy::AppOptions {
+            config_path: None,
+            sighup: false,
+        },
     )
     .await
     .unwrap();
+    let proxy = app.proxy.clone();
+    let server = app.api.clone().expect("[api] listen is set");
     let addr = server.addr;
     let tls = api::tls::connector(&dir.join("api.pem")).unwrap();
 
@@ -128,7 +127,7 @@ async fn https_api_with_tokens_and_a_pinned_certificate() {
 
     // Half a TLS config is refused with key and line.
     write(&dir, "half.toml", &config("tls_cert = \"api.pem\""));
-    let e = api::config::load(&dir.join("half.toml"))
+    let e = gridproxy::Config::load(&dir.join("half.toml"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("api.tls_cert") && e.contains("line"), "{e}");
@@ -137,11 +136,11 @@ async fn https_api_with_tokens_and_a_pinned_certificate() {
         "missing.toml",
         &config("tls_cert = \"nope.pem\"\ntls_key = \"api.key\""),
     );
-    let e = api::config::load(&dir.join("missing.toml"))
+    let e = gridproxy::Config::load(&dir.join("missing.toml"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("nope.pem") && e.contains("line"), "{e}");
 
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }

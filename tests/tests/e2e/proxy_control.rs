@@ -3,9 +3,9 @@
 //! assigns hashrate by weight.
 
 use gridproxy::config::Config;
-use gridproxy::proxy::Proxy;
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
+use gridproxy_proxy::Proxy;
 use gridproxy_tests::*;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ async fn offline_proxy(limits: &str) -> Proxy {
     let cfg = format!(
         "[[pools]]\nname = \"none\"\naddress = \"{dead}\"\nprotocol = \"sv1\"\nuser = \"u\"\n\n[listen]\nsv1 = \"127.0.0.1:0\"\n\n[limits]\n{limits}\n"
     );
-    Proxy::start(Config::parse(&cfg, "test").unwrap())
+    gridproxy_tests::start_proxy(Config::parse(&cfg, "test").unwrap())
         .await
         .unwrap()
 }
@@ -128,7 +128,7 @@ async fn bad_peers_are_dropped_good_ones_kept() {
     let (closed, text) = read_until_closed(&mut good, Duration::from_millis(300)).await;
     assert!(!closed, "good miner dropped");
     assert!(text.contains("\"result\":true"), "{text}");
-    p.shutdown.cancel();
+    p.stop.cancel();
 }
 
 fn config(pools: &[(&str, SocketAddr, String, f64)]) -> Config {
@@ -158,7 +158,7 @@ async fn weighted_split_park_unpark_and_move() {
     let (tp_a, tp_b) = (start_quiet_tp().await, start_quiet_tp().await);
     let (pa, pb) = (start_pool(tp_a.addr()).await, start_pool(tp_b.addr()).await);
     let key = pa.authority_pubkey.to_string();
-    let proxy = Proxy::start(config(&[
+    let proxy = gridproxy_tests::start_proxy(config(&[
         ("a", pa.addr, key.clone(), 3.0),
         ("b", pb.addr, key, 1.0),
     ]))
@@ -247,7 +247,7 @@ async fn weighted_split_park_unpark_and_move() {
         .await
     );
     stop.cancel();
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 /// Through the fan-out gate (one notify writer at a time), every new job
@@ -278,7 +278,7 @@ async fn new_jobs_reach_every_miner_through_the_notify_gate() {
          [limits]\nnotify_writers = 1\n",
         pool.addr()
     );
-    let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap())
+    let proxy = gridproxy_tests::start_proxy(Config::parse(&cfg, "test").unwrap())
         .await
         .unwrap();
     let addr = proxy.sv1_addr.unwrap();
@@ -328,6 +328,6 @@ async fn new_jobs_reach_every_miner_through_the_notify_gate() {
         "a miner saw only {fewest} jobs in 6 s: {counts:?}"
     );
     assert!(accepted > 0, "no share accepted while jobs fanned out");
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
     stop.cancel();
 }

@@ -3,7 +3,6 @@
 //! the pool acknowledged.
 
 use gridproxy::config::Config;
-use gridproxy::proxy::Proxy;
 use gridproxy_tests::*;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,7 +29,7 @@ async fn hundred_sv1_miners_through_gridproxy_into_pool_sv2() {
     let tp = start_quiet_tp().await;
     let pool = start_pool(tp.addr()).await;
     let key = pool.authority_pubkey.to_string();
-    let proxy = Proxy::start(proxy_config(&[("sri", pool.addr, &key, 0, 1.0)], ""))
+    let proxy = gridproxy_tests::start_proxy(proxy_config(&[("sri", pool.addr, &key, 0, 1.0)], ""))
         .await
         .unwrap();
     let addr = proxy.sv1_addr.unwrap();
@@ -63,7 +62,8 @@ async fn hundred_sv1_miners_through_gridproxy_into_pool_sv2() {
         100,
         "every miner authorized under its own name"
     );
-    let sum = |f: fn(&gridproxy::stats::WorkerSnapshot) -> u64| workers.iter().map(f).sum::<u64>();
+    let sum =
+        |f: fn(&gridproxy_proxy::stats::WorkerSnapshot) -> u64| workers.iter().map(f).sum::<u64>();
     // What the miners were told equals what the proxy counted per worker.
     assert_eq!(sum(|w| w.accepted), miners.accepted.get());
     // Per-worker pool acknowledgements add up to the pool's own count of acks to us...
@@ -88,7 +88,7 @@ async fn hundred_sv1_miners_through_gridproxy_into_pool_sv2() {
     assert_eq!(pool.shares_rejected().await, 0.0);
     // More than one worker's shares reached the pool.
     assert!(workers.iter().filter(|w| w.upstream_accepted > 0).count() > 10);
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 /// Poll an async condition.

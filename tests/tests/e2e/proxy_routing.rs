@@ -2,12 +2,11 @@
 //! pinned authority key, and failover / fail-back without miner reconnects.
 
 use gridproxy::config::Config;
-use gridproxy::proxy::Proxy;
-use gridproxy::stats::RejectReason;
 use gridproxy_fixtures::tp::TpConfig;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::share::{Job, Work};
 use gridproxy_protocol::sv1::{self, ServerMessage};
+use gridproxy_proxy::stats::RejectReason;
 use gridproxy_tests::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -159,7 +158,7 @@ async fn each_bad_share_gets_its_own_reject_reason() {
     })
     .await;
     let pool = start_pool(tp.addr()).await;
-    let proxy = Proxy::start(config(
+    let proxy = gridproxy_tests::start_proxy(config(
         &[("sri", pool.addr, pool.authority_pubkey.to_string(), 0)],
         "",
     ))
@@ -224,7 +223,7 @@ async fn each_bad_share_gets_its_own_reject_reason() {
     ] {
         assert_eq!(w.rejected(r), n, "{r:?}");
     }
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,7 +237,7 @@ async fn wrong_pool_authority_key_is_refused() {
         .public()
         .to_string();
     assert_ne!(wrong, pool.authority_pubkey.to_string());
-    let proxy = Proxy::start(config(&[("sri", pool.addr, wrong.clone(), 0)], ""))
+    let proxy = gridproxy_tests::start_proxy(config(&[("sri", pool.addr, wrong.clone(), 0)], ""))
         .await
         .unwrap();
     let stats = proxy.ctx.router.pools()[0].stats.clone();
@@ -250,7 +249,7 @@ async fn wrong_pool_authority_key_is_refused() {
     );
     assert!(!proxy.ctx.router.pools()[0].view.borrow().live);
     assert_eq!(stats.connects.get(), 0, "no channel was opened");
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 /// [`restart_pool`], and its SV2 port accepts connections again.
@@ -274,7 +273,7 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
         ],
         "[routing]\nreconnect_ms = 100\nfailback_cooldown_secs = 3\n",
     );
-    let proxy = Proxy::start(cfg).await.unwrap();
+    let proxy = gridproxy_tests::start_proxy(cfg).await.unwrap();
     let n = 20;
     let (stats, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), n, "fo", 5_000.0);
     let pools = proxy.ctx.router.pools().to_vec();
@@ -345,5 +344,5 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
     );
     assert_eq!(backup.shares_accepted().await, b.accepted.get() as f64);
     drop(restarted);
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }

@@ -8,9 +8,6 @@
 //! Needs `scripts/peers.sh install`.
 
 use gridproxy::config::Config;
-use gridproxy::proxy::Proxy;
-use gridproxy::stats::WorkerSnapshot;
-use gridproxy::sv2_io::{connect_noise, next_msg};
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::sv2_miner::{ChannelKind, Sv2MinerConfig, Sv2Miners};
@@ -24,6 +21,9 @@ use gridproxy_protocol::sv2::{
     },
     AuthorityKeypair, AuthorityPublicKey, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
 };
+use gridproxy_proxy::stats::WorkerSnapshot;
+use gridproxy_proxy::sv2_io::{connect_noise, next_msg};
+use gridproxy_proxy::Proxy;
 use gridproxy_tests::*;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -77,7 +77,7 @@ reconnect_ms = 100
 }
 
 async fn start_proxy(pool: &Pool, upstreams: usize, difficulty: &str, extra: &str) -> Proxy {
-    let proxy = Proxy::start(proxy_config(pool, upstreams, difficulty, extra))
+    let proxy = gridproxy_tests::start_proxy(proxy_config(pool, upstreams, difficulty, extra))
         .await
         .unwrap();
     let live = wait_until(Duration::from_secs(30), || {
@@ -123,7 +123,7 @@ fn sum(workers: &[WorkerSnapshot], f: fn(&WorkerSnapshot) -> u64) -> u64 {
 /// (every upstream entry is a channel to the same pool_sv2). Returns the acks.
 async fn assert_upstream_accounting(proxy: &Proxy, pool: &Pool) -> u64 {
     let pools = proxy.ctx.router.pools();
-    let total = |f: fn(&gridproxy::stats::PoolStats) -> u64| -> u64 {
+    let total = |f: fn(&gridproxy_proxy::stats::PoolStats) -> u64| -> u64 {
         pools.iter().map(|p| f(&p.stats)).sum()
     };
     // Let in-flight acknowledgements land.
@@ -262,7 +262,7 @@ async fn mining_device_through_gridproxy_into_pool_sv2() {
         "{}",
         dev.log_tail(2000)
     );
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
     let acked = assert_upstream_accounting(&proxy, &pool).await;
     assert!(acked > 0);
     assert!(sum(&sw, |w| w.upstream_accepted) > 0 && sum(&ew, |w| w.upstream_accepted) > 0);
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,7 +457,7 @@ async fn mining_device_and_hundred_sv1_miners_through_gridproxy() {
         sum(&sv1, |w| w.upstream_accepted),
         dev_worker()
     );
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1001,5 +1001,5 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         "slots leaked: {}",
         proxy.ctx.slots_in_use()
     );
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }

@@ -3,7 +3,6 @@
 //! translator (an SV1 server) with 100 miners behind it.
 
 use gridproxy::config::Config;
-use gridproxy::proxy::Proxy;
 use gridproxy_tests::*;
 use std::time::Duration;
 
@@ -65,7 +64,7 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
         kp.public(),
         kp.secret_string()
     );
-    let proxy = Proxy::start(Config::parse(&cfg, "test").unwrap())
+    let proxy = gridproxy_tests::start_proxy(Config::parse(&cfg, "test").unwrap())
         .await
         .unwrap();
     let (stats, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), 100, "site.rig", 5_000.0);
@@ -144,5 +143,5 @@ async fn gridproxy_sv1_upstream_through_translator_into_pool() {
         "pool {pool_acc} > translator acks {}",
         up.accepted.get()
     );
-    proxy.shutdown.cancel();
+    proxy.stop.cancel();
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gridproxy::curtail_bridge::curtail;
+use gridproxy_curtail as curtail;
 use gridproxy_fixtures::site::Site;
 use gridproxy_grid::openadr::{VenConfig, VenHandle};
 use gridproxy_tests::free_port;
