@@ -35,8 +35,12 @@ install_one() { # crate version bin
     return
   fi
   log "building $bin from $crate $version (cold: several minutes)"
-  CARGO_TARGET_DIR="$PEERS_TARGET" cargo install --locked --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin" \
-    || CARGO_TARGET_DIR="$PEERS_TARGET" cargo install --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin"
+  # cargo caches its rustc probe in the target folder, failures too: a probe
+  # that once read junk on stdin failed every later build. Probe afresh, with
+  # nothing on stdin.
+  rm -f "$PEERS_TARGET/.rustc_info.json"
+  CARGO_TARGET_DIR="$PEERS_TARGET" cargo install --locked --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin" </dev/null \
+    || CARGO_TARGET_DIR="$PEERS_TARGET" cargo install --root "$CACHE/peers" --version "$version" "$crate" --bin "$bin" </dev/null
 }
 
 cmd_install() {

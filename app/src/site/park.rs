@@ -4,7 +4,7 @@
 //!
 //! Withholding work does not cut an ASIC's power (it fails over to a backup
 //! pool and keeps hashing), so the engine parks only miners whose firmware
-//! could not be commanded, and reroutes for pool moves; see DESIGN.md.
+//! could not be commanded, and reroutes for pool moves; see ARCHITECTURE.md.
 //!
 //! The router forgets a miner's park/pin when it disconnects (and all of
 //! them when the proxy restarts), so [`ProxyActuator`] keeps the desired
