@@ -40,8 +40,9 @@
 //!
 //! # Time
 //!
-//! The driver reads time from an injected [`EdgeClock`]: [`SystemClock`] in
-//! production, [`ScaledClock`] in tests and simulations that run site time
+//! The driver reads time from an injected [`EdgeClock`]:
+//! [`SystemClock`](crate::time::SystemClock) in production,
+//! [`ScaledClock`](crate::time::ScaledClock) in tests and simulations that run site time
 //! faster than real time (every duration in [`PolicyConfig`] and
 //! [`DriverConfig`] is in clock time; the driver converts to real time only
 //! to sleep). Telemetry readings are stamped with this clock when the read
@@ -67,90 +68,7 @@ use crate::policy::{
     Ack, Action, Command, CommandId, Engine, Mode, PolicyConfig, PolicyError, PolicyEvent, Resume,
 };
 use crate::signal::Signal;
-use crate::time::{Clock, SystemClock, Timestamp};
-
-// ---------------------------------------------------------------------------
-// Clocks
-
-/// A [`Clock`] the driver can also sleep on.
-pub trait EdgeClock: Clock + Send + Sync + 'static {
-    /// How much real time `d` of this clock's time takes.
-    fn real(&self, d: Duration) -> Duration;
-}
-
-impl EdgeClock for SystemClock {
-    fn real(&self, d: Duration) -> Duration {
-        d
-    }
-}
-
-/// Site time running `speed` times faster than the wall clock, anchored so
-/// that wall time `wall_origin` is site time `origin`.
-///
-/// Built from wall-clock time (not a process-local `Instant`), so separate
-/// processes given the same anchor agree on the time, and a restarted
-/// process continues where the killed one was.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ScaledClock {
-    origin: Timestamp,
-    wall_origin: Timestamp,
-    speed: f64,
-}
-
-impl ScaledClock {
-    /// Site time equal to wall time now, running `speed` times faster from
-    /// here. `speed` must be finite and > 0 (else 1.0 is used).
-    pub fn new(speed: f64) -> ScaledClock {
-        let now = SystemClock.now();
-        ScaledClock::anchored(now, now, speed)
-    }
-
-    /// Site time `origin` at wall time `wall_origin`, running `speed` times
-    /// faster than the wall clock.
-    pub fn anchored(origin: Timestamp, wall_origin: Timestamp, speed: f64) -> ScaledClock {
-        let speed = if speed.is_finite() && speed > 0.0 {
-            speed
-        } else {
-            1.0
-        };
-        ScaledClock {
-            origin,
-            wall_origin,
-            speed,
-        }
-    }
-
-    /// Site time at the anchor.
-    pub fn origin(&self) -> Timestamp {
-        self.origin
-    }
-
-    /// Wall time at the anchor.
-    pub fn wall_origin(&self) -> Timestamp {
-        self.wall_origin
-    }
-
-    /// Site seconds per wall second.
-    pub fn speed(&self) -> f64 {
-        self.speed
-    }
-}
-
-impl Clock for ScaledClock {
-    fn now(&self) -> Timestamp {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let since = wall.saturating_sub(Duration::from_millis(self.wall_origin.as_millis()));
-        self.origin + since.mul_f64(self.speed)
-    }
-}
-
-impl EdgeClock for ScaledClock {
-    fn real(&self, d: Duration) -> Duration {
-        d.div_f64(self.speed)
-    }
-}
+use crate::time::{EdgeClock, Timestamp};
 
 // ---------------------------------------------------------------------------
 // Actuator routing
@@ -1185,6 +1103,7 @@ mod tests {
     use super::*;
     use crate::fleet::MinerSpec;
     use crate::signal::{DrEvent, DrTarget};
+    use crate::time::{Clock, ScaledClock};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
 
@@ -1274,16 +1193,6 @@ mod tests {
         ));
         std::fs::create_dir_all(&d).unwrap();
         d
-    }
-
-    #[test]
-    fn scaled_clock_runs_fast_and_converts_back() {
-        let c = ScaledClock::anchored(Timestamp::from_secs(1000), SystemClock.now(), 10.0);
-        assert!(c.now() >= Timestamp::from_secs(1000));
-        assert_eq!(c.real(Duration::from_secs(10)), Duration::from_secs(1));
-        let again = ScaledClock::anchored(c.origin(), c.wall_origin(), c.speed());
-        let (a, b) = (c.now(), again.now());
-        assert!(b.saturating_since(a) < Duration::from_millis(500));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
