@@ -62,11 +62,10 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::actuator::{Actuator, ActuatorError, TelemetrySource};
+use crate::command::{Ack, Action, Command, CommandId};
 use crate::fleet::{ControlSurface, Fleet, MinerId, Telemetry};
 use crate::ledger::{CommandRecord, Interval, Ledger, LedgerError};
-use crate::policy::{
-    Ack, Action, Command, CommandId, Engine, Mode, PolicyConfig, PolicyError, PolicyEvent, Resume,
-};
+use crate::policy::{Engine, Mode, PolicyConfig, PolicyError, PolicyEvent, Resume};
 use crate::signal::Signal;
 use crate::time::{EdgeClock, Timestamp};
 

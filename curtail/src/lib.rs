@@ -34,6 +34,7 @@
 
 pub mod actuator;
 pub mod actuators;
+pub mod command;
 pub mod driver;
 pub mod fleet;
 pub mod ledger;

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::fleet::MinerSpec;
+use crate::fleet::{ControlSurface, MinerSpec};
 use crate::signal::{
     DispatchSignal, DrEvent, DrTarget, ManualOverride, OverrideMode, PricePoint, PriceSignal,
     SiteLoadSignal,
