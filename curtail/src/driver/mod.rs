@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use crate::actuator::{Actuator, TelemetrySource};
 use crate::fleet::{Fleet, MinerId};
 use crate::ledger::{Ledger, LedgerError};
-use crate::policy::{Engine, PolicyConfig, PolicyError, Resume};
+use crate::policy::{DrEventState, Engine, PolicyConfig, PolicyError, Resume};
 use crate::signal::Signal;
 use crate::time::{EdgeClock, Timestamp};
 
@@ -76,11 +76,14 @@ mod tests;
 pub use audit::{AckRecord, Audit, EventRecord, NoteRecord};
 pub use edge::{Edge, Nothing, Route};
 pub use ledger_writer::{CommitHook, Record};
-pub use status::{DriverReport, DriverStatus, Resumed};
+pub use status::{
+    CommandedState, DrEventStatus, DriverReport, DriverStatus, MinerStatus, Miners, Resumed,
+};
 
 use ledger_writer::{write_loop, Write};
 use poll::{poll_loop, Meter};
 use run::Run;
+use status::{update_dr_events, MinersBuilder};
 
 // ---------------------------------------------------------------------------
 // Configuration, errors
@@ -270,6 +273,22 @@ where
         curtailed: resume.curtailed.len(),
         events: resume.events.len(),
     };
+    // The site view starts from what the ledger held: miners left curtailed
+    // keep their last command's state, open events show as scheduled until
+    // the engine says otherwise.
+    let mut view = MinersBuilder::new(miners.iter().copied());
+    for (id, action, _) in &resume.curtailed {
+        view.commanded(*id, *action);
+    }
+    let mut dr_events = Vec::new();
+    for (ev, baseline_kw) in &resume.events {
+        if !ev.end.is_some_and(|end| end <= now) {
+            update_dr_events(
+                &mut dr_events,
+                DrEventStatus::new(ev, DrEventState::Scheduled, *baseline_kw),
+            );
+        }
+    }
     if resume != Resume::default() {
         engine.resume(now, resume)?;
     }
@@ -285,7 +304,9 @@ where
     let (signals_tx, signals_rx) = mpsc::channel(64);
     let (acks_tx, acks_rx) = mpsc::channel(1024);
     let (poll_tx, poll_rx) = mpsc::channel(1024);
-    let status = snapshot(&engine, now, resumed);
+    let mut status = snapshot(&engine, now, resumed);
+    status.miners = view.snapshot();
+    status.dr_events = dr_events;
     let (status_tx, status_rx) = watch::channel(status.clone());
 
     let poll_stop = shutdown.child_token();
@@ -310,6 +331,7 @@ where
         status_tx,
         outstanding: 0,
         meter: Meter::new(now),
+        view,
         cfg,
     };
     let stop = shutdown.clone();
@@ -354,5 +376,8 @@ fn snapshot(engine: &Engine, now: Timestamp, resumed: Resumed) -> DriverStatus {
         telemetry_errors: 0,
         first_issue_at: None,
         last_issue_at: None,
+        miners: Miners::default(),
+        dr_events: Vec::new(),
+        price_usd_per_mwh: None,
     }
 }

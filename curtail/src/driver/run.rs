@@ -16,6 +16,7 @@ use crate::time::{EdgeClock, Timestamp};
 
 use super::ledger_writer::Write;
 use super::poll::{Meter, PollMsg};
+use super::status::{update_dr_events, DrEventStatus, MinersBuilder};
 use super::{DriverConfig, DriverError, DriverReport, DriverStatus, Record};
 
 pub(super) struct Run<A, C> {
@@ -30,6 +31,8 @@ pub(super) struct Run<A, C> {
     /// Commands handed to actuator tasks whose answer has not come back.
     pub(super) outstanding: usize,
     pub(super) meter: Meter,
+    /// Per-miner side of the published status.
+    pub(super) view: MinersBuilder,
     pub(super) cfg: DriverConfig,
 }
 
@@ -165,6 +168,9 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
             .map_err(|_| DriverError::LedgerClosed)?
             .map_err(DriverError::LedgerWrite)?;
         let n = cmds.len();
+        for c in &cmds {
+            self.view.commanded(c.miner, c.action);
+        }
         for c in cmds {
             let (actuator, permits, tx) = (
                 self.actuator.clone(),
@@ -205,6 +211,15 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
                     tracing::warn!(%miner, "miner unresponsive");
                 }
                 PolicyEvent::Drift { .. } => s.drift += 1,
+                PolicyEvent::DrEvent {
+                    event,
+                    state,
+                    baseline_kw,
+                    ..
+                } => update_dr_events(
+                    &mut s.dr_events,
+                    DrEventStatus::new(event, *state, *baseline_kw),
+                ),
                 _ => {}
             }
             self.write(Record::Event(e)).await?;
@@ -220,12 +235,17 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         s.mode = plan.mode;
         s.cap_kw = plan.cap_kw;
         s.expected_kw = plan.expected_kw;
+        s.miners = self.view.snapshot();
         self.status_tx.send_replace(self.status.clone());
     }
 
     async fn on_signal(&mut self, signal: Signal) -> Result<(), DriverError> {
         let now = self.clock.now();
         self.status.signals += 1;
+        if let Signal::Price(p) = &signal {
+            let usd = p.usd_per_mwh;
+            self.status.price_usd_per_mwh = usd.is_finite().then_some(usd);
+        }
         self.write(Record::Signal {
             recorded: now,
             signal: signal.clone(),
@@ -264,6 +284,7 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
             PollMsg::Reading(m, t) => {
                 self.status.telemetry_ok += 1;
                 self.meter.seen.insert(m);
+                self.view.telemetry(m, t);
                 if let Err(e) = self.engine.handle_telemetry(now, m, t) {
                     tracing::warn!(miner = %m, error = %e, "telemetry refused");
                 }
