@@ -282,7 +282,7 @@ where
     }
     let mut dr_events = Vec::new();
     for (ev, baseline_kw) in &resume.events {
-        if !ev.end.is_some_and(|end| end <= now) {
+        if ev.end.is_none_or(|end| end > now) {
             update_dr_events(
                 &mut dr_events,
                 DrEventStatus::new(ev, DrEventState::Scheduled, *baseline_kw),
