@@ -24,9 +24,10 @@
 //! models and firmwares, or a TOML file ([`FleetFile`]).
 
 use crate::demo::{counts, surface, trace, TraceStep};
+use curtail::command::{Ack, Action};
 use curtail::fleet::{Fleet, MinerId, MinerSpec, Telemetry};
 use curtail::policy::{
-    Ack, Action, Economics, Engine, Freshness, PolicyConfig, PolicyEvent, SafeState, Staleness,
+    Economics, Engine, Freshness, PolicyConfig, PolicyEvent, SafeState, Staleness,
 };
 use curtail::signal::{DrEvent, DrTarget, PriceSignal, Signal};
 use curtail::time::Timestamp;

@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gridproxy_curtail::actuator::{Actuator, ActuatorError, TelemetrySource};
+use gridproxy_curtail::command::{Action, Command};
 use gridproxy_curtail::driver::{self, DriverConfig, Edge};
 use gridproxy_curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Telemetry};
-use gridproxy_curtail::policy::{Action, Command, Engine, PolicyConfig, Staleness};
+use gridproxy_curtail::policy::{Engine, PolicyConfig, Staleness};
 use gridproxy_curtail::signal::{DrEvent, DrTarget, Signal};
 use gridproxy_curtail::time::{Clock, SystemClock, Timestamp};
 

@@ -22,8 +22,8 @@ use std::future::Future;
 
 use thiserror::Error;
 
+use crate::command::{Ack, Command};
 use crate::fleet::{ControlSurface, MinerId, Telemetry};
-use crate::policy::{Ack, Command};
 use crate::signal::Signal;
 
 /// Why an actuator or poller call failed.
@@ -84,7 +84,7 @@ impl From<Result<(), ActuatorError>> for Ack {
 
 /// Carries out [`Command`]s. One implementation per firmware family, plus
 /// one for the proxy (park, unpark, reroute; see
-/// [`Action::is_proxy_side`](crate::policy::Action::is_proxy_side)).
+/// [`Action::is_proxy_side`](crate::command::Action::is_proxy_side)).
 ///
 /// `execute` returns once the target accepted or refused the command; it does
 /// not wait for the effect (the engine verifies by telemetry). It maps the

@@ -33,8 +33,8 @@ impl std::fmt::Display for MinerId {
 
 /// The firmware control API through which a miner can be commanded.
 ///
-/// See DESIGN.md "Firmware control surfaces". Proxy-side park/unpark/reroute
-/// works for every miner, whatever its surface.
+/// See ARCHITECTURE.md "Firmware control surfaces". Proxy-side
+/// park/unpark/reroute works for every miner, whatever its surface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ControlSurface {
     /// LuxOS TCP 4028 JSON: `curtail sleep|wakeup`, `profileset` (stepped

@@ -28,10 +28,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::command::{Ack, Action, Command, CommandId};
 use crate::fleet::MinerId;
-use crate::policy::{
-    Ack, Action, Command, CommandId, Decision, DrEventState, FailReason, PolicyEvent, Resume,
-};
+use crate::policy::{Decision, DrEventState, FailReason, PolicyEvent, Resume};
 use crate::signal::{DrEvent, DrTarget, Signal};
 use crate::time::Timestamp;
 

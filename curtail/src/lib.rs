@@ -5,35 +5,21 @@
 //! settlement-grade, append-only record of what was asked and done.
 //!
 //! Modules:
-//! - [`time`]: [`Timestamp`](time::Timestamp) (ms since the Unix epoch,
-//!   injected by the caller) and the [`Clock`](time::Clock) seam.
-//! - [`fleet`]: the fleet model: each miner's model, nominal TH/s and W,
-//!   [`ControlSurface`](fleet::ControlSurface), ramp characteristics, state
-//!   and telemetry.
-//! - [`signal`]: typed inputs: price (with forecast), hashprice, DR events,
-//!   dispatch heartbeats, site load, manual overrides, pool routing.
-//! - [`policy`]: the sans-IO [`Engine`](policy::Engine): `handle_signal`,
-//!   `handle_telemetry`, `handle_ack`, `handle_timeout` in;
-//!   `poll_action`, `poll_event`, `poll_timeout` out. Price, kW-target and
-//!   balance modes, dwell, rate limit, staggered restore, stale-signal safe
-//!   state and escalation (sleep → power target → park).
-//! - [`ledger`]: SQLite (WAL, `synchronous=FULL`) insert-only ledger of
-//!   signals, decisions, commands, acks, measured kW and DR event states,
-//!   with crash recovery into a [`Resume`](policy::Resume).
-//! - [`actuator`]: traits the I/O edge implements: firmware/proxy
-//!   [`Actuator`](actuator::Actuator)s, [`TelemetrySource`](actuator::TelemetrySource),
-//!   [`SignalSource`](actuator::SignalSource).
-//! - [`actuators`]: firmware clients behind those traits (LuxOS, Braiins OS
-//!   gRPC, Whatsminer, VNish, stock telemetry), the dispatching
-//!   [`FleetActuator`](actuators::FleetActuator), and telemetry
-//!   verification of commands.
-//! - [`driver`]: the edge task running the engine: signals in, rate-limited
-//!   commands out to actuators, telemetry polling, write-ahead ledger on its
-//!   own thread, restore from the ledger on restart, injected clock.
+//! - [`time`]: timestamps and the clocks edge tasks read (system, scaled).
+//! - [`fleet`]: the fleet model: miners, nominal figures, state, telemetry.
+//! - [`signal`]: typed inputs: price, hashprice, DR events, dispatch, load.
+//! - [`command`]: commands to actuators and their acknowledgements.
+//! - [`policy`]: the sans-IO engine that turns signals into commands.
+//! - [`ledger`]: the append-only SQLite record and crash recovery.
+//! - [`actuator`]: the traits the I/O edge implements.
+//! - [`actuators`]: firmware clients behind those traits.
+//! - [`driver`]: the edge task running the engine and publishing status.
+//! - [`mv`]: measurement and verification of curtailments over the ledger.
 #![warn(missing_docs)]
 
 pub mod actuator;
 pub mod actuators;
+pub mod command;
 pub mod driver;
 pub mod fleet;
 pub mod ledger;

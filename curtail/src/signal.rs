@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::policy::PoolId;
+use crate::command::PoolId;
 use crate::time::Timestamp;
 
 /// Largest accepted |price|, $/MWh (ERCOT's cap is 5,000; Uri held 9,000).

@@ -6,6 +6,10 @@
 //! [`std::time::Instant`] because they are also written to the ledger, compared
 //! with DR event windows sent by utilities, and must mean the same thing after
 //! a restart.
+//!
+//! The clocks the edge tasks read live here too: [`SystemClock`] in
+//! production, [`ScaledClock`] for site time run faster than real time, both
+//! [`EdgeClock`]s (a clock the driver can also sleep on).
 
 use std::fmt;
 use std::ops::{Add, Sub};
@@ -110,6 +114,86 @@ impl Clock for SystemClock {
     }
 }
 
+/// A [`Clock`] the driver can also sleep on.
+pub trait EdgeClock: Clock + Send + Sync + 'static {
+    /// How much real time `d` of this clock's time takes.
+    fn real(&self, d: Duration) -> Duration;
+}
+
+impl EdgeClock for SystemClock {
+    fn real(&self, d: Duration) -> Duration {
+        d
+    }
+}
+
+/// Site time running `speed` times faster than the wall clock, anchored so
+/// that wall time `wall_origin` is site time `origin`.
+///
+/// Built from wall-clock time (not a process-local `Instant`), so separate
+/// processes given the same anchor agree on the time, and a restarted
+/// process continues where the killed one was.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScaledClock {
+    origin: Timestamp,
+    wall_origin: Timestamp,
+    speed: f64,
+}
+
+impl ScaledClock {
+    /// Site time equal to wall time now, running `speed` times faster from
+    /// here. `speed` must be finite and > 0 (else 1.0 is used).
+    pub fn new(speed: f64) -> ScaledClock {
+        let now = SystemClock.now();
+        ScaledClock::anchored(now, now, speed)
+    }
+
+    /// Site time `origin` at wall time `wall_origin`, running `speed` times
+    /// faster than the wall clock.
+    pub fn anchored(origin: Timestamp, wall_origin: Timestamp, speed: f64) -> ScaledClock {
+        let speed = if speed.is_finite() && speed > 0.0 {
+            speed
+        } else {
+            1.0
+        };
+        ScaledClock {
+            origin,
+            wall_origin,
+            speed,
+        }
+    }
+
+    /// Site time at the anchor.
+    pub fn origin(&self) -> Timestamp {
+        self.origin
+    }
+
+    /// Wall time at the anchor.
+    pub fn wall_origin(&self) -> Timestamp {
+        self.wall_origin
+    }
+
+    /// Site seconds per wall second.
+    pub fn speed(&self) -> f64 {
+        self.speed
+    }
+}
+
+impl Clock for ScaledClock {
+    fn now(&self) -> Timestamp {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let since = wall.saturating_sub(Duration::from_millis(self.wall_origin.as_millis()));
+        self.origin + since.mul_f64(self.speed)
+    }
+}
+
+impl EdgeClock for ScaledClock {
+    fn real(&self, d: Duration) -> Duration {
+        d.div_f64(self.speed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +209,15 @@ mod tests {
         assert_eq!(Timestamp::from_secs(5) - t, Duration::ZERO);
         assert_eq!(t - Timestamp::from_secs(4), Duration::from_secs(6));
         assert_eq!(t.to_string(), "10.000");
+    }
+
+    #[test]
+    fn scaled_clock_runs_fast_and_converts_back() {
+        let c = ScaledClock::anchored(Timestamp::from_secs(1000), SystemClock.now(), 10.0);
+        assert!(c.now() >= Timestamp::from_secs(1000));
+        assert_eq!(c.real(Duration::from_secs(10)), Duration::from_secs(1));
+        let again = ScaledClock::anchored(c.origin(), c.wall_origin(), c.speed());
+        let (a, b) = (c.now(), again.now());
+        assert!(b.saturating_since(a) < Duration::from_millis(500));
     }
 }

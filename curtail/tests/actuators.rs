@@ -11,8 +11,8 @@ use gridproxy_curtail::actuator::{Actuator, ActuatorError, TelemetrySource};
 use gridproxy_curtail::actuators::luxos::LuxOsClient;
 use gridproxy_curtail::actuators::verify::{confirm, expected_band, VerifyError};
 use gridproxy_curtail::actuators::{ClientConfig, ClientError, FleetActuator, MinerEndpoint};
+use gridproxy_curtail::command::{Action, Command, CommandId, PoolId};
 use gridproxy_curtail::fleet::{ControlSurface, MinerId, MinerSpec};
-use gridproxy_curtail::policy::{Action, Command, CommandId, PoolId};
 use gridproxy_curtail::time::Timestamp;
 use gridproxy_fixtures::firmware::model::{Mode, ModelConfig};
 use gridproxy_fixtures::firmware::{

@@ -45,13 +45,13 @@ use crate::{start_pool, start_quiet_tp, Pool};
 
 use curtail::actuator::Actuator;
 use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::command::Action;
 use curtail::driver::{self, Audit, DriverConfig, DriverHandle, Edge, Route};
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
-use curtail::policy::Action;
 use curtail::policy::PolicyConfig;
 use curtail::time::Timestamp;
 
-pub use curtail::driver::ScaledClock;
+pub use curtail::time::ScaledClock;
 
 /// Site seconds per wall second.
 pub const SPEED: f64 = 10.0;

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use gridproxy_curtail as curtail;
 
 use curtail::actuator::{Actuator, ActuatorError};
+use curtail::command::{Action, Command};
 use curtail::fleet::{ControlSurface, MinerId};
-use curtail::policy::{Action, Command};
 use gridproxy_proxy::router::Router;
 
 /// What the engine last asked of one worker.

@@ -7,9 +7,10 @@ use crate::api::site::{DrEventView, MinerView, SiteCommand, SiteHandle, SiteStat
 use crate::metrics::Metrics;
 use curtail::actuator::{ActuatorError, TelemetrySource};
 use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::command::{Ack, Action};
 use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
 use curtail::fleet::{MinerId, Telemetry};
-use curtail::policy::{Ack, Action, PolicyEvent};
+use curtail::policy::PolicyEvent;
 use curtail::signal::{DrTarget, ManualOverride, OverrideMode, Signal};
 use curtail::time::{Clock, SystemClock};
 use gridproxy_curtail as curtail;

@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::actuator::{Actuator, ActuatorError, TelemetrySource};
+use crate::command::{Action, Command};
 use crate::fleet::{ControlSurface, MinerId, Telemetry};
-use crate::policy::{Action, Command};
 use crate::time::{Clock, SystemClock};
 
 use super::braiins::BraiinsClient;

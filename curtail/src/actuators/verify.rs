@@ -11,8 +11,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::actuator::{ActuatorError, TelemetrySource};
+use crate::command::Action;
 use crate::fleet::{MinerId, MinerSpec, Telemetry};
-use crate::policy::Action;
 
 /// Acceptable power after an action, W (inclusive).
 #[derive(Clone, Copy, Debug, PartialEq)]

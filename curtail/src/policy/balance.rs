@@ -27,6 +27,7 @@
 
 use super::planner::{Fill, EPS_W};
 use super::*;
+use crate::time::Timestamp;
 
 /// Fraction of the running band kept free at its bottom: below it a miner
 /// is slept (sleeping is quick, so little is kept).

@@ -8,6 +8,11 @@ use std::fmt::Write as _;
 
 use super::dispatch::Class;
 use super::*;
+use std::time::Duration;
+
+use crate::command::Action;
+use crate::signal::{DrTarget, ManualOverride, OverrideMode};
+use crate::time::Timestamp;
 
 /// Power below which a remainder counts as met, W.
 pub(super) const EPS_W: f64 = 0.5;

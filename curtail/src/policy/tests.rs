@@ -1,13 +1,16 @@
 //! Engine tests on a virtual clock against simulated miners.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::*;
-use crate::fleet::MinerSpec;
+use crate::command::{Ack, Action, Command, CommandId};
+use crate::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, MinerState, Telemetry};
 use crate::signal::{
     DispatchSignal, DrEvent, DrTarget, ManualOverride, OverrideMode, PricePoint, PriceSignal,
-    SiteLoadSignal,
+    Signal, SiteLoadSignal,
 };
+use crate::time::Timestamp;
 
 const T0: u64 = 1_700_000_000;
 

@@ -4,9 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gridproxy_curtail::driver::EdgeClock;
 use gridproxy_curtail::signal::{Signal, SiteLoadSignal};
-use gridproxy_curtail::time::Timestamp;
+use gridproxy_curtail::time::{EdgeClock, Timestamp};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -235,7 +234,7 @@ pub fn spawn<C: EdgeClock + Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gridproxy_curtail::driver::ScaledClock;
+    use gridproxy_curtail::time::ScaledClock;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A one-route HTTP server on loopback answering `bodies` in turn (the

@@ -32,9 +32,10 @@ use gridproxy_fixtures::site::Firmware;
 use gridproxy_tests::bench::*;
 use gridproxy_tests::*;
 
+use curtail::command::Action;
 use curtail::driver::{Audit, DriverConfig};
 use curtail::fleet::MinerId;
-use curtail::policy::{Action, PolicyConfig, Staleness};
+use curtail::policy::{PolicyConfig, Staleness};
 use curtail::signal::{DrEvent, DrTarget, Signal};
 use curtail::time::Clock;
 

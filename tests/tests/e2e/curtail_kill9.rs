@@ -50,10 +50,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::command::{Ack, Action};
 use curtail::driver::{self, Audit, DriverConfig, Edge, Record, Route};
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec};
 use curtail::ledger::Ledger;
-use curtail::policy::{Ack, Action, PolicyConfig, PolicyEvent, Staleness};
+use curtail::policy::{PolicyConfig, PolicyEvent, Staleness};
 use curtail::signal::{DrEvent, DrTarget, Signal};
 use curtail::time::{Clock, Timestamp};
 

@@ -21,9 +21,10 @@ use std::time::Duration;
 use gridproxy_curtail as curtail;
 use gridproxy_tests::bench::*;
 
+use curtail::command::Action;
 use curtail::driver::{Audit, DriverConfig, Nothing};
 use curtail::fleet::MinerId;
-use curtail::policy::{Action, Economics, PolicyConfig, Staleness};
+use curtail::policy::{Economics, PolicyConfig, Staleness};
 use curtail::signal::{PriceSignal, Signal};
 use curtail::time::{Clock, Timestamp};
 

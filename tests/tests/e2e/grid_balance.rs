@@ -318,7 +318,7 @@ async fn balance_run(name: &str, subnet: (u8, u8), kind: MeterKind, span: Durati
     let mut last_w: std::collections::HashMap<curtail::fleet::MinerId, u32> = Default::default();
     let mut lat = [(0usize, 0.0f64, 0.0f64); 2]; // (n, ack s, verified s) for cuts, raises
     for c in &audit.commands {
-        let curtail::policy::Action::SetPowerTarget(w) = c.action else {
+        let curtail::command::Action::SetPowerTarget(w) = c.action else {
             continue;
         };
         let raise = last_w.get(&c.miner).is_some_and(|&p| w > p);

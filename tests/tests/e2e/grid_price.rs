@@ -29,8 +29,9 @@ use gridproxy_grid::price::feed::{Format, PollConfig, PriceFeed};
 use gridproxy_grid::price::json::JsonFormat;
 use gridproxy_tests::bench::*;
 
+use curtail::command::Action;
 use curtail::driver::{Audit, DriverConfig, Nothing};
-use curtail::policy::{Action, Economics, Freshness, PolicyConfig, SafeState, Staleness};
+use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use curtail::time::{Clock, Timestamp};
 use tokio_util::sync::CancellationToken;
 

@@ -5,8 +5,8 @@
 
 use gridproxy::api::client;
 use gridproxy::demo::{self, DemoOptions};
+use gridproxy_curtail::command::Action;
 use gridproxy_curtail::driver::Audit;
-use gridproxy_curtail::policy::Action;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 

@@ -30,8 +30,8 @@ use gridproxy_tests::{free_addr, remove_env, wait_until, PeerProcess};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use curtail::command::Action;
 use curtail::driver::Audit;
-use curtail::policy::Action;
 
 const TOKEN: &str = "operate-site-token-0123456789";
 const DISPATCH: &str = "site/op1/dispatch";

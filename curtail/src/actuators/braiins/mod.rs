@@ -7,11 +7,9 @@
 //! `ResumeMining`, the power target `PerformanceService.SetPowerTarget`
 //! (`SAVE_ACTION_SAVE_AND_APPLY`), telemetry `MinerService.GetMinerStats`.
 //!
-//! `bos.proto` (beside this file) declares only the fields used; `pb.rs` is
-//! generated from it (client side only) with `protox` + `tonic-prost-build`
-//! (`build_client(true)`, `build_server(false)`, `compile_fds`) and checked
-//! in, so the build needs neither `protoc` nor a build script. Regenerate it
-//! when the `.proto` changes.
+//! The messages and the tonic clients come from
+//! [`gridproxy_firmware_api::braiins`] (generated once, shared with the
+//! fixtures' emulator); re-exported here as [`pb`].
 
 use std::future::Future;
 
@@ -22,8 +20,7 @@ use tonic::{Code, Request, Status};
 
 use super::{bounded, ClientConfig, ClientError, Reading};
 
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod pb;
+pub use gridproxy_firmware_api::braiins as pb;
 
 use pb::actions_service_client::ActionsServiceClient;
 use pb::authentication_service_client::AuthenticationServiceClient;

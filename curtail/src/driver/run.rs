@@ -1,0 +1,323 @@
+//! The driver loop: one task owning the engine, feeding it signals, acks and
+//! telemetry, committing commands before handing them to actuators.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::actuator::Actuator;
+use crate::command::{Ack, CommandId};
+use crate::ledger::{Interval, LedgerError};
+use crate::policy::{Engine, PolicyError, PolicyEvent};
+use crate::signal::Signal;
+use crate::time::{EdgeClock, Timestamp};
+
+use super::ledger_writer::Write;
+use super::poll::{Meter, PollMsg};
+use super::status::{update_dr_events, DrEventStatus, MinersBuilder};
+use super::{DriverConfig, DriverError, DriverReport, DriverStatus, Record};
+
+pub(super) struct Run<A, C> {
+    pub(super) engine: Engine,
+    pub(super) clock: Arc<C>,
+    pub(super) actuator: Arc<A>,
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) ledger: mpsc::Sender<Write>,
+    pub(super) acks_tx: mpsc::Sender<(CommandId, Ack)>,
+    pub(super) status: DriverStatus,
+    pub(super) status_tx: watch::Sender<DriverStatus>,
+    /// Commands handed to actuator tasks whose answer has not come back.
+    pub(super) outstanding: usize,
+    pub(super) meter: Meter,
+    /// Per-miner side of the published status.
+    pub(super) view: MinersBuilder,
+    pub(super) cfg: DriverConfig,
+}
+
+/// Most messages handled per channel before the engine is polled again.
+const BATCH: usize = 256;
+
+impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
+    pub(super) async fn run(
+        mut self,
+        mut signals: mpsc::Receiver<Signal>,
+        mut acks: mpsc::Receiver<(CommandId, Ack)>,
+        mut polls: mpsc::Receiver<PollMsg>,
+        stop: CancellationToken,
+        poll_stop: CancellationToken,
+        writer: std::thread::JoinHandle<Result<(), LedgerError>>,
+    ) -> Result<DriverReport, DriverError> {
+        let r = self.main(&mut signals, &mut acks, &mut polls, &stop).await;
+        poll_stop.cancel();
+        let drained = match r {
+            Ok(()) => self.drain(&mut acks).await,
+            Err(e) => Err(e),
+        };
+        let status = self.status.clone();
+        let unanswered = self.outstanding;
+        // Closing the queue lets the writer finish what is queued and stop.
+        drop(self);
+        let written = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| DriverError::Task(e.to_string()))?
+            .map_err(|_| DriverError::Task("ledger writer panicked".into()))?;
+        drained?;
+        written.map_err(|e| DriverError::LedgerWrite(e.to_string()))?;
+        Ok(DriverReport { status, unanswered })
+    }
+
+    async fn main(
+        &mut self,
+        signals: &mut mpsc::Receiver<Signal>,
+        acks: &mut mpsc::Receiver<(CommandId, Ack)>,
+        polls: &mut mpsc::Receiver<PollMsg>,
+        stop: &CancellationToken,
+    ) -> Result<(), DriverError> {
+        let mut signals_open = true;
+        loop {
+            let now = self.clock.now();
+            self.engine.handle_timeout(now);
+            self.issue(now).await?;
+            self.events().await?;
+            self.publish(now);
+
+            let sleep = self
+                .engine
+                .poll_timeout()
+                .map(|t| self.clock.real(t.saturating_since(self.clock.now())));
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                s = signals.recv(), if signals_open => match s {
+                    Some(s) => {
+                        self.on_signal(s).await?;
+                        for _ in 1..BATCH {
+                            match signals.try_recv() {
+                                Ok(s) => self.on_signal(s).await?,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => signals_open = false,
+                },
+                Some(a) = acks.recv() => {
+                    self.on_ack(a).await?;
+                    for _ in 1..BATCH {
+                        match acks.try_recv() {
+                            Ok(a) => self.on_ack(a).await?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(p) = polls.recv() => {
+                    self.on_poll(p).await?;
+                    for _ in 1..BATCH {
+                        match polls.try_recv() {
+                            Ok(p) => self.on_poll(p).await?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_for(sleep) => {}
+            }
+        }
+    }
+
+    /// After shutdown: collect the answers to commands already sent.
+    async fn drain(
+        &mut self,
+        acks: &mut mpsc::Receiver<(CommandId, Ack)>,
+    ) -> Result<(), DriverError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some(a)) => self.on_ack(a).await?,
+                _ => break,
+            }
+        }
+        self.events().await?;
+        let now = self.clock.now();
+        self.publish(now);
+        Ok(())
+    }
+
+    async fn write(&self, record: Record) -> Result<(), DriverError> {
+        self.ledger
+            .send(Write { record, done: None })
+            .await
+            .map_err(|_| DriverError::LedgerClosed)
+    }
+
+    /// Drain due commands, commit them, then hand them to actuators.
+    async fn issue(&mut self, now: Timestamp) -> Result<(), DriverError> {
+        let cmds = self.engine.poll_actions(now);
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let (done, committed) = oneshot::channel();
+        self.ledger
+            .send(Write {
+                record: Record::Commands(cmds.clone()),
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| DriverError::LedgerClosed)?;
+        committed
+            .await
+            .map_err(|_| DriverError::LedgerClosed)?
+            .map_err(DriverError::LedgerWrite)?;
+        let n = cmds.len();
+        for c in &cmds {
+            self.view.commanded(c.miner, c.action);
+        }
+        for c in cmds {
+            let (actuator, permits, tx) = (
+                self.actuator.clone(),
+                self.permits.clone(),
+                self.acks_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let ack = match permits.acquire_owned().await {
+                    Ok(_permit) => Ack::from(actuator.execute(&c).await),
+                    Err(_) => Ack::Failed("driver stopping".into()),
+                };
+                let _ = tx.send((c.id, ack)).await;
+            });
+        }
+        self.outstanding += n;
+        let at = self.clock.now();
+        self.status.issued += n as u64;
+        self.status.first_issue_at.get_or_insert(at);
+        self.status.last_issue_at = Some(at);
+        Ok(())
+    }
+
+    /// Record and count the engine's events.
+    async fn events(&mut self) -> Result<(), DriverError> {
+        while let Some(e) = self.engine.poll_event() {
+            let s = &mut self.status;
+            match &e {
+                PolicyEvent::Verified { .. } => s.verified += 1,
+                PolicyEvent::CommandFailed { .. } => s.failed += 1,
+                PolicyEvent::Escalated {
+                    miner, from, to, ..
+                } => {
+                    s.escalated += 1;
+                    tracing::warn!(%miner, ?from, ?to, "curtailment escalated");
+                }
+                PolicyEvent::Unresponsive { miner, .. } => {
+                    s.unresponsive += 1;
+                    tracing::warn!(%miner, "miner unresponsive");
+                }
+                PolicyEvent::Drift { .. } => s.drift += 1,
+                PolicyEvent::DrEvent {
+                    event,
+                    state,
+                    baseline_kw,
+                    ..
+                } => update_dr_events(
+                    &mut s.dr_events,
+                    DrEventStatus::new(event, *state, *baseline_kw),
+                ),
+                _ => {}
+            }
+            self.write(Record::Event(e)).await?;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, now: Timestamp) {
+        let plan = self.engine.plan();
+        let s = &mut self.status;
+        s.now = now;
+        s.in_flight = self.engine.in_flight();
+        s.mode = plan.mode;
+        s.cap_kw = plan.cap_kw;
+        s.expected_kw = plan.expected_kw;
+        s.miners = self.view.snapshot();
+        self.status_tx.send_replace(self.status.clone());
+    }
+
+    async fn on_signal(&mut self, signal: Signal) -> Result<(), DriverError> {
+        let now = self.clock.now();
+        self.status.signals += 1;
+        if let Signal::Price(p) = &signal {
+            let usd = p.usd_per_mwh;
+            self.status.price_usd_per_mwh = usd.is_finite().then_some(usd);
+        }
+        self.write(Record::Signal {
+            recorded: now,
+            signal: signal.clone(),
+        })
+        .await?;
+        if let Err(e) = self.engine.handle_signal(now, signal) {
+            self.status.rejected_signals += 1;
+            tracing::warn!(error = %e, "signal refused");
+        }
+        Ok(())
+    }
+
+    async fn on_ack(&mut self, (id, ack): (CommandId, Ack)) -> Result<(), DriverError> {
+        let now = self.clock.now();
+        self.outstanding = self.outstanding.saturating_sub(1);
+        match &ack {
+            Ack::Ok => self.status.acks_ok += 1,
+            Ack::Failed(_) => self.status.acks_failed += 1,
+        }
+        self.write(Record::Ack {
+            at: now,
+            id,
+            ack: ack.clone(),
+        })
+        .await?;
+        match self.engine.handle_ack(now, id, ack) {
+            Ok(()) | Err(PolicyError::UnknownCommand(_)) => {} // late: already timed out
+            Err(e) => tracing::warn!(error = %e, "ack refused"),
+        }
+        Ok(())
+    }
+
+    async fn on_poll(&mut self, p: PollMsg) -> Result<(), DriverError> {
+        let now = self.clock.now();
+        match p {
+            PollMsg::Reading(m, t) => {
+                self.status.telemetry_ok += 1;
+                self.meter.seen.insert(m);
+                self.view.telemetry(m, t);
+                if let Err(e) = self.engine.handle_telemetry(now, m, t) {
+                    tracing::warn!(miner = %m, error = %e, "telemetry refused");
+                }
+            }
+            PollMsg::Error(m, e) => {
+                self.status.telemetry_errors += 1;
+                tracing::debug!(miner = %m, error = %e, "telemetry read failed");
+            }
+            PollMsg::RoundDone(at) => {
+                let kw = self.engine.fleet().measured_kw();
+                self.status.measured_kw = Some(kw);
+                self.meter.sum_kw += kw;
+                self.meter.rounds += 1;
+                if at.saturating_since(self.meter.start) >= self.cfg.interval {
+                    let m = std::mem::replace(&mut self.meter, Meter::new(at));
+                    self.write(Record::Interval(Interval {
+                        start: m.start,
+                        end: at,
+                        fleet_kw: m.sum_kw / f64::from(m.rounds.max(1)),
+                        site_kw: None,
+                        miners: m.seen.len() as u32,
+                    }))
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_for(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
