@@ -23,11 +23,12 @@
 use crate::api::{
     self,
     config::random_token,
-    site::{CommandCounts, MinerView, SiteCommand, SiteHandle, SiteState},
+    site::{CommandCounts, SiteCommand, SiteHandle, SiteState},
 };
 use crate::config::Config;
 use crate::site::park::ProxyActuator;
-use crate::site::start::{hook, operator_commands, Tracker};
+use crate::site::start::{hook, operator_commands, CommandLog};
+use crate::site::view::{self, MinerInfo};
 use curtail::actuator::{Actuator, ActuatorError};
 use curtail::actuators::{FleetActuator, MinerEndpoint};
 use curtail::command::{Action, Command};
@@ -37,7 +38,7 @@ use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use curtail::signal::{DrEvent, DrTarget, PriceSignal, Signal};
 use curtail::time::{Clock, SystemClock, Timestamp};
 use gridproxy_curtail as curtail;
-use gridproxy_fixtures::firmware::model::{Mode, SimMiner};
+use gridproxy_fixtures::firmware::model::SimMiner;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, PoolReject, Sv1Pool, Sv1PoolConfig};
 use gridproxy_proxy::Proxy;
@@ -46,7 +47,6 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -523,7 +523,7 @@ token = "{read_token}"
         )),
     };
     site_handle.set_ledger(ledger.clone());
-    let tracker = Arc::new(Tracker::default());
+    let tracker = Arc::new(CommandLog::default());
     let dcfg = DriverConfig {
         poll_interval: Duration::from_secs(2),
         poll_concurrency: 64,
@@ -626,7 +626,7 @@ token = "{read_token}"
         let ops = tokio::spawn(operator_commands(
             site_handle_commands(&task_site_handle),
             drv.signals(),
-            tracker.clone(),
+            task_site_handle.clone(),
             {
                 let power = site_power(&site);
                 move || power.kw()
@@ -635,15 +635,34 @@ token = "{read_token}"
         ));
         let replay = tokio::spawn(replay(
             drv.signals(),
-            tracker.clone(),
             task_site_handle.clone(),
             nominal_kw,
             opts.step,
             demo_stop.clone(),
         ));
+        // The site view comes from the driver's status, as in `gridproxy run`.
+        let inventory: Vec<MinerInfo> = site
+            .miners()
+            .iter()
+            .map(|m| MinerInfo {
+                id: MinerId(m.index as u64),
+                key: m.worker.clone(),
+                model: m.model.to_string(),
+                firmware: m.firmware.as_str().to_string(),
+            })
+            .collect();
+        let publisher = view::spawn_publisher(
+            task_site_handle.clone(),
+            drv.watch(),
+            Arc::new(inventory),
+            nominal_kw,
+            view::Feeds::default(),
+            Duration::from_secs(1),
+            demo_stop.clone(),
+        );
         let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-        let mut publish = tokio::time::interval(Duration::from_secs(1));
-        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
         let tty = std::io::stdout().is_terminal();
         let mut kw_range = (f64::INFINITY, 0.0f64);
@@ -657,49 +676,14 @@ token = "{read_token}"
             tokio::select! {
                 _ = demo_stop.cancelled() => break,
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-                _ = publish.tick() => {}
+                _ = tick.tick() => {}
             }
             tracker.flush_commands(&task_site_handle);
-            let st = drv.status();
+            // The report's range is the emulators' own draw (ground truth).
             let site_kw = site.power_w() / 1000.0;
             if t0.elapsed() > Duration::from_secs(3) {
                 kw_range = (kw_range.0.min(site_kw), kw_range.1.max(site_kw));
             }
-            let mut curtailed = 0;
-            let mut views = HashMap::with_capacity(site.len());
-            let mut ths = 0.0;
-            for m in site.miners() {
-                let s = m.emulator.state();
-                let parked = proxy_act.is_parked(&m.worker);
-                let state = if parked {
-                    "parked".to_string()
-                } else {
-                    match s.mode {
-                        Mode::Hashing => "hashing".into(),
-                        Mode::Sleeping => "sleeping".into(),
-                        Mode::PowerLimited(w) => format!("limited {w} W"),
-                    }
-                };
-                if parked || s.mode != Mode::Hashing {
-                    curtailed += 1;
-                }
-                ths += s.hashrate_ths;
-                views.insert(
-                    m.worker.clone(),
-                    MinerView {
-                        worker: m.worker.clone(),
-                        model: m.model.to_string(),
-                        firmware: m.firmware.as_str().to_string(),
-                        state,
-                        power_w: s.power_w,
-                        ths: s.hashrate_ths,
-                    },
-                );
-            }
-            let state = tracker.site_state(&st, site_kw, nominal_kw, ths, site.len(), curtailed);
-            report.commands = state.commands.clone();
-            task_site_handle.publish_miners(views);
-            task_site_handle.publish(state);
             if opts.print
                 && !opts.status_every.is_zero()
                 && last_status.elapsed() >= opts.status_every
@@ -727,6 +711,7 @@ token = "{read_token}"
         demo_stop.cancel();
         site.stop();
         let _ = ops.await;
+        let _ = publisher.await;
         if let Ok(n) = replay.await {
             report.intervals = n.0;
             report.dr_events = n.1;
@@ -808,7 +793,6 @@ fn site_power(site: &Site) -> SitePower {
 /// Replay the trace; returns (intervals, DR events).
 async fn replay(
     signals: tokio::sync::mpsc::Sender<Signal>,
-    tracker: Arc<Tracker>,
     site: Arc<SiteHandle>,
     nominal_kw: f64,
     step: Duration,
@@ -830,7 +814,6 @@ async fn replay(
         let k = (n as usize) % steps.len();
         let s = &steps[k];
         let now = SystemClock.now();
-        tracker.price_bits.store(s.price.to_bits(), Relaxed);
         if (s.price - last_price).abs() > 0.5 || k == 0 {
             site.log
                 .push("price", format!("interval {}: ${:.0}/MWh", n + 1, s.price));

@@ -199,6 +199,7 @@ pub struct SiteHandle {
     miners: RwLock<Arc<HashMap<String, MinerView>>>,
     control: Mutex<Option<mpsc::Sender<SiteCommand>>>,
     ledger: Mutex<Option<std::path::PathBuf>>,
+    override_note: Mutex<Option<String>>,
     /// What happened (operator actions, curtailment decisions, events).
     pub log: EventLog,
 }
@@ -224,6 +225,19 @@ impl SiteHandle {
     /// The ledger path, if a driver registered one.
     pub fn ledger(&self) -> Option<std::path::PathBuf> {
         self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Note the manual override an operator put in force (None: cleared).
+    pub fn set_override_note(&self, note: Option<String>) {
+        *self.override_note.lock().unwrap_or_else(|e| e.into_inner()) = note;
+    }
+
+    /// The manual override in force, as the operator asked it.
+    pub fn override_note(&self) -> Option<String> {
+        self.override_note
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -34,10 +34,12 @@
 //! - [`config`]: the section's schema and validation.
 //! - [`start`]: wiring it up and running it ([`start::start`], [`start::RunningSite`]).
 //! - [`park`]: the engine's hand on the proxy (park, unpark, reroute).
+//! - [`view`]: the site view, built from the driver's status.
 
 pub mod config;
 pub mod park;
 pub mod start;
+pub mod view;
 
 pub use config::{miner_id, SiteConfig};
 pub use start::{start, RunningSite};

@@ -3,81 +3,37 @@
 
 use super::config::*;
 use super::park::ProxyActuator;
-use crate::api::site::{DrEventView, MinerView, SiteCommand, SiteHandle, SiteState};
+use super::view::{self, MinerInfo};
+use crate::api::site::{SiteCommand, SiteHandle};
 use crate::metrics::Metrics;
-use curtail::actuator::{ActuatorError, TelemetrySource};
 use curtail::actuators::{FleetActuator, MinerEndpoint};
-use curtail::command::{Ack, Action};
+use curtail::command::Ack;
 use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
-use curtail::fleet::{MinerId, Telemetry};
+use curtail::fleet::MinerId;
 use curtail::policy::PolicyEvent;
 use curtail::signal::{DrTarget, ManualOverride, OverrideMode, Signal};
 use curtail::time::{Clock, SystemClock};
 use gridproxy_curtail as curtail;
 use gridproxy_grid::{mqtt, openadr, price, site_load};
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Telemetry passed through, the last reading of each miner kept for the
-/// dashboard and the site's measured draw.
-struct Recording<T> {
-    inner: T,
-    last: Arc<Mutex<HashMap<MinerId, Telemetry>>>,
-}
-
-impl<T: TelemetrySource> TelemetrySource for Recording<T> {
-    fn read(
-        &self,
-        miner: MinerId,
-    ) -> impl Future<Output = Result<Telemetry, ActuatorError>> + Send {
-        let fut = self.inner.read(miner);
-        let last = self.last.clone();
-        async move {
-            let r = fut.await;
-            if let Ok(t) = &r {
-                last.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(miner, *t);
-            }
-            r
-        }
-    }
-}
-
-/// Shared between the commit hook (ledger thread), the publisher and the
-/// operator-command task; `gridproxy demo` uses it too.
-pub(crate) struct Tracker {
-    /// Last commanded state per miner.
-    commanded: Mutex<HashMap<MinerId, String>>,
+/// What the commit hook keeps between commits for the operator log and the
+/// command-latency metric: when each command was issued, and the commands
+/// sent since the last log line. (The site view itself comes from the
+/// driver's status: see [`super::view`].)
+#[derive(Default)]
+pub(crate) struct CommandLog {
     issued_at: Mutex<HashMap<u64, (Instant, &'static str)>>,
-    events: Mutex<Vec<DrEventView>>,
-    /// Last price seen, $/MWh (NaN: none yet).
-    pub(crate) price_bits: AtomicU64,
-    override_note: Mutex<Option<String>>,
     /// Commands sent since the last log line, by action.
     pending: Mutex<HashMap<&'static str, usize>>,
 }
 
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker {
-            commanded: Mutex::default(),
-            issued_at: Mutex::default(),
-            events: Mutex::default(),
-            price_bits: AtomicU64::new(f64::NAN.to_bits()),
-            override_note: Mutex::default(),
-            pending: Mutex::default(),
-        }
-    }
-}
-
-impl Tracker {
+impl CommandLog {
     /// One log line for the commands sent since the last call.
     pub(crate) fn flush_commands(&self, site: &SiteHandle) {
         let p = std::mem::take(&mut *lock(&self.pending));
@@ -89,52 +45,18 @@ impl Tracker {
         site.log
             .push("curtail", format!("commands sent: {}", parts.join(", ")));
     }
-
-    /// The API's site view from the driver's status, this tracker and the
-    /// fleet figures the caller measured.
-    pub(crate) fn site_state(
-        &self,
-        st: &driver::DriverStatus,
-        site_kw: f64,
-        nominal_kw: f64,
-        fleet_ths: f64,
-        miners_total: usize,
-        miners_curtailed: usize,
-    ) -> SiteState {
-        let price = f64::from_bits(self.price_bits.load(Relaxed));
-        SiteState {
-            attached: true,
-            updated_ms: crate::api::site::now_ms(),
-            site_kw,
-            target_kw: st.cap_kw,
-            expected_kw: st.expected_kw,
-            nominal_kw,
-            price_usd_per_mwh: price.is_finite().then_some(price),
-            mode: st.mode.as_str().to_string(),
-            fleet_ths,
-            miners_total,
-            miners_curtailed,
-            events: lock(&self.events).clone(),
-            commands: crate::api::site::CommandCounts {
-                issued: st.issued,
-                verified: st.verified,
-                failed: st.failed,
-            },
-            override_note: lock(&self.override_note).clone(),
-        }
-    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The driver's commit hook: tracks prices, commands, acks and DR events,
-/// and writes the site log. Miners are named from `names` (else by id).
+/// The driver's commit hook: writes the site log and times commands from
+/// issue to acknowledgement. Miners are named from `names` (else by id).
 /// With `log_each_commit` every batch of commands gets its log line at
-/// once; without, they gather until [`Tracker::flush_commands`].
+/// once; without, they gather until [`CommandLog::flush_commands`].
 pub(crate) fn hook(
-    tracker: Arc<Tracker>,
+    tracker: Arc<CommandLog>,
     site: Arc<SiteHandle>,
     metrics: Option<Arc<Metrics>>,
     names: Arc<HashMap<MinerId, String>>,
@@ -142,27 +64,14 @@ pub(crate) fn hook(
 ) -> driver::CommitHook {
     let name = move |id: MinerId| names.get(&id).cloned().unwrap_or_else(|| id.to_string());
     Arc::new(move |r: &Record| match r {
-        Record::Signal {
-            signal: Signal::Price(p),
-            ..
-        } => tracker.price_bits.store(p.usd_per_mwh.to_bits(), Relaxed),
         Record::Commands(cs) => {
             let now = Instant::now();
             {
                 let mut issued = lock(&tracker.issued_at);
-                let mut cmd = lock(&tracker.commanded);
                 let mut by = lock(&tracker.pending);
                 for c in cs {
                     issued.insert(c.id.0, (now, c.action.as_str()));
                     *by.entry(c.action.as_str()).or_default() += 1;
-                    let state = match c.action {
-                        Action::Sleep => "sleeping".to_string(),
-                        Action::Wake | Action::Unpark => "hashing".into(),
-                        Action::SetPowerTarget(w) => format!("limited {w} W"),
-                        Action::Park => "parked".into(),
-                        Action::Reroute(_) => continue,
-                    };
-                    cmd.insert(c.miner, state);
                 }
             }
             if log_each_commit {
@@ -203,27 +112,10 @@ pub(crate) fn hook(
             baseline_kw,
             ..
         }) => {
-            let (target, limit) = match event.target {
-                DrTarget::LimitKw(k) => (format!("limit {k:.0} kW"), Some(k)),
-                DrTarget::ShedKw(k) => {
-                    (format!("shed {k:.0} kW"), Some((baseline_kw - k).max(0.0)))
-                }
+            let target = match event.target {
+                DrTarget::LimitKw(k) => format!("limit {k:.0} kW"),
+                DrTarget::ShedKw(k) => format!("shed {k:.0} kW"),
             };
-            let view = DrEventView {
-                id: event.id.clone(),
-                state: state.as_str().to_string(),
-                target: target.clone(),
-                limit_kw: limit,
-                start_ms: event.start.as_millis(),
-                end_ms: event.end.map(|e| e.as_millis()),
-            };
-            {
-                let mut ev = lock(&tracker.events);
-                ev.retain(|e| e.id != view.id);
-                if view.state != "ended" {
-                    ev.push(view);
-                }
-            }
             site.log.push(
                 "dr_event",
                 format!(
@@ -338,12 +230,8 @@ pub async fn start(
         info.push((id, m));
     }
     let firmware = Arc::new(firmware);
-    let last = Arc::new(Mutex::new(HashMap::new()));
-    let telemetry = Recording {
-        inner: firmware.clone(),
-        last: last.clone(),
-    };
-    let tracker = Arc::new(Tracker::default());
+    let telemetry = firmware.clone();
+    let tracker = Arc::new(CommandLog::default());
     let names = Arc::new(names);
     if let Some(dir) = cfg.ledger.parent() {
         if !dir.as_os_str().is_empty() && !dir.is_dir() {
@@ -541,7 +429,7 @@ pub async fn start(
     tasks.push(tokio::spawn(operator_commands(
         rx,
         drv.signals(),
-        tracker.clone(),
+        site.clone(),
         {
             let status = drv.watch();
             move || {
@@ -553,85 +441,27 @@ pub async fn start(
     )));
 
     // The publisher: site state for the API, status for MQTT, kW for the VEN.
-    {
-        let site = site.clone();
-        let status = drv.watch();
-        let stop = stop.clone();
-        let miners: Vec<(MinerId, String, String, String, Option<String>)> = info
-            .iter()
-            .map(|(id, m)| {
-                (
-                    *id,
-                    m.name.clone(),
-                    m.model.clone().unwrap_or_default(),
-                    m.firmware.as_str().to_string(),
-                    m.worker.clone(),
-                )
-            })
-            .collect();
-        let proxy = proxy.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let st = status.borrow().clone();
-                let readings = lock(&last).clone();
-                let commanded = lock(&tracker.commanded).clone();
-                let (mut views, mut curtailed, mut ths, mut measured_w) =
-                    (HashMap::new(), 0usize, 0.0, 0.0);
-                for (id, name, model, fw, worker) in &miners {
-                    let parked = worker.as_deref().is_some_and(|w| proxy.is_parked(w));
-                    let state = if parked {
-                        "parked".to_string()
-                    } else {
-                        commanded
-                            .get(id)
-                            .cloned()
-                            .unwrap_or_else(|| "hashing".into())
-                    };
-                    if state != "hashing" {
-                        curtailed += 1;
-                    }
-                    let (p, h) = readings
-                        .get(id)
-                        .map(|t| (t.power_w, t.hashrate_ths))
-                        .unwrap_or((0.0, 0.0));
-                    ths += h;
-                    measured_w += p;
-                    let key = worker.clone().unwrap_or_else(|| name.clone());
-                    views.insert(
-                        key.clone(),
-                        MinerView {
-                            worker: key,
-                            model: model.clone(),
-                            firmware: fw.clone(),
-                            state,
-                            power_w: p,
-                            ths: h,
-                        },
-                    );
-                }
-                let site_kw = st.measured_kw.unwrap_or(measured_w / 1000.0);
-                let _ = kw_tx.send(site_kw);
-                let _ = status_tx.send(
-                    mqtt::SiteStatus {
-                        miners_running: miners.len() - curtailed,
-                        miners_asleep: curtailed,
-                        ..Default::default()
-                    }
-                    .with_engine(st.mode, st.cap_kw, Some(site_kw)),
-                );
-                let state =
-                    tracker.site_state(&st, site_kw, nominal_kw, ths, miners.len(), curtailed);
-                site.publish_miners(views);
-                site.publish(state);
-            }
-        }));
-    }
+    let inventory: Vec<MinerInfo> = info
+        .iter()
+        .map(|(id, m)| MinerInfo {
+            id: *id,
+            key: m.worker.clone().unwrap_or_else(|| m.name.clone()),
+            model: m.model.clone().unwrap_or_default(),
+            firmware: m.firmware.as_str().to_string(),
+        })
+        .collect();
+    tasks.push(view::spawn_publisher(
+        site.clone(),
+        drv.watch(),
+        Arc::new(inventory),
+        nominal_kw,
+        view::Feeds {
+            site_kw: Some(kw_tx),
+            mqtt: Some(status_tx),
+        },
+        Duration::from_secs(1),
+        stop.clone(),
+    ));
     site.log.push("curtail", started.join("; "));
     Ok(RunningSite {
         driver: drv,
@@ -649,7 +479,7 @@ pub async fn start(
 pub(crate) async fn operator_commands(
     mut rx: tokio::sync::mpsc::Receiver<SiteCommand>,
     signals: tokio::sync::mpsc::Sender<Signal>,
-    tracker: Arc<Tracker>,
+    site: Arc<SiteHandle>,
     now_kw: impl Fn() -> f64,
     stop: CancellationToken,
 ) {
@@ -677,7 +507,7 @@ pub(crate) async fn operator_commands(
             SiteCommand::RunAll { by } => (OverrideMode::RunAll, by, Some("run all".into())),
             SiteCommand::Clear { by } => (OverrideMode::Clear, by, None),
         };
-        *lock(&tracker.override_note) = note;
+        site.set_override_note(note);
         let s = Signal::Override(ManualOverride {
             at,
             mode,
