@@ -284,40 +284,9 @@ pub(crate) fn counts(n: usize) -> Vec<(Firmware, usize)> {
 }
 
 /// Raise the soft open-files limit towards `want` (up to the hard limit).
-/// Returns the soft limit in force afterwards.
-#[cfg(unix)]
-#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+/// Returns the soft limit in force afterwards (0 when it cannot be read).
 pub fn raise_fd_limit(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        let cur = lim.rlim_cur as u64;
-        if cur >= want {
-            return cur;
-        }
-        let target = want.min(lim.rlim_max as u64);
-        let new = libc::rlimit {
-            rlim_cur: target as libc::rlim_t,
-            rlim_max: lim.rlim_max,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
-            target
-        } else {
-            cur
-        }
-    }
-}
-
-/// Not needed elsewhere.
-#[cfg(not(unix))]
-pub fn raise_fd_limit(want: u64) -> u64 {
-    want
+    rlimit::increase_nofile_limit(want).unwrap_or(0)
 }
 
 /// Start everything and return at once; the demo runs in a task.

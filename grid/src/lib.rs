@@ -7,6 +7,7 @@
 //! - [`openadr`]: an OpenADR 3 VEN: events and prices in, reports out.
 //! - [`price`]: polled energy price feeds (ERCOT reports, JSON).
 //! - [`site_load`]: meters of the site's other load (Modbus, Prometheus, JSON).
+#![warn(missing_docs)]
 
 pub mod mqtt;
 pub mod openadr;

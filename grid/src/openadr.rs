@@ -105,6 +105,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Why talking to the VTN failed.
 #[derive(Debug, Error)]
 pub enum VenError {
     /// The VTN could not be reached.
