@@ -59,6 +59,20 @@ cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+log "layout: no module cycles; the engine and a lean binary link no simulators (ARCHITECTURE.md)"
+python3 scripts/module_cycles.py protocol/src proxy/src curtail/src grid/src app/src fixtures/src
+for spec in "-p gridproxy-proxy" "-p gridproxy --no-default-features"; do
+  # shellcheck disable=SC2086 # the spec is a list of cargo arguments
+  if cargo tree $spec -e normal --prefix none | grep -q '^gridproxy-fixtures '; then
+    echo "cargo tree $spec: gridproxy-fixtures is a normal dependency" >&2
+    exit 1
+  fi
+done
+if cargo tree -p gridproxy-proxy -e normal --prefix none | grep -E '^gridproxy-(curtail|grid|fixtures) |^gridproxy v' >&2; then
+  echo "the engine (gridproxy-proxy) depends on a crate above it" >&2
+  exit 1
+fi
+
 log "cargo deny check licenses bans sources (deny.toml; cargo-deny built once into ${GRIDPROXY_CACHE:-$HOME/.cache/gridproxy}/tools)"
 bash scripts/tools.sh install
 PATH="$(bash scripts/tools.sh path):$PATH"

@@ -2,9 +2,10 @@
 //! from one [`Config`] and stopped together. `gridproxy run` and the
 //! end-to-end tests start it the same way.
 
-use crate::api::{self, site::SiteHandle, ApiServer};
+use crate::api::{self, ApiServer};
 use crate::config::Config;
 use crate::reload::Reloader;
+use crate::site::handle::SiteHandle;
 use crate::site::{self, RunningSite};
 use gridproxy_proxy::Proxy;
 use std::net::SocketAddr;
@@ -82,12 +83,12 @@ impl App {
         }
         let mut running = None;
         if let Some(s) = &site_cfg {
-            let metrics = api.as_ref().map(|a| a.metrics.clone());
+            let latency = api.as_ref().map(|a| a.metrics.latency_sink());
             let r = site::start(
                 s,
                 proxy.ctx.router.clone(),
                 site_handle.clone(),
-                metrics,
+                latency,
                 stop.clone(),
             )
             .await;

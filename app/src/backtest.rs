@@ -23,7 +23,7 @@
 //! demo's `price[,dr:FRACTION:START:LEN]` lines. Fleets: the demo's mix of
 //! models and firmwares, or a TOML file ([`FleetFile`]).
 
-use crate::demo::{counts, surface, trace, TraceStep};
+use crate::mix::{counts, parse_trace, surface, trace, TraceStep};
 use curtail::command::{Ack, Action};
 use curtail::fleet::{Fleet, MinerId, MinerSpec, Telemetry};
 use curtail::policy::{
@@ -365,31 +365,6 @@ impl BacktestReport {
         }
         s
     }
-}
-
-/// Parse the demo trace format (`price` or `price,dr:FRACTION:START:LEN`
-/// per line; `#` comments).
-pub fn parse_trace(text: &str) -> Vec<TraceStep> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let l = line.split('#').next().unwrap_or("").trim();
-        let mut parts = l.split(',');
-        let Some(price) = parts.next().and_then(|p| p.trim().parse::<f64>().ok()) else {
-            continue;
-        };
-        let dr = parts.next().and_then(|e| {
-            let f: Vec<&str> = e.trim().split(':').collect();
-            (f.len() == 4 && f[0] == "dr").then(|| {
-                (
-                    f[1].parse().unwrap_or(0.5),
-                    f[2].parse().unwrap_or(1),
-                    f[3].parse().unwrap_or(6),
-                )
-            })
-        });
-        out.push(TraceStep { price, dr });
-    }
-    out
 }
 
 /// ERCOT RTM CSV as a uniform series: one step per interval from the first

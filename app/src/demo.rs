@@ -20,12 +20,11 @@
 //! proxy. This demo site blocks backup pools, so a parked ASIC without work
 //! idles (its emulator is put to sleep when it is parked).
 
-use crate::api::{
-    self,
-    config::random_token,
-    site::{CommandCounts, SiteCommand, SiteHandle, SiteState},
-};
+use crate::api;
+use crate::config::api::random_token;
 use crate::config::Config;
+use crate::mix::{counts, surface, trace};
+use crate::site::handle::{CommandCounts, SiteCommand, SiteHandle, SiteState};
 use crate::site::park::ProxyActuator;
 use crate::site::start::{hook, operator_commands, CommandLog};
 use crate::site::view::{self, MinerInfo};
@@ -51,9 +50,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-
-/// The replayed trace: one line per 5-minute interval, `price[,event]`.
-const TRACE: &str = include_str!("../assets/demo_trace.csv");
 
 /// How to run the demo.
 #[derive(Debug, Clone)]
@@ -168,31 +164,6 @@ impl DemoReport {
     }
 }
 
-/// One interval of the trace.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TraceStep {
-    /// $/MWh.
-    pub price: f64,
-    /// A DR event issued at this interval: (limit as a fraction of nameplate,
-    /// start after N intervals, length in intervals).
-    pub dr: Option<(f64, u32, u32)>,
-}
-
-/// Parse the embedded trace (`price` or `price,dr:FRACTION:START:LEN` per line; `#` comments).
-pub fn trace() -> Vec<TraceStep> {
-    crate::backtest::parse_trace(TRACE)
-}
-
-pub(crate) fn surface(f: Firmware) -> ControlSurface {
-    match f {
-        Firmware::LuxOs => ControlSurface::LuxOs,
-        Firmware::BraiinsOs => ControlSurface::BraiinsOs,
-        Firmware::Whatsminer => ControlSurface::Whatsminer,
-        Firmware::Vnish => ControlSurface::Vnish,
-        Firmware::Stock => ControlSurface::None,
-    }
-}
-
 /// The proxy's park actuator, plus this site's physics: without work (backup
 /// pools blocked) a parked ASIC idles.
 struct SiteProxyActuator {
@@ -257,30 +228,6 @@ impl Demo {
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<DemoReport> {
     let demo = start(opts, stop).await?;
     demo.join().await
-}
-
-pub(crate) fn counts(n: usize) -> Vec<(Firmware, usize)> {
-    let shares = [
-        (Firmware::LuxOs, 0.24),
-        (Firmware::BraiinsOs, 0.20),
-        (Firmware::Whatsminer, 0.22),
-        (Firmware::Vnish, 0.22),
-        (Firmware::Stock, 0.12),
-    ];
-    let mut out: Vec<(Firmware, usize)> = shares
-        .iter()
-        .map(|(f, s)| (*f, (n as f64 * s).floor() as usize))
-        .collect();
-    let mut left = n - out.iter().map(|(_, c)| c).sum::<usize>();
-    let mut i = 0;
-    let len = out.len();
-    while left > 0 {
-        out[i % len].1 += 1;
-        left -= 1;
-        i += 1;
-    }
-    out.retain(|(_, c)| *c > 0);
-    out
 }
 
 /// Raise the soft open-files limit towards `want` (up to the hard limit).
@@ -488,7 +435,7 @@ token = "{read_token}"
         None => std::env::temp_dir().join(format!(
             "gridproxy-demo-{}-{}.sqlite",
             std::process::id(),
-            crate::api::site::now_ms()
+            crate::site::handle::now_ms()
         )),
     };
     site_handle.set_ledger(ledger.clone());
@@ -502,7 +449,7 @@ token = "{read_token}"
         commit_hook: Some(hook(
             tracker.clone(),
             site_handle.clone(),
-            Some(server.metrics.clone()),
+            Some(server.metrics.latency_sink()),
             Arc::default(),
             false,
         )),

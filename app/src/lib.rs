@@ -8,7 +8,7 @@
 //! - [`api`]: control API, dashboard, `/metrics` (with [`metrics`]).
 //! - [`reload`]: hot reload (SIGHUP, `POST /api/v1/reload`) without dropping miners.
 //! - [`site`]: `[site]`: the curtailment engine, miners and grid signal sources.
-//! - [`demo`], [`backtest`]: simulated sites (feature `sim`, on by default).
+//! - [`demo`], [`backtest`], [`mix`]: simulated sites (feature `sim`, on by default).
 #![warn(missing_docs)]
 
 pub mod api;
@@ -19,6 +19,8 @@ pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod metrics;
+#[cfg(feature = "sim")]
+pub mod mix;
 pub mod reload;
 pub mod site;
 

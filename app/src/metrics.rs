@@ -12,7 +12,7 @@
 //! `worker="_other"` (these two families are rendered directly, exactly
 //! N + 1 series per scrape).
 
-use crate::api::site::SiteState;
+use crate::site::handle::SiteState;
 use gridproxy_proxy::downstream::Ctx;
 use gridproxy_proxy::stats::{RejectReason, WorkerSnapshot};
 use metrics::{
@@ -83,6 +83,12 @@ impl Metrics {
 
     fn with<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// [`Metrics::command_latency`] as the site's latency sink.
+    pub fn latency_sink(self: &std::sync::Arc<Self>) -> crate::site::start::LatencySink {
+        let m = self.clone();
+        std::sync::Arc::new(move |action, outcome, secs| m.command_latency(action, outcome, secs))
     }
 
     /// Record how long an actuator took to answer a curtailment command.

@@ -3,7 +3,7 @@
 //! one that is refused must say why, and a line it names must exist.
 #![no_main]
 
-use gridproxy::api::config::MIN_TOKEN_LEN;
+use gridproxy::config::api::MIN_TOKEN_LEN;
 use gridproxy::config::locate::{line_of_nearest, parse_path};
 use gridproxy::config::{Config, ConfigError};
 use gridproxy_proxy::config::PoolProtocol;

@@ -5,7 +5,7 @@
 //! last sample. The registry map is locked once per sample (never on the
 //! share path).
 
-use super::site::{now_ms, SiteHandle};
+use crate::site::handle::{now_ms, SiteHandle};
 use gridproxy_proxy::downstream::Ctx;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};

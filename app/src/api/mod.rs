@@ -21,25 +21,23 @@
 //! route 403.
 
 pub mod client;
-pub mod config;
 pub mod live;
-pub mod site;
 pub mod tls;
 
+use crate::config::api::{ApiConfig, Role, Token};
 use crate::metrics::Metrics;
 use crate::reload::{ReloadError, Reloader};
+use crate::site::handle::{DrEventView, LogEntry, SiteCommand, SiteHandle, SiteState};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use config::{ApiConfig, Role, Token};
 use gridproxy_proxy::downstream::Ctx;
 use live::Live;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use site::{DrEventView, LogEntry, SiteCommand, SiteHandle, SiteState};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,10 +8,11 @@
 //! file, the key and, from the parser's spans ([`locate`]), the line, in
 //! whatever form TOML allows the key to be written.
 
+pub mod api;
 pub mod locate;
 
-use crate::api::config::ApiConfig;
 use crate::site::config::SiteConfig;
+use api::ApiConfig;
 use gridproxy_proxy::config::{
     DifficultyConfig, ExtranonceConfig, Invalid, Limits, ListenConfig, PoolConfig, RoutingConfig,
 };

@@ -35,8 +35,10 @@
 //! - [`start`]: wiring it up and running it ([`start::start`], [`start::RunningSite`]).
 //! - [`park`]: the engine's hand on the proxy (park, unpark, reroute).
 //! - [`view`]: the site view, built from the driver's status.
+//! - [`handle`]: the site view's types and the handle the control API reads it through.
 
 pub mod config;
+pub mod handle;
 pub mod park;
 pub mod start;
 pub mod view;

@@ -4,8 +4,7 @@
 use super::config::*;
 use super::park::ProxyActuator;
 use super::view::{self, MinerInfo};
-use crate::api::site::{SiteCommand, SiteHandle};
-use crate::metrics::Metrics;
+use crate::site::handle::{SiteCommand, SiteHandle};
 use curtail::actuators::{FleetActuator, MinerEndpoint};
 use curtail::command::Ack;
 use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
@@ -21,6 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Where command latencies go (action, outcome, seconds): the app's
+/// metrics, kept out of this module so the site does not depend on them.
+pub type LatencySink = Arc<dyn Fn(&'static str, &'static str, f64) + Send + Sync>;
 
 /// What the commit hook keeps between commits for the operator log and the
 /// command-latency metric: when each command was issued, and the commands
@@ -58,7 +61,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) fn hook(
     tracker: Arc<CommandLog>,
     site: Arc<SiteHandle>,
-    metrics: Option<Arc<Metrics>>,
+    latency: Option<LatencySink>,
     names: Arc<HashMap<MinerId, String>>,
     log_each_commit: bool,
 ) -> driver::CommitHook {
@@ -80,13 +83,13 @@ pub(crate) fn hook(
         }
         Record::Ack { id, ack, .. } => {
             let e = lock(&tracker.issued_at).remove(&id.0);
-            if let (Some((t, action)), Some(m)) = (e, &metrics) {
+            if let (Some((t, action)), Some(record)) = (e, &latency) {
                 let outcome = if matches!(ack, Ack::Ok) {
                     "ok"
                 } else {
                     "failed"
                 };
-                m.command_latency(action, outcome, t.elapsed().as_secs_f64());
+                record(action, outcome, t.elapsed().as_secs_f64());
             }
             if let Ack::Failed(why) = ack {
                 site.log
@@ -197,7 +200,7 @@ pub async fn start(
     cfg: &SiteConfig,
     router: Arc<gridproxy_proxy::router::Router>,
     site: Arc<SiteHandle>,
-    metrics: Option<Arc<Metrics>>,
+    latency: Option<LatencySink>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningSite> {
     let stop = shutdown.child_token();
@@ -246,7 +249,7 @@ pub async fn start(
         commit_hook: Some(hook(
             tracker.clone(),
             site.clone(),
-            metrics,
+            latency,
             names.clone(),
             true,
         )),

@@ -3,7 +3,7 @@
 //! (each miner's commanded state and last reading, open DR events, the last
 //! price), so nothing beside the engine tracks state of its own.
 
-use crate::api::site::{now_ms, CommandCounts, DrEventView, MinerView, SiteHandle, SiteState};
+use crate::site::handle::{now_ms, CommandCounts, DrEventView, MinerView, SiteHandle, SiteState};
 use gridproxy_curtail::driver::DriverStatus;
 use gridproxy_curtail::fleet::MinerId;
 use gridproxy_grid::mqtt;

@@ -17,7 +17,7 @@ async fn demo_site_follows_the_price_spike_and_the_dr_event() {
     std::fs::create_dir_all(&dir).unwrap();
     let ledger = dir.join("ledger.sqlite");
     let stop = CancellationToken::new();
-    let steps = demo::trace().len() as u64;
+    let steps = gridproxy::mix::trace().len() as u64;
     let step = Duration::from_millis(700);
     let d = demo::start(
         DemoOptions {

@@ -2,7 +2,8 @@
 //! by `scripts/browser.sh install`), carries the series operators need, and
 //! keeps per-worker cardinality bounded.
 
-use gridproxy::api::{client, site::*};
+use gridproxy::api::client;
+use gridproxy::site::handle::*;
 use gridproxy_fixtures::stats::MinerStats;
 use gridproxy_fixtures::sv1_miner::{self, Sv1MinerConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
