@@ -171,15 +171,9 @@ fn sv2_authority(cfg: &ProxyConfig) -> Result<AuthorityKeypair, StartError> {
         cfg.listen.sv2_authority_pubkey.as_deref(),
         cfg.listen.sv2_authority_secret.as_deref(),
     ) else {
-        return Err(StartError::Authority(
-            "listen.sv2 needs sv2_authority_pubkey and sv2_authority_secret".into(),
-        ));
+        return Err(StartError::NoAuthority);
     };
-    AuthorityKeypair::from_strs(public, secret).map_err(|e| {
-        StartError::Authority(format!(
-            "listen.sv2_authority_pubkey / sv2_authority_secret: {e}"
-        ))
-    })
+    AuthorityKeypair::from_strs(public, secret).map_err(StartError::Authority)
 }
 
 fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> StartError {

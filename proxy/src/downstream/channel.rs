@@ -17,6 +17,7 @@
 //! than a clean job.
 
 use super::Ctx;
+use crate::error::DownstreamError;
 use crate::router::{Assignment, Lease, MinerCell};
 use crate::stats::{RejectReason, WorkerStats};
 use crate::upstream::{PoolView, UpJob, UpShare};
@@ -125,14 +126,16 @@ impl SubmitBucket {
         }
     }
 
-    /// Take one token; Err (with the reason) when the miner floods.
-    pub fn take(&mut self) -> Result<(), String> {
+    /// Take one token; Err when the miner floods.
+    pub fn take(&mut self) -> Result<(), DownstreamError> {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.size);
         self.at = now;
         if self.tokens < 1.0 {
-            return Err(format!("submit flood: more than {}/s sustained", self.rate));
+            return Err(DownstreamError::SubmitFlood {
+                per_second: self.rate,
+            });
         }
         self.tokens -= 1.0;
         Ok(())
@@ -396,7 +399,7 @@ impl ChannelCore {
 
     /// Wait for something that changes the channel. Cancel-safe. Err means the
     /// channel cannot go on (the proxy is shutting down its pool or router).
-    pub async fn wake(&mut self) -> Result<Wake, String> {
+    pub async fn wake(&mut self) -> Result<Wake, DownstreamError> {
         self.wake_owned().await
     }
 
@@ -405,7 +408,9 @@ impl ChannelCore {
     /// re-registering two watch waiters and a timer per loop turn. Build a new
     /// one after it fires and after anything that may move the deadline or
     /// change the pool (an early `Tick` is harmless: nothing is due yet).
-    pub fn wake_owned(&self) -> impl std::future::Future<Output = Result<Wake, String>> + Send {
+    pub fn wake_owned(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Wake, DownstreamError>> + Send {
         let at =
             Instant::from_std(self.vardiff.poll_timeout()).min(self.window.1 + HASHRATE_WINDOW);
         let mut view = self.view.clone();
@@ -415,7 +420,7 @@ impl ChannelCore {
             tokio::select! {
                 r = view_changed(&mut view) => match r {
                     Ok(()) => Ok(Wake::View),
-                    Err(_) => Err("upstream task ended".into()),
+                    Err(_) => Err(DownstreamError::UpstreamEnded),
                 },
                 _ = assignment_changed(&cell, assigned) => Ok(Wake::Assignment),
                 _ = tokio::time::sleep_until(at) => Ok(Wake::Tick),

@@ -13,6 +13,7 @@ use super::channel::{
     Work, WorkerGuard,
 };
 use super::{Ctx, FanoutTurn};
+use crate::error::DownstreamError;
 use crate::router::Lease;
 use crate::stats::{RejectReason, WorkerStats};
 use bytes::BytesMut;
@@ -29,14 +30,6 @@ use tokio::net::TcpStream;
 use tokio::sync::AcquireError;
 use tokio::time::Instant;
 use tracing::{debug, info};
-
-/// Why a session ended (logged).
-#[derive(Debug)]
-enum Close {
-    Eof,
-    Shutdown,
-    Reason(String),
-}
 
 struct Session {
     ctx: Arc<Ctx>,
@@ -60,8 +53,9 @@ struct Session {
 }
 
 /// A channel wake-up kept across loop turns.
-type WakeFut =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<channel::Wake, String>> + Send>>;
+type WakeFut = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<channel::Wake, DownstreamError>> + Send>,
+>;
 /// A wait for a turn at the fan-out gate (see [`Ctx::fanout`]); allocated
 /// only while a new job waits, so idle miners do not carry it.
 type TurnFut =
@@ -94,10 +88,10 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     };
     let end = s.run(stream).await;
     match &end {
-        Close::Reason(r) => {
-            info!(peer = %s.peer, worker = s.worker_name(), reason = %r, "miner disconnected")
+        DownstreamError::Eof | DownstreamError::Shutdown => {
+            debug!(peer = %s.peer, worker = s.worker_name(), other = ?end, "miner disconnected")
         }
-        other => debug!(peer = %s.peer, worker = s.worker_name(), ?other, "miner disconnected"),
+        r => info!(peer = %s.peer, worker = s.worker_name(), reason = %r, "miner disconnected"),
     }
 }
 
@@ -119,7 +113,7 @@ impl Session {
     // when the socket is readable, freed once drained), timers and wake-up
     // registrations kept across turns instead of re-armed per share, and each
     // turn's answers written with one non-blocking write.
-    async fn run(&mut self, stream: TcpStream) -> Close {
+    async fn run(&mut self, stream: TcpStream) -> DownstreamError {
         let limits = self.ctx.cfg().limits.clone();
         let idle_for = limits.idle_timeout();
         // One timer for both deadlines (a tokio Sleep is 112 bytes per miner).
@@ -145,10 +139,10 @@ impl Session {
             // Held from a new job's turn until its notify is written.
             let mut _turn = None;
             tokio::select! {
-                _ = &mut cancelled => return Close::Shutdown,
+                _ = &mut cancelled => return DownstreamError::Shutdown,
                 r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
                     if let Err(e) = r {
-                        return Close::Reason(format!("read: {e}"));
+                        return DownstreamError::Read(e);
                     }
                     match self.read_lines(&stream, &mut buf, limits.max_line) {
                         Ok(true) => last_read = Instant::now(),
@@ -162,7 +156,7 @@ impl Session {
                 w = poll_kept(&mut wake) => {
                     wake = None;
                     match w {
-                        Err(why) => return Close::Reason(why),
+                        Err(why) => return why,
                         Ok(channel::Wake::View) => {
                             turn_wait = Some(Box::pin(self.ctx.fanout.clone().acquire_owned()));
                         }
@@ -181,18 +175,18 @@ impl Session {
                 _ = &mut timer => {
                     let now = Instant::now();
                     if !ready && now >= handshake_at {
-                        return Close::Reason(format!("not subscribed and authorized within {:?}", limits.handshake_timeout()));
+                        return DownstreamError::HandshakeTimeout(limits.handshake_timeout());
                     }
                     // Re-armed lazily: a share does not touch the timer wheel.
                     let due = last_read + idle_for;
                     if due <= now {
-                        return Close::Reason(format!("idle for {idle_for:?}"));
+                        return DownstreamError::Idle(idle_for);
                     }
                     timer.as_mut().reset(if ready { due } else { due.min(handshake_at) });
                 }
                 r = std::future::poll_fn(|cx| stream.poll_write_ready(cx)), if self.stalled.is_some() => {
                     if let Err(e) = r {
-                        return Close::Reason(format!("write: {e}"));
+                        return DownstreamError::Write(e);
                     }
                 }
             }
@@ -200,7 +194,7 @@ impl Session {
                 wake = None;
             }
             if let Err(e) = self.flush(&stream) {
-                return Close::Reason(e);
+                return e;
             }
         }
     }
@@ -212,7 +206,7 @@ impl Session {
         stream: &TcpStream,
         buf: &mut BytesMut,
         max_line: usize,
-    ) -> Result<bool, Close> {
+    ) -> Result<bool, DownstreamError> {
         let mut got = false;
         loop {
             // Zeroed rather than read into uninitialised memory: no unsafe.
@@ -221,7 +215,7 @@ impl Session {
             let drained = match stream.try_read(&mut buf[start..]) {
                 Ok(0) => {
                     buf.truncate(start);
-                    return Err(Close::Eof);
+                    return Err(DownstreamError::Eof);
                 }
                 Ok(k) => {
                     buf.truncate(start + k);
@@ -232,14 +226,14 @@ impl Session {
                     buf.truncate(start);
                     break;
                 }
-                Err(e) => return Err(Close::Reason(format!("read: {e}"))),
+                Err(e) => return Err(DownstreamError::Read(e)),
             };
             // Lines in place: no per-line allocation.
             let mut from = 0;
             while let Some(off) = buf[from..].iter().position(|&b| b == b'\n') {
                 let end = from + off;
                 if end + 1 - from > max_line {
-                    return Err(Close::Reason(format!("line longer than {max_line} bytes")));
+                    return Err(DownstreamError::LineTooLong { limit: max_line });
                 }
                 let mut line = &buf[from..end];
                 if line.last() == Some(&b'\r') {
@@ -249,18 +243,14 @@ impl Session {
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
                     continue;
                 }
-                if let Err(why) = self.on_line(line) {
-                    return Err(Close::Reason(why));
-                }
+                self.on_line(line)?;
             }
             let _ = buf.split_to(from);
             if buf.len() > max_line {
-                return Err(Close::Reason(format!("line longer than {max_line} bytes")));
+                return Err(DownstreamError::LineTooLong { limit: max_line });
             }
             if self.out.len() > MAX_PENDING_OUT {
-                return Err(Close::Reason(
-                    "miner does not read (answers piling up)".into(),
-                ));
+                return Err(DownstreamError::AnswersPilingUp);
             }
             if drained {
                 // A short read emptied the socket: drop the readiness without
@@ -284,17 +274,21 @@ impl Session {
     /// Write what is pending without waiting; what the socket does not take
     /// stays queued (the loop waits for writability). A miner that takes
     /// nothing for [`WRITE_TIMEOUT`] is dropped.
-    fn flush(&mut self, stream: &TcpStream) -> Result<(), String> {
+    fn flush(&mut self, stream: &TcpStream) -> Result<(), DownstreamError> {
         if self.out.is_empty() {
             return Ok(());
         }
         let mut done = 0;
         while done < self.out.len() {
             match stream.try_write(&self.out.as_bytes()[done..]) {
-                Ok(0) => return Err("write: connection closed".into()),
+                Ok(0) => {
+                    let closed =
+                        std::io::Error::new(std::io::ErrorKind::WriteZero, "connection closed");
+                    return Err(DownstreamError::Write(closed));
+                }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("write: {e}")),
+                Err(e) => return Err(DownstreamError::Write(e)),
             }
         }
         if done == self.out.len() {
@@ -306,7 +300,7 @@ impl Session {
         self.out.drain(..done);
         let since = *self.stalled.get_or_insert_with(Instant::now);
         if since.elapsed() > WRITE_TIMEOUT {
-            return Err("miner does not read (write timed out)".into());
+            return Err(DownstreamError::WriteTimedOut);
         }
         Ok(())
     }
@@ -317,7 +311,7 @@ impl Session {
     }
 
     /// Handle one line; Err closes the connection with that reason.
-    fn on_line(&mut self, line: &[u8]) -> Result<(), String> {
+    fn on_line(&mut self, line: &[u8]) -> Result<(), DownstreamError> {
         if let Some(sub) = parse_submit(line) {
             return self.on_submit(
                 &sub.id,
@@ -338,7 +332,7 @@ impl Session {
                         debug!(peer = %self.peer, error = %e, "bad request answered");
                         Ok(())
                     }
-                    _ => Err(format!("malformed input: {e}")),
+                    _ => Err(DownstreamError::Malformed(e)),
                 };
             }
         };
@@ -357,19 +351,17 @@ impl Session {
                 self.out.push_str(&encode::configure_result(&id, &c, mask));
             }
             ClientMethod::Subscribe { .. } => {
-                if self.slot.is_none() && self.core.is_none() {
-                    match SlotGuard::allocate(&self.ctx) {
-                        Ok(s) => self.slot = Some(s),
+                // A miner part on the first subscribe; a repeat gets the same one.
+                let slot = match (&self.core, &mut self.slot) {
+                    (Some(c), _) => c.slot(),
+                    (None, Some(s)) => &*s,
+                    (None, none) => match SlotGuard::allocate(&self.ctx) {
+                        Ok(s) => &*none.insert(s),
                         Err(e) => {
                             self.out.push_str(&encode::error(&id, 20, "proxy full"));
-                            return Err(format!("no extranonce slot: {e}"));
+                            return Err(DownstreamError::NoSlot(e));
                         }
-                    }
-                }
-                let slot = match (&self.core, &self.slot) {
-                    (Some(c), _) => c.slot(),
-                    (None, Some(s)) => s,
-                    (None, None) => return Err("no extranonce slot".into()),
+                    },
                 };
                 let sub_id = format!("{:08x}", slot.index());
                 self.out.push_str(&encode::subscribe_result(
@@ -429,7 +421,7 @@ impl Session {
         ntime: u32,
         nonce: u32,
         version_bits: Option<u32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DownstreamError> {
         self.bucket.take()?;
         let work = u32::from_str_radix(job_id, 16).map(|job_id| Work {
             job_id,

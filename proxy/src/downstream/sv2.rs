@@ -26,6 +26,7 @@ use super::channel::{
     TargetScope, Work, WorkerGuard,
 };
 use super::Ctx;
+use crate::error::DownstreamError;
 use crate::stats::RejectReason;
 use crate::sv2_io::accept_noise;
 use futures::{SinkExt, StreamExt};
@@ -80,14 +81,6 @@ const OUT_QUEUE: usize = 1024;
 /// Channels one connection may hold (each one holds a miner part and a router entry).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 4096;
 
-/// Why a connection ended (logged).
-#[derive(Debug)]
-enum Close {
-    Eof,
-    Shutdown,
-    Reason(String),
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Standard,
@@ -117,7 +110,7 @@ struct Conn {
     requires_standard: bool,
     channels: HashMap<u32, ChannelEntry>,
     next_channel: u32,
-    tasks: JoinSet<(u32, Option<String>)>,
+    tasks: JoinSet<(u32, Option<DownstreamError>)>,
     out_tx: mpsc::Sender<Message>,
     out_rx: mpsc::Receiver<Message>,
     /// Messages to write at the end of this turn.
@@ -168,59 +161,55 @@ pub async fn serve(
     let end = conn.run(framed, deadline).await;
     let channels = conn.channels.len();
     match end {
-        Close::Reason(r) => {
-            info!(%peer, channels, reason = %r, "sv2 miner disconnected")
+        DownstreamError::Eof | DownstreamError::Shutdown => {
+            debug!(%peer, channels, other = ?end, "sv2 miner disconnected")
         }
-        other => debug!(%peer, channels, ?other, "sv2 miner disconnected"),
+        r => info!(%peer, channels, reason = %r, "sv2 miner disconnected"),
     }
 }
 
 type Transport = Framed<TcpStream, NoiseCodec>;
 
 impl Conn {
-    async fn run(&mut self, mut framed: Transport, deadline: Instant) -> Close {
+    async fn run(&mut self, mut framed: Transport, deadline: Instant) -> DownstreamError {
         let first = match tokio::time::timeout_at(deadline, framed.next()).await {
-            Err(_) => {
-                return Close::Reason("no SetupConnection before the handshake timeout".into())
-            }
-            Ok(None) => return Close::Eof,
-            Ok(Some(Err(e))) => return Close::Reason(format!("bad frame: {e}")),
+            Err(_) => return DownstreamError::SetupTimeout,
+            Ok(None) => return DownstreamError::Eof,
+            Ok(Some(Err(e))) => return DownstreamError::BadFrame(e),
             Ok(Some(Ok(f))) => f,
         };
         let setup = match first.to_message() {
             Ok(Message::Common(CommonMessagesOwned::SetupConnection(s))) => s,
-            Ok(other) => {
-                return Close::Reason(format!("expected SetupConnection, got {}", name(&other)))
-            }
-            Err(e) => return Close::Reason(format!("bad frame: {e}")),
+            Ok(other) => return DownstreamError::ExpectedSetup(name(&other)),
+            Err(e) => return DownstreamError::BadFrame(e),
         };
         let refused = self.on_setup(&setup);
         if let Err(e) = self.flush(&mut framed).await {
             return e;
         }
         if let Some(why) = refused {
-            return Close::Reason(why);
+            return why;
         }
         let limits = self.ctx.cfg().limits.clone();
         let mut idle_deadline = Instant::now() + limits.idle_timeout();
         let shutdown = self.ctx.shutdown.clone();
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return Close::Shutdown,
+                _ = shutdown.cancelled() => return DownstreamError::Shutdown,
                 f = framed.next() => {
                     let frame = match f {
-                        None => return Close::Eof,
-                        Some(Err(e)) => return Close::Reason(format!("bad frame: {e}")),
+                        None => return DownstreamError::Eof,
+                        Some(Err(e)) => return DownstreamError::BadFrame(e),
                         Some(Ok(f)) => f,
                     };
                     idle_deadline = Instant::now() + limits.idle_timeout();
                     let r = match frame.to_message() {
                         Ok(m) => self.on_msg(m),
-                        Err(e) => Err(format!("bad frame: {e}")),
+                        Err(e) => Err(DownstreamError::BadFrame(e)),
                     };
                     if let Err(why) = r {
                         let _ = self.flush(&mut framed).await;
-                        return Close::Reason(why);
+                        return why;
                     }
                 }
                 Some(m) = self.out_rx.recv() => {
@@ -235,13 +224,13 @@ impl Conn {
                 Some(r) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     match r {
                         Ok((id, None)) => debug!(peer = %self.peer, channel = id, "channel closed"),
-                        Ok((id, Some(why))) => return Close::Reason(format!("channel {id}: {why}")),
-                        Err(e) if e.is_panic() => return Close::Reason("channel task panicked".into()),
+                        Ok((id, Some(why))) => return why.on_channel(id),
+                        Err(e) if e.is_panic() => return DownstreamError::ChannelPanicked,
                         Err(_) => {}
                     }
                 }
                 _ = tokio::time::sleep_until(idle_deadline) => {
-                    return Close::Reason(format!("idle for {:?}", limits.idle_timeout()));
+                    return DownstreamError::Idle(limits.idle_timeout());
                 }
             }
             if let Err(e) = self.flush(&mut framed).await {
@@ -250,7 +239,7 @@ impl Conn {
         }
     }
 
-    async fn flush(&mut self, framed: &mut Transport) -> Result<(), Close> {
+    async fn flush(&mut self, framed: &mut Transport) -> Result<(), DownstreamError> {
         if self.out.is_empty() {
             return Ok(());
         }
@@ -263,15 +252,13 @@ impl Conn {
         };
         match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Close::Reason(format!("write: {e}"))),
-            Err(_) => Err(Close::Reason(
-                "miner does not read (write timed out)".into(),
-            )),
+            Ok(Err(e)) => Err(DownstreamError::Sv2Write(e)),
+            Err(_) => Err(DownstreamError::WriteTimedOut),
         }
     }
 
     /// Answer `SetupConnection`; Some(reason) when refused (the connection then closes).
-    fn on_setup(&mut self, s: &SetupConnectionOwned) -> Option<String> {
+    fn on_setup(&mut self, s: &SetupConnectionOwned) -> Option<DownstreamError> {
         debug!(
             peer = %self.peer,
             vendor = %String::from_utf8_lossy(s.vendor.as_bytes()),
@@ -292,20 +279,18 @@ impl Conn {
         if s.protocol != Protocol::MiningProtocol {
             self.out
                 .push(refuse(0, ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL));
-            return Some(format!(
-                "SetupConnection for {:?}: only the mining protocol is served",
-                s.protocol
-            ));
+            return Some(DownstreamError::UnsupportedProtocol(s.protocol));
         }
         if !(s.min_version <= VERSION && VERSION <= s.max_version) {
             self.out.push(refuse(
                 0,
                 ERROR_CODE_SETUP_CONNECTION_PROTOCOL_VERSION_MISMATCH,
             ));
-            return Some(format!(
-                "SetupConnection versions {}..={} do not include {VERSION}",
-                s.min_version, s.max_version
-            ));
+            return Some(DownstreamError::VersionMismatch {
+                min: s.min_version,
+                max: s.max_version,
+                ours: VERSION,
+            });
         }
         let unsupported = s.flags & REQUIRES_WORK_SELECTION;
         if unsupported != 0 {
@@ -313,7 +298,7 @@ impl Conn {
                 unsupported,
                 ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_FEATURE_FLAGS,
             ));
-            return Some("SetupConnection requires work selection (not supported)".into());
+            return Some(DownstreamError::WorkSelection);
         }
         self.requires_standard = s.flags & REQUIRES_STANDARD_JOBS != 0;
         self.out.push(Message::Common(
@@ -326,13 +311,13 @@ impl Conn {
     }
 
     /// Handle one message; Err closes the connection with that reason.
-    fn on_msg(&mut self, msg: Message) -> Result<(), String> {
+    fn on_msg(&mut self, msg: Message) -> Result<(), DownstreamError> {
         let m = match msg {
             Message::Mining(m) => m,
             Message::Common(CommonMessagesOwned::SetupConnection(_)) => {
-                return Err("SetupConnection sent twice".into())
+                return Err(DownstreamError::SetupTwice)
             }
-            other => return Err(format!("unexpected message {}", name(&other))),
+            other => return Err(DownstreamError::UnexpectedMessage(name(&other))),
         };
         match m {
             MiningOwned::OpenStandardMiningChannel(o) => {
@@ -375,10 +360,9 @@ impl Conn {
                 }
             }
             other => {
-                return Err(format!(
-                    "unexpected message {}",
-                    name(&Message::Mining(other))
-                ))
+                return Err(DownstreamError::UnexpectedMessage(name(&Message::Mining(
+                    other,
+                ))))
             }
         }
         Ok(())
@@ -508,7 +492,7 @@ impl Conn {
         );
     }
 
-    fn submit(&mut self, channel_id: u32, seq: u32, cmd: Cmd) -> Result<(), String> {
+    fn submit(&mut self, channel_id: u32, seq: u32, cmd: Cmd) -> Result<(), DownstreamError> {
         let Some(e) = self.channels.get_mut(&channel_id) else {
             self.stray.take()?;
             self.out.push(submit_error(
@@ -518,20 +502,16 @@ impl Conn {
             ));
             return Ok(());
         };
-        e.bucket
-            .take()
-            .map_err(|why| format!("channel {channel_id}: {why}"))?;
+        e.bucket.take().map_err(|why| why.on_channel(channel_id))?;
         e.tx.try_send(cmd).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => {
-                format!(
-                    "channel {channel_id}: share backlog full (miner does not read its answers)"
-                )
+                DownstreamError::ShareBacklogFull.on_channel(channel_id)
             }
-            mpsc::error::TrySendError::Closed(_) => format!("channel {channel_id} ended"),
+            mpsc::error::TrySendError::Closed(_) => DownstreamError::ChannelEnded(channel_id),
         })
     }
 
-    fn update(&mut self, u: UpdateChannelOwned) -> Result<(), String> {
+    fn update(&mut self, u: UpdateChannelOwned) -> Result<(), DownstreamError> {
         let cfg = self.ctx.cfg();
         let error = |code: &str| {
             Message::Mining(MiningOwned::UpdateChannelError(UpdateChannelErrorOwned {
@@ -559,7 +539,7 @@ impl Conn {
         let difficulty =
             (u.nominal_hash_rate > 0.0).then(|| initial_difficulty(&self.ctx, u.nominal_hash_rate));
         e.tx.try_send(Cmd::Update { difficulty, floor })
-            .map_err(|_| format!("channel {}: backlog full or ended", u.channel_id))
+            .map_err(|_| DownstreamError::UpdateNotQueued.on_channel(u.channel_id))
     }
 }
 
@@ -604,10 +584,10 @@ impl Sv2Channel {
         mut self,
         mut inbox: mpsc::Receiver<Cmd>,
         out: mpsc::Sender<Message>,
-    ) -> (u32, Option<String>) {
+    ) -> (u32, Option<DownstreamError>) {
         let id = self.id;
         let mut buf = Vec::new();
-        let r: Result<(), String> = async {
+        let r: Result<(), DownstreamError> = async {
             let first = self.core.start();
             self.emit(first, &mut buf)?;
             loop {
@@ -632,7 +612,7 @@ impl Sv2Channel {
         (id, r.err())
     }
 
-    fn on_cmd(&mut self, c: Cmd, buf: &mut Vec<Message>) -> Result<(), String> {
+    fn on_cmd(&mut self, c: Cmd, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
         let (seq, r) = match &c {
             Cmd::Standard(s) => (
                 s.sequence_number,
@@ -675,7 +655,7 @@ impl Sv2Channel {
         Ok(())
     }
 
-    fn emit(&mut self, o: Option<Out>, buf: &mut Vec<Message>) -> Result<(), String> {
+    fn emit(&mut self, o: Option<Out>, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
         match o {
             None => Ok(()),
             Some(Out::Target { target, .. }) => {
@@ -694,7 +674,7 @@ impl Sv2Channel {
         })));
     }
 
-    fn job(&mut self, j: JobOut, buf: &mut Vec<Message>) -> Result<(), String> {
+    fn job(&mut self, j: JobOut, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
         if j.target != self.target_sent {
             self.set_target(j.target, buf);
         }
@@ -722,16 +702,22 @@ impl Sv2Channel {
                         .map(|h| U256Owned::from(*h))
                         .collect(),
                 )
-                .map_err(|e| format!("merkle path does not fit a job: {e:?}"))?,
-                coinbase_tx_prefix: up
-                    .coinbase_prefix
-                    .clone()
-                    .try_into()
-                    .map_err(|e| format!("coinbase prefix does not fit a job: {e:?}"))?,
-                coinbase_tx_suffix: j
-                    .coinbase_suffix
-                    .try_into()
-                    .map_err(|e| format!("coinbase suffix does not fit a job: {e:?}"))?,
+                .map_err(|error| DownstreamError::JobTooLarge {
+                    what: "merkle path",
+                    error,
+                })?,
+                coinbase_tx_prefix: up.coinbase_prefix.clone().try_into().map_err(|error| {
+                    DownstreamError::JobTooLarge {
+                        what: "coinbase prefix",
+                        error,
+                    }
+                })?,
+                coinbase_tx_suffix: j.coinbase_suffix.try_into().map_err(|error| {
+                    DownstreamError::JobTooLarge {
+                        what: "coinbase suffix",
+                        error,
+                    }
+                })?,
             }),
         };
         buf.push(Message::Mining(msg));

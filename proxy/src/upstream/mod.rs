@@ -13,6 +13,7 @@ pub mod sv1;
 pub mod sv2;
 
 use crate::config::{PoolConfig, RoutingConfig};
+use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use gridproxy_protocol::difficulty::Target;
 use std::sync::Arc;
@@ -180,7 +181,7 @@ pub(crate) trait Session {
         &self,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
-    ) -> Result<(), String>;
+    ) -> Result<(), UpstreamError>;
 }
 
 /// Run sessions until shutdown: after each one the pool is marked down and
@@ -203,7 +204,7 @@ pub(crate) async fn reconnect_loop(
         if let Err(e) = r {
             let pool = up.pool();
             tracing::warn!(pool = %pool.name, addr = %pool.address, error = %e, "upstream down");
-            up.stats().set_error(Some(e));
+            up.stats().set_error(Some(e.to_string()));
         }
         if started.elapsed() > std::time::Duration::from_secs(30) {
             backoff = first;

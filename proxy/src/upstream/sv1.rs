@@ -4,6 +4,7 @@
 
 use super::{PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
+use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use bytes::BytesMut;
 use gridproxy_protocol::difficulty::Target;
@@ -78,12 +79,12 @@ impl Sv1Upstream {
         &self,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpstreamError> {
         let addr = self.pool.address;
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
             .await
-            .map_err(|_| format!("connect {addr}: timeout"))?
-            .map_err(|e| format!("connect {addr}: {e}"))?;
+            .map_err(|_| UpstreamError::ConnectTimeout(addr))?
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         let mut c = Conn {
@@ -117,7 +118,7 @@ impl Sv1Upstream {
         );
         wr.write_all(out.as_bytes())
             .await
-            .map_err(|e| format!("write: {e}"))?;
+            .map_err(UpstreamError::Write)?;
         let epoch = view.borrow().epoch + 1;
         view.send_modify(|v| {
             v.epoch = epoch;
@@ -132,12 +133,12 @@ impl Sv1Upstream {
             tokio::select! {
                 r = rd.read_buf(&mut buf) => {
                     match r {
-                        Ok(0) => return Err("pool closed the connection".into()),
-                        Err(e) => return Err(format!("read: {e}")),
+                        Ok(0) => return Err(UpstreamError::Closed),
+                        Err(e) => return Err(UpstreamError::Read(e)),
                         Ok(_) => {}
                     }
-                    while let Some(line) = codec.next_line(&mut buf).map_err(|e| format!("pool sent: {e}"))? {
-                        let m = sv1::parse_server(&line).map_err(|e| format!("pool sent: {e}"))?;
+                    while let Some(line) = codec.next_line(&mut buf).map_err(UpstreamError::PoolSent)? {
+                        let m = sv1::parse_server(&line).map_err(UpstreamError::PoolSent)?;
                         self.handle(&mut c, m, view, epoch, need)?;
                     }
                 }
@@ -165,11 +166,11 @@ impl Sv1Upstream {
                         }
                     }
                     if !out.is_empty() {
-                        wr.write_all(out.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+                        wr.write_all(out.as_bytes()).await.map_err(UpstreamError::Write)?;
                     }
                 }
                 _ = tokio::time::sleep_until(c.last_job_at + no_job) => {
-                    return Err(format!("no job from the pool for {no_job:?}"));
+                    return Err(UpstreamError::NoJob(no_job));
                 }
             }
         }
@@ -182,7 +183,7 @@ impl Sv1Upstream {
         view: &watch::Sender<PoolView>,
         epoch: u64,
         need: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpstreamError> {
         match m {
             ServerMessage::Response { result, error, .. } => match c.pending.pop_front() {
                 None => debug!(pool = %self.pool.name, "response to nothing pending"),
@@ -197,10 +198,11 @@ impl Sv1Upstream {
                     }
                 }
                 Some(Pending::Subscribe) => {
-                    let (en1, size) = sv1::parse_subscribe_result(&result)
-                        .ok_or_else(|| format!("bad subscribe result: {result} {error:?}"))?;
+                    let Some((en1, size)) = sv1::parse_subscribe_result(&result) else {
+                        return Err(UpstreamError::BadSubscribe { result, error });
+                    };
                     if size < need {
-                        return Err(format!("pool gives {size} extranonce2 bytes; need {need} (extranonce.miner_bytes + extranonce2_size)"));
+                        return Err(UpstreamError::Extranonce2TooSmall { got: size, need });
                     }
                     c.en1 = en1;
                     c.en2_size = size;
@@ -209,10 +211,10 @@ impl Sv1Upstream {
                 }
                 Some(Pending::Authorize) => {
                     if result != Value::Bool(true) {
-                        return Err(format!(
-                            "pool refused authorize for {}: {error:?}",
-                            self.pool.user
-                        ));
+                        return Err(UpstreamError::AuthorizeRefused {
+                            user: self.pool.user.clone(),
+                            error,
+                        });
                     }
                     c.authorized = true;
                     self.stats.connects.inc();
@@ -275,9 +277,10 @@ impl Sv1Upstream {
                 extranonce2_size,
             } => {
                 if extranonce2_size < need {
-                    return Err(format!(
-                        "pool set extranonce2 size {extranonce2_size}; need {need}"
-                    ));
+                    return Err(UpstreamError::SetExtranonceTooSmall {
+                        got: extranonce2_size,
+                        need,
+                    });
                 }
                 c.en1 = extranonce1;
                 c.en2_size = extranonce2_size;
@@ -288,7 +291,7 @@ impl Sv1Upstream {
                 });
             }
             ServerMessage::SetVersionMask(m) => c.mask = m & ASK_MASK,
-            ServerMessage::Reconnect => return Err("pool sent client.reconnect".into()),
+            ServerMessage::Reconnect => return Err(UpstreamError::Reconnect),
             ServerMessage::Other(method) => {
                 debug!(pool = %self.pool.name, %method, "ignored notification")
             }
@@ -311,7 +314,7 @@ impl super::Session for Sv1Upstream {
         &self,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpstreamError> {
         self.serve(view, shares).await
     }
 }

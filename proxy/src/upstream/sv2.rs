@@ -4,6 +4,7 @@
 
 use super::{PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
+use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use crate::sv2_io::{connect_noise, next_msg, unix_now};
 use futures::SinkExt;
@@ -75,20 +76,6 @@ struct Job {
     path: Vec<[u8; 32]>,
 }
 
-/// Why a connection ended.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Transport / Noise / framing problems, including a wrong authority key.
-    #[error(transparent)]
-    Sv2(#[from] gridproxy_protocol::sv2::Sv2Error),
-    /// The pool said no or broke the protocol.
-    #[error("{0}")]
-    Protocol(String),
-    /// No job for the configured time.
-    #[error("no job from the pool for {0:?}")]
-    NoJob(Duration),
-}
-
 impl Sv2Upstream {
     /// Run until shutdown: connect, serve, reconnect with backoff.
     pub async fn run(
@@ -107,13 +94,14 @@ impl Sv2Upstream {
         let addr = self.pool.address;
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| UpstreamError::Protocol(format!("connect {addr}: {e}")))?;
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let mut framed = connect_noise(stream, key).await.map_err(|e| match e {
-            gridproxy_protocol::sv2::Sv2Error::BadCertificate => UpstreamError::Protocol(format!(
-                "pool {} at {addr} is not signed by the pinned authority_pubkey {key}: refusing it",
-                self.pool.name
-            )),
+            gridproxy_protocol::sv2::Sv2Error::BadCertificate => UpstreamError::NotSigned {
+                pool: self.pool.name.clone(),
+                addr,
+                key: *key,
+            },
             other => other.into(),
         })?;
         let setup = SetupConnectionOwned {
@@ -125,21 +113,24 @@ impl Sv2Upstream {
                 .ip()
                 .to_string()
                 .try_into()
-                .map_err(|_| proto("endpoint host"))?,
+                .map_err(|_| UpstreamError::FieldTooLong("endpoint host"))?,
             endpoint_port: addr.port(),
             vendor: "gridproxy"
                 .to_string()
                 .try_into()
-                .map_err(|_| proto("vendor"))?,
-            hardware_version: "proxy".to_string().try_into().map_err(|_| proto("hw"))?,
+                .map_err(|_| UpstreamError::FieldTooLong("vendor"))?,
+            hardware_version: "proxy"
+                .to_string()
+                .try_into()
+                .map_err(|_| UpstreamError::FieldTooLong("hw"))?,
             firmware: env!("CARGO_PKG_VERSION")
                 .to_string()
                 .try_into()
-                .map_err(|_| proto("fw"))?,
+                .map_err(|_| UpstreamError::FieldTooLong("fw"))?,
             device_id: "gridproxy"
                 .to_string()
                 .try_into()
-                .map_err(|_| proto("device"))?,
+                .map_err(|_| UpstreamError::FieldTooLong("device"))?,
         };
         framed
             .send(Message::Common(CommonMessagesOwned::SetupConnection(setup)))
@@ -147,24 +138,18 @@ impl Sv2Upstream {
         match next_msg(&mut framed).await? {
             Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}
             Message::Common(CommonMessagesOwned::SetupConnectionError(e)) => {
-                return Err(UpstreamError::Protocol(format!(
-                    "SetupConnection refused: {}",
-                    String::from_utf8_lossy(e.error_code.as_bytes())
-                )))
+                return Err(UpstreamError::SetupRefused(
+                    String::from_utf8_lossy(e.error_code.as_bytes()).into_owned(),
+                ))
             }
-            other => {
-                return Err(UpstreamError::Protocol(format!(
-                    "expected SetupConnection.Success, got {}",
-                    name(&other)
-                )))
-            }
+            other => return Err(UpstreamError::UnexpectedSetupReply(name(&other))),
         }
         let need = (self.extranonce.miner_bytes + self.extranonce.extranonce2_size) as u16;
         let open = OpenExtendedMiningChannelOwned {
             request_id: 1,
             user_identity: truncate_identity(&self.pool.user)
                 .try_into()
-                .map_err(|_| proto("user identity"))?,
+                .map_err(|_| UpstreamError::FieldTooLong("user identity"))?,
             nominal_hash_rate: self.pool.nominal_hashrate,
             max_target: [0xff; 32].into(),
             min_extranonce_size: need,
@@ -180,9 +165,10 @@ impl Sv2Upstream {
                 Message::Mining(MiningOwned::OpenExtendedMiningChannelSuccess(s)) => {
                     let rollable = s.extranonce_size as usize;
                     if rollable < need as usize {
-                        return Err(UpstreamError::Protocol(format!(
-                            "pool gave {rollable} extranonce bytes, need {need}"
-                        )));
+                        return Err(UpstreamError::ExtranonceTooSmall {
+                            got: rollable,
+                            need: need as usize,
+                        });
                     }
                     let conn = Conn {
                         channel_id: s.channel_id,
@@ -200,10 +186,9 @@ impl Sv2Upstream {
                     return Ok((framed, conn));
                 }
                 Message::Mining(MiningOwned::OpenMiningChannelError(e)) => {
-                    return Err(UpstreamError::Protocol(format!(
-                        "OpenExtendedMiningChannel refused: {}",
-                        String::from_utf8_lossy(e.error_code.as_bytes())
-                    )))
+                    return Err(UpstreamError::OpenRefused(
+                        String::from_utf8_lossy(e.error_code.as_bytes()).into_owned(),
+                    ))
                 }
                 other => {
                     debug!(pool = %self.pool.name, msg = name(&other), "ignored before channel open")
@@ -220,7 +205,7 @@ impl Sv2Upstream {
     ) -> Result<(), UpstreamError> {
         let (mut framed, mut conn) = tokio::time::timeout(Duration::from_secs(10), self.open(key))
             .await
-            .map_err(|_| UpstreamError::Protocol("setup timed out".into()))??;
+            .map_err(|_| UpstreamError::SetupTimeout)??;
         self.stats.connects.inc();
         self.stats.set_error(None);
         let epoch = view.borrow().epoch + 1;
@@ -370,10 +355,9 @@ impl Sv2Upstream {
                 debug!(pool = %self.pool.name, seq = e.sequence_number, %reason, "pool rejected share");
             }
             MiningOwned::CloseChannel(cc) if cc.channel_id == c.channel_id => {
-                return Err(UpstreamError::Protocol(format!(
-                    "pool closed the channel: {}",
-                    String::from_utf8_lossy(cc.reason_code.as_bytes())
-                )));
+                return Err(UpstreamError::ChannelClosed(
+                    String::from_utf8_lossy(cc.reason_code.as_bytes()).into_owned(),
+                ));
             }
             other => {
                 debug!(pool = %self.pool.name, msg = ?std::mem::discriminant(&other), "ignored mining message")
@@ -413,10 +397,6 @@ impl Sv2Upstream {
     }
 }
 
-fn proto(what: &str) -> UpstreamError {
-    UpstreamError::Protocol(format!("{what} does not fit its SV2 field"))
-}
-
 /// SV2 `user_identity` is at most 255 bytes; cut at a char boundary.
 pub fn truncate_identity(s: &str) -> String {
     let mut end = s.len().min(255);
@@ -445,17 +425,15 @@ impl super::Session for Sv2Upstream {
         &self,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpstreamError> {
         // Config validation refuses a bad key; report it here too rather than spin.
         let key: AuthorityPublicKey = self
             .pool
             .authority_pubkey
             .as_deref()
-            .ok_or("no authority_pubkey for an sv2 pool")?
+            .ok_or(UpstreamError::NoAuthorityKey)?
             .parse()
-            .map_err(|e| format!("authority_pubkey: {e}"))?;
-        self.serve(&key, view, shares)
-            .await
-            .map_err(|e| e.to_string())
+            .map_err(UpstreamError::BadAuthorityKey)?;
+        self.serve(&key, view, shares).await
     }
 }
