@@ -212,6 +212,20 @@ impl std::io::Write for CaptureWriter {
 // ---------------------------------------------------------------------------------------------
 // Peer binaries
 
+/// Start the whole application (engine, control API, site) as `gridproxy
+/// run` does; with `config_path`, reloads re-read that file and SIGHUP is
+/// handled.
+pub async fn start_app(cfg: gridproxy::Config, config_path: Option<PathBuf>) -> gridproxy::App {
+    let sighup = config_path.is_some();
+    let opts = gridproxy::AppOptions {
+        config_path,
+        sighup,
+    };
+    gridproxy::App::start(cfg, opts)
+        .await
+        .expect("gridproxy starts")
+}
+
 /// Start the proxy engine on the engine's part of an application config
 /// (tests that need no control API or site).
 pub async fn start_proxy(

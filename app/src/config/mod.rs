@@ -20,7 +20,9 @@ use gridproxy_proxy::ProxyConfig;
 use serde::Deserialize;
 use std::path::Path;
 
-/// The whole configuration file.
+/// The whole configuration file. The engine's tables are listed here again
+/// (not `#[serde(flatten)]` of a `ProxyConfig`): serde cannot refuse unknown
+/// keys through a flattened struct, and a typo must not pass silently.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {

@@ -78,15 +78,7 @@ token = "{READ}"
         pools[1].addr()
     );
     let cfg = gridproxy::Config::parse(&text, "test.toml").unwrap();
-    let app = gridproxy::App::start(
-        cfg,
-        gridproxy::AppOptions {
-            config_path: None,
-            sighup: false,
-        },
-    )
-    .await
-    .unwrap();
+    let app = gridproxy_tests::start_app(cfg, None).await;
     let proxy = app.proxy.clone();
     let server = app.api.clone().expect("[api] listen is set");
     let stats = Arc::new(MinerStats::default());

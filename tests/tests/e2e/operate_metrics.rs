@@ -64,15 +64,7 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
         pool.addr()
     );
     let cfg = gridproxy::Config::parse(&text, "t.toml").unwrap();
-    let app = gridproxy::App::start(
-        cfg,
-        gridproxy::AppOptions {
-            config_path: None,
-            sighup: false,
-        },
-    )
-    .await
-    .unwrap();
+    let app = gridproxy_tests::start_app(cfg, None).await;
     let proxy = app.proxy.clone();
     let site = app.site_handle.clone();
     let server = app.api.clone().expect("[api] listen is set");

@@ -95,15 +95,7 @@ async fn run() {
         &config_text(&a_only, "max_connections = 100", &listen),
     );
     let cfg = gridproxy::Config::load(&path).expect("valid config");
-    let app = gridproxy::App::start(
-        cfg,
-        gridproxy::AppOptions {
-            config_path: Some(path.clone()),
-            sighup: true,
-        },
-    )
-    .await
-    .unwrap();
+    let app = gridproxy_tests::start_app(cfg, Some(path.clone())).await;
     let proxy = app.proxy.clone();
     let server = app.api.clone().expect("[api] listen is set");
 

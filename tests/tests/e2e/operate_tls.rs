@@ -54,15 +54,7 @@ async fn https_api_with_tokens_and_a_pinned_certificate() {
         cfg.api.tls_cert.as_deref(),
         Some(dir.join("api.pem").as_path())
     );
-    let app = gridproxy::App::start(
-        cfg,
-        gridproxy::AppOptions {
-            config_path: None,
-            sighup: false,
-        },
-    )
-    .await
-    .unwrap();
+    let app = gridproxy_tests::start_app(cfg, None).await;
     let proxy = app.proxy.clone();
     let server = app.api.clone().expect("[api] listen is set");
     let addr = server.addr;
