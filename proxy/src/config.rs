@@ -154,6 +154,11 @@ impl Default for Limits {
     }
 }
 
+/// Longest handshake timeout accepted, seconds (an hour).
+pub const MAX_HANDSHAKE_SECS: u64 = 3600;
+/// Longest idle timeout accepted, seconds (a week).
+pub const MAX_IDLE_SECS: u64 = 7 * 24 * 3600;
+
 impl Limits {
     /// Handshake timeout as a Duration.
     pub fn handshake_timeout(&self) -> Duration {
@@ -329,6 +334,21 @@ impl ProxyConfig {
                 "an sv2 listener needs sv2_authority_pubkey and sv2_authority_secret".into(),
             ));
         }
+        // Timeouts become deadlines (`Instant + Duration`): an absurd value
+        // would overflow and panic every session, so bound them here.
+        let l = &self.limits;
+        if !(1..=MAX_HANDSHAKE_SECS).contains(&l.handshake_timeout_secs) {
+            return Err(bad(
+                "limits.handshake_timeout_secs".into(),
+                format!("must be 1..={MAX_HANDSHAKE_SECS}"),
+            ));
+        }
+        if !(1..=MAX_IDLE_SECS).contains(&l.idle_timeout_secs) {
+            return Err(bad(
+                "limits.idle_timeout_secs".into(),
+                format!("must be 1..={MAX_IDLE_SECS} (a week)"),
+            ));
+        }
         if self.limits.max_connections == 0 || self.limits.max_line < 256 {
             return Err(bad(
                 "limits".into(),
@@ -383,5 +403,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_that_would_overflow_a_deadline_are_refused() {
+        for (key, v) in [
+            ("idle_timeout_secs", i64::MAX as u64),
+            ("idle_timeout_secs", 0),
+            ("handshake_timeout_secs", 1 << 40),
+        ] {
+            let e = ProxyConfig::from_toml(&ok(&format!("[limits]\n{key} = {v}\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("limits.{key}")), "{e}");
+        }
+        let c = ProxyConfig::from_toml(&ok("[limits]\nidle_timeout_secs = 604800\n")).unwrap();
+        // The largest accepted value still makes a deadline.
+        let _ = tokio::time::Instant::now() + c.limits.idle_timeout();
     }
 }
