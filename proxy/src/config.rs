@@ -43,8 +43,8 @@ pub enum PoolProtocol {
     Sv1,
 }
 
-/// One upstream pool.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// One upstream pool. Its `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// A short name for logs and stats.
@@ -82,8 +82,9 @@ fn default_nominal() -> f32 {
     1.0e6
 }
 
-/// Listener addresses. Loopback unless configured otherwise.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Listener addresses. Loopback unless configured otherwise. Its `Debug`
+/// leaves the authority secret out.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     /// SV1 (JSON lines) listener.
@@ -98,6 +99,41 @@ pub struct ListenConfig {
     /// SV2 listener authority secret key (base58).
     #[serde(default)]
     pub sv2_authority_secret: Option<String>,
+}
+
+/// What a `Debug` print shows of a secret.
+fn redacted(s: &Option<String>) -> Option<&'static str> {
+    s.as_ref().map(|_| "<redacted>")
+}
+
+impl std::fmt::Debug for PoolConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolConfig")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("protocol", &self.protocol)
+            .field("authority_pubkey", &self.authority_pubkey)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("priority", &self.priority)
+            .field("weight", &self.weight)
+            .field("nominal_hashrate", &self.nominal_hashrate)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ListenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenConfig")
+            .field("sv1", &self.sv1)
+            .field("sv2", &self.sv2)
+            .field("sv2_authority_pubkey", &self.sv2_authority_pubkey)
+            .field(
+                "sv2_authority_secret",
+                &redacted(&self.sv2_authority_secret),
+            )
+            .finish()
+    }
 }
 
 fn default_sv1() -> Option<SocketAddr> {
@@ -403,6 +439,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        // Parsed only: the key pair is checked when the proxy starts.
+        let text = ok("password = 'pool-pass-123'\n[listen]\nsv2 = '127.0.0.1:0'\nsv2_authority_pubkey = 'k'\nsv2_authority_secret = 'the-secret-456'\n");
+        let c: ProxyConfig = toml::from_str(&text).unwrap();
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("pool-pass-123") && !d.contains("the-secret-456"),
+            "{d}"
+        );
+        assert!(d.contains("<redacted>") && d.contains("127.0.0.1:1"), "{d}");
     }
 
     #[test]
