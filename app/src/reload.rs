@@ -76,14 +76,8 @@ pub struct Reloader {
 
 /// Sections of the application (not the engine) that cannot change while
 /// running, and which of them did.
-fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+fn app_needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut v = Vec::new();
-    if old.listen != new.listen {
-        v.push("listen");
-    }
-    if old.extranonce != new.extranonce {
-        v.push("extranonce");
-    }
     if old.api != new.api {
         v.push("api");
     }
@@ -124,11 +118,15 @@ impl Reloader {
     /// half-matches the file.
     pub fn apply(&self, new: Config) -> Result<Reloaded, ReloadError> {
         let mut cur = self.lock();
-        let fixed = needs_restart(&cur, &new);
+        let proxy_cfg = new.proxy();
+        // The engine's fixed tables first, then the application's: one
+        // refusal names every section that needs a restart.
+        let mut fixed = self.proxy.needs_restart(&proxy_cfg);
+        fixed.extend(app_needs_restart(&cur, &new));
         if !fixed.is_empty() {
             return Err(ReloadError::NeedsRestart(fixed));
         }
-        let changes = self.proxy.reconfigure(new.proxy())?;
+        let changes = self.proxy.reconfigure(proxy_cfg)?;
         *cur = Arc::new(new);
         Ok(Reloaded {
             pools: changes.pools,
@@ -185,8 +183,8 @@ mod tests {
         };
         let parse = |t: &str| Config::parse(t, "t.toml").unwrap();
         let (none, a, b) = (parse(base), parse(&site("60")), parse(&site("90")));
-        assert!(needs_restart(&a, &a).is_empty());
-        assert_eq!(needs_restart(&a, &b), vec!["site"]);
-        assert_eq!(needs_restart(&none, &a), vec!["site"]);
+        assert!(app_needs_restart(&a, &a).is_empty());
+        assert_eq!(app_needs_restart(&a, &b), vec!["site"]);
+        assert_eq!(app_needs_restart(&none, &a), vec!["site"]);
     }
 }

@@ -102,6 +102,21 @@ impl Proxy {
         }
     }
 
+    /// The tables of `new` that differ from the running configuration and
+    /// cannot change live (listeners are bound, miners hold extranonce slots
+    /// cut from the layout): [`Proxy::reconfigure`] refuses them whole.
+    pub fn needs_restart(&self, new: &ProxyConfig) -> Vec<&'static str> {
+        let old = self.ctx.cfg();
+        let mut fixed = Vec::new();
+        if old.listen != new.listen {
+            fixed.push("listen");
+        }
+        if old.extranonce != new.extranonce {
+            fixed.push("extranonce");
+        }
+        fixed
+    }
+
     /// Put a new configuration in force without dropping a miner: pools
     /// (added, removed, re-addressed), priorities and split weights, routing
     /// timings, difficulty (at each channel's next retarget) and limits (the
@@ -111,13 +126,7 @@ impl Proxy {
     pub fn reconfigure(&self, new: ProxyConfig) -> Result<Changes, ReconfigureError> {
         let ctx = &self.ctx;
         let old = ctx.cfg();
-        let mut fixed = Vec::new();
-        if old.listen != new.listen {
-            fixed.push("listen");
-        }
-        if old.extranonce != new.extranonce {
-            fixed.push("extranonce");
-        }
+        let fixed = self.needs_restart(&new);
         if !fixed.is_empty() {
             return Err(ReconfigureError::NeedsRestart(fixed));
         }
