@@ -186,6 +186,15 @@ impl Metrics {
                 .absolute(site.commands.verified);
             counter!("gridproxy_curtail_commands_total", "outcome" => "failed")
                 .absolute(site.commands.failed);
+            let sig = &site.signals;
+            for (outcome, n) in [
+                ("received", sig.received),
+                ("refused", sig.refused),
+                ("duplicate", sig.duplicate),
+                ("rate_limited", sig.rate_limited),
+            ] {
+                counter!("gridproxy_site_signals_total", "outcome" => outcome).absolute(n);
+            }
         }
     }
 }
@@ -290,6 +299,11 @@ fn describe() {
         "gridproxy_curtail_commands_total",
         Unit::Count,
         "Curtailment commands, by outcome (issued, verified, failed)."
+    );
+    describe_counter!(
+        "gridproxy_site_signals_total",
+        Unit::Count,
+        "Grid and operator signals received, and those refused (range, future timestamp), duplicate or over the rate (none of these is recorded)."
     );
     describe_histogram!(
         "gridproxy_curtail_command_latency_seconds",

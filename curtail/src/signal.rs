@@ -7,6 +7,7 @@
 //! validates again.
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use thiserror::Error;
 
 use crate::command::PoolId;
@@ -218,6 +219,18 @@ pub enum SignalError {
     /// Event ends before it starts.
     #[error("dr event {0}: end before start")]
     EmptyWindow(String),
+    /// Stamped further ahead of the local clock than the allowed skew: a
+    /// feed with a broken clock would otherwise pin its value (later,
+    /// correct samples look older) and never go stale.
+    #[error("{kind} signal stamped {ahead_secs:.0} s ahead of the local clock (allowed skew {max_secs} s)")]
+    FutureDated {
+        /// Signal kind.
+        kind: &'static str,
+        /// How far ahead, seconds.
+        ahead_secs: f64,
+        /// The allowed skew, seconds.
+        max_secs: u64,
+    },
 }
 
 fn check(
@@ -261,6 +274,19 @@ impl Signal {
             Signal::Override(_) => SignalKind::Override,
             Signal::Route(_) => SignalKind::Route,
         }
+    }
+
+    /// Refuse a signal stamped more than `max_skew` after `now`.
+    pub fn check_not_future(&self, now: Timestamp, max_skew: Duration) -> Result<(), SignalError> {
+        let ahead = self.at().saturating_since(now);
+        if ahead > max_skew {
+            return Err(SignalError::FutureDated {
+                kind: self.kind().as_str(),
+                ahead_secs: ahead.as_secs_f64(),
+                max_secs: max_skew.as_secs(),
+            });
+        }
+        Ok(())
     }
 
     /// Check ranges and sizes.

@@ -23,6 +23,7 @@ use gridproxy_curtail::signal::{
     PricePoint, PriceSignal, Signal, MAX_ABS_PRICE, MAX_FORECAST_POINTS,
 };
 use gridproxy_curtail::time::Timestamp;
+use std::time::Duration;
 use thiserror::Error;
 
 /// Why a price (or a whole feed response) was rejected.
@@ -50,6 +51,16 @@ pub enum PriceError {
         last: Timestamp,
         /// Offered.
         got: Timestamp,
+    },
+    /// A timestamp further ahead of the local clock than the allowed skew.
+    #[error(
+        "sample stamped {got}, ahead of the local clock ({now}) by more than the allowed skew"
+    )]
+    Future {
+        /// Offered.
+        got: Timestamp,
+        /// The local clock.
+        now: Timestamp,
     },
     /// A date or time that does not parse or does not exist.
     #[error("time: {0}")]
@@ -97,9 +108,20 @@ impl Guard {
     }
 
     /// `Ok(Some)`: new, send it. `Ok(None)`: the sample already sent
-    /// (same time, e.g. polled twice within an interval). `Err`: bad.
-    pub fn admit(&mut self, s: PriceSample) -> Result<Option<PriceSample>, PriceError> {
+    /// (same time, e.g. polled twice within an interval). `Err`: bad,
+    /// including a sample stamped more than `max_skew` after `now`: taken,
+    /// it would pin the price (every later, correct sample would look
+    /// older) and keep it from ever going stale.
+    pub fn admit(
+        &mut self,
+        s: PriceSample,
+        now: Timestamp,
+        max_skew: Duration,
+    ) -> Result<Option<PriceSample>, PriceError> {
         check_price(s.usd_per_mwh)?;
+        if s.at > now.saturating_add(max_skew) {
+            return Err(PriceError::Future { got: s.at, now });
+        }
         match self.last {
             Some(last) if s.at < last => Err(PriceError::Backwards { last, got: s.at }),
             Some(last) if s.at == last => Ok(None),
@@ -141,24 +163,52 @@ mod tests {
     #[test]
     fn guard_rejects_bad_prices_and_time_going_back() {
         let mut g = Guard::new();
-        assert_eq!(g.admit(s(100, 30.0)), Ok(Some(s(100, 30.0))));
-        assert_eq!(g.admit(s(100, 30.0)), Ok(None), "repeat is dropped quietly");
+        let now = Timestamp::from_secs(1_000);
+        let skew = Duration::from_secs(120);
+        let mut admit = |x| g.admit(x, now, skew);
+        assert_eq!(admit(s(100, 30.0)), Ok(Some(s(100, 30.0))));
+        assert_eq!(admit(s(100, 30.0)), Ok(None), "repeat is dropped quietly");
         assert!(matches!(
-            g.admit(s(50, 31.0)),
+            admit(s(50, 31.0)),
             Err(PriceError::Backwards { .. })
         ));
         assert!(matches!(
-            g.admit(s(200, f64::NAN)),
+            admit(s(200, f64::NAN)),
             Err(PriceError::OutOfRange(_))
         ));
         assert!(matches!(
-            g.admit(s(200, 1.0e6 + 1.0)),
+            admit(s(200, 1.0e6 + 1.0)),
             Err(PriceError::OutOfRange(_))
         ));
-        assert_eq!(g.admit(s(200, -1.0e6)), Ok(Some(s(200, -1.0e6))));
-        assert_eq!(g.last(), Some(Timestamp::from_secs(200)));
+        assert_eq!(admit(s(200, -1.0e6)), Ok(Some(s(200, -1.0e6))));
         // Rejections left the guard where it was.
-        assert_eq!(g.admit(s(300, 9000.0)), Ok(Some(s(300, 9000.0))));
+        assert_eq!(admit(s(300, 9000.0)), Ok(Some(s(300, 9000.0))));
+        assert_eq!(g.last(), Some(Timestamp::from_secs(300)));
+    }
+
+    /// A sample stamped a day ahead is refused and does not move the guard:
+    /// the good samples after it still pass (before, it pinned the price
+    /// and every later sample was refused as going backwards).
+    #[test]
+    fn guard_refuses_a_future_dated_sample_without_pinning() {
+        let mut g = Guard::new();
+        let skew = Duration::from_secs(120);
+        let now = Timestamp::from_secs(10_000);
+        assert_eq!(
+            g.admit(s(10_000, 30.0), now, skew),
+            Ok(Some(s(10_000, 30.0)))
+        );
+        assert!(matches!(
+            g.admit(s(10_000 + 86_400, 9_000.0), now, skew),
+            Err(PriceError::Future { .. })
+        ));
+        // Within the skew is fine: clocks drift.
+        let later = Timestamp::from_secs(10_300);
+        assert_eq!(
+            g.admit(s(10_400, 31.0), later, skew),
+            Ok(Some(s(10_400, 31.0)))
+        );
+        assert_eq!(g.last(), Some(Timestamp::from_secs(10_400)));
     }
 
     #[test]

@@ -463,6 +463,11 @@ pub struct SiteConfig {
     /// fresh signal, seconds.
     #[serde(default = "d_300")]
     pub resume_hold_secs: u64,
+    /// How far ahead of this machine's clock a signal's timestamp may be,
+    /// seconds; further is refused (a future-dated sample would pin its
+    /// value and keep the staleness fail-safe from firing).
+    #[serde(default = "d_120")]
+    pub max_clock_skew_secs: u64,
     /// Telemetry round period over the fleet, seconds.
     #[serde(default = "d_10")]
     pub telemetry_secs: u64,
@@ -496,6 +501,7 @@ defaults! {
     d_30: u64 = 30;
     d_50: u32 = 50;
     d_60: u64 = 60;
+    d_120: u64 = 120;
     d_240: u64 = 240;
     d_300: u64 = 300;
     d_600: u64 = 600;
@@ -617,6 +623,9 @@ impl SiteConfig {
             if v == 0 {
                 return Err(bad_site(k, "must be > 0"));
             }
+        }
+        if !(1..=86_400).contains(&self.max_clock_skew_secs) {
+            return Err(bad_site("max_clock_skew_secs", "must be 1 to 86400"));
         }
         if self.miners.is_empty() {
             return Err(bad_site(
@@ -938,6 +947,7 @@ impl SiteConfig {
             retry_backoff: s(self.retry_backoff_secs),
             dr_lead_margin: s(self.dr_lead_margin_secs),
             resume_hold: s(self.resume_hold_secs),
+            max_clock_skew: s(self.max_clock_skew_secs),
             ..PolicyConfig::default()
         }
     }

@@ -48,6 +48,19 @@ pub struct CommandCounts {
     pub failed: u64,
 }
 
+/// What became of the signals the sources sent.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct SignalCounts {
+    /// Every signal received.
+    pub received: u64,
+    /// Refused (out of range, stamped too far ahead); not recorded.
+    pub refused: u64,
+    /// Repeats of the last signal of their kind; not recorded.
+    pub duplicate: u64,
+    /// Over their kind's rate; not recorded.
+    pub rate_limited: u64,
+}
+
 /// The site now.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SiteState {
@@ -77,6 +90,8 @@ pub struct SiteState {
     pub events: Vec<DrEventView>,
     /// Command counters.
     pub commands: CommandCounts,
+    /// Signal counters.
+    pub signals: SignalCounts,
     /// Manual override in force, if any (e.g. `cap 800 kW`).
     pub override_note: Option<String>,
 }

@@ -352,6 +352,7 @@ pub async fn start(
         };
         let mut pc = price::feed::PollConfig::new(&url, format, Duration::from_secs(p.poll_secs));
         pc.timeout = Duration::from_secs(p.timeout_secs);
+        pc.max_skew = Duration::from_secs(cfg.max_clock_skew_secs);
         let feed = price::feed::PriceFeed::new(pc)
             .map_err(|e| anyhow::anyhow!("site.signals.price: {e}"))?;
         tasks.push(tokio::spawn(feed.run(

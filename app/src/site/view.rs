@@ -3,7 +3,9 @@
 //! (each miner's commanded state and last reading, open DR events, the last
 //! price), so nothing beside the engine tracks state of its own.
 
-use crate::site::handle::{now_ms, CommandCounts, DrEventView, MinerView, SiteHandle, SiteState};
+use crate::site::handle::{
+    now_ms, CommandCounts, DrEventView, MinerView, SignalCounts, SiteHandle, SiteState,
+};
 use gridproxy_curtail::driver::DriverStatus;
 use gridproxy_curtail::fleet::MinerId;
 use gridproxy_grid::mqtt;
@@ -96,6 +98,12 @@ pub fn build(
             issued: st.issued,
             verified: st.verified,
             failed: st.failed,
+        },
+        signals: SignalCounts {
+            received: st.signals,
+            refused: st.rejected_signals,
+            duplicate: st.duplicate_signals,
+            rate_limited: st.rate_limited_signals,
         },
         override_note,
     };

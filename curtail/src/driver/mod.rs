@@ -66,6 +66,7 @@ use crate::time::{EdgeClock, Timestamp};
 
 mod audit;
 mod edge;
+mod intake;
 mod ledger_writer;
 mod poll;
 mod run;
@@ -332,6 +333,7 @@ where
         outstanding: 0,
         meter: Meter::new(now),
         view,
+        intake: intake::Intake::default(),
         cfg,
     };
     let stop = shutdown.clone();
@@ -359,6 +361,8 @@ fn snapshot(engine: &Engine, now: Timestamp, resumed: Resumed) -> DriverStatus {
         resumed,
         signals: 0,
         rejected_signals: 0,
+        duplicate_signals: 0,
+        rate_limited_signals: 0,
         issued: 0,
         acks_ok: 0,
         acks_failed: 0,

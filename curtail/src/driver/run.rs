@@ -33,6 +33,8 @@ pub(super) struct Run<A, C> {
     pub(super) meter: Meter,
     /// Per-miner side of the published status.
     pub(super) view: MinersBuilder,
+    /// Checks, de-duplicates and rate-limits signals before the ledger.
+    pub(super) intake: super::intake::Intake,
     pub(super) cfg: DriverConfig,
 }
 
@@ -240,8 +242,37 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
     }
 
     async fn on_signal(&mut self, signal: Signal) -> Result<(), DriverError> {
+        use super::intake::Verdict;
         let now = self.clock.now();
         self.status.signals += 1;
+        // Refused, repeated or flooding signals never reach the ledger:
+        // each record is an fsync, and a flood would fill the disk.
+        if let Err(e) = self.engine.admit(now, &signal) {
+            self.status.rejected_signals += 1;
+            // One line per power of two: a flood does not flood the log.
+            if self.status.rejected_signals.is_power_of_two() {
+                tracing::warn!(error = %e, refused = self.status.rejected_signals, "signal refused");
+            }
+            return Ok(());
+        }
+        match self.intake.admit(now, &signal) {
+            Verdict::Accept => {}
+            Verdict::Duplicate => {
+                self.status.duplicate_signals += 1;
+                return Ok(());
+            }
+            Verdict::RateLimited => {
+                self.status.rate_limited_signals += 1;
+                if self.status.rate_limited_signals.is_power_of_two() {
+                    tracing::warn!(
+                        kind = signal.kind().as_str(),
+                        dropped = self.status.rate_limited_signals,
+                        "signals over the rate limit dropped"
+                    );
+                }
+                return Ok(());
+            }
+        }
         if let Signal::Price(p) = &signal {
             let usd = p.usd_per_mwh;
             self.status.price_usd_per_mwh = usd.is_finite().then_some(usd);

@@ -33,8 +33,13 @@ pub struct DriverStatus {
     pub resumed: Resumed,
     /// Signals received / refused by the engine.
     pub signals: u64,
-    /// Signals the engine refused (validation).
+    /// Signals the engine refused (validation, future timestamps); not
+    /// recorded.
     pub rejected_signals: u64,
+    /// Signals identical to the last of their kind; dropped, not recorded.
+    pub duplicate_signals: u64,
+    /// Signals over their kind's rate; dropped, not recorded.
+    pub rate_limited_signals: u64,
     /// Commands committed to the ledger and handed to actuators.
     pub issued: u64,
     /// Acknowledged OK / failed by actuators.

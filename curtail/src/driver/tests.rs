@@ -323,6 +323,74 @@ async fn status_carries_the_site_view() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// A flood of dispatch messages (distinct and repeated) and a signal
+/// stamped a day ahead: the ledger records only what the intake admitted
+/// (a bounded number), every drop is counted, and the engine still acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_flood_is_bounded_before_the_ledger() {
+    let d = dir();
+    let path = d.join("ledger.db");
+    let stub = Stub::default();
+    let edge = Edge {
+        actuator: stub.clone(),
+        telemetry: stub.clone(),
+        clock: ScaledClock::new(1.0),
+    };
+    let cfg = DriverConfig {
+        poll_interval: Duration::from_millis(200),
+        ..DriverConfig::default()
+    };
+    let h = spawn(&path, policy(), fleet(10), edge, cfg).await.unwrap();
+    let now = ScaledClock::new(1.0).now();
+    let dispatch = |ms: u64, kw: f64| {
+        Signal::Dispatch(crate::signal::DispatchSignal {
+            at: now + Duration::from_millis(ms),
+            target_kw: Some(kw),
+        })
+    };
+    const FLOOD: u64 = 5_000;
+    // The same message 101 times (a retrying sender), then a flood of
+    // distinct ones.
+    for _ in 0..101 {
+        h.send(dispatch(0, 15.0)).await.unwrap();
+    }
+    for n in 0..FLOOD {
+        h.send(dispatch(1 + n % 1000, 15.0 + (n % 7) as f64))
+            .await
+            .unwrap();
+    }
+    h.send(Signal::Dispatch(crate::signal::DispatchSignal {
+        at: now + Duration::from_secs(86_400),
+        target_kw: Some(0.0),
+    }))
+    .await
+    .unwrap();
+    let total = FLOOD + 102;
+    let st = h
+        .wait_for(Duration::from_secs(30), |s| s.signals == total)
+        .await
+        .expect("every signal seen");
+    assert!(st.rejected_signals >= 1, "future-dated refused: {st:?}");
+    assert_eq!(st.duplicate_signals, 100, "{st:?}");
+    assert!(st.rate_limited_signals > 0, "{st:?}");
+    // The engine acted on what it admitted (a cap near 15-21 kW of 30).
+    h.wait_for(Duration::from_secs(30), |s| {
+        s.issued > 0 && s.in_flight == 0
+    })
+    .await
+    .expect("the admitted dispatch was acted on");
+    let report = h.shutdown().await.unwrap();
+    let audit = Audit::read(&path).unwrap();
+    let s = &report.status;
+    let admitted = total - s.rejected_signals - s.duplicate_signals - s.rate_limited_signals;
+    assert_eq!(audit.signals as u64, admitted, "{s:?}");
+    assert!(admitted < 1_000, "{admitted} of {total} reached the ledger");
+    println!(
+        "flood of {total}: {admitted} recorded, {} duplicates, {} over the rate, {} refused",
+        s.duplicate_signals, s.rate_limited_signals, s.rejected_signals
+    );
+}
+
 #[test]
 fn miners_are_shared_until_changed() {
     let mut b = MinersBuilder::new((0..3000).map(MinerId));

@@ -146,6 +146,10 @@ pub struct PolicyConfig {
     /// After [`Engine::resume`], recovered curtailed miners are held
     /// curtailed until a fresh signal arrives or this much time passes.
     pub resume_hold: Duration,
+    /// How far ahead of the local clock a signal's own timestamp may be;
+    /// further is refused (a future-dated sample would pin the value and
+    /// defeat the staleness fail-safe).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for PolicyConfig {
@@ -172,6 +176,7 @@ impl Default for PolicyConfig {
             retry_backoff: Duration::from_secs(30),
             dr_lead_margin: Duration::from_secs(10),
             resume_hold: Duration::from_secs(300),
+            max_clock_skew: Duration::from_secs(120),
         }
     }
 }

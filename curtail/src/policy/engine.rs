@@ -364,11 +364,20 @@ impl Engine {
 
     // ----- inputs -----
 
+    /// Whether [`Engine::handle_signal`] would take `signal` at `now`:
+    /// ranges and sizes, and a timestamp no further ahead of `now` than
+    /// [`PolicyConfig::max_clock_skew`].
+    pub fn admit(&self, now: Timestamp, signal: &Signal) -> Result<(), PolicyError> {
+        signal.validate()?;
+        signal.check_not_future(now, self.cfg.max_clock_skew)?;
+        Ok(())
+    }
+
     /// Feed a signal. Replans immediately; the new plan is in
     /// [`plan`](Self::plan) and its commands come out of
     /// [`poll_action`](Self::poll_action).
     pub fn handle_signal(&mut self, now: Timestamp, signal: Signal) -> Result<(), PolicyError> {
-        signal.validate()?;
+        self.admit(now, &signal)?;
         if self.dirty {
             self.replan(now);
         }

@@ -737,6 +737,65 @@ fn stale_price_goes_to_safe_state() {
     );
 }
 
+/// A price stamped a day ahead (a feed with a broken clock) is refused: it
+/// neither pins the price against the good samples that follow nor keeps
+/// the stale fail-safe from firing when the good samples stop.
+#[test]
+fn future_dated_price_is_refused_and_staleness_still_fires() {
+    let cfg = PolicyConfig {
+        economics: Some(Economics {
+            hashprice_usd_per_ph_day: 39.5,
+            pool_fee: 0.0,
+            pue: 1.0,
+            hysteresis_usd_per_mwh: 2.0,
+        }),
+        staleness: Staleness {
+            price: Some(Freshness {
+                max_age: Duration::from_secs(600),
+                on_stale: SafeState::CurtailAll,
+            }),
+            ..Staleness::NONE
+        },
+        min_off: Duration::from_secs(0),
+        ..base_cfg()
+    };
+    let skew = cfg.max_clock_skew;
+    let mut s = Sim::new(cfg, mixed_fleet(10));
+    s.price(30.0);
+    let future = Signal::Price(PriceSignal {
+        at: s.now + Duration::from_secs(86_400),
+        usd_per_mwh: 9_000.0,
+        forecast: vec![],
+    });
+    let err = s.e.handle_signal(s.now, future).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PolicyError::Signal(crate::signal::SignalError::FutureDated { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("ahead of the local clock"),
+        "{err}"
+    );
+    // Within the allowed skew is fine (clocks drift).
+    let near = Signal::Price(PriceSignal {
+        at: s.now + skew,
+        usd_per_mwh: 31.0,
+        forecast: vec![],
+    });
+    s.e.handle_signal(s.now, near).unwrap();
+    // A later good sample is taken, and when samples stop the price goes stale.
+    s.run(300);
+    s.price(32.0);
+    s.run(590);
+    assert_eq!(s.e.stale_signal(), None);
+    s.run(20);
+    assert_eq!(s.e.stale_signal(), Some("price"));
+    assert_eq!(s.e.plan().mode, Mode::SafeState);
+}
+
 /// Keep-running safe state: a stale high price stops curtailing.
 #[test]
 fn stale_price_keep_running() {

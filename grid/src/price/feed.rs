@@ -68,6 +68,9 @@ pub struct PollConfig {
     pub forecast: Option<Forecast>,
     /// Time between forecast fetches (wall time).
     pub forecast_every: Duration,
+    /// How far ahead of the local clock a sample may be stamped; further is
+    /// skipped as an error (it would pin the price, see [`Guard`]).
+    pub max_skew: Duration,
 }
 
 impl PollConfig {
@@ -80,6 +83,7 @@ impl PollConfig {
             timeout: Duration::from_secs(10),
             forecast: None,
             forecast_every: Duration::from_secs(900),
+            max_skew: Duration::from_secs(120),
         }
     }
 }
@@ -107,6 +111,7 @@ fn kind(e: &PriceError) -> &'static str {
         PriceError::Json(_) => "json",
         PriceError::OutOfRange(_) => "range",
         PriceError::Backwards { .. } => "backwards",
+        PriceError::Future { .. } => "future",
         PriceError::Time(_) => "time",
         PriceError::Http(_) => "http",
     }
@@ -231,9 +236,16 @@ impl PriceFeed {
                 (vec![r.sample], fc)
             }
             Format::ErcotRtm(opts) => {
-                let p = ercot::parse_rtm(&body, opts)?;
+                let mut p = ercot::parse_rtm(&body, opts)?;
                 for e in &p.errors {
                     self.note_error(e);
+                }
+                // Rows stamped in the future are errors of the feed; the
+                // rows before them are still good.
+                let limit = now.saturating_add(self.cfg.max_skew);
+                if let Some(bad) = p.rows.iter().find(|s| s.at > limit) {
+                    self.note_error(&PriceError::Future { got: bad.at, now });
+                    p.rows.retain(|s| s.at <= limit);
                 }
                 let newest = p.rows.last().copied().ok_or_else(|| PriceError::Csv {
                     line: 0,
@@ -255,7 +267,7 @@ impl PriceFeed {
         };
         let mut out = Vec::new();
         for s in samples {
-            if let Some(s) = self.guard.admit(s)? {
+            if let Some(s) = self.guard.admit(s, now, self.cfg.max_skew)? {
                 out.push(signal(s, &forecast));
             }
         }
