@@ -157,6 +157,13 @@ async function pollFleet() {
   document.getElementById("c-price").textContent = s.price_usd_per_mwh != null ? "$" + s.price_usd_per_mwh.toFixed(0) + "/MWh" : "–";
   document.getElementById("c-mode").textContent = s.mode || "–";
   document.getElementById("c-mode-chip").className = "chip mode-" + (s.mode || "");
+  // A failing ledger or a stopped driver is shown, not hidden (as /healthz does).
+  const alarm = [];
+  if (s.attached && s.driver_running === false) alarm.push("curtailment driver stopped");
+  if (s.attached && s.ledger && s.ledger.error) alarm.push("ledger failing " + (s.ledger.failing_secs || 0) + " s: " + s.ledger.error + (s.ledger.fault_engaged ? " (safe state, commands unrecorded)" : ""));
+  const al = document.getElementById("alarm");
+  al.textContent = alarm.join(" · ");
+  al.style.display = alarm.length ? "" : "none";
   document.getElementById("c-curtailed").textContent = s.attached ? s.miners_curtailed + "/" + s.miners_total : "–";
   const rej = Object.values(f.shares.rejected).reduce((a, b) => a + b, 0);
   document.getElementById("c-shares").textContent = f.shares.accepted + " ok / " + rej + " rej";

@@ -186,6 +186,17 @@ impl Metrics {
                 .absolute(site.commands.verified);
             counter!("gridproxy_curtail_commands_total", "outcome" => "failed")
                 .absolute(site.commands.failed);
+            let l = &site.ledger;
+            gauge!("gridproxy_ledger_failing").set(if l.error.is_some() { 1.0 } else { 0.0 });
+            gauge!("gridproxy_ledger_fault_engaged").set(if l.fault_engaged { 1.0 } else { 0.0 });
+            counter!("gridproxy_ledger_write_errors_total").absolute(l.write_errors);
+            counter!("gridproxy_ledger_dropped_records_total").absolute(l.dropped);
+            counter!("gridproxy_ledger_unrecorded_commands_total").absolute(l.unrecorded_commands);
+            gauge!("gridproxy_site_driver_running").set(if site.driver_running {
+                1.0
+            } else {
+                0.0
+            });
             let sig = &site.signals;
             for (outcome, n) in [
                 ("received", sig.received),
@@ -299,6 +310,33 @@ fn describe() {
         "gridproxy_curtail_commands_total",
         Unit::Count,
         "Curtailment commands, by outcome (issued, verified, failed)."
+    );
+    describe_gauge!(
+        "gridproxy_ledger_failing",
+        "1 while curtailment ledger writes fail (retried; see /healthz)."
+    );
+    describe_gauge!(
+        "gridproxy_ledger_fault_engaged",
+        "1 while the ledger has failed past ledger_fault_secs: site in its ledger-fault safe state."
+    );
+    describe_counter!(
+        "gridproxy_ledger_write_errors_total",
+        Unit::Count,
+        "Failed ledger write attempts."
+    );
+    describe_counter!(
+        "gridproxy_ledger_dropped_records_total",
+        Unit::Count,
+        "Ledger records dropped while writes failed and the queue was full."
+    );
+    describe_counter!(
+        "gridproxy_ledger_unrecorded_commands_total",
+        Unit::Count,
+        "Curtailment commands sent without being recorded first (ledger fault engaged)."
+    );
+    describe_gauge!(
+        "gridproxy_site_driver_running",
+        "1 while the curtailment driver runs; 0 once it has stopped."
     );
     describe_counter!(
         "gridproxy_site_signals_total",

@@ -199,6 +199,21 @@ impl Ledger {
         Ok((l, r))
     }
 
+    /// Size guard: writes that would grow the file past `bytes` fail
+    /// ("database or disk is full", as on a full disk) instead of filling
+    /// the disk. Never below what the file already holds.
+    pub fn set_max_bytes(&self, bytes: u64) -> Result<(), LedgerError> {
+        let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(1);
+        // SQLite keeps the larger of this and the current page count.
+        let _set: i64 = self.conn.query_row(
+            &format!("PRAGMA max_page_count={}", pages.max(1)),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(())
+    }
+
     /// An in-memory ledger (tests, backtests).
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
         Ledger::init(Connection::open_in_memory()?)

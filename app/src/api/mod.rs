@@ -12,7 +12,7 @@
 //!
 //! | route | auth |
 //! |---|---|
-//! | `GET /`, `/app.js` (dashboard), `/healthz`, `/api/v1/openapi.json` | none |
+//! | `GET /`, `/app.js` (dashboard), `/healthz` (503 with reasons when the site's driver stopped or its ledger fails), `/api/v1/openapi.json` | none |
 //! | `GET /metrics` | none, or `read` when `metrics_public = false` |
 //! | `GET /api/v1/{whoami,fleet,workers,pools,events,history,ledger}` | `read` |
 //! | `POST /api/v1/curtail`, `POST /api/v1/reload` | `operate` |
@@ -201,13 +201,50 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/", get(index))
         .route("/index.html", get(index))
         .route("/app.js", get(app_js))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics_handler))
         .merge(read)
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// `GET /healthz`: 200 `ok` when nothing is known wrong; 503 with the
+/// reasons, one per line, when the curtailment driver has stopped or its
+/// ledger cannot be written (a deaf or unrecorded engine is not healthy).
+async fn healthz(State(st): State<Arc<ApiState>>) -> Response {
+    let problems = health_problems(&st.site.state());
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let mut body = problems.join("\n");
+        body.push('\n');
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+/// What is wrong with the site, for `/healthz` (empty: healthy).
+pub fn health_problems(site: &SiteState) -> Vec<String> {
+    let mut v = Vec::new();
+    if !site.attached {
+        return v;
+    }
+    if !site.driver_running {
+        v.push("curtailment driver stopped: the site no longer follows the grid".to_string());
+    }
+    if let Some(e) = &site.ledger.error {
+        v.push(format!(
+            "ledger writes failing for {} s{}: {e}",
+            site.ledger.failing_secs.unwrap_or(0),
+            if site.ledger.fault_engaged {
+                " (site in its ledger-fault safe state, commands unrecorded)"
+            } else {
+                " (retrying; commands wait)"
+            }
+        ));
+    }
+    v
 }
 
 fn err(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -825,6 +862,41 @@ mod tests {
         assert!(glob("site.*-1*", "site.s9-12"));
         assert!(glob("exact", "exact"));
         assert!(!glob("exact", "exact2"));
+    }
+
+    #[test]
+    fn health_tells_a_stopped_driver_and_a_failing_ledger() {
+        use crate::site::handle::LedgerView;
+        // No site: nothing to tell.
+        assert!(health_problems(&SiteState::default()).is_empty());
+        let ok = SiteState {
+            attached: true,
+            driver_running: true,
+            ..SiteState::default()
+        };
+        assert!(health_problems(&ok).is_empty());
+        let failing = SiteState {
+            ledger: LedgerView {
+                error: Some("database or disk is full".into()),
+                failing_secs: Some(75),
+                fault_engaged: true,
+                ..LedgerView::default()
+            },
+            ..ok.clone()
+        };
+        let p = health_problems(&failing);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("ledger writes failing for 75 s")
+                && p[0].contains("disk is full")
+                && p[0].contains("safe state"),
+            "{p:?}"
+        );
+        let stopped = SiteState {
+            driver_running: false,
+            ..failing
+        };
+        assert_eq!(health_problems(&stopped).len(), 2);
     }
 
     #[test]

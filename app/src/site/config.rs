@@ -35,7 +35,7 @@ pub enum OnStale {
 }
 
 impl OnStale {
-    fn safe_state(self) -> SafeState {
+    pub(crate) fn safe_state(self) -> SafeState {
         match self {
             OnStale::CurtailAll => SafeState::CurtailAll,
             OnStale::KeepRunning => SafeState::KeepRunning,
@@ -474,6 +474,20 @@ pub struct SiteConfig {
     /// Measured-kW interval written to the ledger, seconds.
     #[serde(default = "d_60")]
     pub ledger_interval_secs: u64,
+    /// How long ledger writes may keep failing (disk full, size guard,
+    /// locked file; retried meanwhile, commands wait) before the site goes
+    /// to `on_ledger_fault` and commands go out unrecorded, seconds.
+    #[serde(default = "d_60")]
+    pub ledger_fault_secs: u64,
+    /// The safe state while the ledger fails past `ledger_fault_secs`:
+    /// `hold_last` keeps following signals (unrecorded, logged),
+    /// `curtail_all` sleeps the fleet.
+    #[serde(default = "d_hold_last")]
+    pub on_ledger_fault: OnStale,
+    /// Size guard: the ledger file may not grow past this many MiB (a
+    /// write that would is a ledger fault, as a full disk is).
+    #[serde(default)]
+    pub ledger_max_mib: Option<u64>,
     /// Bound on each firmware API operation, milliseconds.
     #[serde(default = "d_5000")]
     pub client_timeout_ms: u64,
@@ -618,6 +632,8 @@ impl SiteConfig {
             ("ack_timeout_secs", self.ack_timeout_secs),
             ("telemetry_secs", self.telemetry_secs),
             ("ledger_interval_secs", self.ledger_interval_secs),
+            ("ledger_fault_secs", self.ledger_fault_secs),
+            ("ledger_max_mib", self.ledger_max_mib.unwrap_or(1)),
             ("client_timeout_ms", self.client_timeout_ms),
         ] {
             if v == 0 {

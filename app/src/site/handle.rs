@@ -61,6 +61,24 @@ pub struct SignalCounts {
     pub rate_limited: u64,
 }
 
+/// The ledger's health as operators see it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LedgerView {
+    /// The last write error while writes keep failing (`None`: healthy).
+    pub error: Option<String>,
+    /// Seconds the current failure has lasted.
+    pub failing_secs: Option<u64>,
+    /// The failure outlasted `ledger_fault_secs`: the site holds its
+    /// ledger-fault safe state and commands go out unrecorded.
+    pub fault_engaged: bool,
+    /// Failed write attempts, in all.
+    pub write_errors: u64,
+    /// Records dropped while the ledger failed and its queue was full.
+    pub dropped: u64,
+    /// Commands sent without being recorded first.
+    pub unrecorded_commands: u64,
+}
+
 /// The site now.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SiteState {
@@ -92,6 +110,11 @@ pub struct SiteState {
     pub commands: CommandCounts,
     /// Signal counters.
     pub signals: SignalCounts,
+    /// The curtailment driver is running (false once it has stopped, e.g.
+    /// on an error: then nothing follows the grid).
+    pub driver_running: bool,
+    /// Ledger health.
+    pub ledger: LedgerView,
     /// Manual override in force, if any (e.g. `cap 800 kW`).
     pub override_note: Option<String>,
 }

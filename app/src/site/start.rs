@@ -246,6 +246,9 @@ pub async fn start(
         poll_interval: Duration::from_secs(cfg.telemetry_secs),
         interval: Duration::from_secs(cfg.ledger_interval_secs),
         drain_timeout: Duration::from_secs(5),
+        ledger_fault_timeout: Duration::from_secs(cfg.ledger_fault_secs),
+        on_ledger_fault: cfg.on_ledger_fault.safe_state(),
+        ledger_max_bytes: cfg.ledger_max_mib.map(|m| m.saturating_mul(1 << 20)),
         commit_hook: Some(hook(
             tracker.clone(),
             site.clone(),

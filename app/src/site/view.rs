@@ -4,7 +4,7 @@
 //! price), so nothing beside the engine tracks state of its own.
 
 use crate::site::handle::{
-    now_ms, CommandCounts, DrEventView, MinerView, SignalCounts, SiteHandle, SiteState,
+    now_ms, CommandCounts, DrEventView, LedgerView, MinerView, SignalCounts, SiteHandle, SiteState,
 };
 use gridproxy_curtail::driver::DriverStatus;
 use gridproxy_curtail::fleet::MinerId;
@@ -99,6 +99,18 @@ pub fn build(
             verified: st.verified,
             failed: st.failed,
         },
+        driver_running: true,
+        ledger: LedgerView {
+            error: st.ledger.error.clone(),
+            failing_secs: st
+                .ledger
+                .failing_since
+                .map(|t| st.now.saturating_since(t).as_secs()),
+            fault_engaged: st.ledger.fault_engaged,
+            write_errors: st.ledger.write_errors,
+            dropped: st.ledger.dropped,
+            unrecorded_commands: st.ledger.unrecorded_commands,
+        },
         signals: SignalCounts {
             received: st.signals,
             refused: st.rejected_signals,
@@ -130,7 +142,9 @@ pub fn spawn_publisher(
                 _ = tick.tick() => {}
             }
             let st = status.borrow().clone();
-            let (state, views) = build(&st, &inventory, nominal_kw, site.override_note());
+            let (mut state, views) = build(&st, &inventory, nominal_kw, site.override_note());
+            // The driver holds the sender: gone means the driver stopped.
+            state.driver_running = status.has_changed().is_ok();
             if let Some(tx) = &feeds.site_kw {
                 let _ = tx.send(state.site_kw);
             }

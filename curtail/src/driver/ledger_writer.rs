@@ -2,6 +2,7 @@
 //! in order and telling the commit hook after each.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -58,29 +59,94 @@ fn write_one(ledger: &mut Ledger, r: &Record) -> Result<(), LedgerError> {
     }
 }
 
-/// The writer thread: one record at a time, in order; stops at the first
-/// error (the driver then stops too).
+/// What the writer tells the driver about its health: set while a write
+/// keeps failing (disk full, file locked, size guard reached), cleared when
+/// one succeeds.
+#[derive(Default)]
+pub(super) struct LedgerFault {
+    state: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl LedgerFault {
+    /// Since when writes fail (real time) and the last error.
+    pub(super) fn get(&self) -> Option<(std::time::Instant, String)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Failed write attempts so far.
+    pub(super) fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn failed(&self, e: &LedgerError) {
+        let n = self
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let since = st.as_ref().map_or_else(std::time::Instant::now, |s| s.0);
+        *st = Some((since, e.to_string()));
+        // The first failure and then one line per power of two.
+        if n.is_power_of_two() {
+            tracing::error!(error = %e, attempts = n, "ledger write failed; retrying");
+        }
+    }
+
+    fn ok(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.take().is_some() {
+            tracing::warn!("ledger writes succeed again");
+        }
+    }
+}
+
+/// First and longest wait between attempts at a failing write.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Once the driver has gone (its queue is closed), how long a failing
+/// write is still retried before the writer gives up.
+const GIVE_UP_AFTER_CLOSE: Duration = Duration::from_secs(5);
+
+/// The writer thread: one record at a time, in order. A failed write is
+/// retried (with backoff) until it succeeds, so no record is skipped or
+/// reordered; `fault` tells the driver meanwhile. It gives up only when the
+/// driver has stopped and the write still fails.
 pub(super) fn write_loop(
     mut ledger: Ledger,
     mut rx: mpsc::Receiver<Write>,
     hook: Option<CommitHook>,
+    fault: Arc<LedgerFault>,
 ) -> Result<(), LedgerError> {
     while let Some(w) = rx.blocking_recv() {
-        match write_one(&mut ledger, &w.record) {
-            Ok(()) => {
-                if let Some(h) = &hook {
-                    h(&w.record);
+        let mut wait = RETRY_FIRST;
+        let mut closed_at: Option<std::time::Instant> = None;
+        loop {
+            match write_one(&mut ledger, &w.record) {
+                Ok(()) => {
+                    fault.ok();
+                    if let Some(h) = &hook {
+                        h(&w.record);
+                    }
+                    if let Some(done) = w.done {
+                        let _ = done.send(Ok(()));
+                    }
+                    break;
                 }
-                if let Some(done) = w.done {
-                    let _ = done.send(Ok(()));
+                Err(e) => {
+                    fault.failed(&e);
+                    if rx.is_closed() {
+                        let t = *closed_at.get_or_insert_with(std::time::Instant::now);
+                        if t.elapsed() >= GIVE_UP_AFTER_CLOSE {
+                            if let Some(done) = w.done {
+                                let _ = done.send(Err(e.to_string()));
+                            }
+                            return Err(e);
+                        }
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
                 }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "ledger write failed");
-                if let Some(done) = w.done {
-                    let _ = done.send(Err(e.to_string()));
-                }
-                return Err(e);
             }
         }
     }

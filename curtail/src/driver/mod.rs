@@ -35,8 +35,11 @@
 //! DR event that caused them). What a `kill -9` can lose is only what was
 //! still queued: acknowledgements of commands sent in the last moments,
 //! which then show in the ledger as sent and unanswered, the truth as far as
-//! the ledger could know it. A ledger write error stops the driver (no
-//! command is sent unrecorded); the fleet stays as it is.
+//! the ledger could know it. A failed write is retried in order; commands
+//! wait for it (none is sent unrecorded) until
+//! [`DriverConfig::ledger_fault_timeout`], after which the site holds
+//! [`DriverConfig::on_ledger_fault`] and commands go out unrecorded, counted
+//! in [`LedgerHealth`].
 //!
 //! # Time
 //!
@@ -78,7 +81,8 @@ pub use audit::{AckRecord, Audit, EventRecord, NoteRecord};
 pub use edge::{Edge, Nothing, Route};
 pub use ledger_writer::{CommitHook, Record};
 pub use status::{
-    CommandedState, DrEventStatus, DriverReport, DriverStatus, MinerStatus, Miners, Resumed,
+    CommandedState, DrEventStatus, DriverReport, DriverStatus, LedgerHealth, MinerStatus, Miners,
+    Resumed,
 };
 
 use ledger_writer::{write_loop, Write};
@@ -107,6 +111,17 @@ pub struct DriverConfig {
     pub drain_timeout: Duration,
     /// Called after each committed record.
     pub commit_hook: Option<CommitHook>,
+    /// How long ledger writes may keep failing (retried meanwhile; commands
+    /// wait, since each is recorded before it is sent) before the site goes
+    /// to [`DriverConfig::on_ledger_fault`] and commands go out unrecorded.
+    pub ledger_fault_timeout: Duration,
+    /// The safe state held while the ledger fails past the timeout:
+    /// `CurtailAll` sleeps the fleet; `HoldLast`/`KeepRunning` keep
+    /// following signals (unrecorded, counted and logged).
+    pub on_ledger_fault: crate::policy::SafeState,
+    /// Size guard: the ledger file may not grow past this many bytes (a
+    /// write that would is a ledger fault, as a full disk is).
+    pub ledger_max_bytes: Option<u64>,
 }
 
 impl Default for DriverConfig {
@@ -119,6 +134,9 @@ impl Default for DriverConfig {
             ledger_queue: 4096,
             drain_timeout: Duration::from_secs(10),
             commit_hook: None,
+            ledger_fault_timeout: Duration::from_secs(60),
+            on_ledger_fault: crate::policy::SafeState::HoldLast,
+            ledger_max_bytes: None,
         }
     }
 }
@@ -294,11 +312,16 @@ where
         engine.resume(now, resume)?;
     }
 
+    if let Some(max) = cfg.ledger_max_bytes {
+        ledger.set_max_bytes(max)?;
+    }
     let (ledger_tx, ledger_rx) = mpsc::channel::<Write>(cfg.ledger_queue.max(1));
     let hook = cfg.commit_hook.clone();
+    let fault = Arc::new(ledger_writer::LedgerFault::default());
+    let writer_fault = fault.clone();
     let writer = std::thread::Builder::new()
         .name("curtail-ledger".into())
-        .spawn(move || write_loop(ledger, ledger_rx, hook))
+        .spawn(move || write_loop(ledger, ledger_rx, hook, writer_fault))
         .map_err(|e| DriverError::Task(format!("spawn ledger writer: {e}")))?;
 
     let shutdown = CancellationToken::new();
@@ -334,6 +357,8 @@ where
         meter: Meter::new(now),
         view,
         intake: intake::Intake::default(),
+        fault,
+        fault_seen: None,
         cfg,
     };
     let stop = shutdown.clone();
@@ -363,6 +388,7 @@ fn snapshot(engine: &Engine, now: Timestamp, resumed: Resumed) -> DriverStatus {
         rejected_signals: 0,
         duplicate_signals: 0,
         rate_limited_signals: 0,
+        ledger: LedgerHealth::default(),
         issued: 0,
         acks_ok: 0,
         acks_failed: 0,

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::actuator::Actuator;
-use crate::command::{Ack, CommandId};
+use crate::command::{Ack, Command, CommandId};
 use crate::ledger::{Interval, LedgerError};
 use crate::policy::{Engine, PolicyError, PolicyEvent};
 use crate::signal::Signal;
@@ -35,6 +35,10 @@ pub(super) struct Run<A, C> {
     pub(super) view: MinersBuilder,
     /// Checks, de-duplicates and rate-limits signals before the ledger.
     pub(super) intake: super::intake::Intake,
+    /// Set by the ledger writer while writes fail.
+    pub(super) fault: Arc<super::ledger_writer::LedgerFault>,
+    /// When the loop first saw the current ledger failure (its clock).
+    pub(super) fault_seen: Option<Timestamp>,
     pub(super) cfg: DriverConfig,
 }
 
@@ -80,15 +84,21 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         let mut signals_open = true;
         loop {
             let now = self.clock.now();
+            self.check_ledger(now);
             self.engine.handle_timeout(now);
             self.issue(now).await?;
             self.events().await?;
             self.publish(now);
 
-            let sleep = self
+            let mut sleep = self
                 .engine
                 .poll_timeout()
                 .map(|t| self.clock.real(t.saturating_since(self.clock.now())));
+            if self.status.ledger.error.is_some() {
+                // Watch the fault's clock (and its recovery) every second.
+                let tick = self.clock.real(Duration::from_secs(1));
+                sleep = Some(sleep.map_or(tick, |s| s.min(tick)));
+            }
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 s = signals.recv(), if signals_open => match s {
@@ -144,11 +154,104 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         Ok(())
     }
 
-    async fn write(&self, record: Record) -> Result<(), DriverError> {
+    /// Follow the ledger writer's health: publish it, and once writes have
+    /// failed for [`DriverConfig::ledger_fault_timeout`] put the engine in
+    /// its ledger-fault safe state (lifted when a write succeeds again).
+    fn check_ledger(&mut self, now: Timestamp) {
+        let l = &mut self.status.ledger;
+        l.write_errors = self.fault.errors();
+        match self.fault.get() {
+            Some((_, error)) => {
+                let since = *self.fault_seen.get_or_insert(now);
+                l.error = Some(error);
+                l.failing_since = Some(since);
+                if !l.fault_engaged && now.saturating_since(since) >= self.cfg.ledger_fault_timeout
+                {
+                    l.fault_engaged = true;
+                    tracing::error!(
+                        safe_state = ?self.cfg.on_ledger_fault,
+                        "ledger failing for {:?}: site in its ledger-fault safe state, commands go out unrecorded",
+                        self.cfg.ledger_fault_timeout
+                    );
+                    self.engine.set_ledger_fault(Some(self.cfg.on_ledger_fault));
+                }
+            }
+            None => {
+                if l.fault_engaged {
+                    tracing::warn!("ledger writes again: ledger-fault safe state lifted");
+                    self.engine.set_ledger_fault(None);
+                }
+                self.fault_seen = None;
+                l.error = None;
+                l.failing_since = None;
+                l.fault_engaged = false;
+            }
+        }
+    }
+
+    /// Queue a record. While the ledger fails, a full queue drops the
+    /// record (counted) instead of stalling the loop: the engine must keep
+    /// hearing signals and answering DR events.
+    async fn write(&mut self, record: Record) -> Result<(), DriverError> {
+        let w = Write { record, done: None };
+        if self.fault.get().is_none() {
+            return self
+                .ledger
+                .send(w)
+                .await
+                .map_err(|_| DriverError::LedgerClosed);
+        }
+        match self.ledger.try_send(w) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.status.ledger.dropped += 1;
+                if self.status.ledger.dropped.is_power_of_two() {
+                    tracing::error!(
+                        dropped = self.status.ledger.dropped,
+                        "ledger failing and its queue full: record dropped"
+                    );
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(DriverError::LedgerClosed),
+        }
+    }
+
+    /// Record `cmds` and wait until they are durable. While the ledger
+    /// fails the wait goes on (the writer retries) until the fault timeout;
+    /// then the commands go out anyway, counted as unrecorded.
+    async fn commit(&mut self, cmds: &[Command]) -> Result<(), DriverError> {
+        let (done, mut committed) = oneshot::channel();
         self.ledger
-            .send(Write { record, done: None })
+            .send(Write {
+                record: Record::Commands(cmds.to_vec()),
+                done: Some(done),
+            })
             .await
-            .map_err(|_| DriverError::LedgerClosed)
+            .map_err(|_| DriverError::LedgerClosed)?;
+        loop {
+            let tick = self.clock.real(Duration::from_secs(1));
+            tokio::select! {
+                r = &mut committed => {
+                    return r
+                        .map_err(|_| DriverError::LedgerClosed)?
+                        .map_err(DriverError::LedgerWrite);
+                }
+                _ = tokio::time::sleep(tick) => {
+                    let now = self.clock.now();
+                    self.check_ledger(now);
+                    self.publish(now);
+                    if self.status.ledger.fault_engaged {
+                        self.status.ledger.unrecorded_commands += cmds.len() as u64;
+                        tracing::error!(
+                            commands = cmds.len(),
+                            "ledger failing: commands sent before they were recorded"
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     /// Drain due commands, commit them, then hand them to actuators.
@@ -157,19 +260,20 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         if cmds.is_empty() {
             return Ok(());
         }
-        let (done, committed) = oneshot::channel();
-        self.ledger
-            .send(Write {
-                record: Record::Commands(cmds.clone()),
-                done: Some(done),
-            })
-            .await
-            .map_err(|_| DriverError::LedgerClosed)?;
-        committed
-            .await
-            .map_err(|_| DriverError::LedgerClosed)?
-            .map_err(DriverError::LedgerWrite)?;
         let n = cmds.len();
+        if self.status.ledger.fault_engaged {
+            // The ledger has failed past its timeout: queue the record if
+            // there is room, and act without waiting for it.
+            self.write(Record::Commands(cmds.clone())).await?;
+            self.status.ledger.unrecorded_commands += n as u64;
+            tracing::error!(
+                commands = n,
+                first = %cmds[0].id,
+                "ledger failing: commands sent before they were recorded"
+            );
+        } else {
+            self.commit(&cmds).await?;
+        }
         for c in &cmds {
             self.view.commanded(c.miner, c.action);
         }

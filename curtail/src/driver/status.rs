@@ -24,6 +24,24 @@ pub struct Resumed {
     pub events: usize,
 }
 
+/// The ledger as the driver sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LedgerHealth {
+    /// The last write error, while writes keep failing (retried).
+    pub error: Option<String>,
+    /// When the driver first saw the current failure (driver clock).
+    pub failing_since: Option<Timestamp>,
+    /// The failure outlasted the timeout: the site is in its ledger-fault
+    /// safe state and commands go out unrecorded.
+    pub fault_engaged: bool,
+    /// Failed write attempts, in all.
+    pub write_errors: u64,
+    /// Records dropped because the queue was full while writes failed.
+    pub dropped: u64,
+    /// Commands sent without being recorded first (fault engaged).
+    pub unrecorded_commands: u64,
+}
+
 /// A snapshot of the driver, published after each loop turn.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DriverStatus {
@@ -40,6 +58,8 @@ pub struct DriverStatus {
     pub duplicate_signals: u64,
     /// Signals over their kind's rate; dropped, not recorded.
     pub rate_limited_signals: u64,
+    /// Ledger health.
+    pub ledger: LedgerHealth,
     /// Commands committed to the ledger and handed to actuators.
     pub issued: u64,
     /// Acknowledged OK / failed by actuators.

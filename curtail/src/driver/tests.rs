@@ -391,6 +391,73 @@ async fn a_signal_flood_is_bounded_before_the_ledger() {
     );
 }
 
+/// The ledger stops taking writes (its size guard, which fails exactly as a
+/// full disk does): the failure is published at once, writes are retried,
+/// and after the fault timeout the site goes to its configured safe state
+/// (here: curtail all), with the commands that needed sending counted as
+/// unrecorded instead of the fleet being left deaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_ledger_is_reported_and_the_site_goes_to_its_safe_state() {
+    let d = dir();
+    let path = d.join("ledger.db");
+    let stub = Stub::default();
+    let cfg = DriverConfig {
+        poll_interval: Duration::from_secs(1),
+        ledger_fault_timeout: Duration::from_secs(10),
+        on_ledger_fault: crate::policy::SafeState::CurtailAll,
+        // No room beyond what the new file holds.
+        ledger_max_bytes: Some(1),
+        ..DriverConfig::default()
+    };
+    let policy = PolicyConfig {
+        min_on: Duration::ZERO,
+        ..policy()
+    };
+    let h = spawn(&path, policy, fleet(10), edge(&stub), cfg)
+        .await
+        .unwrap();
+    assert_eq!(h.status().ledger, LedgerHealth::default());
+    // Signals fill the last free page; then writes fail.
+    let clock = ScaledClock::new(20.0);
+    let mut sent = 0;
+    while h.status().ledger.error.is_none() && sent < 20_000 {
+        let at = clock.now();
+        h.send(Signal::Dispatch(crate::signal::DispatchSignal {
+            at,
+            target_kw: None,
+        }))
+        .await
+        .unwrap();
+        sent += 1;
+        if sent % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let st = h
+        .wait_for(Duration::from_secs(10), |s| s.ledger.error.is_some())
+        .await
+        .expect("the failing ledger is reported");
+    let err = st.ledger.error.clone().unwrap();
+    assert!(err.contains("full"), "{err}");
+    assert!(!st.ledger.fault_engaged, "not before the timeout");
+    // After the timeout (10 s of a 20x clock): safe state, fleet asleep.
+    let st = h
+        .wait_for(Duration::from_secs(20), |s| {
+            s.ledger.fault_engaged && s.miners.curtailed() == 10 && s.acks_ok >= 10
+        })
+        .await
+        .unwrap_or_else(|| panic!("safe state not reached: {:?}", h.status()));
+    assert_eq!(st.mode, crate::policy::Mode::SafeState, "{st:?}");
+    assert!(st.ledger.unrecorded_commands >= 10, "{:?}", st.ledger);
+    assert!(st.ledger.write_errors > 0);
+    // The writer gives up only once the driver has stopped.
+    let r = h.shutdown().await;
+    assert!(
+        matches!(r, Err(DriverError::LedgerWrite(_))),
+        "a ledger that never recovered is an error at shutdown: {r:?}"
+    );
+}
+
 #[test]
 fn miners_are_shared_until_changed() {
     let mut b = MinersBuilder::new((0..3000).map(MinerId));

@@ -16,7 +16,7 @@ use crate::signal::{
 use crate::time::Timestamp;
 
 use super::dispatch::{Class, QEntry, RateLimiter};
-use super::{DrEventState, FailReason, Mode, Plan, PolicyConfig, PolicyEvent};
+use super::{DrEventState, FailReason, Mode, Plan, PolicyConfig, PolicyEvent, SafeState};
 
 /// What a restarted engine needs from the ledger (see
 /// [`Ledger::recover`](crate::ledger::Ledger::recover)).
@@ -156,6 +156,9 @@ pub struct Engine {
     pub(super) route: Option<PoolId>,
 
     pub(super) stale: Option<String>,
+    /// The ledger cannot be written and the driver asked for this safe
+    /// state (see [`Engine::set_ledger_fault`]).
+    pub(super) ledger_fault: Option<SafeState>,
     pub(super) plan: Plan,
     pub(super) last_decision: Option<(Mode, Option<f64>)>,
     pub(super) dirty: bool,
@@ -194,6 +197,7 @@ impl Engine {
             override_: None,
             route: None,
             stale: None,
+            ledger_fault: None,
             plan: Plan {
                 at: now,
                 mode: Mode::Normal,
@@ -363,6 +367,16 @@ impl Engine {
     }
 
     // ----- inputs -----
+
+    /// The ledger has failed for longer than the driver tolerates (`Some`:
+    /// the safe state to hold, shown as stale `ledger`), or works again
+    /// (`None`). Re-plans at the next poll.
+    pub fn set_ledger_fault(&mut self, fault: Option<SafeState>) {
+        if self.ledger_fault != fault {
+            self.ledger_fault = fault;
+            self.dirty = true;
+        }
+    }
 
     /// Whether [`Engine::handle_signal`] would take `signal` at `now`:
     /// ranges and sizes, and a timestamp no further ahead of `now` than

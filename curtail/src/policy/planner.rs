@@ -23,11 +23,13 @@ struct Stale {
     price: Option<SafeState>,
     site: Option<SafeState>,
     dispatch: Option<SafeState>,
+    /// Not a signal: the ledger cannot be written (set by the driver).
+    ledger: Option<SafeState>,
 }
 
 impl Stale {
     fn any(&self, s: SafeState) -> bool {
-        [self.price, self.site, self.dispatch].contains(&Some(s))
+        [self.price, self.site, self.dispatch, self.ledger].contains(&Some(s))
     }
     fn describe(&self) -> Option<String> {
         let mut v = Vec::new();
@@ -39,6 +41,9 @@ impl Stale {
         }
         if self.dispatch.is_some() {
             v.push("dispatch");
+        }
+        if self.ledger.is_some() {
+            v.push("ledger");
         }
         (!v.is_empty()).then(|| v.join(","))
     }
@@ -276,6 +281,7 @@ impl Engine {
             } else {
                 None
             },
+            ledger: self.ledger_fault,
         }
     }
 
