@@ -6,13 +6,12 @@ const KEEP_MS = 15 * 60 * 1000;
 const POOL_COLORS = ["#3e9bff", "#f5a623", "#30a46c", "#b66dff", "#e5484d", "#12a594"];
 const state = { points: [], pools: [], lastT: 0, lastSeq: 0, role: null, search: "", polling: false };
 
-function token() { return localStorage.getItem("gridproxy.token") || ""; }
-function setToken(t) { localStorage.setItem("gridproxy.token", t); }
-
-(function tokenFromHash() {
-  const m = location.hash.match(/token=([^&]+)/);
-  if (m) { setToken(decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname); }
-})();
+// The token lives in this tab's sessionStorage only: not in localStorage
+// (it would outlive the session on a shared machine) and never in the URL
+// (history, logs, Referer).
+function token() { return sessionStorage.getItem("gridproxy.token") || ""; }
+function setToken(t) { sessionStorage.setItem("gridproxy.token", t); }
+try { localStorage.removeItem("gridproxy.token"); } catch (_) { /* older versions kept it there */ }
 
 async function api(path, opts = {}) {
   const headers = Object.assign({ "Authorization": "Bearer " + token() }, opts.headers || {});

@@ -496,8 +496,8 @@ token = "{read_token}"
             site.len()
         );
         println!(
-            "  dashboard:      http://{}/#token={}",
-            server.addr, operate_token
+            "  dashboard:      http://{}/  (token: {operate_token}; paste it into the page)",
+            server.addr
         );
         println!(
             "  control API:    http://{}/api/v1/  (OpenAPI: /api/v1/openapi.json)",

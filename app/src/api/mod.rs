@@ -13,7 +13,7 @@
 //! | route | auth |
 //! |---|---|
 //! | `GET /`, `/app.js` (dashboard), `/healthz` (503 with reasons when the site's driver stopped or its ledger fails), `/api/v1/openapi.json` | none |
-//! | `GET /metrics` | none, or `read` when `metrics_public = false` |
+//! | `GET /metrics` | none when `metrics_public` (default: on a loopback listener only), else `read` |
 //! | `GET /api/v1/{whoami,fleet,workers,pools,events,history,ledger}` | `read` |
 //! | `POST /api/v1/curtail`, `POST /api/v1/reload` | `operate` |
 //!
@@ -113,27 +113,28 @@ pub async fn start(
         live: live.clone(),
         metrics: metrics.clone(),
         tokens,
-        metrics_public: cfg.metrics_public,
+        metrics_public: cfg.metrics_public_on(addr),
     });
     let app = router(state);
-    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-        let acceptor = tls::acceptor(cert, key).map_err(|e| anyhow::anyhow!("api TLS: {e}"))?;
-        info!(%addr, "control API and dashboard up (HTTPS)");
-        tokio::spawn(serve_tls(listener, acceptor, app, shutdown));
-    } else {
-        if !addr.ip().is_loopback() {
-            warn!(%addr, "control API on a non-loopback address without TLS: tokens travel in clear");
+    let acceptor = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => {
+            let a = tls::acceptor(cert, key).map_err(|e| anyhow::anyhow!("api TLS: {e}"))?;
+            info!(%addr, "control API and dashboard up (HTTPS)");
+            Some(a)
         }
-        info!(%addr, "control API and dashboard up");
-        tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                warn!(error = %e, "control API stopped");
+        _ => {
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "control API on a non-loopback address without TLS: tokens travel in clear");
             }
-        });
-    }
+            info!(%addr, "control API and dashboard up");
+            None
+        }
+    };
+    let limits = ConnLimits {
+        max: cfg.max_connections,
+        header_timeout: Duration::from_secs(cfg.header_timeout_secs),
+    };
+    tokio::spawn(serve(listener, acceptor, app, limits, shutdown));
     Ok(ApiServer {
         addr,
         metrics,
@@ -141,16 +142,27 @@ pub async fn start(
     })
 }
 
-/// HTTPS: a TLS handshake (bounded in time) per connection, then HTTP/1.1
-/// through hyper into the same router.
-async fn serve_tls(
+/// Bounds on the control API's connections.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    /// Connections served at once; more are closed on accept.
+    max: usize,
+    /// Time a client has to send a request's headers (TLS handshake too).
+    header_timeout: Duration,
+}
+
+/// One task per connection, at most `limits.max` at once: a TLS handshake
+/// when `acceptor` is set, then HTTP/1.1 through hyper into the router, with
+/// a header-read timeout so a slow client cannot hold a slot.
+async fn serve(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     app: Router,
+    limits: ConnLimits,
     shutdown: CancellationToken,
 ) {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max.max(1)));
+    let mut refused: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -163,25 +175,64 @@ async fn serve_tls(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                warn!(%peer, refused, max = limits.max, "control API connection cap reached: connection closed");
+            }
+            drop(tcp);
+            continue;
+        };
         let (acceptor, app, stop) = (acceptor.clone(), app.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "control API TLS handshake failed"),
-                Err(_) => return debug!(%peer, "control API TLS handshake timed out"),
-            };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    debug!(%peer, error = %e, "control API connection ended");
-                },
+            let _permit = permit;
+            match acceptor {
+                Some(acceptor) => {
+                    let tls =
+                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                return debug!(%peer, error = %e, "control API TLS handshake failed")
+                            }
+                            Err(_) => return debug!(%peer, "control API TLS handshake timed out"),
+                        };
+                    serve_conn(tls, app, limits, peer, stop).await
+                }
+                None => serve_conn(tcp, app, limits, peer, stop).await,
             }
         });
     }
+}
+
+async fn serve_conn<S>(
+    io: S,
+    app: Router,
+    limits: ConnLimits,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(%peer, error = %e, "control API connection ended");
+            }
+            return;
+        }
+    }
+    // Let a request in progress finish, briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 /// The axum router (exposed for in-process tests).
@@ -348,11 +399,22 @@ async fn auth(State(st): State<Arc<ApiState>>, mut req: Request, next: Next) -> 
     next.run(req).await
 }
 
+/// The dashboard's Content-Security-Policy: its own script and API only,
+/// inline styles (the page has a `<style>` block), no framing (clickjacking
+/// of the operate controls), no plugins, no base or form redirection.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+     img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; \
+     base-uri 'none'; form-action 'none'";
+
 async fn index() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         INDEX_HTML,
     )

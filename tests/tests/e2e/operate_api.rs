@@ -27,6 +27,11 @@ struct Rig {
 
 /// Two local pools, a proxy splitting 1:1, `miners` fixture miners, the API.
 async fn rig(miners: usize) -> Rig {
+    rig_with(miners, "").await
+}
+
+/// As [`rig`], with `api_extra` lines added to `[api]`.
+async fn rig_with(miners: usize, api_extra: &str) -> Rig {
     let stop = CancellationToken::new();
     let mut pools = vec![];
     for name in ["pa", "pb"] {
@@ -63,6 +68,7 @@ min = 1e-9
 
 [api]
 listen = "127.0.0.1:0"
+{api_extra}
 
 [[api.tokens]]
 name = "ops"
@@ -75,7 +81,7 @@ role = "read"
 token = "{READ}"
 "#,
         pools[0].addr(),
-        pools[1].addr()
+        pools[1].addr(),
     );
     let cfg = gridproxy::Config::parse(&text, "test.toml").unwrap();
     let app = gridproxy_tests::start_app(cfg, None).await;
@@ -393,4 +399,62 @@ fn config_parse_of_the_api_section() {
     let ok = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n";
     let c = Config::parse(ok, "t").unwrap();
     assert!(c.api.listen.is_none(), "the API is off unless configured");
+}
+
+/// A client that never finishes its headers is cut after
+/// `header_timeout_secs`; connections over `max_connections` are closed at
+/// once, and a slot freed by the timeout serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_surplus_api_clients_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let r = rig_with(0, "max_connections = 4\nheader_timeout_secs = 1").await;
+    // Four slowloris clients: half a request each, then silence.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(r.api).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Give the server a moment to take them (each holds a slot): wait until
+    // a fifth connection is refused, which is what is being tested.
+    let mut refused = false;
+    for _ in 0..50 {
+        let mut extra = tokio::net::TcpStream::connect(r.api).await.unwrap();
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_millis(500), extra.read_to_end(&mut buf)).await {
+            Ok(_) if buf.is_empty() => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(
+        refused,
+        "a fifth connection was served over max_connections = 4"
+    );
+    // The slow ones are cut by the header timeout (1 s), not left hanging.
+    let started = std::time::Instant::now();
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            r.is_ok(),
+            "a client that never finished its headers was kept"
+        );
+    }
+    println!("slowloris clients cut after {:?}", started.elapsed());
+    // Slots are free again: a normal request is served.
+    wait_for("a freed slot serves /healthz", 10, async || {
+        call(r.api, "GET", "/healthz", None, None).await.status == 200
+    })
+    .await;
+    r.stop.cancel();
+    r.proxy.stop.cancel();
 }

@@ -290,7 +290,7 @@ async fn dashboard_in_chromium_plots_live_data_and_curtails() {
     s.cmd(
         "POST",
         "/url",
-        Some(json!({"url": format!("http://{api}/#token={op}")})),
+        Some(json!({"url": format!("http://{api}/")})),
     )
     .await;
     s.wait_js(
@@ -299,7 +299,29 @@ async fn dashboard_in_chromium_plots_live_data_and_curtails() {
         20,
     )
     .await;
-    // The token from the URL fragment was taken and the role shown.
+    // The page is served with a CSP that forbids framing.
+    let page = gridproxy::api::client::request(api, "GET", "/", None, None, T)
+        .await
+        .expect("dashboard page");
+    let csp = page
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-security-policy")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+        "CSP: {csp:?}"
+    );
+    // The operator types the token in; it is kept for this tab only.
+    s.type_into("#token", &op).await;
+    s.click("#token-save").await;
+    s.wait_js(
+        "the token in sessionStorage only",
+        "return sessionStorage.getItem('gridproxy.token') !== null && localStorage.getItem('gridproxy.token') === null",
+        20,
+    )
+    .await;
     s.wait_js(
         "the operate role",
         "return document.getElementById('role').textContent.includes('operate')",
