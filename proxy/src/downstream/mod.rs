@@ -137,7 +137,7 @@ impl Ctx {
         self.slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .allocate()
+            .allocate(std::time::Instant::now())
     }
 
     /// Give a miner part back.
@@ -145,7 +145,7 @@ impl Ctx {
         self.slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .release(slot)
+            .release(slot, std::time::Instant::now())
     }
 
     /// Miners holding a slot now.

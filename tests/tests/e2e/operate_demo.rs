@@ -119,9 +119,15 @@ async fn demo_site_follows_the_price_spike_and_the_dr_event() {
     println!("{}", report.summary());
 
     assert!(report.pool_accepted > 50, "{}", report.summary());
-    // Stale shares across a tip change are fine; invalid ones are not.
-    // (Rare duplicates are possible: a reconnecting miner may get a just-freed
-    // extranonce prefix and repeat work on the same job; see the report.)
+    // Stale shares across a tip change are fine; invalid ones are not, and
+    // neither are duplicates: a reconnecting miner gets a fresh extranonce
+    // prefix (released ones rest past a job's life), so no work repeats.
+    assert_eq!(
+        report.pool_rejects.get("duplicate").copied().unwrap_or(0),
+        0,
+        "the pools saw duplicate shares: {}",
+        report.summary()
+    );
     assert_eq!(
         report.pool_invalid,
         0,
