@@ -119,6 +119,8 @@ impl Metrics {
     fn refresh(&self, ctx: &Ctx, workers: &[WorkerSnapshot], site: &SiteState, fleet_hs: f64) {
         gauge!("gridproxy_miners_connected").set(ctx.slots_in_use() as f64);
         gauge!("gridproxy_workers_known").set(workers.len() as f64);
+        counter!("gridproxy_workers_evicted_total").absolute(ctx.registry.evicted.get());
+        counter!("gridproxy_workers_untracked_total").absolute(ctx.registry.untracked.get());
         gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);
 
         let mut accepted = 0u64;
@@ -337,6 +339,16 @@ fn describe() {
     describe_gauge!(
         "gridproxy_site_driver_running",
         "1 while the curtailment driver runs; 0 once it has stopped."
+    );
+    describe_counter!(
+        "gridproxy_workers_evicted_total",
+        Unit::Count,
+        "Worker names forgotten: idle past limits.worker_idle_secs, or evicted when limits.max_workers was reached."
+    );
+    describe_counter!(
+        "gridproxy_workers_untracked_total",
+        Unit::Count,
+        "New worker names served without per-worker counters (registry full of connected workers)."
     );
     describe_counter!(
         "gridproxy_site_signals_total",

@@ -169,6 +169,13 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Longest worker name kept (longer names are truncated).
     pub max_worker_name: usize,
+    /// Worker names the registry keeps (per-worker counters). When full,
+    /// names with no connection are evicted, longest idle first; a new name
+    /// beyond that is served but not tracked.
+    pub max_workers: usize,
+    /// A worker name with no connection and no share for this long is
+    /// forgotten, seconds.
+    pub worker_idle_secs: u64,
     /// SV1 sessions writing a new job's notify at once (0: half the cores).
     /// A new template wakes every miner together; a bound keeps cores free
     /// for shares meanwhile. Read at start.
@@ -185,6 +192,8 @@ impl Default for Limits {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
             max_worker_name: 128,
+            max_workers: 100_000,
+            worker_idle_secs: 3600,
             notify_writers: 0,
         }
     }
@@ -382,6 +391,18 @@ impl ProxyConfig {
         if !(1..=MAX_IDLE_SECS).contains(&l.idle_timeout_secs) {
             return Err(bad(
                 "limits.idle_timeout_secs".into(),
+                format!("must be 1..={MAX_IDLE_SECS} (a week)"),
+            ));
+        }
+        if !(1..=10_000_000).contains(&l.max_workers) {
+            return Err(bad(
+                "limits.max_workers".into(),
+                "must be 1..=10000000".into(),
+            ));
+        }
+        if !(1..=MAX_IDLE_SECS).contains(&l.worker_idle_secs) {
+            return Err(bad(
+                "limits.worker_idle_secs".into(),
                 format!("must be 1..={MAX_IDLE_SECS} (a week)"),
             ));
         }

@@ -67,7 +67,10 @@ impl Proxy {
         }
         let router = Router::with_stops(&cfg, handles, stops);
         router.spawn_monitor(shutdown.clone(), &tasks);
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(
+            cfg.limits.max_workers,
+            Duration::from_secs(cfg.limits.worker_idle_secs),
+        ));
         let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone(), tasks);
         let started = async {
             let mut sv1_addr = None;

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -99,6 +99,8 @@ pub struct WorkerStats {
     first_share_ms: AtomicU64,
     /// Connections currently using this name.
     pub connections: AtomicU64,
+    /// Unix ms this name last connected.
+    last_seen_ms: AtomicU64,
 }
 
 impl WorkerStats {
@@ -120,6 +122,12 @@ impl WorkerStats {
         }
         let secs = (now_ms().saturating_sub(first)) as f64 / 1000.0;
         gridproxy_protocol::difficulty::hashrate_from_shares(self.difficulty_sum(), secs.max(1.0))
+    }
+    /// Unix ms of the last connect or accepted share.
+    fn last_active_ms(&self) -> u64 {
+        self.last_seen_ms
+            .load(Relaxed)
+            .max(self.last_share_ms.load(Relaxed))
     }
     /// Count a rejected share.
     pub fn reject(&self, why: RejectReason) {
@@ -270,39 +278,159 @@ impl F64Sum {
     }
 }
 
-/// Registry of worker stats by name.
-#[derive(Debug, Default)]
+/// Registry of worker stats by name, bounded: a peer that connects with
+/// fresh names cannot grow it without limit. Names with no connection are
+/// forgotten after an idle time, and when the registry is full the longest
+/// idle of them make room; a new name beyond that is served but not kept.
+#[derive(Debug)]
 pub struct Registry {
     workers: Mutex<HashMap<String, Arc<WorkerStats>>>,
+    max: AtomicUsize,
+    idle_ms: AtomicU64,
+    /// Names forgotten (idle or evicted to make room).
+    pub evicted: Counter,
+    /// New names served untracked because the registry was full of
+    /// connected workers.
+    pub untracked: Counter,
+    /// When idle names were last swept (unix ms).
+    swept_ms: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(100_000, std::time::Duration::from_secs(3600))
+    }
 }
 
 impl Registry {
-    /// The stats for a worker name, created on first use.
-    pub fn worker(&self, name: &str) -> Arc<WorkerStats> {
-        let mut m = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(WorkerStats {
-                    name: name.to_string(),
-                    ..Default::default()
-                })
-            })
-            .clone()
+    /// At most `max` names; a name with no connection forgotten after `idle`.
+    pub fn new(max: usize, idle: std::time::Duration) -> Self {
+        Registry {
+            workers: Mutex::new(HashMap::new()),
+            max: AtomicUsize::new(max.max(1)),
+            idle_ms: AtomicU64::new(idle.as_millis().try_into().unwrap_or(u64::MAX)),
+            evicted: Counter::default(),
+            untracked: Counter::default(),
+            swept_ms: AtomicU64::new(now_ms()),
+        }
     }
-    /// Snapshots of every worker, sorted by name.
+
+    /// New bounds (a reload); they take effect at the next insert or sweep.
+    pub fn set_limits(&self, max: usize, idle: std::time::Duration) {
+        self.max.store(max.max(1), Relaxed);
+        self.idle_ms
+            .store(idle.as_millis().try_into().unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<WorkerStats>>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stats for a worker name, created on first use, with one more
+    /// connection counted (under the lock, so a sweep never forgets a name
+    /// that is being attached). Undo with `connections.fetch_sub`.
+    pub fn attach(&self, name: &str) -> Arc<WorkerStats> {
+        let now = now_ms();
+        let mut m = self.lock();
+        if let Some(w) = m.get(name) {
+            w.connections.fetch_add(1, Relaxed);
+            w.last_seen_ms.store(now, Relaxed);
+            return w.clone();
+        }
+        let max = self.max.load(Relaxed);
+        if m.len() >= max {
+            self.make_room(&mut m, now, max);
+        }
+        let w = Arc::new(WorkerStats {
+            name: name.to_string(),
+            ..Default::default()
+        });
+        w.connections.fetch_add(1, Relaxed);
+        w.last_seen_ms.store(now, Relaxed);
+        if m.len() < max {
+            m.insert(name.to_string(), w.clone());
+        } else {
+            self.untracked.inc();
+        }
+        w
+    }
+
+    /// The stats for a worker name, created on first use (no connection
+    /// counted).
+    pub fn worker(&self, name: &str) -> Arc<WorkerStats> {
+        let w = self.attach(name);
+        w.connections.fetch_sub(1, Relaxed);
+        w
+    }
+
+    /// Full: forget idle names first, then the longest-idle unconnected
+    /// ones down to 90 % of `max`, so the next sweep is 10 % of inserts away.
+    fn make_room(&self, m: &mut HashMap<String, Arc<WorkerStats>>, now: u64, max: usize) {
+        self.forget_idle(m, now);
+        if m.len() < max {
+            return;
+        }
+        let mut idle: Vec<(u64, String)> = m
+            .iter()
+            .filter(|(_, w)| w.connections.load(Relaxed) == 0)
+            .map(|(k, w)| (w.last_active_ms(), k.clone()))
+            .collect();
+        let excess = m.len() + 1 - max * 9 / 10;
+        if idle.len() > excess {
+            idle.select_nth_unstable(excess);
+            idle.truncate(excess);
+        }
+        for (_, k) in idle {
+            m.remove(&k);
+            self.evicted.inc();
+        }
+    }
+
+    fn forget_idle(&self, m: &mut HashMap<String, Arc<WorkerStats>>, now: u64) {
+        let idle = self.idle_ms.load(Relaxed);
+        let before = m.len();
+        m.retain(|_, w| {
+            w.connections.load(Relaxed) > 0 || now.saturating_sub(w.last_active_ms()) < idle
+        });
+        for _ in m.len()..before {
+            self.evicted.inc();
+        }
+        self.swept_ms.store(now, Relaxed);
+    }
+
+    /// Forget names idle past the idle time (at most once a minute; called
+    /// by readers, so no task is needed).
+    fn sweep(&self) {
+        let now = now_ms();
+        if now.saturating_sub(self.swept_ms.load(Relaxed)) < 60_000 {
+            return;
+        }
+        self.forget_idle(&mut self.lock(), now);
+    }
+
+    /// Names kept now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no name is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Snapshots of every worker, sorted by name. The lock is held only to
+    /// copy the handles; snapshots and the sort happen outside it.
     pub fn snapshot(&self) -> Vec<WorkerSnapshot> {
-        let m = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = m.values().map(|w| w.snapshot()).collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
+        self.sweep();
+        let handles: Vec<Arc<WorkerStats>> = self.lock().values().cloned().collect();
+        let mut v: Vec<_> = handles.iter().map(|w| w.snapshot()).collect();
+        v.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         v
     }
+
     /// Look up a worker without creating it.
     pub fn get(&self, name: &str) -> Option<Arc<WorkerStats>> {
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.lock().get(name).cloned()
     }
 }
 
@@ -316,6 +444,48 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 100,000 fresh names that connect and leave (the churn attack) leave
+    /// the registry at its bound; connected names are never evicted.
+    #[test]
+    fn the_registry_is_bounded_and_keeps_connected_workers() {
+        let r = Registry::new(1_000, std::time::Duration::from_secs(3600));
+        let keep: Vec<_> = (0..10).map(|i| r.attach(&format!("honest.{i}"))).collect();
+        for i in 0..100_000 {
+            let w = r.attach(&format!("churn-{i}"));
+            w.connections.fetch_sub(1, Relaxed);
+        }
+        assert!(r.len() <= 1_000, "{} names kept", r.len());
+        assert!(r.evicted.get() >= 99_000, "{}", r.evicted.get());
+        for (i, w) in keep.iter().enumerate() {
+            let name = format!("honest.{i}");
+            assert!(
+                r.get(&name).is_some_and(|g| Arc::ptr_eq(&g, w)),
+                "a connected worker was evicted"
+            );
+        }
+        // Full of connected workers: a new name is served, not kept.
+        let full = Registry::new(3, std::time::Duration::from_secs(3600));
+        let _held: Vec<_> = (0..3).map(|i| full.attach(&format!("w{i}"))).collect();
+        let extra = full.attach("w3");
+        assert_eq!(full.len(), 3);
+        assert_eq!(full.untracked.get(), 1);
+        extra.accept(1.0);
+        assert_eq!(extra.accepted.get(), 1);
+    }
+
+    #[test]
+    fn idle_names_are_forgotten() {
+        let r = Registry::new(1_000, std::time::Duration::ZERO);
+        let w = r.attach("gone");
+        w.connections.fetch_sub(1, Relaxed);
+        let _live = r.attach("live");
+        // Force the sweep (it runs at most once a minute).
+        r.swept_ms.store(0, Relaxed);
+        let names: Vec<_> = r.snapshot().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["live".to_string()]);
+        assert_eq!(r.evicted.get(), 1);
+    }
 
     #[test]
     fn tiny_difficulties_add_up() {

@@ -87,9 +87,7 @@ pub struct WorkerGuard(Arc<WorkerStats>);
 impl WorkerGuard {
     /// The stats for `name` (created on first use), counting one more connection.
     pub fn new(ctx: &Ctx, name: &str) -> Self {
-        let w = ctx.registry.worker(name);
-        w.connections.fetch_add(1, Relaxed);
-        Self(w)
+        Self(ctx.registry.attach(name))
     }
 
     /// The counters.

@@ -105,6 +105,10 @@ impl Ctx {
     /// resize the connection cap. Lowering the cap never drops a miner: it
     /// only stops new ones until enough have left.
     pub fn set_cfg(&self, cfg: Arc<ProxyConfig>) {
+        self.registry.set_limits(
+            cfg.limits.max_workers,
+            std::time::Duration::from_secs(cfg.limits.worker_idle_secs),
+        );
         let want = cfg.limits.max_connections;
         let had = self.max_connections.swap(want, Relaxed);
         if want > had {
