@@ -612,30 +612,58 @@ impl Pool {
         http_get(self.monitoring_addr, "/metrics").await
     }
 
-    /// Shares accepted from all clients (`sv2_client_shares_accepted_total`; ≤1 s stale).
-    pub async fn shares_accepted(&self) -> f64 {
-        metric_sum(
-            &self.metrics().await.unwrap_or_default(),
-            "sv2_client_shares_accepted_total",
-        )
+    /// A scrape of the pool's own client metrics, or why there is none: an
+    /// unreachable endpoint, or a page without `sv2_clients_total` (not the
+    /// pool's monitoring), is an error, never a page of zeros.
+    pub async fn client_metrics(&self) -> Result<String, String> {
+        let text = self
+            .metrics()
+            .await
+            .map_err(|e| format!("pool_sv2 /metrics at {}: {e}", self.monitoring_addr))?;
+        if !text.lines().any(|l| l.starts_with("sv2_clients_total")) {
+            return Err(format!(
+                "pool_sv2 /metrics at {} has no sv2_clients_total: {:.200}",
+                self.monitoring_addr, text
+            ));
+        }
+        Ok(text)
     }
 
-    /// Shares rejected from all clients (`sv2_client_shares_rejected_total`).
+    /// Shares accepted from all clients (`sv2_client_shares_accepted_total`;
+    /// ≤1 s stale). Panics when the metrics cannot be read.
+    pub async fn shares_accepted(&self) -> f64 {
+        let text = self
+            .client_metrics()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        metric_sum(&text, "sv2_client_shares_accepted_total")
+    }
+
+    /// Shares rejected from all clients (`sv2_client_shares_rejected_total`,
+    /// which has a series only per error code seen, so none means zero on a
+    /// page that is the pool's). Panics when the metrics cannot be read.
     pub async fn shares_rejected(&self) -> f64 {
-        metric_sum(
-            &self.metrics().await.unwrap_or_default(),
-            "sv2_client_shares_rejected_total",
-        )
+        let text = self
+            .client_metrics()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        metric_sum(&text, "sv2_client_shares_rejected_total")
     }
 
     /// Waits until the pool's metrics show at least `n` accepted shares.
     pub async fn wait_shares_accepted(&self, n: f64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.shares_accepted().await >= n {
-                return true;
+            let seen = self.client_metrics().await;
+            if let Ok(text) = &seen {
+                if metric_sum(text, "sv2_client_shares_accepted_total") >= n {
+                    return true;
+                }
             }
             if Instant::now() >= deadline {
+                if let Err(e) = seen {
+                    panic!("{e}");
+                }
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

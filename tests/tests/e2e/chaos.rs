@@ -234,6 +234,12 @@ async fn proxy_chaos() {
         t1.elapsed().as_secs_f64(),
         miners.disconnects.get() - disconnects0
     );
+    // The proxy holds its miners through an upstream's death and return.
+    assert_eq!(
+        miners.disconnects.get() - disconnects0,
+        0,
+        "miners were disconnected while the pool was down"
+    );
 
     // --- the end: accounting, miners, memory ---
     stop.cancel();

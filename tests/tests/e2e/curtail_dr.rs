@@ -247,6 +247,14 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
         running.len(),
         (0..site.len()).filter(|&i| controllable(i)).count() - sleeping.len() - running.len()
     );
+    // Vacuous without both sides: some controllable miner must sleep and
+    // some run, or the order check proves nothing.
+    assert!(
+        !sleeping.is_empty() && !running.is_empty(),
+        "{name}: {} asleep, {} running: the efficiency order cannot be checked",
+        sleeping.len(),
+        running.len()
+    );
     assert!(
         most_eff_sleeping >= least_eff_running,
         "a miner of {least_eff_running:.2} J/TH runs while one of {most_eff_sleeping:.2} sleeps"
@@ -332,6 +340,7 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
         .filter(|c| c.action == Action::Sleep)
         .map(|c| eff(c.miner.0 as usize))
         .collect();
+    assert!(!wave_sleeps.is_empty(), "the first wave slept no miner");
     assert!(
         wave_sleeps.windows(2).all(|w| w[0] >= w[1]),
         "first wave sleeps by J/TH: {wave_sleeps:?}"

@@ -10,6 +10,7 @@ use gridproxy_proxy::stats::RejectReason;
 use gridproxy_tests::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -275,7 +276,26 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
     );
     let proxy = gridproxy_tests::start_proxy(cfg).await.unwrap();
     let n = 20;
-    let (stats, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), n, "fo", 5_000.0);
+    // Each miner with its own counters (to see a backup job reach every
+    // one), and the sums in `stats`.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let each: Vec<Arc<gridproxy_fixtures::stats::MinerStats>> = (0..n)
+        .map(|_| Arc::new(gridproxy_fixtures::stats::MinerStats::default()))
+        .collect();
+    for (i, st) in each.iter().enumerate() {
+        let mut cfg = gridproxy_fixtures::sv1_miner::Sv1MinerConfig::new(
+            proxy.sv1_addr.unwrap(),
+            format!("fo.{i}"),
+        );
+        cfg.hashrate = 5_000.0;
+        cfg.version_rolling = i % 2 == 0;
+        tokio::spawn(gridproxy_fixtures::sv1_miner::run(
+            cfg,
+            st.clone(),
+            stop.clone(),
+        ));
+    }
+    let stats = Totals(each.clone());
     let pools = proxy.ctx.router.pools().to_vec();
     let (a, b) = (pools[0].stats.clone(), pools[1].stats.clone());
     assert!(
@@ -283,16 +303,29 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
         "primary got no shares"
     );
     assert_eq!(b.submitted.get(), 0, "backup idle while the primary is up");
-    assert!(wait_until(Duration::from_secs(10), || stats.connects.get() == n as u64).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || stats.connects().get()
+            == n as u64)
+        .await
+    );
 
     // Kill the primary: every miner must get a backup job within 1 s, on its existing connection.
-    let jobs_before = stats.jobs.get();
+    let jobs_before: Vec<u64> = each.iter().map(|m| m.jobs.get()).collect();
     let t0 = Instant::now();
     primary.process.kill();
     assert!(
-        wait_until(Duration::from_secs(5), || stats.jobs.get()
-            >= jobs_before + n as u64)
-        .await
+        wait_until(Duration::from_secs(5), || each
+            .iter()
+            .zip(&jobs_before)
+            .all(|(m, before)| m.jobs.get() > *before))
+        .await,
+        "miners without a new job after the failover: {:?}",
+        each.iter()
+            .zip(&jobs_before)
+            .enumerate()
+            .filter(|(_, (m, before))| m.jobs.get() <= **before)
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
     );
     let switch = t0.elapsed();
     println!("failover: all {n} miners had a backup job {switch:?} after the primary was killed");
@@ -301,8 +334,8 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
         wait_until(Duration::from_secs(60), || b.accepted.get() >= 5).await,
         "backup got no shares"
     );
-    assert_eq!(stats.connects.get(), n as u64, "no miner reconnected");
-    assert_eq!(stats.disconnects.get(), 0);
+    assert_eq!(stats.connects().get(), n as u64, "no miner reconnected");
+    assert_eq!(stats.disconnects().get(), 0);
 
     // Bring the primary back: after the 3 s cooldown the miners return, still without reconnecting.
     let restarted = restart_pool_listening(&primary).await;
@@ -324,7 +357,7 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
         b.submitted.get() <= b_sent + 2,
         "backup still receiving shares after fail-back"
     );
-    assert_eq!(stats.connects.get(), n as u64, "no miner reconnected");
+    assert_eq!(stats.connects().get(), n as u64, "no miner reconnected");
 
     stop.cancel();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -334,7 +367,7 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
     assert_eq!(credited, a.accepted.get() + b.accepted.get());
     assert_eq!(
         workers.iter().map(|w| w.accepted).sum::<u64>(),
-        stats.accepted.get()
+        stats.accepted().get()
     );
     // The backup's own count matches what gridproxy credited for it.
     assert!(
@@ -345,4 +378,35 @@ async fn failover_to_backup_and_failback_without_reconnecting_miners() {
     assert_eq!(backup.shares_accepted().await, b.accepted.get() as f64);
     drop(restarted);
     proxy.stop.cancel();
+}
+
+/// Sums over per-miner counters, read like one [`MinerStats`].
+struct Totals(Vec<Arc<gridproxy_fixtures::stats::MinerStats>>);
+
+/// One summed counter.
+struct Sum(u64);
+
+impl Sum {
+    fn get(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Totals {
+    fn sum(&self, f: impl Fn(&gridproxy_fixtures::stats::MinerStats) -> u64) -> Sum {
+        Sum(self.0.iter().map(|m| f(m)).sum())
+    }
+}
+
+/// Sums of the counters the failover test reads.
+impl Totals {
+    fn connects(&self) -> Sum {
+        self.sum(|m| m.connects.get())
+    }
+    fn disconnects(&self) -> Sum {
+        self.sum(|m| m.disconnects.get())
+    }
+    fn accepted(&self) -> Sum {
+        self.sum(|m| m.accepted.get())
+    }
 }
