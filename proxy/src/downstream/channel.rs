@@ -264,6 +264,9 @@ struct LocalJob {
     /// submitted against, so the set goes with the job (memory stays bounded by
     /// the jobs kept, not by the channel's age).
     seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
+    /// The same fingerprints in arrival order: a full set forgets its
+    /// oldest, never the whole set (which would let old shares be replayed).
+    seen_order: VecDeque<u64>,
 }
 
 /// The fingerprints are already hashes: use them as they are.
@@ -596,6 +599,7 @@ impl ChannelCore {
             merkle_root: merkle_root.map(Box::new),
             submit: v.submit.clone(),
             seen: HashSet::default(),
+            seen_order: VecDeque::new(),
         });
         Some(JobOut {
             id,
@@ -685,11 +689,15 @@ impl ChannelCore {
                 }
             }
         };
-        let seen = &mut self.jobs[ji].seen;
-        if seen.len() >= MAX_SEEN_PER_JOB {
-            seen.clear();
+        let j = &mut self.jobs[ji];
+        if j.seen.len() >= MAX_SEEN_PER_JOB {
+            if let Some(old) = j.seen_order.pop_front() {
+                j.seen.remove(&old);
+            }
         }
-        seen.insert(key);
+        if j.seen.insert(key) {
+            j.seen_order.push_back(key);
+        }
         let job = &self.jobs[ji];
         let worker = self.worker.stats().clone();
         worker.accept(credited);
@@ -962,6 +970,42 @@ mod tests {
         rolled_too_far.version_bits = Some(j.up.version | 0x4);
         assert_eq!(c.check(&rolled_too_far), Err(RejectReason::Invalid));
         assert_eq!(c.worker().accepted.get(), 1);
+    }
+
+    /// A job's duplicate set, once full, forgets its oldest share only: a
+    /// recent share stays a duplicate (it used to be cleared wholesale, so
+    /// any share could be replayed and credited again).
+    #[tokio::test]
+    async fn the_duplicate_set_forgets_oldest_first() {
+        let mut f = fixture();
+        let mut c = core(&f, ExtranonceMode::Fixed, TargetScope::Channel);
+        let j = job(c.start());
+        let mut en = c.slot().prefix().to_vec();
+        en.resize(8, 0);
+        let root = share::merkle_root(
+            &[&j.up.coinbase_prefix, &en, &j.up.coinbase_suffix],
+            &j.up.merkle_branch,
+        );
+        let t = j.target;
+        let nonces: Vec<u32> = (0..u32::MAX)
+            .filter(|n| t.is_met_by(&hash(&j, &root, *n)))
+            .take(MAX_SEEN_PER_JOB + 1)
+            .collect();
+        for &n in &nonces {
+            assert!(c.check(&work(&j, n, None)).is_ok());
+            while f.shares.try_recv().is_ok() {}
+        }
+        // The first share was the oldest: forgotten when the set filled.
+        // The second and the last are still known.
+        assert_eq!(
+            c.check(&work(&j, nonces[1], None)),
+            Err(RejectReason::Duplicate)
+        );
+        assert_eq!(
+            c.check(&work(&j, nonces[MAX_SEEN_PER_JOB], None)),
+            Err(RejectReason::Duplicate)
+        );
+        assert!(c.check(&work(&j, nonces[0], None)).is_ok());
     }
 
     #[tokio::test]
