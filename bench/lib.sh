@@ -47,6 +47,7 @@ nominal_hashrate = 1e12
 sv1 = "127.0.0.1:$GP_PORT"
 [limits]
 max_connections = 19500
+max_connections_per_ip = 19500   # the load generator connects from one address
 submits_per_second = ${GP_SUBMITS_PER_SECOND:-200}
 notify_writers = ${GP_NOTIFY_WRITERS:-0}
 [difficulty]

@@ -30,6 +30,7 @@ nominal_hashrate = 1e12
 sv1 = "127.0.0.1:$SV1"
 [limits]
 max_connections = 19500
+max_connections_per_ip = 19500   # the load generator connects from one address
 [difficulty]
 initial = 2.3283064365386963e-10
 min = 2.3283064365386963e-10

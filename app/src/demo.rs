@@ -294,6 +294,7 @@ sv1 = "{sv1}"
 
 [limits]
 max_connections = {maxc}
+max_connections_per_ip = {maxc}
 
 [difficulty]
 initial = {diff:e}

@@ -119,6 +119,10 @@ impl Metrics {
     fn refresh(&self, ctx: &Ctx, workers: &[WorkerSnapshot], site: &SiteState, fleet_hs: f64) {
         gauge!("gridproxy_miners_connected").set(ctx.slots_in_use() as f64);
         gauge!("gridproxy_workers_known").set(workers.len() as f64);
+        counter!("gridproxy_limit_trips_total", "limit" => "max_connections")
+            .absolute(ctx.trips.connections.get());
+        counter!("gridproxy_limit_trips_total", "limit" => "max_connections_per_ip")
+            .absolute(ctx.trips.connections_per_ip.get());
         counter!("gridproxy_workers_evicted_total").absolute(ctx.registry.evicted.get());
         counter!("gridproxy_workers_untracked_total").absolute(ctx.registry.untracked.get());
         gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);
@@ -339,6 +343,11 @@ fn describe() {
     describe_gauge!(
         "gridproxy_site_driver_running",
         "1 while the curtailment driver runs; 0 once it has stopped."
+    );
+    describe_counter!(
+        "gridproxy_limit_trips_total",
+        Unit::Count,
+        "Times a protective limit refused or cut something, by limit."
     );
     describe_counter!(
         "gridproxy_workers_evicted_total",

@@ -161,6 +161,9 @@ pub struct Limits {
     pub max_frame: usize,
     /// Concurrent downstream connections.
     pub max_connections: usize,
+    /// Concurrent downstream connections from one IP address (one host
+    /// cannot take every slot). Raise it for a NAT or farm proxy in front.
+    pub max_connections_per_ip: usize,
     /// Submits per second per connection before it is dropped (sustained).
     pub submits_per_second: u32,
     /// Time to finish subscribe/authorize (or the Noise handshake), seconds.
@@ -188,6 +191,7 @@ impl Default for Limits {
             max_line: gridproxy_protocol::sv1::DEFAULT_MAX_LINE,
             max_frame: 64 * 1024,
             max_connections: 19_000,
+            max_connections_per_ip: 2_000,
             submits_per_second: 200,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
@@ -392,6 +396,12 @@ impl ProxyConfig {
             return Err(bad(
                 "limits.idle_timeout_secs".into(),
                 format!("must be 1..={MAX_IDLE_SECS} (a week)"),
+            ));
+        }
+        if l.max_connections_per_ip == 0 {
+            return Err(bad(
+                "limits.max_connections_per_ip".into(),
+                "must be > 0".into(),
             ));
         }
         if !(1..=10_000_000).contains(&l.max_workers) {

@@ -10,13 +10,14 @@ pub mod sv2;
 
 use crate::config::ProxyConfig;
 use crate::router::Router;
-use crate::stats::Registry;
+use crate::stats::{Counter, Registry};
 use arc_swap::ArcSwap;
 use futures::FutureExt;
 use gridproxy_protocol::extranonce::{ExtranonceAllocator, ExtranonceError, Slot};
 use gridproxy_protocol::sv2::AuthorityKeypair;
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
@@ -51,6 +52,38 @@ pub struct Ctx {
     /// them (p99 0.66 s). Through the gate the fan-out uses at most half the
     /// cores and shares keep flowing on the rest.
     pub fanout: Arc<Semaphore>,
+    /// Connections per source address (entries removed at zero, so the map
+    /// holds at most one entry per connection).
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// How often each limit refused or cut something.
+    pub trips: Arc<LimitTrips>,
+}
+
+/// Counters of the limits that tripped, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LimitTrips {
+    /// Connections closed at accept: `limits.max_connections` reached.
+    pub connections: Counter,
+    /// Connections closed at accept: `limits.max_connections_per_ip` reached.
+    pub connections_per_ip: Counter,
+}
+
+/// One connection counted against its source address; uncounted on drop.
+pub struct IpSlot {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A session's turn at [`Ctx::fanout`].
@@ -93,6 +126,8 @@ impl Ctx {
             shutdown,
             tasks,
             fanout: Arc::new(Semaphore::new(fanout_turns(notify_writers))),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            trips: Arc::new(LimitTrips::default()),
         })
     }
 
@@ -152,6 +187,20 @@ impl Ctx {
             .release(slot, std::time::Instant::now())
     }
 
+    /// Count a connection from `ip`, unless it already has `max`.
+    pub fn admit_ip(&self, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: self.per_ip.clone(),
+            ip,
+        })
+    }
+
     /// Miners holding a slot now.
     pub fn slots_in_use(&self) -> u64 {
         self.slots
@@ -199,8 +248,23 @@ where
                 }
             },
         };
+        let per_ip = ctx.cfg().limits.max_connections_per_ip;
+        let Some(ip_slot) = ctx.admit_ip(peer.ip(), per_ip) else {
+            ctx.trips.connections_per_ip.inc();
+            let n = ctx.trips.connections_per_ip.get();
+            // One line per power of two: a flood does not flood the log.
+            if n.is_power_of_two() {
+                warn!(%peer, max = per_ip, refused = n, "per-address connection limit reached; closing");
+            }
+            drop(stream);
+            continue;
+        };
         let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
-            warn!(%peer, max = ctx.cfg().limits.max_connections, "connection limit reached; closing");
+            ctx.trips.connections.inc();
+            let n = ctx.trips.connections.get();
+            if n.is_power_of_two() {
+                warn!(%peer, max = ctx.cfg().limits.max_connections, refused = n, "connection limit reached; closing");
+            }
             drop(stream);
             continue;
         };
@@ -208,6 +272,6 @@ where
         // session future twice (as a capture and as the awaited value), doubling
         // the largest per-miner allocation.
         ctx.tasks
-            .spawn(serve(ctx.clone(), stream, peer).map(move |()| drop(permit)));
+            .spawn(serve(ctx.clone(), stream, peer).map(move |()| drop((permit, ip_slot))));
     }
 }

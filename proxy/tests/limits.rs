@@ -1,0 +1,69 @@
+//! Connection limits at accept: one source address cannot take every slot,
+//! and each refusal is counted.
+
+use gridproxy_proxy::{Proxy, ProxyConfig};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Connect from `from` (a loopback address) and subscribe; the first line
+/// back, or None when the proxy closed the connection.
+async fn subscribe_from(from: &str, to: SocketAddr) -> (TcpStream, Option<String>) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    let _ = s
+        .write_all(b"{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[]}\n")
+        .await;
+    let mut line = String::new();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(&mut s).read_line(&mut line),
+    )
+    .await
+    .expect("an answer or a close within 5 s");
+    let answer = matches!(got, Ok(n) if n > 0).then_some(line);
+    (s, answer)
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_slot() {
+    let cfg = ProxyConfig::from_toml(
+        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+         [listen]\nsv1='127.0.0.1:0'\n[limits]\nmax_connections = 10\nmax_connections_per_ip = 3\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start(cfg, CancellationToken::new()).await.unwrap();
+    let addr = proxy.sv1_addr.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (s, a) = subscribe_from("127.0.0.1", addr).await;
+        assert!(a.is_some(), "one of the first three was refused");
+        held.push(s);
+    }
+    let (_s, a) = subscribe_from("127.0.0.1", addr).await;
+    assert!(
+        a.is_none(),
+        "a fourth connection from one address was served"
+    );
+    assert_eq!(proxy.ctx.trips.connections_per_ip.get(), 1);
+    // Another address still gets in.
+    let (_other, a) = subscribe_from("127.0.0.2", addr).await;
+    assert!(a.is_some(), "another address was refused");
+    // A slot freed by a disconnect is usable again.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        let (s, a) = subscribe_from("127.0.0.1", addr).await;
+        if a.is_some() {
+            held.push(s);
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "the freed slot was never given back");
+    assert!(proxy.shutdown(Duration::from_secs(5)).await);
+}
