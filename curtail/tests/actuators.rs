@@ -409,3 +409,34 @@ async fn luxos_clients_share_the_one_session() {
     })
     .await;
 }
+
+/// Braiins OS before API 1.1.0 puts the login token only in the
+/// `authorization` metadata: the client reads it from there, and reports
+/// the status the firmware claims (`GetMinerDetails`).
+#[tokio::test]
+async fn braiins_token_from_metadata_only_firmware() {
+    use gridproxy_curtail::actuators::braiins::{pb, BraiinsClient};
+    bounded(async {
+        let emu = braiins::spawn_with(
+            addr(24),
+            model(),
+            PASSWORD,
+            braiins::LoginReply::MetadataOnly,
+        )
+        .await
+        .expect("bind emulator");
+        let cfg = ClientConfig::new(emu.addr()).with_timeout(TIMEOUT);
+        let client = BraiinsClient::new(cfg, "root", PASSWORD);
+        assert_eq!(client.miner_status().await, Ok(pb::MinerStatus::Normal));
+        let r = client.telemetry().await.expect("telemetry");
+        assert!((r.hashrate_ths - model().nominal_ths).abs() < 0.5, "{r:?}");
+        assert_eq!(client.pause_mining().await, Ok(false));
+        assert_eq!(emu.state().mode, Mode::Sleeping);
+        assert_eq!(client.miner_status().await, Ok(pb::MinerStatus::Paused));
+        assert_eq!(client.pause_mining().await, Ok(true));
+        assert_eq!(client.resume_mining().await, Ok(false));
+        assert_eq!(client.set_power_target(2500).await, Ok(2500));
+        assert!(matches!(emu.state().mode, Mode::PowerLimited(2500)));
+    })
+    .await;
+}

@@ -165,17 +165,31 @@ fn main() {
     write("sv2_frames", "conversation_noise", &conversation);
 
     // firmware_replies mode 4 (Braiins): [4][kind] then a protobuf message.
+    let giga = |v: f64| {
+        Some(pb::GigaHashrate {
+            gigahash_per_second: v,
+        })
+    };
     let stats = pb::GetMinerStatsResponse {
-        power_stats: Some(pb::PowerStats {
+        power_stats: Some(pb::MinerPowerStats {
             approximated_consumption: Some(pb::Power { watt: 3250 }),
-        }),
-        miner_stats: Some(pb::WorkSolverStats {
-            real_hashrate: Some(pb::TeraHashrate {
-                terahash_per_second: 95.5,
+            efficiency: Some(pb::PowerEfficiency {
+                joule_per_terahash: 34.0,
             }),
         }),
-        power_target: Some(pb::Power { watt: 3250 }),
-        ..Default::default()
+        miner_stats: Some(pb::WorkSolverStats {
+            real_hashrate: Some(pb::RealHashrate {
+                last_5s: giga(95_500.0),
+                last_1m: giga(95_000.0),
+                ..Default::default()
+            }),
+            nominal_hashrate: giga(104_000.0),
+            ..Default::default()
+        }),
+        pool_stats: Some(pb::PoolStats {
+            accepted_shares: 1200,
+            ..Default::default()
+        }),
     };
     let mut seed = vec![4u8, 0];
     seed.extend(stats.encode_to_vec());
