@@ -8,7 +8,6 @@ use gridproxy_proxy::config::Invalid;
 use gridproxy_proxy::endpoint::Endpoint;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -338,9 +337,10 @@ pub struct SiteLoadSource {
     /// PromQL for `prometheus_url`.
     #[serde(default)]
     pub prometheus_query: Option<String>,
-    /// Or: a Modbus TCP meter, `ip:port`.
+    /// Or: a Modbus TCP meter, `host:port`, `host`, `ip:port` or
+    /// `[ipv6]:port` (no port: 502); a name is looked up at connect.
     #[serde(default)]
-    pub modbus: Option<SocketAddr>,
+    pub modbus: Option<String>,
     /// Modbus unit id.
     #[serde(default = "d_unit")]
     pub modbus_unit: u8,
@@ -866,6 +866,9 @@ impl SiteConfig {
             if let Some(u) = &m.http_json_url {
                 check_http_url(u).map_err(|e| bad("http_json_url", e))?;
             }
+            if let Some(a) = &m.modbus {
+                modbus_endpoint(a).map_err(|e| bad("modbus", e))?;
+            }
             if m.prometheus_url.is_some() && m.prometheus_query.is_none() {
                 return Err(bad(
                     "prometheus_query",
@@ -968,6 +971,11 @@ impl SiteConfig {
         });
         Fleet::from_specs(specs).map_err(|e| e.to_string())
     }
+}
+
+/// A Modbus TCP meter's address (port 502 when none is written).
+pub(crate) fn modbus_endpoint(a: &str) -> Result<Endpoint, String> {
+    Endpoint::parse_with_default_port(a, 502).map_err(|e| e.to_string())
 }
 
 /// An `http://` or `https://` URL with a host: a name (looked up when the
@@ -1177,6 +1185,25 @@ mod tests {
             split_host_port(&sig.mqtt.unwrap().broker, 1883).unwrap(),
             ("broker.site.example".into(), 8883)
         );
+        // A Modbus meter by name; no port: 502.
+        let meter = |m: &str| {
+            parse(&format!(
+                "[site]\nledger = \"l.sqlite\"\ncontract_kw = 100.0\n\n{MINER}\n\
+                 [site.signals.site_load]\nmodbus = \"{m}\"\n"
+            ))
+        };
+        let c = meter("meter.site.example").unwrap();
+        let a = c.site.unwrap().signals.site_load.unwrap().modbus.unwrap();
+        assert_eq!(
+            modbus_endpoint(&a).unwrap().to_string(),
+            "meter.site.example:502"
+        );
+        assert_eq!(
+            modbus_endpoint("[::1]:5020").unwrap().to_string(),
+            "[::1]:5020"
+        );
+        let e = meter("meter:x").unwrap_err();
+        assert!(e.contains("site.signals.site_load.modbus"), "{e}");
         for (key, url) in [
             ("vtn_url", "vtn.example"),
             ("vtn_url", "ftp://vtn.example"),

@@ -372,10 +372,12 @@ pub async fn start(
                 query: m.prometheus_query.clone().unwrap_or_default(),
                 factor: m.factor,
             })
-        } else if let Some(a) = m.modbus {
+        } else if let Some(a) = &m.modbus {
             use site_load::modbus::{DataType, RegisterKind, WordOrder};
             site_load::Meter::Modbus(site_load::modbus::ModbusMeter {
-                addr: a,
+                addr: modbus_endpoint(a)
+                    .map_err(|e| anyhow::anyhow!("site.signals.site_load.modbus: {e}"))?
+                    .to_string(),
                 unit: m.modbus_unit,
                 kind: match m.modbus_table {
                     ModbusTable::Holding => RegisterKind::Holding,
