@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use gridproxy_curtail::actuator::{Actuator, ActuatorError, TelemetrySource};
 use gridproxy_curtail::actuators::luxos::LuxOsClient;
 use gridproxy_curtail::actuators::verify::{confirm, expected_band, VerifyError};
-use gridproxy_curtail::actuators::{ClientConfig, ClientError, FleetActuator, MinerEndpoint};
+use gridproxy_curtail::actuators::{
+    ClientConfig, ClientError, FleetActuator, HostPort, MinerEndpoint,
+};
 use gridproxy_curtail::command::{Action, Command, CommandId, PoolId};
 use gridproxy_curtail::fleet::{ControlSurface, MinerId, MinerSpec};
 use gridproxy_curtail::time::Timestamp;
@@ -336,6 +338,68 @@ async fn nothing_listening_is_unreachable_fast() {
                 ),
                 "{surface:?}: {r:?}"
             );
+        }
+    })
+    .await;
+}
+
+/// Every client reaches its firmware by host name (`localhost`, looked up at
+/// connect) and over IPv6 loopback (`::1`, bracketed in HTTP and gRPC URLs).
+#[tokio::test]
+async fn firmware_is_reached_by_host_name_and_over_ipv6() {
+    bounded(async {
+        let cfg = model();
+        for (host, bind) in [("localhost", "127.0.0.1:0"), ("::1", "[::1]:0")] {
+            let bind: SocketAddr = bind.parse().unwrap();
+            for surface in [
+                ControlSurface::LuxOs,
+                ControlSurface::BraiinsOs,
+                ControlSurface::Whatsminer,
+                ControlSurface::Vnish,
+            ] {
+                let emu = match surface {
+                    ControlSurface::LuxOs => luxos::spawn(bind, cfg).await,
+                    ControlSurface::BraiinsOs => braiins::spawn(bind, cfg, PASSWORD).await,
+                    ControlSurface::Whatsminer => whatsminer::spawn(bind, cfg, PASSWORD).await,
+                    _ => vnish::spawn(bind, cfg, PASSWORD).await,
+                }
+                .expect("bind emulator");
+                let mut fleet = FleetActuator::new(TIMEOUT);
+                let at = HostPort::new(host, emu.addr().port());
+                fleet.insert(
+                    M,
+                    &MinerEndpoint::new(surface, at.clone()).with_credentials("root", PASSWORD),
+                );
+                let r = fleet.execute(&command(surface, Action::Sleep)).await;
+                assert_eq!(r, Ok(()), "{surface:?} at {at}");
+                assert_eq!(emu.state().mode, Mode::Sleeping, "{surface:?} at {at}");
+                let t = fleet.read(M).await;
+                assert!(t.is_ok(), "{surface:?} at {at}: {t:?}");
+            }
+        }
+        assert_eq!(HostPort::new("::1", 80).to_string(), "[::1]:80");
+        assert_eq!(HostPort::from(addr(5)).to_string(), "127.0.0.5:0");
+    })
+    .await;
+}
+
+/// A name that does not resolve is an unreachable miner naming the host
+/// (`.invalid` never resolves), not a hang or a panic.
+#[tokio::test]
+async fn a_name_that_does_not_resolve_is_unreachable() {
+    bounded(async {
+        for surface in [ControlSurface::LuxOs, ControlSurface::Vnish] {
+            let mut fleet = FleetActuator::new(TIMEOUT);
+            let at = HostPort::new("miner.gridproxy-test.invalid", 4028);
+            fleet.insert(M, &MinerEndpoint::new(surface, at));
+            match fleet.execute(&command(surface, Action::Sleep)).await {
+                Err(ActuatorError::Unreachable { detail, .. }) => assert!(
+                    detail.contains("miner.gridproxy-test.invalid:4028"),
+                    "{surface:?}: {detail}"
+                ),
+                Err(ActuatorError::Timeout { .. }) => {}
+                other => panic!("{surface:?}: {other:?}"),
+            }
         }
     })
     .await;

@@ -14,8 +14,8 @@ fn assert_valid(c: &Config) {
     assert!(!c.pools.is_empty());
     for p in &c.pools {
         assert!(p.weight.is_finite() && p.weight > 0.0, "weight {}", p.weight);
-        if p.protocol == PoolProtocol::Sv2 {
-            let key = p.authority_pubkey.as_deref().expect("sv2 pool has a key");
+        if p.protocol() == PoolProtocol::Sv2 {
+            let key = p.authority_key().expect("sv2 pool has a key");
             key.parse::<AuthorityPublicKey>().expect("sv2 key was checked");
         }
     }

@@ -6,6 +6,8 @@
 //! tables in its own file (with `[api]` and `[site]`) and names file and line
 //! in errors; here an error names the key.
 
+use crate::endpoint::{PoolAddress, Scheme};
+use gridproxy_protocol::sv2::AuthorityPublicKey;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,17 +45,42 @@ pub enum PoolProtocol {
     Sv1,
 }
 
+impl PoolProtocol {
+    /// `sv1` or `sv2`, as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolProtocol::Sv1 => "sv1",
+            PoolProtocol::Sv2 => "sv2",
+        }
+    }
+}
+
+impl From<Scheme> for PoolProtocol {
+    fn from(s: Scheme) -> PoolProtocol {
+        match s {
+            Scheme::Sv1 => PoolProtocol::Sv1,
+            Scheme::Sv2 => PoolProtocol::Sv2,
+        }
+    }
+}
+
 /// One upstream pool. Its `Debug` leaves the password out.
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// A short name for logs and stats.
     pub name: String,
-    /// host:port (an IP address; names are not resolved here).
-    pub address: SocketAddr,
-    /// `sv2` or `sv1`.
-    pub protocol: PoolProtocol,
-    /// SV2: the pool's authority public key (base58), pinned.
+    /// `host:port` (a name, IPv4, or `[IPv6]`), `stratum+tcp://host:port`
+    /// (SV1) or `stratum2+tcp://host:port/<authority key>` (SV2, key
+    /// pinned). Parsed here; a name is resolved at every connect.
+    pub address: PoolAddress,
+    /// `sv2` or `sv1`; may be left out when the address is a URL (its
+    /// scheme says). Read it with [`PoolConfig::protocol`].
+    #[serde(default)]
+    pub protocol: Option<PoolProtocol>,
+    /// SV2: the pool's authority public key (base58), pinned; may be left
+    /// out when the address URL carries it. Read it with
+    /// [`PoolConfig::authority_key`].
     #[serde(default)]
     pub authority_pubkey: Option<String>,
     /// Account / user identity sent upstream.
@@ -70,6 +97,26 @@ pub struct PoolConfig {
     /// SV2: nominal hashrate announced when opening the channel (H/s).
     #[serde(default = "default_nominal")]
     pub nominal_hashrate: f32,
+}
+
+impl PoolConfig {
+    /// The protocol: `protocol` if given, else the address URL's scheme.
+    /// [`ProxyConfig::validate`] refuses a pool with neither (or with the
+    /// two disagreeing); unvalidated, such a pool is taken as SV2, which
+    /// then refuses to connect without a pinned key.
+    pub fn protocol(&self) -> PoolProtocol {
+        self.protocol
+            .or(self.address.scheme.map(PoolProtocol::from))
+            .unwrap_or(PoolProtocol::Sv2)
+    }
+
+    /// The pinned SV2 authority key: `authority_pubkey` if given, else the
+    /// one in the `stratum2+tcp://` URL (validation makes them agree).
+    pub fn authority_key(&self) -> Option<String> {
+        self.authority_pubkey
+            .clone()
+            .or(self.address.authority_pubkey.map(|k| k.to_string()))
+    }
 }
 
 fn default_password() -> String {
@@ -110,7 +157,7 @@ impl std::fmt::Debug for PoolConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PoolConfig")
             .field("name", &self.name)
-            .field("address", &self.address)
+            .field("address", &format_args!("{}", self.address))
             .field("protocol", &self.protocol)
             .field("authority_pubkey", &self.authority_pubkey)
             .field("user", &self.user)
@@ -334,21 +381,43 @@ impl ProxyConfig {
             ));
         }
         for (i, p) in self.pools.iter().enumerate() {
-            if p.protocol == PoolProtocol::Sv2 {
-                match &p.authority_pubkey {
-                    None => {
-                        return Err(bad(
-                            format!("pools[{i}].authority_pubkey"),
-                            "required for an sv2 pool (pin the pool's key)".into(),
-                        ))
-                    }
-                    Some(k) => {
-                        k.parse::<gridproxy_protocol::sv2::AuthorityPublicKey>()
-                            .map_err(|e| {
-                                bad(format!("pools[{i}].authority_pubkey"), e.to_string())
-                            })?;
-                    }
+            let key_in_url = p.address.authority_pubkey;
+            match (p.protocol, p.address.scheme) {
+                (None, None) => {
+                    return Err(bad(
+                        format!("pools[{i}].protocol"),
+                        "missing: give protocol = \"sv1\" or \"sv2\", or write the address as stratum+tcp://host:port (sv1) or stratum2+tcp://host:port/<authority key> (sv2)".into(),
+                    ))
                 }
+                (Some(proto), Some(scheme)) if proto != PoolProtocol::from(scheme) => {
+                    return Err(bad(
+                        format!("pools[{i}].address"),
+                        format!(
+                            "{}:// is an {} address but protocol = \"{}\"",
+                            scheme.as_str(),
+                            PoolProtocol::from(scheme).as_str(),
+                            proto.as_str()
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            if let (PoolProtocol::Sv2, Some(k)) = (p.protocol(), &p.authority_pubkey) {
+                let key = k
+                    .parse::<AuthorityPublicKey>()
+                    .map_err(|e| bad(format!("pools[{i}].authority_pubkey"), e.to_string()))?;
+                if key_in_url.is_some_and(|u| u != key) {
+                    return Err(bad(
+                        format!("pools[{i}].authority_pubkey"),
+                        "differs from the key in the address URL: give one, or the same".into(),
+                    ));
+                }
+            }
+            if p.protocol() == PoolProtocol::Sv2 && p.authority_key().is_none() {
+                return Err(bad(
+                    format!("pools[{i}].authority_pubkey"),
+                    "required for an sv2 pool (pin the pool's key): authority_pubkey = \"...\" or stratum2+tcp://host:port/<key>".into(),
+                ));
             }
             if !(p.weight.is_finite() && p.weight > 0.0) {
                 return Err(bad(
@@ -470,6 +539,84 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pools[0].authority_pubkey"), "{e}");
+    }
+
+    fn pool(lines: &str) -> Result<ProxyConfig, String> {
+        ProxyConfig::from_toml(&format!("[[pools]]\nname='a'\nuser='u'\n{lines}\n"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn pool_addresses_as_people_write_them() {
+        for (lines, host, port, proto) in [
+            ("address='stratum.example.com:3333'\nprotocol='sv1'", "stratum.example.com", 3333, PoolProtocol::Sv1),
+            ("address='[::1]:3333'\nprotocol='sv1'", "::1", 3333, PoolProtocol::Sv1),
+            ("address='stratum+tcp://stratum.example.com:3333'", "stratum.example.com", 3333, PoolProtocol::Sv1),
+            ("address='stratum+tcp://h:3333'\nprotocol='sv1'", "h", 3333, PoolProtocol::Sv1),
+            (&format!("address='stratum2+tcp://pool.example.com:3336/{KEY}'"), "pool.example.com", 3336, PoolProtocol::Sv2),
+            (&format!("address='stratum2+tcp://localhost:3336/{KEY}'\nprotocol='sv2'\nauthority_pubkey='{KEY}'"), "localhost", 3336, PoolProtocol::Sv2),
+            (&format!("address='stratum2+tcp://localhost:3336'\nauthority_pubkey='{KEY}'"), "localhost", 3336, PoolProtocol::Sv2),
+            (&format!("address='localhost:3336'\nprotocol='sv2'\nauthority_pubkey='{KEY}'"), "localhost", 3336, PoolProtocol::Sv2),
+        ] {
+            let c = pool(lines).unwrap_or_else(|e| panic!("{lines}: {e}"));
+            let p = &c.pools[0];
+            assert_eq!((p.address.endpoint.host.as_str(), p.address.endpoint.port), (host, port), "{lines}");
+            assert_eq!(p.protocol(), proto, "{lines}");
+            if proto == PoolProtocol::Sv2 {
+                assert_eq!(p.authority_key().as_deref(), Some(KEY), "{lines}");
+            }
+        }
+    }
+
+    #[test]
+    fn pool_address_mistakes_name_the_key() {
+        let other = other_key();
+        for (lines, key, says) in [
+            ("address='h:1'", "pools[0].protocol", "missing"),
+            ("address='h'\nprotocol='sv1'", "line 4", "needs a port"),
+            ("address='stratum+ssl://h:1'", "line 4", "TLS"),
+            (
+                "address='stratum+tcp://h:1'\nprotocol='sv2'",
+                "pools[0].address",
+                "stratum+tcp:// is an sv1 address but protocol = \"sv2\"",
+            ),
+            (
+                &format!("address='stratum2+tcp://h:1/{KEY}'\nprotocol='sv1'"),
+                "pools[0].address",
+                "stratum2+tcp:// is an sv2 address",
+            ),
+            (
+                "address='stratum2+tcp://h:1'",
+                "pools[0].authority_pubkey",
+                "required for an sv2 pool",
+            ),
+            (
+                &format!("address='stratum2+tcp://h:1/{KEY}'\nauthority_pubkey='{other}'"),
+                "pools[0].authority_pubkey",
+                "differs from the key in the address",
+            ),
+            (
+                &format!("address='stratum2+tcp://h:1/{KEY}'\nauthority_pubkey='bad'"),
+                "pools[0].authority_pubkey",
+                "base58",
+            ),
+            (
+                "address='stratum2+tcp://h:1/bad'",
+                "line 4",
+                "the key in the URL",
+            ),
+        ] {
+            let e = pool(lines).expect_err(lines);
+            assert!(e.contains(key) && e.contains(says), "{lines}: {e}");
+        }
+    }
+
+    /// A second valid key, different from `KEY`.
+    fn other_key() -> String {
+        gridproxy_protocol::sv2::AuthorityKeypair::from_secret_bytes([9; 32])
+            .unwrap()
+            .public()
+            .to_string()
     }
 
     #[test]

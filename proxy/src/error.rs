@@ -168,17 +168,24 @@ pub enum UpstreamError {
     /// Transport / Noise / framing problems.
     #[error(transparent)]
     Sv2(#[from] Sv2Error),
-    /// The TCP connect failed.
-    #[error("connect {addr}: {source}")]
+    /// The pool's host name did not resolve (retried like any upstream error).
+    #[error("resolve {endpoint}: {reason}")]
+    Resolve {
+        /// The pool's `host:port`.
+        endpoint: String,
+        /// What the resolver said (or that it timed out or gave nothing).
+        reason: String,
+    },
+    /// The TCP connect failed, to every address the host resolved to.
+    #[error("connect {endpoint}{}: {source}", tried_list(.tried, .endpoint))]
     Connect {
-        /// The pool's address.
-        addr: SocketAddr,
-        /// What the OS said.
+        /// The pool's `host:port`.
+        endpoint: String,
+        /// The addresses tried, in order.
+        tried: Vec<SocketAddr>,
+        /// What the OS said for the last one (a timeout as `TimedOut`).
         source: std::io::Error,
     },
-    /// The TCP connect took too long.
-    #[error("connect {0}: timeout")]
-    ConnectTimeout(SocketAddr),
     /// Reading the socket failed.
     #[error("read: {0}")]
     Read(#[source] std::io::Error),
@@ -273,4 +280,19 @@ pub enum UpstreamError {
     /// The pool asked us to reconnect.
     #[error("pool sent client.reconnect")]
     Reconnect,
+}
+
+/// ` (tried a, b)` unless the one address tried is the endpoint itself.
+fn tried_list(tried: &[SocketAddr], endpoint: &str) -> String {
+    match tried {
+        [one] if one.to_string() == endpoint => String::new(),
+        _ => format!(
+            " (tried {})",
+            tried
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }

@@ -1,6 +1,7 @@
 //! gridproxy's proxy engine: miners in, pools out.
 //!
 //! - [`config`]: [`ProxyConfig`]: pools, listeners, limits, difficulty, routing, extranonce.
+//! - [`endpoint`]: pool and host addresses as people write them (`host:port`, `stratum+tcp://`, `stratum2+tcp://…/<key>`), resolved at connect.
 //! - [`proxy`]: [`Proxy::start`], live [`Proxy::reconfigure`], an awaited [`Proxy::shutdown`].
 //! - [`upstream`]: one task per pool (SV2 extended channel or SV1), publishing jobs on a `watch`.
 //! - [`downstream`]: SV1 and SV2 listeners and one task per miner channel, on a shared channel core.
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod downstream;
+pub mod endpoint;
 pub mod error;
 pub mod proxy;
 pub mod router;

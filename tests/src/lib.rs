@@ -581,6 +581,8 @@ pub struct PoolOptions {
     pub tp_authority: Option<AuthorityPublicKey>,
     /// Extra `POOL__…` environment overrides.
     pub env: Vec<(String, String)>,
+    /// Loopback address its SV2 listener binds (default 127.0.0.1; `::1` for IPv6).
+    pub listen_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for PoolOptions {
@@ -590,6 +592,7 @@ impl Default for PoolOptions {
             share_batch_size: 1,
             tp_authority: None,
             env: Vec::new(),
+            listen_ip: None,
         }
     }
 }
@@ -683,7 +686,13 @@ pub async fn start_pool(tp_addr: SocketAddr) -> Pool {
 /// If the binary is missing or the pool does not come up within [`STARTUP_TIMEOUT`].
 pub async fn start_pool_with(tp_addr: SocketAddr, opts: PoolOptions) -> Pool {
     let bin = peer_bin("pool_sv2");
-    let addr = free_addr();
+    let addr = match opts.listen_ip {
+        Some(ip) => {
+            assert!(ip.is_loopback(), "peers listen on loopback only, not {ip}");
+            SocketAddr::new(ip, free_port())
+        }
+        None => free_addr(),
+    };
     let monitoring_addr = free_addr();
     let authority_pubkey: AuthorityPublicKey =
         TEST_AUTHORITY_PUBLIC_KEY.parse().expect("SRI example key");

@@ -536,7 +536,7 @@ fn pool_views(st: &ApiState) -> Vec<PoolView> {
                 name: h.stats.name.clone(),
                 address: pc.map(|p| p.address.to_string()).unwrap_or_default(),
                 protocol: pc
-                    .map(|p| format!("{:?}", p.protocol).to_lowercase())
+                    .map(|p| p.protocol().as_str().to_string())
                     .unwrap_or_default(),
                 priority: pc.map(|p| p.priority).unwrap_or(0),
                 weight: pc.map(|p| p.weight).unwrap_or(0.0),

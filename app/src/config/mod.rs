@@ -207,6 +207,34 @@ mod tests {
         assert!(e.contains("address") && e.contains("line 3"), "{e}");
     }
 
+    /// Pool addresses as people write them, and their mistakes with key and line.
+    #[test]
+    fn pool_addresses_name_key_and_line() {
+        let sv1 =
+            "[[pools]]\nname='a'\naddress='stratum+tcp://stratum.example.com:3333'\nuser='u'\n";
+        let c = Config::parse(sv1, "t.toml").unwrap();
+        assert_eq!(c.pools[0].protocol().as_str(), "sv1");
+        assert_eq!(c.pools[0].address.endpoint.host, "stratum.example.com");
+        let sv2 =
+            format!("[[pools]]\nname='a'\naddress='stratum2+tcp://[::1]:3336/{KEY}'\nuser='u'\n");
+        let c = Config::parse(&sv2, "t.toml").unwrap();
+        assert_eq!(c.pools[0].authority_key().as_deref(), Some(KEY));
+        let e = err(&format!("{sv1}protocol = 'sv2'\n"));
+        assert!(
+            e.contains("pools[0].address")
+                && e.contains("(line 3)")
+                && e.contains("stratum+tcp://"),
+            "{e}"
+        );
+        let e = err("\n[[pools]]\nname='a'\naddress='pool.example.com:3333'\nuser='u'\n");
+        assert!(
+            e.contains("pools[0].protocol") && e.contains("(line 2)"),
+            "{e}"
+        );
+        let e = err(&sv1.replace(":3333", ""));
+        assert!(e.contains("line 3") && e.contains("needs a port"), "{e}");
+    }
+
     /// The forms a line scan missed: an inline table and dotted keys.
     #[test]
     fn inline_tables_and_dotted_keys_name_the_right_line() {

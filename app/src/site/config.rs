@@ -5,9 +5,9 @@ use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use gridproxy_curtail as curtail;
 use gridproxy_grid::mqtt;
 use gridproxy_proxy::config::Invalid;
+use gridproxy_proxy::endpoint::Endpoint;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -107,7 +107,9 @@ pub struct MinerConfig {
     pub name: String,
     /// Firmware / control API.
     pub firmware: FirmwareKind,
-    /// Firmware API address, `ip:port` or `ip` (the firmware's default port).
+    /// Firmware API address: `host:port`, `host`, `ip:port`, `ip` or
+    /// `[ipv6]:port` (no port: the firmware's default). A host name is
+    /// resolved when the firmware is contacted, never at load.
     pub address: String,
     /// SV1 worker name it authorizes with through this proxy (for parking).
     #[serde(default)]
@@ -156,17 +158,12 @@ impl MinerConfig {
             .unwrap_or(0.0)
     }
 
-    pub(crate) fn socket_addr(&self) -> Result<SocketAddr, String> {
-        let a = self.address.trim();
-        if let Ok(s) = a.parse::<SocketAddr>() {
-            return Ok(s);
-        }
-        match a.parse::<IpAddr>() {
-            Ok(ip) => Ok(SocketAddr::new(ip, self.firmware.default_port())),
-            Err(_) => Err(format!(
-                "{a:?} is not ip:port or ip (names are not resolved here)"
-            )),
-        }
+    /// The firmware API's host and port (the firmware's default port when
+    /// none is written). A name is not resolved here: the firmware client
+    /// looks it up at every connect.
+    pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
+        Endpoint::parse_with_default_port(&self.address, self.firmware.default_port())
+            .map_err(|e| format!("{e} (expected host, host:port, ip, ip:port or [ipv6]:port)"))
     }
 }
 
@@ -340,9 +337,10 @@ pub struct SiteLoadSource {
     /// PromQL for `prometheus_url`.
     #[serde(default)]
     pub prometheus_query: Option<String>,
-    /// Or: a Modbus TCP meter, `ip:port`.
+    /// Or: a Modbus TCP meter, `host:port`, `host`, `ip:port` or
+    /// `[ipv6]:port` (no port: 502); a name is looked up at connect.
     #[serde(default)]
-    pub modbus: Option<SocketAddr>,
+    pub modbus: Option<String>,
     /// Modbus unit id.
     #[serde(default = "d_unit")]
     pub modbus_unit: u8,
@@ -669,7 +667,7 @@ impl SiteConfig {
                     ),
                 ));
             }
-            if let Err(e) = m.socket_addr() {
+            if let Err(e) = m.endpoint() {
                 return Err(bad("address", e));
             }
             if !(m.ths.is_finite() && m.ths > 0.0) {
@@ -801,8 +799,9 @@ impl SiteConfig {
         }
         if let Some(o) = &s.openadr {
             let bad = in_signal("openadr");
-            if !(o.vtn_url.starts_with("http://") || o.vtn_url.starts_with("https://")) {
-                return Err(bad("vtn_url", "must be an http:// or https:// URL".into()));
+            check_http_url(&o.vtn_url).map_err(|e| bad("vtn_url", e))?;
+            if let Some(u) = &o.token_url {
+                check_http_url(u).map_err(|e| bad("token_url", e))?;
             }
             if o.client_id.is_empty() {
                 return Err(bad("client_id", "must not be empty".into()));
@@ -844,9 +843,7 @@ impl SiteConfig {
                     ))
                 }
                 (Some(u), None) => {
-                    if !is_http(u) {
-                        return Err(bad("ercot_csv_url", "must be an http(s) URL".into()));
-                    }
+                    check_http_url(u).map_err(|e| bad("ercot_csv_url", e))?;
                     if p.settlement_point.as_deref().unwrap_or("").is_empty() {
                         return Err(bad(
                             "settlement_point",
@@ -855,9 +852,7 @@ impl SiteConfig {
                     }
                 }
                 (None, Some(u)) => {
-                    if !is_http(u) {
-                        return Err(bad("json_url", "must be an http(s) URL".into()));
-                    }
+                    check_http_url(u).map_err(|e| bad("json_url", e))?;
                     if !p.json_price.starts_with('/') {
                         return Err(bad(
                             "json_price",
@@ -889,6 +884,15 @@ impl SiteConfig {
                     "prometheus_url",
                     "give exactly one meter: prometheus_url, modbus or http_json_url".into(),
                 ));
+            }
+            if let Some(u) = &m.prometheus_url {
+                check_http_url(u).map_err(|e| bad("prometheus_url", e))?;
+            }
+            if let Some(u) = &m.http_json_url {
+                check_http_url(u).map_err(|e| bad("http_json_url", e))?;
+            }
+            if let Some(a) = &m.modbus {
+                modbus_endpoint(a).map_err(|e| bad("modbus", e))?;
             }
             if m.prometheus_url.is_some() && m.prometheus_query.is_none() {
                 return Err(bad(
@@ -995,30 +999,35 @@ impl SiteConfig {
     }
 }
 
-fn is_http(u: &str) -> bool {
-    u.starts_with("http://") || u.starts_with("https://")
+/// A Modbus TCP meter's address (port 502 when none is written).
+pub(crate) fn modbus_endpoint(a: &str) -> Result<Endpoint, String> {
+    Endpoint::parse_with_default_port(a, 502).map_err(|e| e.to_string())
 }
 
-/// `host:port` or `host` (then `default_port`); IPv6 as `[::1]:1883`.
+/// An `http://` or `https://` URL with a host: a name (looked up when the
+/// source connects, never here), an IPv4 address or a bracketed IPv6 one.
+fn check_http_url(u: &str) -> Result<(), String> {
+    let must = "must be an http:// or https:// URL with a host";
+    let uri: hyper::Uri = u
+        .parse()
+        .map_err(|e| format!("{must}; {u:?} does not parse: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{must}, not {u:?}"));
+    }
+    match uri.host() {
+        None | Some("") => Err(format!("{must}; {u:?} has no host")),
+        Some(h) => Endpoint::parse_with_default_port(h, 80)
+            .map(drop)
+            .map_err(|e| format!("{must}; host {e}")),
+    }
+}
+
+/// `host:port` or `host` (then `default_port`); IPv6 as `[::1]:1883`. The
+/// host comes back without brackets.
 pub(crate) fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty address".into());
-    }
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok((a.ip().to_string(), a.port()));
-    }
-    if s.parse::<IpAddr>().is_ok() {
-        return Ok((s.to_string(), default_port));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && !h.contains(':') => p
-            .parse::<u16>()
-            .map(|p| (h.to_string(), p))
-            .map_err(|_| format!("{s:?}: port {p:?} is not a number")),
-        Some(_) => Err(format!("{s:?} is not host:port")),
-        None => Ok((s.to_string(), default_port)),
-    }
+    Endpoint::parse_with_default_port(s, default_port)
+        .map(|e| (e.host, e.port))
+        .map_err(|e| e.to_string())
 }
 
 pub(crate) fn mqtt_config(
@@ -1109,11 +1118,22 @@ mod tests {
         );
         let e = parse(&format!(
             "[site]\nledger = \"l.sqlite\"\n\n{}",
-            MINER.replace("127.0.0.1:4028", "miner.local:4028")
+            MINER.replace("127.0.0.1:4028", "miner local:4028")
         ))
         .unwrap_err();
         assert!(
-            e.contains("site.miners[0].address") && e.contains("line 13"),
+            e.contains("site.miners[0].address")
+                && e.contains("line 13")
+                && e.contains("not a host name"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{}",
+            MINER.replace("127.0.0.1:4028", "miner.local:x")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("site.miners[0].address") && e.contains("is not a number"),
             "{e}"
         );
         let e = parse(&format!(
@@ -1140,6 +1160,94 @@ mod tests {
         assert!(miner_id("x").0 < (1 << 48));
     }
 
+    /// Firmware addresses as people write them; a name is kept as written
+    /// (resolved by the firmware client at connect, not here).
+    #[test]
+    fn firmware_addresses_take_host_names() {
+        for (written, firmware, host, port) in [
+            (
+                "miner-01.rack2.example:4029",
+                "luxos",
+                "miner-01.rack2.example",
+                4029,
+            ),
+            (
+                "miner-01.rack2.example",
+                "luxos",
+                "miner-01.rack2.example",
+                4028,
+            ),
+            ("localhost", "braiins", "localhost", 50051),
+            ("10.0.1.12", "vnish", "10.0.1.12", 80),
+            ("[::1]:4028", "whatsminer", "::1", 4028),
+            ("[fd00::12]", "luxos", "fd00::12", 4028),
+            ("fd00::12", "luxos", "fd00::12", 4028),
+        ] {
+            let m = MINER
+                .replace("127.0.0.1:4028", written)
+                .replace("\"luxos\"", &format!("\"{firmware}\""));
+            let c = parse(&format!(
+                "[site]\nledger = \"l.sqlite\"\n\n{m}password = \"p\"\n"
+            ))
+            .unwrap_or_else(|e| panic!("{written}: {e}"));
+            let ep = c.site.unwrap().miners[0].endpoint().unwrap();
+            assert_eq!((ep.host.as_str(), ep.port), (host, port), "{written}");
+        }
+    }
+
+    /// Signal sources take URLs with host names (and MQTT a host name).
+    #[test]
+    fn signal_sources_take_host_names() {
+        let c = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\nhashprice_usd_per_ph_day = 50.0\ncontract_kw = 100.0\n\n{MINER}\n\
+             [site.signals.mqtt]\nbroker = \"broker.site.example:8883\"\nsite_id = \"s1\"\n\n\
+             [site.signals.openadr]\nvtn_url = \"https://vtn.utility.example:8443/openadr3\"\nclient_id = \"c\"\nclient_secret = \"s\"\nven_name = \"v\"\n\n\
+             [site.signals.price]\njson_url = \"http://prices.example/lmp.json\"\n\n\
+             [site.signals.site_load]\nprometheus_url = \"http://prometheus.site.example:9090\"\nprometheus_query = \"site_kw\"\n"
+        ))
+        .unwrap();
+        let sig = c.site.unwrap().signals;
+        assert_eq!(
+            split_host_port(&sig.mqtt.unwrap().broker, 1883).unwrap(),
+            ("broker.site.example".into(), 8883)
+        );
+        // A Modbus meter by name; no port: 502.
+        let meter = |m: &str| {
+            parse(&format!(
+                "[site]\nledger = \"l.sqlite\"\ncontract_kw = 100.0\n\n{MINER}\n\
+                 [site.signals.site_load]\nmodbus = \"{m}\"\n"
+            ))
+        };
+        let c = meter("meter.site.example").unwrap();
+        let a = c.site.unwrap().signals.site_load.unwrap().modbus.unwrap();
+        assert_eq!(
+            modbus_endpoint(&a).unwrap().to_string(),
+            "meter.site.example:502"
+        );
+        assert_eq!(
+            modbus_endpoint("[::1]:5020").unwrap().to_string(),
+            "[::1]:5020"
+        );
+        let e = meter("meter:x").unwrap_err();
+        assert!(e.contains("site.signals.site_load.modbus"), "{e}");
+        for (key, url) in [
+            ("vtn_url", "vtn.example"),
+            ("vtn_url", "ftp://vtn.example"),
+            ("vtn_url", "http://"),
+            ("vtn_url", "http://bad host/"),
+        ] {
+            let e = parse(&format!(
+                "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n\
+                 [site.signals.openadr]\n{key} = \"{url}\"\nclient_id = \"c\"\nclient_secret = \"s\"\nven_name = \"v\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains(&format!("site.signals.openadr.{key}")),
+                "{url}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn host_port_forms() {
         assert_eq!(
@@ -1151,5 +1259,9 @@ mod tests {
             ("broker".into(), 8883)
         );
         assert!(split_host_port("broker:x", 1883).is_err());
+        assert_eq!(
+            split_host_port("[::1]:1884", 1883).unwrap(),
+            ("::1".into(), 1884)
+        );
     }
 }

@@ -5,7 +5,7 @@ use super::config::*;
 use super::park::ProxyActuator;
 use super::view::{self, MinerInfo};
 use crate::site::handle::{SiteCommand, SiteHandle};
-use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::actuators::{FleetActuator, HostPort, MinerEndpoint};
 use curtail::command::Ack;
 use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
 use curtail::fleet::MinerId;
@@ -218,13 +218,14 @@ pub async fn start(
         let key = format!("site.miners[{i}].password");
         let password = resolve_secret(&key, &m.password, &m.password_env, &m.password_file)?
             .unwrap_or_default();
-        let addr = m
-            .socket_addr()
+        let at = m
+            .endpoint()
             .map_err(|e| anyhow::anyhow!("site.miners[{i}].address: {e}"))?;
-        let ep = MinerEndpoint::new(m.firmware.surface(), addr).with_credentials(
-            m.username.clone().unwrap_or_else(|| "root".into()),
-            password,
-        );
+        let ep = MinerEndpoint::new(m.firmware.surface(), HostPort::new(at.host, at.port))
+            .with_credentials(
+                m.username.clone().unwrap_or_else(|| "root".into()),
+                password,
+            );
         firmware.insert(id, &ep);
         if let Some(w) = &m.worker {
             proxy.insert(id, w.clone());
@@ -375,10 +376,12 @@ pub async fn start(
                 query: m.prometheus_query.clone().unwrap_or_default(),
                 factor: m.factor,
             })
-        } else if let Some(a) = m.modbus {
+        } else if let Some(a) = &m.modbus {
             use site_load::modbus::{DataType, RegisterKind, WordOrder};
             site_load::Meter::Modbus(site_load::modbus::ModbusMeter {
-                addr: a,
+                addr: modbus_endpoint(a)
+                    .map_err(|e| anyhow::anyhow!("site.signals.site_load.modbus: {e}"))?
+                    .to_string(),
                 unit: m.modbus_unit,
                 kind: match m.modbus_table {
                     ModbusTable::Holding => RegisterKind::Holding,

@@ -4,22 +4,16 @@
 //! [`parse_reply`] and [`check_status`] are sans-IO and tested without a
 //! socket; [`request`] is the thin I/O edge (the caller bounds it in time).
 
-use std::net::SocketAddr;
-
+use super::{ClientError, HostPort};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-use super::ClientError;
 
 /// Largest reply accepted (a full `stats` is a few KiB).
 pub(crate) const MAX_REPLY: usize = 256 * 1024;
 
 /// Send `req` to `addr` and read one reply.
-pub(crate) async fn request(addr: SocketAddr, req: &Value) -> Result<Value, ClientError> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
+pub(crate) async fn request(addr: &HostPort, req: &Value) -> Result<Value, ClientError> {
+    let mut stream = addr.connect().await?;
     stream
         .write_all(req.to_string().as_bytes())
         .await

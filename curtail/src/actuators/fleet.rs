@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::actuator::{Actuator, ActuatorError, TelemetrySource};
@@ -28,15 +27,15 @@ use super::luxos::LuxOsClient;
 use super::stock::StockClient;
 use super::vnish::VnishClient;
 use super::whatsminer::WhatsminerClient;
-use super::{ClientConfig, ClientError, Reading};
+use super::{ClientConfig, ClientError, HostPort, Reading};
 
 /// How to reach one miner's firmware API.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MinerEndpoint {
     /// Its firmware.
     pub surface: ControlSurface,
-    /// API address (any port).
-    pub addr: SocketAddr,
+    /// API address: a host name or IP address, any port.
+    pub addr: HostPort,
     /// User name where the API has one (Braiins OS: `root`).
     pub username: String,
     /// Password (LuxOS and stock need none).
@@ -56,10 +55,10 @@ impl std::fmt::Debug for MinerEndpoint {
 
 impl MinerEndpoint {
     /// `surface` at `addr`, user `root`, empty password.
-    pub fn new(surface: ControlSurface, addr: SocketAddr) -> MinerEndpoint {
+    pub fn new(surface: ControlSurface, addr: impl Into<HostPort>) -> MinerEndpoint {
         MinerEndpoint {
             surface,
-            addr,
+            addr: addr.into(),
             username: "root".into(),
             password: String::new(),
         }
@@ -88,7 +87,7 @@ enum Client {
 
 impl Client {
     fn for_endpoint(ep: &MinerEndpoint, timeout: Duration) -> Client {
-        let cfg = ClientConfig::new(ep.addr).with_timeout(timeout);
+        let cfg = ClientConfig::new(ep.addr.clone()).with_timeout(timeout);
         match ep.surface {
             ControlSurface::LuxOs => Client::LuxOs(LuxOsClient::new(cfg)),
             ControlSurface::BraiinsOs => Client::Braiins(BraiinsClient::new(

@@ -2,16 +2,12 @@
 //! no pooling, no TLS (firmware web APIs are plain HTTP on the LAN). The
 //! caller bounds it in time.
 
-use std::net::SocketAddr;
-
+use super::{ClientError, HostPort};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpStream;
-
-use super::ClientError;
 
 /// Largest response body accepted.
 const MAX_BODY: usize = 256 * 1024;
@@ -19,15 +15,13 @@ const MAX_BODY: usize = 256 * 1024;
 /// Send one request; returns the status and the body parsed as JSON
 /// (`Value::Null` for an empty body).
 pub(crate) async fn json_request(
-    addr: SocketAddr,
+    addr: &HostPort,
     method: Method,
     path: &str,
     bearer: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), ClientError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let stream = addr.connect().await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ClientError::Transport(e.to_string()))?;

@@ -87,7 +87,7 @@ impl LuxOsClient {
     }
 
     async fn command(&self, req: Value) -> Result<Value, ClientError> {
-        let v = cgminer::request(self.cfg.addr, &req).await?;
+        let v = cgminer::request(&self.cfg.addr, &req).await?;
         check_status(&v)?;
         Ok(v)
     }
@@ -101,7 +101,7 @@ impl LuxOsClient {
                 None => session.insert(self.logon().await?).clone(),
             };
             let req = json!({ "command": command, "parameter": format!("{sid},{arg}") });
-            let v = cgminer::request(self.cfg.addr, &req).await?;
+            let v = cgminer::request(&self.cfg.addr, &req).await?;
             match status_of(&v) {
                 Some((_, _, msg)) if is_session_error(&msg) && attempt == 0 => {
                     *session = None;
@@ -116,7 +116,7 @@ impl LuxOsClient {
     }
 
     async fn logon(&self) -> Result<String, ClientError> {
-        let v = cgminer::request(self.cfg.addr, &json!({ "command": "logon" })).await?;
+        let v = cgminer::request(&self.cfg.addr, &json!({ "command": "logon" })).await?;
         if check_status(&v).is_ok() {
             if let Some(id) = session_id(&v) {
                 return Ok(id);

@@ -15,9 +15,11 @@
 //! - [`verify`]: confirm a command by telemetry (firmware may ack and do
 //!   nothing).
 //!
-//! Every client takes a [`SocketAddr`] (any port) and a timeout that bounds
-//! each whole operation, logins included: nothing waits longer, whatever the
-//! peer does. Errors are [`ClientError`]s; [`FleetActuator`]
+//! Every client takes a [`HostPort`] (a host name or IP address, any port;
+//! a name is resolved at every connect and each of its addresses tried in
+//! turn, never at configuration) and a timeout that bounds each whole
+//! operation, logins and lookups included: nothing waits longer, whatever
+//! the peer does. Errors are [`ClientError`]s; [`FleetActuator`]
 //! maps them to [`ActuatorError`] with the miner's id.
 //!
 //! # Why not `asic-rs` (0.8.6, evaluated)
@@ -122,20 +124,66 @@ pub struct Reading {
     pub hashrate_ths: f64,
 }
 
+/// Where a firmware API listens: a host (a name, or an IP address) and a
+/// port. A name is looked up at each connect, so a miner that changes
+/// address (DHCP, DNS) is followed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// A DNS name, an IPv4 address or an IPv6 address (no brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl HostPort {
+    /// `host` (a name or an IP address, IPv6 without brackets) at `port`.
+    pub fn new(host: impl Into<String>, port: u16) -> HostPort {
+        HostPort {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// Resolve now and connect to the first address that accepts, trying
+    /// each in turn (the caller bounds it in time).
+    pub(crate) async fn connect(&self) -> Result<tokio::net::TcpStream, ClientError> {
+        tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| ClientError::Connect(format!("{self}: {e}")))
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(a: SocketAddr) -> HostPort {
+        HostPort::new(a.ip().to_string(), a.port())
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    /// `host:port`, an IPv6 address in brackets (as in a URL).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// Where a client talks and how long it waits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientConfig {
     /// Firmware API address.
-    pub addr: SocketAddr,
-    /// Bound on each whole operation (connect, login, request, reply).
+    pub addr: HostPort,
+    /// Bound on each whole operation (lookup, connect, login, request, reply).
     pub timeout: Duration,
 }
 
 impl ClientConfig {
     /// `addr` with a 5 s timeout.
-    pub fn new(addr: SocketAddr) -> ClientConfig {
+    pub fn new(addr: impl Into<HostPort>) -> ClientConfig {
         ClientConfig {
-            addr,
+            addr: addr.into(),
             timeout: Duration::from_secs(5),
         }
     }

@@ -25,9 +25,10 @@ impl StockClient {
     /// Power and hashrate.
     pub async fn telemetry(&self) -> Result<Reading, ClientError> {
         bounded(self.cfg.timeout, async {
-            let summary = cgminer::request(self.cfg.addr, &json!({ "command": "summary" })).await?;
+            let summary =
+                cgminer::request(&self.cfg.addr, &json!({ "command": "summary" })).await?;
             check_status(&summary)?;
-            let stats = cgminer::request(self.cfg.addr, &json!({ "command": "stats" })).await?;
+            let stats = cgminer::request(&self.cfg.addr, &json!({ "command": "stats" })).await?;
             check_status(&stats)?;
             let power = stats
                 .get("STATS")

@@ -81,7 +81,7 @@ impl VnishClient {
     pub async fn telemetry(&self) -> Result<Reading, ClientError> {
         bounded(self.cfg.timeout, async {
             let (status, v) =
-                json_request(self.cfg.addr, Method::GET, "/api/v1/summary", None, None).await?;
+                json_request(&self.cfg.addr, Method::GET, "/api/v1/summary", None, None).await?;
             check(status, &v)?;
             Ok(Reading {
                 power_w: number(&v, "/miner/power_consumption")?,
@@ -94,7 +94,7 @@ impl VnishClient {
     async fn unlock(&self) -> Result<String, ClientError> {
         let body = json!({ "pw": self.password });
         let (status, v) = json_request(
-            self.cfg.addr,
+            &self.cfg.addr,
             Method::POST,
             "/api/v1/unlock",
             None,
@@ -121,7 +121,7 @@ impl VnishClient {
                 None => token.insert(self.unlock().await?).clone(),
             };
             let (status, v) =
-                json_request(self.cfg.addr, method.clone(), path, Some(&t), body).await?;
+                json_request(&self.cfg.addr, method.clone(), path, Some(&t), body).await?;
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 *token = None;
                 continue;

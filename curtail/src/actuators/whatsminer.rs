@@ -132,7 +132,7 @@ impl WhatsminerClient {
     /// Power and hashrate from `summary`.
     pub async fn telemetry(&self) -> Result<Reading, ClientError> {
         bounded(self.cfg.timeout, async {
-            let v = cgminer::request(self.cfg.addr, &json!({ "cmd": "summary" })).await?;
+            let v = cgminer::request(&self.cfg.addr, &json!({ "cmd": "summary" })).await?;
             check_status(&v)?;
             Ok(Reading {
                 power_w: number(&v, "/SUMMARY/0/Power")?,
@@ -144,7 +144,7 @@ impl WhatsminerClient {
 
     async fn write(&self, mut cmd: Value) -> Result<(), ClientError> {
         bounded(self.cfg.timeout, async {
-            let t = cgminer::request(self.cfg.addr, &json!({ "cmd": "get_token" })).await?;
+            let t = cgminer::request(&self.cfg.addr, &json!({ "cmd": "get_token" })).await?;
             check_status(&t)?;
             let field = |k: &str| {
                 t.pointer(&format!("/Msg/{k}"))
@@ -159,7 +159,7 @@ impl WhatsminerClient {
             )?;
             cmd["token"] = Value::String(token.sign.clone());
             let req = json!({ "enc": 1, "data": token.encrypt(cmd.to_string().as_bytes()) });
-            let reply = cgminer::request(self.cfg.addr, &req).await?;
+            let reply = cgminer::request(&self.cfg.addr, &req).await?;
             let reply = match reply.get("enc").and_then(Value::as_str) {
                 Some(data) => serde_json::from_str(&token.decrypt(data)?)
                     .map_err(|e| ClientError::Protocol(format!("decrypted reply: {e}")))?,

@@ -55,8 +55,10 @@ pub enum WordOrder {
 /// A meter and where its figure is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModbusMeter {
-    /// Meter address (`host:port`; 502 is the Modbus default).
-    pub addr: std::net::SocketAddr,
+    /// Meter address, `host:port` (a name, an IPv4 address or `[IPv6]`; 502
+    /// is the Modbus default). A name is looked up at every connect, each
+    /// address it resolves to tried in turn.
+    pub addr: String,
     /// Unit (slave) id.
     pub unit: u8,
     /// Register table.
@@ -123,9 +125,13 @@ pub(crate) async fn read(
 
 /// Open a connection to the meter.
 pub(crate) async fn connect(m: &ModbusMeter) -> Result<tokio_modbus::client::Context, MeterError> {
-    tokio_modbus::client::tcp::connect_slave(m.addr, tokio_modbus::Slave(m.unit))
+    let stream = tokio::net::TcpStream::connect(m.addr.as_str())
         .await
-        .map_err(|e| MeterError::Transport(format!("modbus connect {}: {e}", m.addr)))
+        .map_err(|e| MeterError::Transport(format!("modbus connect {}: {e}", m.addr)))?;
+    Ok(tokio_modbus::client::tcp::attach_slave(
+        stream,
+        tokio_modbus::Slave(m.unit),
+    ))
 }
 
 #[cfg(test)]
@@ -166,7 +172,7 @@ mod tests {
     #[test]
     fn scale_applies() {
         let m = ModbusMeter {
-            addr: "127.0.0.1:502".parse().unwrap(),
+            addr: "127.0.0.1:502".into(),
             unit: 1,
             kind: RegisterKind::Holding,
             address: 0,

@@ -314,7 +314,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         drop(l);
         let meter = Meter::Modbus(ModbusMeter {
-            addr,
+            addr: addr.to_string(),
             unit: 1,
             kind: modbus::RegisterKind::Holding,
             address: 0,

@@ -13,10 +13,13 @@ pub mod sv1;
 pub mod sv2;
 
 use crate::config::{PoolConfig, RoutingConfig};
+use crate::endpoint::Endpoint;
 use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use gridproxy_protocol::difficulty::Target;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 /// A job id as the pool knows it.
@@ -115,7 +118,7 @@ pub fn spawn(
     tasks: &tokio_util::task::TaskTracker,
 ) -> PoolHandle {
     let (vtx, vrx, srx) = channels();
-    match pool.protocol {
+    match pool.protocol() {
         crate::config::PoolProtocol::Sv2 => {
             let up = sv2::Sv2Upstream {
                 pool: pool.clone(),
@@ -168,6 +171,65 @@ pub fn next_backoff(cur: std::time::Duration) -> std::time::Duration {
     (cur * 2).min(std::time::Duration::from_secs(5))
 }
 
+/// Bound on one name lookup.
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bound on one TCP connect (per resolved address).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolve `ep` now (a pool's name is looked up at every connect, so a
+/// moved pool is followed on reconnect) and connect to the first of its
+/// addresses that accepts, trying each in turn.
+pub async fn connect(ep: &Endpoint) -> Result<TcpStream, UpstreamError> {
+    let resolve_error = |reason: String| UpstreamError::Resolve {
+        endpoint: ep.to_string(),
+        reason,
+    };
+    let addrs = match tokio::time::timeout(RESOLVE_TIMEOUT, ep.resolve()).await {
+        Err(_) => {
+            return Err(resolve_error(format!(
+                "no answer within {RESOLVE_TIMEOUT:?}"
+            )))
+        }
+        Ok(Err(e)) => return Err(resolve_error(e.to_string())),
+        Ok(Ok(a)) if a.is_empty() => return Err(resolve_error("no addresses".into())),
+        Ok(Ok(a)) => a,
+    };
+    if ep.ip().is_none() {
+        tracing::debug!(endpoint = %ep, ?addrs, "resolved");
+    }
+    connect_any(ep, &addrs, CONNECT_TIMEOUT).await
+}
+
+/// Connect to the first of `addrs` that accepts within `timeout` each.
+pub async fn connect_any(
+    ep: &Endpoint,
+    addrs: &[SocketAddr],
+    timeout: std::time::Duration,
+) -> Result<TcpStream, UpstreamError> {
+    let mut last = std::io::Error::other("no address to connect to");
+    for &a in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                )
+            }
+        }
+        tracing::debug!(endpoint = %ep, addr = %a, error = %last, "connect failed; next address");
+    }
+    Err(UpstreamError::Connect {
+        endpoint: ep.to_string(),
+        tried: addrs.to_vec(),
+        source: last,
+    })
+}
+
 /// One upstream protocol's connection: what [`reconnect_loop`] drives.
 pub(crate) trait Session {
     /// Pool settings.
@@ -201,18 +263,90 @@ pub(crate) async fn reconnect_loop(
             r = up.session(&view, &mut shares) => r,
         };
         view.send_modify(|v| v.live = false);
-        if let Err(e) = r {
-            let pool = up.pool();
-            tracing::warn!(pool = %pool.name, addr = %pool.address, error = %e, "upstream down");
-            up.stats().set_error(Some(e.to_string()));
-        }
         if started.elapsed() > std::time::Duration::from_secs(30) {
             backoff = first;
+        }
+        if let Err(e) = r {
+            let pool = up.pool();
+            tracing::warn!(pool = %pool.name, addr = %pool.address, error = %e, retry_in = ?backoff, "upstream down");
+            up.stats().set_error(Some(e.to_string()));
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = next_backoff(backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_resolved_address_is_tried_in_turn() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = open.local_addr().unwrap();
+        let (dead1, dead2) = (closed_port(), closed_port());
+        let ep = Endpoint {
+            host: "pool.test".into(),
+            port: good.port(),
+        };
+        let s = connect_any(&ep, &[dead1, dead2, good], Duration::from_secs(5))
+            .await
+            .expect("the third address accepts");
+        assert_eq!(s.peer_addr().unwrap(), good);
+        let e = connect_any(&ep, &[dead1, dead2], Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("connect pool.test:{}", good.port()))
+                && e.contains(&format!("tried {dead1}, {dead2}")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ip_endpoint_connects_without_a_lookup_and_errors_plainly() {
+        let dead = closed_port();
+        let e = connect(&Endpoint::from(dead))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(&format!("connect {dead}: ")), "{e}");
+        assert!(!e.contains("tried"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_an_upstream_error() {
+        // `.invalid` never resolves (RFC 6761).
+        let ep = Endpoint {
+            host: "pool.gridproxy-test.invalid".into(),
+            port: 3333,
+        };
+        let e = connect(&ep).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Resolve { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("resolve pool.gridproxy-test.invalid:3333: "),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_at_connect() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = open.local_addr().unwrap().port();
+        let ep = Endpoint::parse(&format!("localhost:{port}")).unwrap();
+        let s = connect(&ep).await.expect("localhost reaches 127.0.0.1");
+        assert!(s.peer_addr().unwrap().ip().is_loopback());
     }
 }

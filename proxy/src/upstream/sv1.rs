@@ -15,7 +15,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -80,12 +79,7 @@ impl Sv1Upstream {
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError> {
-        let addr = self.pool.address;
-        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(addr))?
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
+        let stream = super::connect(&self.pool.address.endpoint).await?;
         let (mut rd, mut wr) = stream.into_split();
         let mut c = Conn {
             en1: vec![],

@@ -91,11 +91,15 @@ impl Sv2Upstream {
         &self,
         key: &AuthorityPublicKey,
     ) -> Result<(Framed<TcpStream, NoiseCodec>, Conn), UpstreamError> {
-        let addr = self.pool.address;
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
+        let endpoint = &self.pool.address.endpoint;
+        let stream = super::connect(endpoint).await?;
+        let addr = stream
+            .peer_addr()
+            .map_err(|source| UpstreamError::Connect {
+                endpoint: endpoint.to_string(),
+                tried: vec![],
+                source,
+            })?;
         let mut framed = connect_noise(stream, key).await.map_err(|e| match e {
             gridproxy_protocol::sv2::Sv2Error::BadCertificate => UpstreamError::NotSigned {
                 pool: self.pool.name.clone(),
@@ -109,12 +113,13 @@ impl Sv2Upstream {
             min_version: 2,
             max_version: 2,
             flags: 0,
-            endpoint_host: addr
-                .ip()
-                .to_string()
+            // The name as configured, as an HTTP client sends Host.
+            endpoint_host: endpoint
+                .host
+                .clone()
                 .try_into()
                 .map_err(|_| UpstreamError::FieldTooLong("endpoint host"))?,
-            endpoint_port: addr.port(),
+            endpoint_port: endpoint.port,
             vendor: "gridproxy"
                 .to_string()
                 .try_into()
@@ -429,8 +434,7 @@ impl super::Session for Sv2Upstream {
         // Config validation refuses a bad key; report it here too rather than spin.
         let key: AuthorityPublicKey = self
             .pool
-            .authority_pubkey
-            .as_deref()
+            .authority_key()
             .ok_or(UpstreamError::NoAuthorityKey)?
             .parse()
             .map_err(UpstreamError::BadAuthorityKey)?;

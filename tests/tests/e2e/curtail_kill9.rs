@@ -115,8 +115,11 @@ async fn kill9_child() {
     for m in cfg["miners"].as_array().unwrap() {
         let id = MinerId(m["id"].as_u64().unwrap());
         let surface: ControlSurface = serde_json::from_value(m["surface"].clone()).unwrap();
-        let ep = MinerEndpoint::new(surface, m["addr"].as_str().unwrap().parse().unwrap())
-            .with_credentials("root", m["password"].as_str().unwrap());
+        let ep = MinerEndpoint::new(
+            surface,
+            m["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap(),
+        )
+        .with_credentials("root", m["password"].as_str().unwrap());
         fw.insert(id, &ep);
         bridge.insert(id, m["worker"].as_str().unwrap());
     }

@@ -162,7 +162,8 @@ async fn start_modbus_meter(source: &str) -> (PeerProcess, std::net::SocketAddr)
 
 fn modbus_meter(addr: std::net::SocketAddr) -> Meter {
     Meter::Modbus(ModbusMeter {
-        addr,
+        // By name: looked up at every (re)connect.
+        addr: format!("localhost:{}", addr.port()),
         unit: 1,
         kind: RegisterKind::Holding,
         address: 0,

@@ -36,6 +36,7 @@ mod operate_reload;
 mod operate_site;
 mod operate_tls;
 mod proxy_control;
+mod proxy_endpoints;
 mod proxy_pool;
 mod proxy_routing;
 mod proxy_sv2;

@@ -39,6 +39,14 @@ token = "0123456789abcdef0123"
     )
 }
 
+/// A valid authority key other than `KEY`.
+fn other_key() -> String {
+    gridproxy_protocol::sv2::AuthorityKeypair::from_secret_bytes([9; 32])
+        .unwrap()
+        .public()
+        .to_string()
+}
+
 fn line_of(text: &str, needle: &str) -> usize {
     text.lines()
         .position(|l| l.contains(needle))
@@ -62,10 +70,31 @@ fn cases() -> Vec<(&'static str, String, &'static str, &'static str)> {
             "max_connections =",
         ),
         (
-            "address that is not ip:port",
-            base("").replace("127.0.0.1:3334", "backup.example:3334"),
+            "pool address without a port",
+            base("").replace("127.0.0.1:3334", "backup.example"),
             "address",
             "backup.example",
+        ),
+        (
+            "pool URL whose scheme disagrees with protocol",
+            base("").replace("127.0.0.1:3334", "stratum2+tcp://backup.example:3334"),
+            "pools[1].address",
+            "stratum2+tcp://backup.example",
+        ),
+        (
+            "pool URL key that differs from authority_pubkey",
+            base("").replace(
+                "127.0.0.1:34254",
+                &format!("stratum2+tcp://main.example:34254/{}", other_key()),
+            ),
+            "pools[0].authority_pubkey",
+            "authority_pubkey =",
+        ),
+        (
+            "pool URL with an unknown scheme",
+            base("").replace("127.0.0.1:3334", "tcp://backup.example:3334"),
+            "address",
+            "tcp://backup.example",
         ),
         (
             "sv2 pool without its pinned key",
@@ -139,6 +168,20 @@ fn cases() -> Vec<(&'static str, String, &'static str, &'static str)> {
 fn the_valid_base_and_the_example_config_pass() {
     let _gate = gridproxy_tests::module_gate(module_path!());
     check(&base(""), "site.toml").unwrap();
+    // Pools as people write them: names, IPv6, URLs (the scheme sets the
+    // protocol, the SV2 URL pins the key).
+    let forms = base("")
+        .replace(
+            "address = \"127.0.0.1:34254\"\nprotocol = \"sv2\"\nauthority_pubkey",
+            &format!("address = \"stratum2+tcp://pool.example.com:34254/{KEY}\"\nauthority_pubkey"),
+        )
+        .replace(
+            "address = \"127.0.0.1:3334\"\nprotocol = \"sv1\"",
+            "address = \"stratum+tcp://[::1]:3334\"",
+        );
+    let c = check(&forms, "site.toml").unwrap();
+    assert_eq!(c.pools[0].address.endpoint.host, "pool.example.com");
+    assert_eq!(c.pools[1].protocol().as_str(), "sv1");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gridproxy.toml");
     let text = std::fs::read_to_string(example).unwrap();
     check(&text, "examples/gridproxy.toml").unwrap();

@@ -42,7 +42,7 @@ const TIME_SCALE: f64 = 0.1;
 
 /// The `gridproxy` binary of this build, (re)built with the workspace's
 /// cargo into the same target directory (quick when it is up to date).
-fn gridproxy_bin() -> PathBuf {
+pub(crate) fn gridproxy_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // <target>/<profile>/deps/e2e-<hash>
     let profile_dir = exe
