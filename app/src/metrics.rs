@@ -123,6 +123,10 @@ impl Metrics {
             .absolute(ctx.trips.connections.get());
         counter!("gridproxy_limit_trips_total", "limit" => "max_connections_per_ip")
             .absolute(ctx.trips.connections_per_ip.get());
+        counter!("gridproxy_limit_trips_total", "limit" => "requests_per_second")
+            .absolute(ctx.trips.request_flood.get());
+        counter!("gridproxy_limit_trips_total", "limit" => "submits_per_second")
+            .absolute(ctx.trips.submit_flood.get());
         counter!("gridproxy_workers_evicted_total").absolute(ctx.registry.evicted.get());
         counter!("gridproxy_workers_untracked_total").absolute(ctx.registry.untracked.get());
         gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);

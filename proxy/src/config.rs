@@ -213,6 +213,9 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Submits per second per connection before it is dropped (sustained).
     pub submits_per_second: u32,
+    /// SV1 requests other than submits per second per connection before it
+    /// is dropped (sustained; bursts to twice that, at least 10).
+    pub requests_per_second: u32,
     /// Time to finish subscribe/authorize (or the Noise handshake), seconds.
     pub handshake_timeout_secs: u64,
     /// Drop a connection silent for this long, seconds.
@@ -240,6 +243,7 @@ impl Default for Limits {
             max_connections: 19_000,
             max_connections_per_ip: 2_000,
             submits_per_second: 200,
+            requests_per_second: 5,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
             max_worker_name: 128,
@@ -465,6 +469,12 @@ impl ProxyConfig {
             return Err(bad(
                 "limits.idle_timeout_secs".into(),
                 format!("must be 1..={MAX_IDLE_SECS} (a week)"),
+            ));
+        }
+        if l.requests_per_second == 0 {
+            return Err(bad(
+                "limits.requests_per_second".into(),
+                "must be > 0".into(),
             ));
         }
         if l.max_connections_per_ip == 0 {

@@ -91,6 +91,13 @@ pub enum DownstreamError {
         /// `limits.submits_per_second`.
         per_second: f64,
     },
+    /// More requests other than submits than the configured rate allows
+    /// (each `mining.suggest_difficulty`, say, rebuilds and resends a job).
+    #[error("request flood: more than {per_second}/s sustained (requests other than submits)")]
+    RequestFlood {
+        /// `limits.requests_per_second`.
+        per_second: f64,
+    },
     /// The pool's upstream task is gone (shutdown).
     #[error("upstream task ended")]
     UpstreamEnded,

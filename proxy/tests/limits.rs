@@ -67,3 +67,55 @@ async fn one_address_cannot_take_every_slot() {
     assert!(served, "the freed slot was never given back");
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
 }
+
+/// Requests other than submits are rate-limited too: a
+/// `mining.suggest_difficulty` flood (each rebuilds and resends a job) closes
+/// the connection; an honest start-up sequence does not come near the limit.
+#[tokio::test]
+async fn a_request_flood_is_cut_and_an_honest_start_is_not() {
+    let cfg = ProxyConfig::from_toml(
+        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+         [listen]\nsv1='127.0.0.1:0'\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start(cfg, CancellationToken::new()).await.unwrap();
+    let addr = proxy.sv1_addr.unwrap();
+    let honest = [
+        r#"{"id":1,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"1fffe000"}]}"#,
+        r#"{"id":2,"method":"mining.subscribe","params":["cgminer/4.11"]}"#,
+        r#"{"id":3,"method":"mining.authorize","params":["acct.rig1","x"]}"#,
+        r#"{"id":4,"method":"mining.extranonce.subscribe","params":[]}"#,
+        r#"{"id":5,"method":"mining.suggest_difficulty","params":[1024]}"#,
+    ];
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all((honest.join("\n") + "\n").as_bytes())
+        .await
+        .unwrap();
+    let mut r = BufReader::new(s);
+    for want in 1..=5 {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(n > 0, "the honest start was cut at request {want}");
+    }
+    assert_eq!(proxy.ctx.trips.request_flood.get(), 0);
+
+    // The flood: 200 suggestions at once.
+    let mut f = TcpStream::connect(addr).await.unwrap();
+    let flood: String = (0..200)
+        .map(|i| {
+            format!("{{\"id\":{i},\"method\":\"mining.suggest_difficulty\",\"params\":[{i}]}}\n")
+        })
+        .collect();
+    let _ = f.write_all(flood.as_bytes()).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut f, &mut buf).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "the flooding connection was kept");
+    assert_eq!(proxy.ctx.trips.request_flood.get(), 1);
+    assert!(proxy.shutdown(Duration::from_secs(5)).await);
+}

@@ -126,17 +126,31 @@ impl SubmitBucket {
 
     /// Take one token; Err when the miner floods.
     pub fn take(&mut self) -> Result<(), DownstreamError> {
+        if self.try_take() {
+            Ok(())
+        } else {
+            Err(DownstreamError::SubmitFlood {
+                per_second: self.rate,
+            })
+        }
+    }
+
+    /// Take one token if there is one.
+    pub fn try_take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.size);
         self.at = now;
         if self.tokens < 1.0 {
-            return Err(DownstreamError::SubmitFlood {
-                per_second: self.rate,
-            });
+            return false;
         }
         self.tokens -= 1.0;
-        Ok(())
+        true
+    }
+
+    /// The sustained rate, per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
     }
 }
 

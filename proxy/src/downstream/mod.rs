@@ -66,6 +66,10 @@ pub struct LimitTrips {
     pub connections: Counter,
     /// Connections closed at accept: `limits.max_connections_per_ip` reached.
     pub connections_per_ip: Counter,
+    /// SV1 connections closed for `limits.requests_per_second`.
+    pub request_flood: Counter,
+    /// Connections closed for `limits.submits_per_second`.
+    pub submit_flood: Counter,
 }
 
 /// One connection counted against its source address; uncounted on drop.

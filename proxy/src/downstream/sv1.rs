@@ -50,6 +50,8 @@ struct Session {
     /// Since when written answers wait for the socket (None: nothing waits).
     stalled: Option<Instant>,
     bucket: SubmitBucket,
+    /// Requests other than submits.
+    requests: SubmitBucket,
 }
 
 /// A channel wake-up kept across loop turns.
@@ -75,6 +77,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         en2_size: ctx.cfg().extranonce.extranonce2_size,
         initial_difficulty: ctx.cfg().difficulty.initial,
         bucket: SubmitBucket::new(ctx.cfg().limits.submits_per_second),
+        requests: SubmitBucket::new(ctx.cfg().limits.requests_per_second),
         ctx,
         peer,
         slot: None,
@@ -322,6 +325,12 @@ impl Session {
                 sub.version_bits,
             );
         }
+        if !self.requests.try_take() {
+            self.ctx.trips.request_flood.inc();
+            return Err(DownstreamError::RequestFlood {
+                per_second: self.requests.rate(),
+            });
+        }
         let req = match sv1::parse_client(line) {
             Ok(r) => r,
             Err(e) => {
@@ -422,7 +431,10 @@ impl Session {
         nonce: u32,
         version_bits: Option<u32>,
     ) -> Result<(), DownstreamError> {
-        self.bucket.take()?;
+        if let Err(e) = self.bucket.take() {
+            self.ctx.trips.submit_flood.inc();
+            return Err(e);
+        }
         let work = u32::from_str_radix(job_id, 16).map(|job_id| Work {
             job_id,
             extranonce2: Some(extranonce2),

@@ -502,7 +502,10 @@ impl Conn {
             ));
             return Ok(());
         };
-        e.bucket.take().map_err(|why| why.on_channel(channel_id))?;
+        if let Err(why) = e.bucket.take() {
+            self.ctx.trips.submit_flood.inc();
+            return Err(why.on_channel(channel_id));
+        }
         e.tx.try_send(cmd).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => {
                 DownstreamError::ShareBacklogFull.on_channel(channel_id)
