@@ -216,6 +216,11 @@ pub struct Limits {
     /// SV1 requests other than submits per second per connection before it
     /// is dropped (sustained; bursts to twice that, at least 10).
     pub requests_per_second: u32,
+    /// SV2 channels one connection may hold (at most 4096).
+    pub max_channels_per_connection: usize,
+    /// SV2 channel opens per second per connection (sustained; bursts to
+    /// twice that); more are refused with `capacity-exhausted`.
+    pub channel_opens_per_second: u32,
     /// Time to finish subscribe/authorize (or the Noise handshake), seconds.
     pub handshake_timeout_secs: u64,
     /// Drop a connection silent for this long, seconds.
@@ -244,6 +249,8 @@ impl Default for Limits {
             max_connections_per_ip: 2_000,
             submits_per_second: 200,
             requests_per_second: 5,
+            max_channels_per_connection: 4096,
+            channel_opens_per_second: 100,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
             max_worker_name: 128,
@@ -469,6 +476,18 @@ impl ProxyConfig {
             return Err(bad(
                 "limits.idle_timeout_secs".into(),
                 format!("must be 1..={MAX_IDLE_SECS} (a week)"),
+            ));
+        }
+        if !(1..=4096).contains(&l.max_channels_per_connection) {
+            return Err(bad(
+                "limits.max_channels_per_connection".into(),
+                "must be 1..=4096".into(),
+            ));
+        }
+        if l.channel_opens_per_second == 0 {
+            return Err(bad(
+                "limits.channel_opens_per_second".into(),
+                "must be > 0".into(),
             ));
         }
         if l.requests_per_second == 0 {

@@ -70,6 +70,10 @@ pub struct LimitTrips {
     pub request_flood: Counter,
     /// Connections closed for `limits.submits_per_second`.
     pub submit_flood: Counter,
+    /// SV2 channel opens refused: `limits.max_channels_per_connection`.
+    pub channels: Counter,
+    /// SV2 channel opens refused: `limits.channel_opens_per_second`.
+    pub channel_opens: Counter,
 }
 
 /// One connection counted against its source address; uncounted on drop.

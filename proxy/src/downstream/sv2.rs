@@ -117,6 +117,9 @@ struct Conn {
     out: Vec<Message>,
     /// Flood guard for submits on unknown channels.
     stray: SubmitBucket,
+    /// Channel opens (open/close churn takes a slot, a task and a router
+    /// entry each time).
+    opens: SubmitBucket,
     inbox_size: usize,
 }
 
@@ -154,6 +157,7 @@ pub async fn serve(
         out_rx,
         out: Vec::new(),
         stray: SubmitBucket::new(sps),
+        opens: SubmitBucket::new(limits.channel_opens_per_second),
         // More than a full flood-guard bucket: a full inbox means the channel is stuck.
         inbox_size: (sps as usize * 2).max(10) + 64,
         ctx,
@@ -407,7 +411,17 @@ impl Conn {
                 ERROR_CODE_OPEN_MINING_CHANNEL_MAX_TARGET_OUT_OF_RANGE,
             );
         }
-        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
+        if self.channels.len()
+            >= MAX_CHANNELS_PER_CONNECTION.min(cfg.limits.max_channels_per_connection)
+        {
+            self.ctx.trips.channels.inc();
+            return self.open_error(
+                r.request_id,
+                ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
+            );
+        }
+        if !self.opens.try_take() {
+            self.ctx.trips.channel_opens.inc();
             return self.open_error(
                 r.request_id,
                 ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,

@@ -611,7 +611,8 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         &pool,
         1,
         "",
-        "[limits]\nmax_frame = 280\nhandshake_timeout_secs = 2\nmax_worker_name = 128\n",
+        "[limits]\nmax_frame = 280\nhandshake_timeout_secs = 2\nmax_worker_name = 128\n\
+         max_channels_per_connection = 2\n",
     )
     .await;
     let addr = proxy.sv2_addr.unwrap();
@@ -719,6 +720,29 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         })
         .await;
     assert_eq!(code, "min-extranonce-size-too-large");
+    // A third channel on this connection: over max_channels_per_connection.
+    c.send(MiningOwned::OpenStandardMiningChannel(
+        OpenStandardMiningChannelOwned {
+            request_id: 4,
+            user_identity: "farm.third".to_string().try_into().unwrap(),
+            nominal_hash_rate: 1.0,
+            max_target: [0xff; 32].into(),
+        },
+    ))
+    .await;
+    let code = c
+        .expect(
+            "OpenMiningChannel.Error for the third channel",
+            |m| match m {
+                MiningOwned::OpenMiningChannelError(e) if e.request_id == 4 => {
+                    Some(String::from_utf8_lossy(e.error_code.as_bytes()).into_owned())
+                }
+                _ => None,
+            },
+        )
+        .await;
+    assert_eq!(code, "channel-capacity-exhausted");
+    assert_eq!(proxy.ctx.trips.channels.get(), 1);
 
     // Each channel got a future job activated by SetNewPrevHash.
     let j = c
