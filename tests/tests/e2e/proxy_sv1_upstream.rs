@@ -153,8 +153,9 @@ async fn set_extranonce_is_honoured() {
     let _serial = SERIAL.lock().await;
     init_tracing();
     let stop = CancellationToken::new();
-    // A new job every 3 s: until it comes, the miners' old work is void.
-    let pool = start_pool(pool_cfg(Duration::from_secs(3)), &stop).await;
+    // A new job every 8 s: from the change until the next one, the miners'
+    // work is on the old extranonce1.
+    let pool = start_pool(pool_cfg(Duration::from_secs(8)), &stop).await;
     let proxy = start_proxy(&pool.addr().to_string(), "").await;
     let (stats, miners_stop) = miners(proxy.sv1_addr.unwrap(), 10, "en.rig", 1 << 16);
     assert!(
@@ -162,6 +163,11 @@ async fn set_extranonce_is_honoured() {
         "{}",
         pool_counts(&pool)
     );
+    // Right after a job reached the proxy: the longest stretch of work
+    // before the next one.
+    let up = upstream(&proxy);
+    let jobs = up.jobs.get();
+    assert!(wait_until(Duration::from_secs(10), || up.jobs.get() > jobs).await);
     assert_eq!(pool.set_extranonce(8), 1, "one connection: the proxy's");
     let sent = wait_until(Duration::from_secs(5), || {
         pool.stats().extranonce_changes_sent.get() == 1
