@@ -107,7 +107,8 @@ fn server_close(a: &ServerMessage, b: &ServerMessage) -> bool {
     }
 }
 
-/// `None`: nothing to re-encode (`client.reconnect` carries no fields).
+/// `None`: nothing to re-encode exactly (`client.reconnect` with a later
+/// parameter but not an earlier one).
 fn encode_server(m: &ServerMessage) -> Option<String> {
     Some(match m {
         ServerMessage::Notify(n) => encode::notify(n),
@@ -117,7 +118,17 @@ fn encode_server(m: &ServerMessage) -> Option<String> {
             extranonce2_size,
         } => encode::set_extranonce(extranonce1, *extranonce2_size),
         ServerMessage::SetVersionMask(m) => encode::set_version_mask(*m),
-        ServerMessage::Reconnect => return None,
+        ServerMessage::Reconnect {
+            host,
+            port,
+            wait_secs,
+        } => {
+            // Only a prefix of the parameters survives re-encoding.
+            if port.is_some() && host.is_none() || wait_secs.is_some() && port.is_none() {
+                return None;
+            }
+            encode::reconnect(host.as_deref(), *port, *wait_secs)
+        }
         ServerMessage::Other(method) => encode::request(&Value::Null, method, json!([])),
         ServerMessage::Response { id, result, error } => {
             let error = match error {

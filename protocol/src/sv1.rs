@@ -319,8 +319,17 @@ pub enum ServerMessage {
     },
     /// `mining.set_version_mask [mask]`
     SetVersionMask(u32),
-    /// `client.reconnect [host?, port?, wait?]`
-    Reconnect,
+    /// `client.reconnect [host?, port?, wait?]`: reconnect, to `host:port`
+    /// if given, after `wait_secs`. Parameters that are absent or not of
+    /// their type (a port may be a number or a numeric string) are `None`.
+    Reconnect {
+        /// Where to: a host name or IP address.
+        host: Option<String>,
+        /// Its port.
+        port: Option<u16>,
+        /// Seconds to wait before reconnecting.
+        wait_secs: Option<u64>,
+    },
     /// A notification this side ignores (e.g. `client.show_message`).
     Other(String),
 }
@@ -586,7 +595,26 @@ pub fn parse_server(line: &[u8]) -> Result<ServerMessage, Sv1Error> {
             let p = Params::new(&id, "mining.set_version_mask", &env.params)?;
             ServerMessage::SetVersionMask(p.hex_u32(0, "mask")?)
         }
-        "client.reconnect" => ServerMessage::Reconnect,
+        "client.reconnect" => {
+            let p = env.params.as_array();
+            let at = |i: usize| p.and_then(|a| a.get(i));
+            let number = |v: Option<&Value>| match v {
+                Some(Value::Number(n)) => n.as_u64(),
+                Some(Value::String(s)) => s.trim().parse().ok(),
+                _ => None,
+            };
+            ServerMessage::Reconnect {
+                host: at(0)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string),
+                port: number(at(1))
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0),
+                wait_secs: number(at(2)),
+            }
+        }
         _ => ServerMessage::Other(method),
     })
 }
@@ -725,6 +753,22 @@ pub mod encode {
         )
     }
 
+    /// `client.reconnect [host, port, wait]` (each part only when given;
+    /// a later part needs the earlier ones).
+    pub fn reconnect(host: Option<&str>, port: Option<u16>, wait_secs: Option<u64>) -> String {
+        let mut params = Vec::new();
+        if let Some(h) = host {
+            params.push(json!(h));
+            if let Some(p) = port {
+                params.push(json!(p));
+                if let Some(w) = wait_secs {
+                    params.push(json!(w));
+                }
+            }
+        }
+        line(json!({"id": null, "method": "client.reconnect", "params": params}))
+    }
+
     /// A client request.
     pub fn request(id: &Id, method: &str, params: Value) -> String {
         line(json!({"id": id, "method": method, "params": params}))
@@ -794,6 +838,49 @@ mod tests {
     }
 
     /// A conversation in the shape real firmware (cgminer/bmminer-style) sends.
+    #[test]
+    fn client_reconnect_carries_where_and_when() {
+        let r = |line: &str| parse_server(line.as_bytes()).unwrap();
+        assert_eq!(
+            r(r#"{"id":null,"method":"client.reconnect","params":["eu.pool.example",3333,5]}"#),
+            ServerMessage::Reconnect {
+                host: Some("eu.pool.example".into()),
+                port: Some(3333),
+                wait_secs: Some(5)
+            }
+        );
+        assert_eq!(
+            r(r#"{"id":null,"method":"client.reconnect","params":["h","4444"]}"#),
+            ServerMessage::Reconnect {
+                host: Some("h".into()),
+                port: Some(4444),
+                wait_secs: None
+            }
+        );
+        let none = ServerMessage::Reconnect {
+            host: None,
+            port: None,
+            wait_secs: None,
+        };
+        assert_eq!(
+            r(r#"{"id":null,"method":"client.reconnect","params":[]}"#),
+            none
+        );
+        assert_eq!(r(r#"{"id":null,"method":"client.reconnect"}"#), none);
+        assert_eq!(
+            r(r#"{"id":null,"method":"client.reconnect","params":["",70000,"x"]}"#),
+            none
+        );
+        assert_eq!(
+            r(&encode::reconnect(Some("h"), Some(1), Some(2))),
+            ServerMessage::Reconnect {
+                host: Some("h".into()),
+                port: Some(1),
+                wait_secs: Some(2)
+            }
+        );
+    }
+
     #[test]
     fn firmware_conversation() {
         let configure = br#"{"id": 1, "method": "mining.configure", "params": [["version-rolling"], {"version-rolling.mask": "1fffe000", "version-rolling.min-bit-count": 2}]}"#;

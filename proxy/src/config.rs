@@ -97,6 +97,20 @@ pub struct PoolConfig {
     /// SV2: nominal hashrate announced when opening the channel (H/s).
     #[serde(default = "default_nominal")]
     pub nominal_hashrate: f32,
+    /// SV1: longest line accepted from the pool, bytes. A `mining.notify`
+    /// carries the coinbase in hex, and pools that pay many outputs in it
+    /// send lines far over the miners' 16 KiB.
+    #[serde(default = "default_pool_max_line")]
+    pub max_line: usize,
+}
+
+/// Default [`PoolConfig::max_line`]: 1 MiB, a coinbase of ~15,000 outputs.
+pub const DEFAULT_POOL_MAX_LINE: usize = 1 << 20;
+/// Largest [`PoolConfig::max_line`] accepted (a block is at most 4 MB).
+pub const MAX_POOL_MAX_LINE: usize = 16 << 20;
+
+fn default_pool_max_line() -> usize {
+    DEFAULT_POOL_MAX_LINE
 }
 
 impl PoolConfig {
@@ -165,6 +179,7 @@ impl std::fmt::Debug for PoolConfig {
             .field("priority", &self.priority)
             .field("weight", &self.weight)
             .field("nominal_hashrate", &self.nominal_hashrate)
+            .field("max_line", &self.max_line)
             .finish()
     }
 }
@@ -428,6 +443,12 @@ impl ProxyConfig {
                 return Err(bad(
                     format!("pools[{i}].authority_pubkey"),
                     "required for an sv2 pool (pin the pool's key): authority_pubkey = \"...\" or stratum2+tcp://host:port/<key>".into(),
+                ));
+            }
+            if !(256..=MAX_POOL_MAX_LINE).contains(&p.max_line) {
+                return Err(bad(
+                    format!("pools[{i}].max_line"),
+                    format!("must be 256..={MAX_POOL_MAX_LINE} bytes"),
                 ));
             }
             if !(p.weight.is_finite() && p.weight > 0.0) {

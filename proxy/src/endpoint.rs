@@ -302,6 +302,75 @@ impl fmt::Display for PoolAddress {
     }
 }
 
+/// A pool's `client.reconnect`: where to (absent parts: where we are) and
+/// after how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// Host to reconnect to.
+    pub host: Option<String>,
+    /// Port to reconnect to.
+    pub port: Option<u16>,
+    /// Wait before reconnecting.
+    pub wait: std::time::Duration,
+}
+
+impl std::fmt::Display for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.host, self.port) {
+            (Some(h), Some(p)) => write!(f, "to {h}:{p}")?,
+            (Some(h), None) => write!(f, "to {h}")?,
+            (None, Some(p)) => write!(f, "to port {p}")?,
+            (None, None) => write!(f, "to the same address")?,
+        }
+        write!(f, " in {:?}", self.wait)
+    }
+}
+
+/// Where a `client.reconnect` from the pool at `current` (configured as
+/// `configured`) leads: `Ok(None)` stays, `Ok(Some)` moves, `Err` refuses
+/// (with why). As cgminer does, a pool may send us to another port of the
+/// same host or to another host of its own domain (`eu.pool.example` ->
+/// `us.pool.example`), never elsewhere.
+pub fn redirect_target(
+    configured: &Endpoint,
+    current: &Endpoint,
+    r: &Redirect,
+) -> Result<Option<Endpoint>, String> {
+    let host = match &r.host {
+        None => current.host.clone(),
+        Some(h) => {
+            // Validated as an address would be (`[v6]` allowed).
+            let ep = Endpoint::parse_with_default_port(h, current.port)
+                .map_err(|e| format!("not a host: {e}"))?;
+            ep.host
+        }
+    };
+    let port = r.port.unwrap_or(current.port);
+    let to = Endpoint { host, port };
+    let norm = |h: &str| h.trim_end_matches('.').to_ascii_lowercase();
+    if norm(&to.host) == norm(&current.host) && to.port == current.port {
+        return Ok(None);
+    }
+    let (want, have) = (norm(&to.host), norm(&configured.host));
+    let parent = |h: &str| -> Option<String> {
+        if h.parse::<std::net::IpAddr>().is_ok() {
+            return None;
+        }
+        h.split_once('.')
+            .map(|(_, d)| d.to_string())
+            .filter(|d| d.contains('.'))
+    };
+    let same_domain = matches!((parent(&want), parent(&have)), (Some(a), Some(b)) if a == b);
+    if want == have || same_domain {
+        Ok(Some(to))
+    } else {
+        Err(format!(
+            "{} is neither {} nor in its domain",
+            to.host, configured.host
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,6 +569,63 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2") && e.contains("needs a port"), "{e}");
+    }
+
+    #[test]
+    fn a_pool_may_redirect_within_its_host_or_domain_only() {
+        let r = |host: Option<&str>, port: Option<u16>| Redirect {
+            host: host.map(String::from),
+            port,
+            wait: std::time::Duration::ZERO,
+        };
+        let conf = ep("eu.pool.example", 3333);
+        let go = |cur: &Endpoint, red: Redirect| redirect_target(&conf, cur, &red);
+        assert_eq!(go(&conf, r(None, None)), Ok(None));
+        assert_eq!(go(&conf, r(Some("EU.pool.example."), Some(3333))), Ok(None));
+        assert_eq!(
+            go(&conf, r(None, Some(4444))),
+            Ok(Some(ep("eu.pool.example", 4444)))
+        );
+        assert_eq!(
+            go(&conf, r(Some("us.pool.example"), None)),
+            Ok(Some(ep("us.pool.example", 3333)))
+        );
+        assert_eq!(
+            go(&conf, r(Some("us.pool.example"), Some(443))),
+            Ok(Some(ep("us.pool.example", 443)))
+        );
+        // From a redirect back to the configured pool.
+        assert_eq!(
+            go(
+                &ep("us.pool.example", 443),
+                r(Some("eu.pool.example"), Some(3333))
+            ),
+            Ok(Some(conf.clone()))
+        );
+        for bad in [
+            "evil.example",
+            "pool.example",
+            "a.b.pool.example",
+            "10.0.0.1",
+            "bad host",
+        ] {
+            let e = go(&conf, r(Some(bad), Some(3333)));
+            assert!(e.is_err(), "{bad}: {e:?}");
+        }
+        // An IP address: its own port only; a TLD is not a domain.
+        let ip = ep("127.0.0.1", 1);
+        assert_eq!(
+            redirect_target(&ip, &ip, &r(Some("127.0.0.1"), Some(2))),
+            Ok(Some(ep("127.0.0.1", 2)))
+        );
+        assert!(redirect_target(&ip, &ip, &r(Some("127.0.0.2"), Some(2))).is_err());
+        let tld = ep("a.example", 1);
+        assert!(redirect_target(&tld, &tld, &r(Some("b.example"), None)).is_err());
+        let local = ep("localhost", 1);
+        assert_eq!(
+            redirect_target(&local, &local, &r(Some("localhost"), Some(2))),
+            Ok(Some(ep("localhost", 2)))
+        );
     }
 
     #[tokio::test]

@@ -284,9 +284,9 @@ pub enum UpstreamError {
         /// The pool's error.
         error: Option<RpcError>,
     },
-    /// The pool asked us to reconnect.
-    #[error("pool sent client.reconnect")]
-    Reconnect,
+    /// The pool asked us to reconnect (`client.reconnect`), maybe elsewhere.
+    #[error("pool sent client.reconnect {0}")]
+    Reconnect(crate::endpoint::Redirect),
 }
 
 /// ` (tried a, b)` unless the one address tried is the endpoint itself.

@@ -238,7 +238,7 @@ pub struct Reconfigured {
     pub added: Vec<String>,
     /// Pools gone from the config (upstream stopped).
     pub removed: Vec<String>,
-    /// Pools whose address, protocol, key or credentials changed (new upstream).
+    /// Pools whose address, protocol, key, credentials or line limit changed (new upstream).
     pub replaced: Vec<String>,
     /// Pools whose priority, weight or nominal hashrate changed in place.
     pub updated: Vec<String>,
@@ -264,6 +264,7 @@ fn same_connection(a: &PoolConfig, b: &PoolConfig) -> bool {
         && a.authority_pubkey == b.authority_pubkey
         && a.user == b.user
         && a.password == b.password
+        && a.max_line == b.max_line
 }
 
 /// The routing table.

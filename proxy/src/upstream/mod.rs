@@ -13,7 +13,8 @@ pub mod sv1;
 pub mod sv2;
 
 use crate::config::{PoolConfig, RoutingConfig};
-use crate::endpoint::Endpoint;
+pub use crate::endpoint::Redirect;
+use crate::endpoint::{redirect_target, Endpoint};
 use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use gridproxy_protocol::difficulty::Target;
@@ -238,16 +239,24 @@ pub(crate) trait Session {
     fn routing(&self) -> &RoutingConfig;
     /// Counters.
     fn stats(&self) -> &PoolStats;
-    /// Connect, set up and serve until the connection ends.
+    /// Connect to `target` (the pool's address, or where it redirected
+    /// us), set up and serve until the connection ends.
     async fn session(
         &self,
+        target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError>;
 }
 
+/// Longest `client.reconnect` wait honoured.
+pub const MAX_RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Run sessions until shutdown: after each one the pool is marked down and
-/// the reason recorded, then the task backs off (reset after a long session).
+/// the reason recorded, then the task backs off (reset after a long
+/// session). A pool's `client.reconnect` is followed (see
+/// [`redirect_target`]) after its wait, without backoff; a redirect lasts
+/// until a connect to it fails, then the configured address is used again.
 pub(crate) async fn reconnect_loop(
     up: &impl Session,
     view: watch::Sender<PoolView>,
@@ -256,26 +265,64 @@ pub(crate) async fn reconnect_loop(
 ) {
     let first = std::time::Duration::from_millis(up.routing().reconnect_ms.max(10));
     let mut backoff = first;
+    let configured = up.pool().address.endpoint.clone();
+    let mut target = configured.clone();
     loop {
         let started = tokio::time::Instant::now();
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = up.session(&view, &mut shares) => r,
+            r = up.session(&target, &view, &mut shares) => r,
         };
         view.send_modify(|v| v.live = false);
         if started.elapsed() > std::time::Duration::from_secs(30) {
             backoff = first;
         }
-        if let Err(e) = r {
-            let pool = up.pool();
-            tracing::warn!(pool = %pool.name, addr = %pool.address, error = %e, retry_in = ?backoff, "upstream down");
-            up.stats().set_error(Some(e.to_string()));
+        let pool = up.pool();
+        let mut delay = backoff;
+        let mut grow = true;
+        match r {
+            Ok(()) => {}
+            Err(UpstreamError::Reconnect(r)) => {
+                delay = r.wait.min(MAX_RECONNECT_WAIT);
+                backoff = first;
+                grow = false;
+                match redirect_target(&configured, &target, &r) {
+                    Ok(to) => {
+                        if let Some(to) = to {
+                            target = to;
+                        }
+                        tracing::info!(pool = %pool.name, redirect = %r, next = %target, "pool asked to reconnect");
+                        up.stats()
+                            .set_error(Some(format!("pool sent client.reconnect {r}")));
+                    }
+                    Err(why) => {
+                        tracing::warn!(pool = %pool.name, redirect = %r, %why, next = %target, "pool asked to reconnect elsewhere: refused, reconnecting here");
+                        up.stats().set_error(Some(format!(
+                            "pool sent client.reconnect {r}: refused ({why})"
+                        )));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pool = %pool.name, addr = %pool.address, at = %target, error = %e, retry_in = ?backoff, "upstream down");
+                up.stats().set_error(Some(e.to_string()));
+                let unreachable = matches!(
+                    e,
+                    UpstreamError::Resolve { .. } | UpstreamError::Connect { .. }
+                );
+                if unreachable && target != configured {
+                    tracing::warn!(pool = %pool.name, from = %target, to = %configured, "redirect target unreachable: back to the configured address");
+                    target = configured.clone();
+                }
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        backoff = next_backoff(backoff);
+        if grow {
+            backoff = next_backoff(backoff);
+        }
     }
 }
 

@@ -1,15 +1,34 @@
 //! SV1 upstream: one JSON-lines connection to a pool that speaks only SV1,
 //! multiplexing every miner by splitting the pool's extranonce2 space.
-//! Responses are matched by order (pools and proxies reuse ids).
+//!
+//! Responses are matched to requests by our id when the pool echoes it, else
+//! by order (some pools and proxies answer with ids of their own); a request
+//! a pool never answers (`mining.configure`, `mining.extranonce.subscribe`)
+//! is dropped once a later one is answered.
+//!
+//! What a pool may change mid-connection is honoured:
+//! - `mining.set_extranonce` (asked for with `mining.extranonce.subscribe`):
+//!   the new extranonce1 and size apply from the pool's next job; earlier
+//!   work is void, so a new epoch starts (miners get a clean job, shares
+//!   of earlier jobs are not sent);
+//! - `mining.set_version_mask`: the current job is re-issued with the new
+//!   mask (miners are told); a mask that loses bits starts a new epoch;
+//! - `client.reconnect [host, port, wait]`: the session ends and the
+//!   reconnect loop goes where the pool says (same host or domain only),
+//!   after its wait;
+//! - a `mining.notify` before the subscribe result (or before authorize)
+//!   is kept and published once the extranonce is known and the user
+//!   authorized.
 
-use super::{PoolView, UpJob, UpJobId, UpShare};
+use super::{PoolView, Redirect, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
+use crate::endpoint::Endpoint;
 use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use bytes::BytesMut;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::share::prevhash_from_sv1;
-use gridproxy_protocol::sv1::{self, encode, LineCodec, ServerMessage};
+use gridproxy_protocol::sv1::{self, encode, LineCodec, Notify, ServerMessage};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -38,6 +57,7 @@ pub struct Sv1Upstream {
 enum Pending {
     Configure,
     Subscribe,
+    ExtranonceSubscribe,
     Authorize,
     Submit {
         worker: Arc<WorkerStats>,
@@ -45,16 +65,32 @@ enum Pending {
     },
 }
 
+impl Pending {
+    /// Pools may leave these unanswered.
+    fn optional(&self) -> bool {
+        matches!(self, Pending::Configure | Pending::ExtranonceSubscribe)
+    }
+}
+
 struct Conn {
     en1: Vec<u8>,
     en2_size: usize,
+    subscribed: bool,
     mask: u32,
     target: Target,
     next_target: Option<Target>,
     authorized: bool,
-    pending: VecDeque<Pending>,
+    /// Requests in flight, with the id we sent.
+    pending: VecDeque<(u64, Pending)>,
     next_id: u64,
     last_job_at: Instant,
+    /// Shares of another epoch are not sent (their work is void).
+    epoch: u64,
+    /// The pool's latest job, kept to publish once the connection is ready
+    /// and to re-issue when the mask changes.
+    notify: Option<Notify>,
+    /// The next published job voids earlier work (extranonce changed).
+    clean_next: bool,
 }
 
 impl Sv1Upstream {
@@ -70,20 +106,23 @@ impl Sv1Upstream {
 
     fn request(&self, c: &mut Conn, out: &mut String, method: &str, params: Value, p: Pending) {
         out.push_str(&encode::request(&json!(c.next_id), method, params));
+        c.pending.push_back((c.next_id, p));
         c.next_id += 1;
-        c.pending.push_back(p);
     }
 
     async fn serve(
         &self,
+        target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError> {
-        let stream = super::connect(&self.pool.address.endpoint).await?;
+        let stream = super::connect(target).await?;
         let (mut rd, mut wr) = stream.into_split();
+        let epoch = view.borrow().epoch + 1;
         let mut c = Conn {
             en1: vec![],
             en2_size: 0,
+            subscribed: false,
             mask: 0,
             target: Target::from_difficulty(1.0),
             next_target: None,
@@ -91,6 +130,9 @@ impl Sv1Upstream {
             pending: VecDeque::new(),
             next_id: 1,
             last_job_at: Instant::now(),
+            epoch,
+            notify: None,
+            clean_next: true,
         };
         let mut out = String::new();
         self.request(&mut c, &mut out, "mining.configure",
@@ -103,6 +145,14 @@ impl Sv1Upstream {
             json!(["gridproxy/0.1"]),
             Pending::Subscribe,
         );
+        // Without it many pools never send mining.set_extranonce.
+        self.request(
+            &mut c,
+            &mut out,
+            "mining.extranonce.subscribe",
+            json!([]),
+            Pending::ExtranonceSubscribe,
+        );
         self.request(
             &mut c,
             &mut out,
@@ -113,13 +163,12 @@ impl Sv1Upstream {
         wr.write_all(out.as_bytes())
             .await
             .map_err(UpstreamError::Write)?;
-        let epoch = view.borrow().epoch + 1;
         view.send_modify(|v| {
             v.epoch = epoch;
             v.live = false;
             v.job = None;
         });
-        let mut codec = LineCodec::default();
+        let mut codec = LineCodec::new(self.pool.max_line);
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let no_job = Duration::from_secs(self.routing.no_job_timeout_secs.max(1));
         let need = self.extranonce.miner_bytes + self.extranonce.extranonce2_size;
@@ -133,7 +182,7 @@ impl Sv1Upstream {
                     }
                     while let Some(line) = codec.next_line(&mut buf).map_err(UpstreamError::PoolSent)? {
                         let m = sv1::parse_server(&line).map_err(UpstreamError::PoolSent)?;
-                        self.handle(&mut c, m, view, epoch, need)?;
+                        self.handle(&mut c, m, view, need, target)?;
                     }
                 }
                 s = shares.recv() => {
@@ -141,7 +190,7 @@ impl Sv1Upstream {
                     let mut out = String::new();
                     let mut next = Some(s);
                     while let Some(s) = next.take() {
-                        if s.epoch == epoch {
+                        if s.epoch == c.epoch {
                             if let UpJobId::Sv1(job_id) = &s.job_id {
                                 let mut p = vec![
                                     json!(self.pool.user), json!(job_id), json!(hex::encode(&s.extranonce)),
@@ -170,16 +219,72 @@ impl Sv1Upstream {
         }
     }
 
+    /// The request a response answers: ours by id when the pool echoes it
+    /// (earlier requests a pool may leave unanswered are dropped then),
+    /// else the oldest.
+    fn answered(c: &mut Conn, id: &Value) -> Option<Pending> {
+        let pos = id
+            .as_u64()
+            .and_then(|id| c.pending.iter().position(|(sent, _)| *sent == id));
+        let Some(i) = pos else {
+            return c.pending.pop_front().map(|(_, p)| p);
+        };
+        let (_, p) = c.pending.remove(i)?;
+        let mut k = 0;
+        c.pending.retain(|(_, p)| {
+            k += 1;
+            k > i || !p.optional()
+        });
+        Some(p)
+    }
+
+    /// Publish the kept job if the connection is ready for it.
+    fn publish(&self, c: &mut Conn, view: &watch::Sender<PoolView>, need: usize) {
+        let Some(n) = &c.notify else { return };
+        if !c.subscribed {
+            return;
+        }
+        let mut prefix = n.coinb1.clone();
+        prefix.extend_from_slice(&c.en1);
+        let clean = n.clean_jobs || c.clean_next;
+        c.clean_next = false;
+        let job = Arc::new(UpJob {
+            id: UpJobId::Sv1(n.job_id.clone()),
+            version: n.version,
+            version_mask: c.mask,
+            prev_hash: prevhash_from_sv1(&n.prev_hash),
+            nbits: n.nbits,
+            ntime: n.ntime,
+            coinbase_prefix: prefix,
+            coinbase_suffix: n.coinb2.clone(),
+            merkle_branch: n.merkle_branch.clone(),
+            clean,
+        });
+        let (target, rollable, live, epoch) = (
+            c.target,
+            c.en2_size,
+            c.authorized && c.en2_size >= need,
+            c.epoch,
+        );
+        view.send_modify(|v| {
+            v.epoch = epoch;
+            v.live = live;
+            v.job = Some(job);
+            v.target = target;
+            v.rollable = rollable;
+        });
+    }
+
     fn handle(
         &self,
         c: &mut Conn,
         m: ServerMessage,
         view: &watch::Sender<PoolView>,
-        epoch: u64,
         need: usize,
+        at: &Endpoint,
     ) -> Result<(), UpstreamError> {
         match m {
-            ServerMessage::Response { result, error, .. } => match c.pending.pop_front() {
+            ServerMessage::Response { id, result, error } => match Self::answered(c, &id) {
                 None => debug!(pool = %self.pool.name, "response to nothing pending"),
                 Some(Pending::Configure) => {
                     if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
@@ -200,8 +305,13 @@ impl Sv1Upstream {
                     }
                     c.en1 = en1;
                     c.en2_size = size;
-                    let rollable = size;
-                    view.send_modify(|v| v.rollable = rollable);
+                    c.subscribed = true;
+                    view.send_modify(|v| v.rollable = size);
+                    // A job that came before this answer.
+                    self.publish(c, view, need);
+                }
+                Some(Pending::ExtranonceSubscribe) => {
+                    debug!(pool = %self.pool.name, %result, ?error, "mining.extranonce.subscribe answered")
                 }
                 Some(Pending::Authorize) => {
                     if result != Value::Bool(true) {
@@ -213,7 +323,8 @@ impl Sv1Upstream {
                     c.authorized = true;
                     self.stats.connects.inc();
                     self.stats.set_error(None);
-                    info!(pool = %self.pool.name, en2 = c.en2_size, mask = format!("{:08x}", c.mask), "sv1 upstream ready");
+                    info!(pool = %self.pool.name, %at, en2 = c.en2_size, mask = format!("{:08x}", c.mask), "sv1 upstream ready");
+                    self.publish(c, view, need);
                 }
                 Some(Pending::Submit { worker, difficulty }) => match error {
                     None if result == Value::Bool(true) => {
@@ -233,29 +344,8 @@ impl Sv1Upstream {
                 if let Some(t) = c.next_target.take() {
                     c.target = t;
                 }
-                let mut prefix = n.coinb1;
-                prefix.extend_from_slice(&c.en1);
-                let job = Arc::new(UpJob {
-                    id: UpJobId::Sv1(n.job_id),
-                    version: n.version,
-                    version_mask: c.mask,
-                    prev_hash: prevhash_from_sv1(&n.prev_hash),
-                    nbits: n.nbits,
-                    ntime: n.ntime,
-                    coinbase_prefix: prefix,
-                    coinbase_suffix: n.coinb2,
-                    merkle_branch: n.merkle_branch,
-                    clean: n.clean_jobs,
-                });
-                let (target, rollable, live) =
-                    (c.target, c.en2_size, c.authorized && c.en2_size >= need);
-                view.send_modify(|v| {
-                    v.epoch = epoch;
-                    v.live = live;
-                    v.job = Some(job);
-                    v.target = target;
-                    v.rollable = rollable;
-                });
+                c.notify = Some(n);
+                self.publish(c, view, need);
             }
             ServerMessage::SetDifficulty(d) => {
                 // Applies from the next job on (SV1 semantics); at once if there is none yet.
@@ -276,16 +366,48 @@ impl Sv1Upstream {
                         need,
                     });
                 }
+                info!(pool = %self.pool.name, extranonce1 = hex::encode(&extranonce1), extranonce2_size, "pool set a new extranonce");
                 c.en1 = extranonce1;
                 c.en2_size = extranonce2_size;
-                // Jobs built on the old extranonce1 are void; wait for the next notify.
+                c.subscribed = true;
+                // Work on the old extranonce1 is void: a new epoch (shares of
+                // it are not sent, miners start clean) from the next job on.
+                c.epoch += 1;
+                c.notify = None;
+                c.clean_next = true;
+                let epoch = c.epoch;
                 view.send_modify(|v| {
+                    v.epoch = epoch;
                     v.live = false;
                     v.job = None;
+                    v.rollable = extranonce2_size;
                 });
             }
-            ServerMessage::SetVersionMask(m) => c.mask = m & ASK_MASK,
-            ServerMessage::Reconnect => return Err(UpstreamError::Reconnect),
+            ServerMessage::SetVersionMask(m) => {
+                let mask = m & ASK_MASK;
+                if mask != c.mask {
+                    info!(pool = %self.pool.name, mask = format!("{mask:08x}"), was = format!("{:08x}", c.mask), "pool set a new version mask");
+                    // Shares rolled on bits the pool no longer grants would
+                    // be invalid: a new epoch when bits are taken away.
+                    if c.mask & !mask != 0 {
+                        c.epoch += 1;
+                        c.clean_next = true;
+                    }
+                    c.mask = mask;
+                    self.publish(c, view, need);
+                }
+            }
+            ServerMessage::Reconnect {
+                host,
+                port,
+                wait_secs,
+            } => {
+                return Err(UpstreamError::Reconnect(Redirect {
+                    host,
+                    port,
+                    wait: Duration::from_secs(wait_secs.unwrap_or(0)),
+                }))
+            }
             ServerMessage::Other(method) => {
                 debug!(pool = %self.pool.name, %method, "ignored notification")
             }
@@ -306,9 +428,10 @@ impl super::Session for Sv1Upstream {
     }
     async fn session(
         &self,
+        target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError> {
-        self.serve(view, shares).await
+        self.serve(target, view, shares).await
     }
 }

@@ -4,6 +4,7 @@
 
 use super::{PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
+use crate::endpoint::Endpoint;
 use crate::error::UpstreamError;
 use crate::stats::{PoolStats, WorkerStats};
 use crate::sv2_io::{connect_noise, next_msg, unix_now};
@@ -89,9 +90,9 @@ impl Sv2Upstream {
 
     async fn open(
         &self,
+        endpoint: &Endpoint,
         key: &AuthorityPublicKey,
     ) -> Result<(Framed<TcpStream, NoiseCodec>, Conn), UpstreamError> {
-        let endpoint = &self.pool.address.endpoint;
         let stream = super::connect(endpoint).await?;
         let addr = stream
             .peer_addr()
@@ -204,13 +205,15 @@ impl Sv2Upstream {
 
     async fn serve(
         &self,
+        endpoint: &Endpoint,
         key: &AuthorityPublicKey,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError> {
-        let (mut framed, mut conn) = tokio::time::timeout(Duration::from_secs(10), self.open(key))
-            .await
-            .map_err(|_| UpstreamError::SetupTimeout)??;
+        let (mut framed, mut conn) =
+            tokio::time::timeout(Duration::from_secs(10), self.open(endpoint, key))
+                .await
+                .map_err(|_| UpstreamError::SetupTimeout)??;
         self.stats.connects.inc();
         self.stats.set_error(None);
         let epoch = view.borrow().epoch + 1;
@@ -428,6 +431,7 @@ impl super::Session for Sv2Upstream {
     }
     async fn session(
         &self,
+        target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError> {
@@ -438,6 +442,6 @@ impl super::Session for Sv2Upstream {
             .ok_or(UpstreamError::NoAuthorityKey)?
             .parse()
             .map_err(UpstreamError::BadAuthorityKey)?;
-        self.serve(&key, view, shares).await
+        self.serve(target, &key, view, shares).await
     }
 }

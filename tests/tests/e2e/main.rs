@@ -39,6 +39,7 @@ mod proxy_control;
 mod proxy_endpoints;
 mod proxy_pool;
 mod proxy_routing;
+mod proxy_sv1_upstream;
 mod proxy_sv2;
 mod sri_pool;
 mod translator;
