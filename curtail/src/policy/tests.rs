@@ -689,12 +689,10 @@ fn balance_follows_a_swinging_load_mostly_by_power_targets() {
     );
 }
 
-/// A price feed older than its max age drives the fleet to the configured
-/// safe state; a fresh price brings it back.
-#[test]
-fn stale_price_goes_to_safe_state() {
-    let specs = mixed_fleet(20);
-    let cfg = PolicyConfig {
+/// Economics on a price that must be no older than 600 s, curtailing all
+/// when it is.
+fn stale_price_cfg() -> PolicyConfig {
+    PolicyConfig {
         economics: Some(Economics {
             hashprice_usd_per_ph_day: 39.5,
             pool_fee: 0.0,
@@ -710,7 +708,15 @@ fn stale_price_goes_to_safe_state() {
         },
         min_off: Duration::from_secs(0),
         ..base_cfg()
-    };
+    }
+}
+
+/// A price feed older than its max age drives the fleet to the configured
+/// safe state; a fresh price brings it back.
+#[test]
+fn stale_price_goes_to_safe_state() {
+    let specs = mixed_fleet(20);
+    let cfg = stale_price_cfg();
     let mut s = Sim::new(cfg, specs);
     s.price(30.0);
     s.run(590);
@@ -742,23 +748,7 @@ fn stale_price_goes_to_safe_state() {
 /// the stale fail-safe from firing when the good samples stop.
 #[test]
 fn future_dated_price_is_refused_and_staleness_still_fires() {
-    let cfg = PolicyConfig {
-        economics: Some(Economics {
-            hashprice_usd_per_ph_day: 39.5,
-            pool_fee: 0.0,
-            pue: 1.0,
-            hysteresis_usd_per_mwh: 2.0,
-        }),
-        staleness: Staleness {
-            price: Some(Freshness {
-                max_age: Duration::from_secs(600),
-                on_stale: SafeState::CurtailAll,
-            }),
-            ..Staleness::NONE
-        },
-        min_off: Duration::from_secs(0),
-        ..base_cfg()
-    };
+    let cfg = stale_price_cfg();
     let skew = cfg.max_clock_skew;
     let mut s = Sim::new(cfg, mixed_fleet(10));
     s.price(30.0);
