@@ -94,7 +94,7 @@ fn sv2_messages() -> Vec<(&'static str, Message)> {
             Message::Mining(MiningOwned::NewMiningJob(NewMiningJobOwned {
                 channel_id: 7,
                 job_id: 3,
-                min_ntime: Some(1_700_000_000).into(),
+                min_ntime: gridproxy_protocol::sv2::binary_sv2::Sv2OptionOwned::new(Some(1_700_000_000)),
                 version: 0x2000_0000,
                 merkle_root: [0x5a; 32].into(),
             })),
