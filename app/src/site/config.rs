@@ -800,8 +800,10 @@ impl SiteConfig {
         if let Some(o) = &s.openadr {
             let bad = in_signal("openadr");
             check_http_url(&o.vtn_url).map_err(|e| bad("vtn_url", e))?;
+            check_secret_transport(&o.vtn_url).map_err(|e| bad("vtn_url", e))?;
             if let Some(u) = &o.token_url {
                 check_http_url(u).map_err(|e| bad("token_url", e))?;
+                check_secret_transport(u).map_err(|e| bad("token_url", e))?;
             }
             if o.client_id.is_empty() {
                 return Err(bad("client_id", "must not be empty".into()));
@@ -1022,6 +1024,28 @@ fn check_http_url(u: &str) -> Result<(), String> {
     }
 }
 
+/// A URL the OAuth client secret is sent to: `https://`, or `http://` to
+/// this machine only (a loopback address or `localhost`), so the secret
+/// never crosses a network in clear.
+fn check_secret_transport(u: &str) -> Result<(), String> {
+    let uri: hyper::Uri = u.parse().map_err(|e| format!("{u:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Ok(());
+    }
+    let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "plain http:// to {host} would send the OAuth client secret in clear: use https:// (http:// is accepted only to a loopback address)"
+        ))
+    }
+}
+
 /// `host:port` or `host` (then `default_port`); IPv6 as `[::1]:1883`. The
 /// host comes back without brackets.
 pub(crate) fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
@@ -1235,6 +1259,8 @@ mod tests {
             ("vtn_url", "ftp://vtn.example"),
             ("vtn_url", "http://"),
             ("vtn_url", "http://bad host/"),
+            ("vtn_url", "http://vtn.utility.example/openadr3"),
+            ("vtn_url", "http://192.0.2.10:8080/"),
         ] {
             let e = parse(&format!(
                 "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n\
@@ -1246,6 +1272,37 @@ mod tests {
                 "{url}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_oauth_secret_goes_in_clear_only_to_this_machine() {
+        assert!(check_secret_transport("https://vtn.utility.example/openadr3").is_ok());
+        for ok in [
+            "http://127.0.0.1:8080/",
+            "http://localhost:8080/",
+            "http://[::1]:8080/",
+            "http://127.0.0.2/",
+        ] {
+            assert!(check_secret_transport(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://vtn.utility.example/",
+            "http://192.0.2.10:8080/",
+            "http://[2001:db8::1]/",
+        ] {
+            let e = check_secret_transport(bad).unwrap_err();
+            assert!(
+                e.contains("in clear") && e.contains("https://"),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n\
+             [site.signals.openadr]\nvtn_url = \"https://vtn.utility.example/\"\n\
+             token_url = \"http://auth.utility.example/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\nven_name = \"v\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("site.signals.openadr.token_url"), "{e}");
     }
 
     #[test]
