@@ -355,14 +355,6 @@ impl Registry {
         w
     }
 
-    /// The stats for a worker name, created on first use (no connection
-    /// counted).
-    pub fn worker(&self, name: &str) -> Arc<WorkerStats> {
-        let w = self.attach(name);
-        w.connections.fetch_sub(1, Relaxed);
-        w
-    }
-
     /// Full: forget idle names first, then the longest-idle unconnected
     /// ones down to 90 % of `max`, so the next sweep is 10 % of inserts away.
     fn make_room(&self, m: &mut HashMap<String, Arc<WorkerStats>>, now: u64, max: usize) {

@@ -217,6 +217,16 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         }
     }
 
+    /// Count and log `cmds` as going out before they were recorded.
+    fn sent_unrecorded(&mut self, cmds: &[Command]) {
+        self.status.ledger.unrecorded_commands += cmds.len() as u64;
+        tracing::error!(
+            commands = cmds.len(),
+            first = ?cmds.first().map(|c| c.id),
+            "ledger failing: commands sent before they were recorded"
+        );
+    }
+
     /// Record `cmds` and wait until they are durable. While the ledger
     /// fails the wait goes on (the writer retries) until the fault timeout;
     /// then the commands go out anyway, counted as unrecorded.
@@ -242,11 +252,7 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
                     self.check_ledger(now);
                     self.publish(now);
                     if self.status.ledger.fault_engaged {
-                        self.status.ledger.unrecorded_commands += cmds.len() as u64;
-                        tracing::error!(
-                            commands = cmds.len(),
-                            "ledger failing: commands sent before they were recorded"
-                        );
+                        self.sent_unrecorded(cmds);
                         return Ok(());
                     }
                 }
@@ -265,12 +271,7 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
             // The ledger has failed past its timeout: queue the record if
             // there is room, and act without waiting for it.
             self.write(Record::Commands(cmds.clone())).await?;
-            self.status.ledger.unrecorded_commands += n as u64;
-            tracing::error!(
-                commands = n,
-                first = %cmds[0].id,
-                "ledger failing: commands sent before they were recorded"
-            );
+            self.sent_unrecorded(&cmds);
         } else {
             self.commit(&cmds).await?;
         }
