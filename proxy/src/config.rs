@@ -160,6 +160,37 @@ pub struct ListenConfig {
     /// SV2 listener authority secret key (base58).
     #[serde(default)]
     pub sv2_authority_secret: Option<String>,
+    /// A file holding the secret key instead (kept out of the config file,
+    /// e.g. readable by the service user only).
+    #[serde(default)]
+    pub sv2_authority_secret_file: Option<std::path::PathBuf>,
+}
+
+impl ListenConfig {
+    /// The SV2 authority secret, from `sv2_authority_secret` or read from
+    /// `sv2_authority_secret_file`; None when neither is given.
+    pub fn authority_secret(&self) -> Result<Option<String>, Invalid> {
+        match (&self.sv2_authority_secret, &self.sv2_authority_secret_file) {
+            (Some(_), Some(_)) => Err(bad(
+                "listen.sv2_authority_secret_file".into(),
+                "give sv2_authority_secret or sv2_authority_secret_file, not both".into(),
+            )),
+            (Some(s), None) => Ok(Some(s.clone())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| Some(s.trim().to_string()))
+                .map_err(|e| {
+                    bad(
+                        "listen.sv2_authority_secret_file".into(),
+                        format!("{}: {e}", path.display()),
+                    )
+                }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+fn bad(key: String, message: String) -> Invalid {
+    Invalid { key, message }
 }
 
 /// What a `Debug` print shows of a secret.
@@ -194,6 +225,7 @@ impl std::fmt::Debug for ListenConfig {
                 "sv2_authority_secret",
                 &redacted(&self.sv2_authority_secret),
             )
+            .field("sv2_authority_secret_file", &self.sv2_authority_secret_file)
             .finish()
     }
 }
@@ -209,6 +241,7 @@ impl Default for ListenConfig {
             sv2: None,
             sv2_authority_pubkey: None,
             sv2_authority_secret: None,
+            sv2_authority_secret_file: None,
         }
     }
 }
@@ -399,7 +432,6 @@ impl ProxyConfig {
 
     /// Check the values make sense together; the error names the key.
     pub fn validate(&self) -> Result<(), Invalid> {
-        let bad = |key: String, message: String| Invalid { key, message };
         if self.pools.is_empty() {
             return Err(bad(
                 "pools".into(),
@@ -475,13 +507,13 @@ impl ProxyConfig {
                 "need 0 < min <= max, initial > 0, shares_per_minute > 0".into(),
             ));
         }
+        let secret = self.listen.authority_secret()?;
         if self.listen.sv2.is_some()
-            && (self.listen.sv2_authority_pubkey.is_none()
-                || self.listen.sv2_authority_secret.is_none())
+            && (self.listen.sv2_authority_pubkey.is_none() || secret.is_none())
         {
             return Err(bad(
                 "listen.sv2_authority_secret".into(),
-                "an sv2 listener needs sv2_authority_pubkey and sv2_authority_secret".into(),
+                "an sv2 listener needs sv2_authority_pubkey and sv2_authority_secret (or sv2_authority_secret_file)".into(),
             ));
         }
         // Timeouts become deadlines (`Instant + Duration`): an absurd value
@@ -697,5 +729,37 @@ mod tests {
         let c = ProxyConfig::from_toml(&ok("[limits]\nidle_timeout_secs = 604800\n")).unwrap();
         // The largest accepted value still makes a deadline.
         let _ = tokio::time::Instant::now() + c.limits.idle_timeout();
+    }
+
+    #[test]
+    fn authority_secret_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("gp-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("authority.key");
+        std::fs::write(&file, "the-secret-789\n").unwrap();
+        let listen = |extra: &str| {
+            ok(&format!(
+                "[listen]\nsv2 = '127.0.0.1:0'\nsv2_authority_pubkey = 'k'\n{extra}"
+            ))
+        };
+        let c = ProxyConfig::from_toml(&listen(&format!(
+            "sv2_authority_secret_file = {file:?}\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            c.listen.authority_secret().unwrap().as_deref(),
+            Some("the-secret-789")
+        );
+        assert!(!format!("{c:?}").contains("the-secret-789"));
+        let both = format!("sv2_authority_secret = 'x'\nsv2_authority_secret_file = {file:?}\n");
+        let e = ProxyConfig::from_toml(&listen(&both)).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let missing = "sv2_authority_secret_file = '/nonexistent/gp.key'\n";
+        let e = ProxyConfig::from_toml(&listen(missing)).unwrap_err().to_string();
+        assert!(
+            e.contains("listen.sv2_authority_secret_file") && e.contains("/nonexistent/gp.key"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

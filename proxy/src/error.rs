@@ -26,6 +26,9 @@ pub enum StartError {
     /// The SV2 listener's authority keys do not parse or do not match.
     #[error("listen.sv2_authority_pubkey / sv2_authority_secret: {0}")]
     Authority(#[source] KeyError),
+    /// `sv2_authority_secret_file` could not be read.
+    #[error("listen.sv2_authority_secret_file: {0}")]
+    SecretFile(String),
 }
 
 /// Why a new configuration was not put in force (nothing was applied).

@@ -179,13 +179,15 @@ impl Proxy {
 }
 
 fn sv2_authority(cfg: &ProxyConfig) -> Result<AuthorityKeypair, StartError> {
-    let (Some(public), Some(secret)) = (
-        cfg.listen.sv2_authority_pubkey.as_deref(),
-        cfg.listen.sv2_authority_secret.as_deref(),
-    ) else {
+    let secret = cfg
+        .listen
+        .authority_secret()
+        .map_err(|e| StartError::SecretFile(e.message))?;
+    let (Some(public), Some(secret)) = (cfg.listen.sv2_authority_pubkey.as_deref(), secret)
+    else {
         return Err(StartError::NoAuthority);
     };
-    AuthorityKeypair::from_strs(public, secret).map_err(StartError::Authority)
+    AuthorityKeypair::from_strs(public, &secret).map_err(StartError::Authority)
 }
 
 fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> StartError {

@@ -133,8 +133,12 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, dir: &Path) {
-        for p in [&mut self.api.tls_cert, &mut self.api.tls_key]
-            .into_iter()
+        for p in [
+            &mut self.api.tls_cert,
+            &mut self.api.tls_key,
+            &mut self.listen.sv2_authority_secret_file,
+        ]
+        .into_iter()
             .flatten()
         {
             if p.is_relative() {
