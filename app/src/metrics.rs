@@ -131,6 +131,10 @@ impl Metrics {
             .absolute(ctx.trips.channels.get());
         counter!("gridproxy_limit_trips_total", "limit" => "channel_opens_per_second")
             .absolute(ctx.trips.channel_opens.get());
+        counter!("gridproxy_limit_trips_total", "limit" => "max_reject_ratio")
+            .absolute(ctx.trips.reject_ratio.get());
+        counter!("gridproxy_limit_trips_total", "limit" => "read_budget")
+            .absolute(ctx.trips.read_budget.get());
         counter!("gridproxy_workers_evicted_total").absolute(ctx.registry.evicted.get());
         counter!("gridproxy_workers_untracked_total").absolute(ctx.registry.untracked.get());
         gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);

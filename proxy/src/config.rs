@@ -264,6 +264,12 @@ pub struct Limits {
     /// SV1 requests other than submits per second per connection before it
     /// is dropped (sustained; bursts to twice that, at least 10).
     pub requests_per_second: u32,
+    /// A connection whose shares were rejected more than this fraction of
+    /// the time, over any `reject_window` shares in a row, is dropped
+    /// (1.0: never). Rejected shares cost the proxy a full check each.
+    pub max_reject_ratio: f64,
+    /// Shares per reject-ratio window.
+    pub reject_window: u32,
     /// SV2 channels one connection may hold (at most 4096).
     pub max_channels_per_connection: usize,
     /// SV2 channel opens per second per connection (sustained; bursts to
@@ -297,6 +303,8 @@ impl Default for Limits {
             max_connections_per_ip: 2_000,
             submits_per_second: 200,
             requests_per_second: 5,
+            max_reject_ratio: 0.9,
+            reject_window: 100,
             max_channels_per_connection: 4096,
             channel_opens_per_second: 100,
             handshake_timeout_secs: 10,
@@ -547,6 +555,18 @@ impl ProxyConfig {
             return Err(bad(
                 "limits.requests_per_second".into(),
                 "must be > 0".into(),
+            ));
+        }
+        if !(l.max_reject_ratio > 0.0 && l.max_reject_ratio <= 1.0) {
+            return Err(bad(
+                "limits.max_reject_ratio".into(),
+                "must be in (0, 1] (1.0: never drop for rejects)".into(),
+            ));
+        }
+        if !(10..=1_000_000).contains(&l.reject_window) {
+            return Err(bad(
+                "limits.reject_window".into(),
+                "must be 10..=1000000 shares".into(),
             ));
         }
         if l.max_connections_per_ip == 0 {

@@ -101,6 +101,16 @@ pub enum DownstreamError {
         /// `limits.requests_per_second`.
         per_second: f64,
     },
+    /// Too many of the connection's shares were rejected.
+    #[error("{rejected} of the last {window} shares rejected (limit {max_ratio})")]
+    RejectFlood {
+        /// Rejected shares in the window.
+        rejected: u32,
+        /// `limits.reject_window`.
+        window: u32,
+        /// `limits.max_reject_ratio`.
+        max_ratio: f64,
+    },
     /// The pool's upstream task is gone (shutdown).
     #[error("upstream task ended")]
     UpstreamEnded,

@@ -119,3 +119,129 @@ async fn a_request_flood_is_cut_and_an_honest_start_is_not() {
     assert_eq!(proxy.ctx.trips.request_flood.get(), 1);
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
 }
+
+/// Subscribe and authorize on `addr`, read both answers.
+async fn start_miner(addr: SocketAddr) -> BufReader<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[]}\n\
+          {\"id\":2,\"method\":\"mining.authorize\",\"params\":[\"acct.rig1\",\"x\"]}\n",
+    )
+    .await
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut answered = 0;
+    while answered < 2 {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(n > 0, "closed during start");
+        answered += usize::from(line.contains("\"id\":1") || line.contains("\"id\":2"));
+    }
+    r
+}
+
+/// Send `n` submits for a job that does not exist (each is rejected);
+/// whether the proxy closed the connection afterwards.
+async fn junk_shares(r: &mut BufReader<TcpStream>, n: u32) -> bool {
+    let junk: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"id\":{},\"method\":\"mining.submit\",\"params\":[\"acct.rig1\",\"ffff\",\"00000000\",\"5f5e1000\",\"{i:08x}\"]}}\n",
+                i + 10
+            )
+        })
+        .collect();
+    let _ = r.get_mut().write_all(junk.as_bytes()).await;
+    let mut answers = 0;
+    loop {
+        let mut line = String::new();
+        match tokio::time::timeout(Duration::from_millis(500), r.read_line(&mut line)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => answers += 1,
+            // Quiet: every answer came and the connection stays.
+            Err(_) => {
+                assert_eq!(answers, n, "not every junk share was answered");
+                return false;
+            }
+        }
+    }
+}
+
+/// Rejected shares cost the sender: a connection whose shares are almost all
+/// rejected is dropped at the end of a `reject_window`, and counted; with
+/// `max_reject_ratio = 1.0` the same connection stays.
+#[tokio::test]
+async fn a_connection_of_rejected_shares_is_dropped() {
+    let cfg = |ratio: &str| {
+        ProxyConfig::from_toml(&format!(
+            "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+             [listen]\nsv1='127.0.0.1:0'\n[limits]\nreject_window = 50\nmax_reject_ratio = {ratio}\n"
+        ))
+        .unwrap()
+    };
+    let proxy = Proxy::start(cfg("0.5"), CancellationToken::new()).await.unwrap();
+    let mut m = start_miner(proxy.sv1_addr.unwrap()).await;
+    assert!(!junk_shares(&mut m, 49).await, "dropped before the window closed");
+    assert_eq!(proxy.ctx.trips.reject_ratio.get(), 0);
+    assert!(junk_shares(&mut m, 1).await, "kept after 50 of 50 rejected");
+    assert_eq!(proxy.ctx.trips.reject_ratio.get(), 1);
+    assert!(proxy.shutdown(Duration::from_secs(5)).await);
+
+    let proxy = Proxy::start(cfg("1.0"), CancellationToken::new()).await.unwrap();
+    let mut m = start_miner(proxy.sv1_addr.unwrap()).await;
+    assert!(!junk_shares(&mut m, 120).await, "dropped with the limit off");
+    assert_eq!(proxy.ctx.trips.reject_ratio.get(), 0);
+    assert!(proxy.shutdown(Duration::from_secs(5)).await);
+}
+
+/// One sender that keeps its socket full cannot hold the thread its session
+/// runs on: on a single-threaded runtime, another miner is still served while
+/// the flood goes on, and the cut turns are counted.
+#[tokio::test(flavor = "current_thread")]
+async fn a_fast_sender_does_not_starve_the_others() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cfg = ProxyConfig::from_toml(
+        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+         [listen]\nsv1='127.0.0.1:0'\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start(cfg, CancellationToken::new()).await.unwrap();
+    let addr = proxy.sv1_addr.unwrap();
+    // Blank lines: free to send, never an error, so only the budget stops
+    // the session's read loop. Bounded: 10 s at most.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let mut flood = std::net::TcpStream::connect(addr).unwrap();
+    let stopper = flood.try_clone().unwrap();
+    let flag = flooding.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let chunk = vec![b'\n'; 64 * 1024];
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until && flag.load(Ordering::Relaxed) {
+            if flood.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        flag.store(false, Ordering::Relaxed);
+    });
+    // Let the flood fill the socket before the honest miner starts.
+    while proxy.ctx.trips.read_budget.get() == 0 && flooding.load(Ordering::Relaxed) {
+        tokio::task::yield_now().await;
+    }
+    let _m = start_miner(addr).await;
+    let served_during_flood = flooding.swap(false, Ordering::Relaxed);
+    // A writer blocked on a full socket is woken by the shutdown (joining it
+    // blocks this runtime's only thread, so the proxy cannot drain it).
+    let _ = stopper.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    assert!(
+        served_during_flood,
+        "the honest miner was answered only after the flood ended"
+    );
+    assert!(proxy.ctx.trips.read_budget.get() > 0, "no read turn was cut");
+    assert!(proxy.shutdown(Duration::from_secs(5)).await);
+}

@@ -154,6 +154,50 @@ impl SubmitBucket {
     }
 }
 
+/// Reject-ratio guard: counts shares in windows of `limits.reject_window`
+/// and ends the connection when a window's rejects exceed
+/// `limits.max_reject_ratio` (a sender of junk shares costs a full check
+/// each; an honest miner's stale shares after a block are a few per window).
+#[derive(Debug, Clone)]
+pub struct RejectGuard {
+    window: u32,
+    max_ratio: f64,
+    seen: u32,
+    rejected: u32,
+}
+
+impl RejectGuard {
+    /// From the connection's limits.
+    pub fn new(limits: &crate::config::Limits) -> Self {
+        Self {
+            window: limits.reject_window,
+            max_ratio: limits.max_reject_ratio,
+            seen: 0,
+            rejected: 0,
+        }
+    }
+
+    /// Count one answered share; Err when its window went over the ratio.
+    pub fn record(&mut self, accepted: bool) -> Result<(), DownstreamError> {
+        self.seen += 1;
+        self.rejected += u32::from(!accepted);
+        if self.seen < self.window {
+            return Ok(());
+        }
+        let (seen, rejected) = (self.seen, self.rejected);
+        self.seen = 0;
+        self.rejected = 0;
+        if self.max_ratio < 1.0 && rejected as f64 > self.max_ratio * seen as f64 {
+            return Err(DownstreamError::RejectFlood {
+                rejected,
+                window: seen,
+                max_ratio: self.max_ratio,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// How the miner's extranonce is formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtranonceMode {
@@ -332,6 +376,7 @@ pub struct ChannelCore {
     /// Full upstream extranonce of the share being checked (reused, no per-share allocation).
     scratch: Vec<u8>,
     window: (f64, Instant),
+    rejects: RejectGuard,
 }
 
 impl ChannelCore {
@@ -358,7 +403,6 @@ impl ChannelCore {
             vardiff: Vardiff::new(vcfg, setup.initial_difficulty, now.into_std()),
             en2_size,
             zero_en2: vec![0; en2_size],
-            ctx,
             slot,
             worker,
             lease,
@@ -373,7 +417,17 @@ impl ChannelCore {
             grace: None,
             scratch: Vec::new(),
             window: (0.0, now),
+            rejects: RejectGuard::new(&cfg.limits),
+            ctx,
         }
+    }
+
+    /// Count an answered share against the reject-ratio limit; Err (the
+    /// connection ends) when too many were rejected.
+    pub fn count_answer(&mut self, accepted: bool) -> Result<(), DownstreamError> {
+        self.rejects.record(accepted).inspect_err(|_| {
+            self.ctx.trips.reject_ratio.inc();
+        })
     }
 
     /// The worker's counters.

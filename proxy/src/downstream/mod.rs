@@ -74,6 +74,11 @@ pub struct LimitTrips {
     pub channels: Counter,
     /// SV2 channel opens refused: `limits.channel_opens_per_second`.
     pub channel_opens: Counter,
+    /// Connections closed for `limits.max_reject_ratio`.
+    pub reject_ratio: Counter,
+    /// Read turns cut at the per-turn read budget (a fast sender yields to
+    /// the other sessions on its thread).
+    pub read_budget: Counter,
 }
 
 /// One connection counted against its source address; uncounted on drop.

@@ -58,6 +58,16 @@ struct Session {
 type WakeFut = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<channel::Wake, DownstreamError>> + Send>,
 >;
+/// What one read turn got.
+enum Read {
+    /// Nothing (a spurious readiness).
+    Nothing,
+    /// Bytes, and the socket is drained.
+    Some,
+    /// [`READ_BUDGET`] bytes, and maybe more waiting: yield, then read on.
+    Cut,
+}
+
 /// A wait for a turn at the fan-out gate (see [`Ctx::fanout`]); allocated
 /// only while a new job waits, so idle miners do not carry it.
 type TurnFut =
@@ -65,6 +75,10 @@ type TurnFut =
 
 /// Bytes asked of the socket per read (a submit line is ~150).
 const READ_CHUNK: usize = 1024;
+/// Bytes read from one connection per turn before the task yields: a sender
+/// that keeps its socket full must not hold a worker thread from the other
+/// sessions on it (the loop reads without awaiting).
+const READ_BUDGET: usize = 64 * 1024;
 /// A miner that has not taken its answers for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Answers queued for a miner that does not read, before it is dropped.
@@ -129,7 +143,12 @@ impl Session {
         let mut buf = BytesMut::new();
         let mut wake: Option<WakeFut> = None;
         let mut turn_wait: Option<TurnFut> = None;
+        let mut cut = false;
         loop {
+            if std::mem::take(&mut cut) {
+                self.ctx.trips.read_budget.inc();
+                tokio::task::yield_now().await;
+            }
             let ready = self.core.is_some();
             // While a new job waits for its turn the view stays unread, so
             // a new wake-up would fire at once: none is built until then.
@@ -148,8 +167,12 @@ impl Session {
                         return DownstreamError::Read(e);
                     }
                     match self.read_lines(&stream, &mut buf, limits.max_line) {
-                        Ok(true) => last_read = Instant::now(),
-                        Ok(false) => {}
+                        Ok(Read::Some) => last_read = Instant::now(),
+                        Ok(Read::Cut) => {
+                            last_read = Instant::now();
+                            cut = true;
+                        }
+                        Ok(Read::Nothing) => {}
                         Err(end) => {
                             self.flush_now(&stream);
                             return end;
@@ -202,16 +225,19 @@ impl Session {
         }
     }
 
-    /// Read what is there and handle every complete line. Ok(true) when bytes
-    /// came in; Err ends the session.
+    /// Read what is there, up to [`READ_BUDGET`], and handle every complete
+    /// line; Err ends the session.
     fn read_lines(
         &mut self,
         stream: &TcpStream,
         buf: &mut BytesMut,
         max_line: usize,
-    ) -> Result<bool, DownstreamError> {
-        let mut got = false;
-        loop {
+    ) -> Result<Read, DownstreamError> {
+        let mut got = 0;
+        let read = loop {
+            if got >= READ_BUDGET {
+                break Read::Cut;
+            }
             // Zeroed rather than read into uninitialised memory: no unsafe.
             let start = buf.len();
             buf.resize(start + READ_CHUNK, 0);
@@ -222,12 +248,12 @@ impl Session {
                 }
                 Ok(k) => {
                     buf.truncate(start + k);
-                    got = true;
+                    got += k;
                     k < READ_CHUNK
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     buf.truncate(start);
-                    break;
+                    break if got > 0 { Read::Some } else { Read::Nothing };
                 }
                 Err(e) => return Err(DownstreamError::Read(e)),
             };
@@ -264,14 +290,14 @@ impl Session {
                 let _ = stream.try_io(Interest::READABLE, || {
                     Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
                 });
-                break;
+                break Read::Some;
             }
-        }
+        };
         if buf.is_empty() {
             // Idle connections hold no read buffer.
             *buf = BytesMut::new();
         }
-        Ok(got)
+        Ok(read)
     }
 
     /// Write what is pending without waiting; what the socket does not take
@@ -460,7 +486,10 @@ impl Session {
                 self.out.push_str(&encode::error(id, code, msg));
             }
         }
-        Ok(())
+        match self.core.as_mut() {
+            Some(core) => core.count_answer(r.is_ok()),
+            None => Ok(()),
+        }
     }
 
     /// Once subscribed and authorized, start the channel and send work.

@@ -657,6 +657,7 @@ impl Sv2Channel {
                 return self.emit(o, buf);
             }
         };
+        let accepted = r.is_ok();
         buf.push(match r {
             Ok(a) => Message::Mining(MiningOwned::SubmitSharesSuccess(SubmitSharesSuccessOwned {
                 channel_id: self.id,
@@ -669,7 +670,7 @@ impl Sv2Channel {
                 submit_error(self.id, seq, why.sv2_code())
             }
         });
-        Ok(())
+        self.core.count_answer(accepted)
     }
 
     fn emit(&mut self, o: Option<Out>, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
