@@ -174,6 +174,10 @@ impl Metrics {
                 .absolute(h.stats.rejected.get());
             counter!("gridproxy_pool_connects_total", "pool" => name.clone())
                 .absolute(h.stats.connects.get());
+            counter!("gridproxy_limit_trips_total", "limit" => "max_pending_shares", "pool" => name.clone())
+                .absolute(h.stats.pending_dropped.get());
+            counter!("gridproxy_limit_trips_total", "limit" => "max_future_jobs", "pool" => name.clone())
+                .absolute(h.stats.future_jobs_dropped.get());
             counter!("gridproxy_pool_jobs_total", "pool" => name).absolute(h.stats.jobs.get());
         }
 

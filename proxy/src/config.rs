@@ -376,6 +376,13 @@ pub struct RoutingConfig {
     pub rebalance_secs: u64,
     /// Upstream reconnect delay (first; doubles up to 10 s), milliseconds.
     pub reconnect_ms: u64,
+    /// Shares sent to a pool and not yet answered, per pool; past it the
+    /// oldest is given up (counted), so a pool that never answers cannot
+    /// grow the queue.
+    pub max_pending_shares: usize,
+    /// SV2 future jobs (not yet activated by a prev hash) kept per pool;
+    /// past it the oldest is dropped (counted).
+    pub max_future_jobs: usize,
 }
 
 impl Default for RoutingConfig {
@@ -385,6 +392,8 @@ impl Default for RoutingConfig {
             failback_cooldown_secs: 60,
             rebalance_secs: 10,
             reconnect_ms: 200,
+            max_pending_shares: 65_536,
+            max_future_jobs: 64,
         }
     }
 }
@@ -555,6 +564,19 @@ impl ProxyConfig {
             return Err(bad(
                 "limits.requests_per_second".into(),
                 "must be > 0".into(),
+            ));
+        }
+        let r = &self.routing;
+        if !(16..=10_000_000).contains(&r.max_pending_shares) {
+            return Err(bad(
+                "routing.max_pending_shares".into(),
+                "must be 16..=10000000".into(),
+            ));
+        }
+        if !(1..=4096).contains(&r.max_future_jobs) {
+            return Err(bad(
+                "routing.max_future_jobs".into(),
+                "must be 1..=4096".into(),
             ));
         }
         if !(l.max_reject_ratio > 0.0 && l.max_reject_ratio <= 1.0) {
@@ -762,20 +784,22 @@ mod tests {
                 "[listen]\nsv2 = '127.0.0.1:0'\nsv2_authority_pubkey = 'k'\n{extra}"
             ))
         };
-        let c = ProxyConfig::from_toml(&listen(&format!(
-            "sv2_authority_secret_file = {file:?}\n"
-        )))
-        .unwrap();
+        let c = ProxyConfig::from_toml(&listen(&format!("sv2_authority_secret_file = {file:?}\n")))
+            .unwrap();
         assert_eq!(
             c.listen.authority_secret().unwrap().as_deref(),
             Some("the-secret-789")
         );
         assert!(!format!("{c:?}").contains("the-secret-789"));
         let both = format!("sv2_authority_secret = 'x'\nsv2_authority_secret_file = {file:?}\n");
-        let e = ProxyConfig::from_toml(&listen(&both)).unwrap_err().to_string();
+        let e = ProxyConfig::from_toml(&listen(&both))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not both"), "{e}");
         let missing = "sv2_authority_secret_file = '/nonexistent/gp.key'\n";
-        let e = ProxyConfig::from_toml(&listen(missing)).unwrap_err().to_string();
+        let e = ProxyConfig::from_toml(&listen(missing))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("listen.sv2_authority_secret_file") && e.contains("/nonexistent/gp.key"),
             "{e}"

@@ -183,8 +183,7 @@ fn sv2_authority(cfg: &ProxyConfig) -> Result<AuthorityKeypair, StartError> {
         .listen
         .authority_secret()
         .map_err(|e| StartError::SecretFile(e.message))?;
-    let (Some(public), Some(secret)) = (cfg.listen.sv2_authority_pubkey.as_deref(), secret)
-    else {
+    let (Some(public), Some(secret)) = (cfg.listen.sv2_authority_pubkey.as_deref(), secret) else {
         return Err(StartError::NoAuthority);
     };
     AuthorityKeypair::from_strs(public, &secret).map_err(StartError::Authority)

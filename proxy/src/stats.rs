@@ -187,6 +187,13 @@ pub struct WorkerSnapshot {
     pub connections: u64,
 }
 
+/// Distinct pool reject reasons kept per pool (the last is "other").
+pub const MAX_REJECT_REASONS: usize = 32;
+/// Longest pool reject reason kept, bytes.
+pub const MAX_REASON_LEN: usize = 64;
+/// Where reasons past [`MAX_REJECT_REASONS`] are counted.
+pub const OTHER_REASON: &str = "other";
+
 /// One pool's counters.
 #[derive(Debug, Default)]
 pub struct PoolStats {
@@ -204,7 +211,11 @@ pub struct PoolStats {
     pub jobs: Counter,
     /// Sum of accepted difficulty (as the proxy computed it).
     diff_sum: F64Sum,
-    /// Reject reasons the pool gave.
+    /// Shares given up unanswered: the pending queue was full.
+    pub pending_dropped: Counter,
+    /// Future jobs dropped: more arrived than `routing.max_future_jobs`.
+    pub future_jobs_dropped: Counter,
+    /// Reject reasons the pool gave (at most [`MAX_REJECT_REASONS`]).
     reasons: Mutex<HashMap<String, u64>>,
     /// Why the last connection attempt or session failed.
     last_error: Mutex<Option<String>>,
@@ -224,14 +235,23 @@ impl PoolStats {
         self.diff_sum.add(difficulty);
     }
     /// Count a rejection with the pool's reason.
+    /// The map is bounded: a reason is cut to [`MAX_REASON_LEN`] bytes, and
+    /// past [`MAX_REJECT_REASONS`] distinct ones the rest count as "other"
+    /// (a pool's text could otherwise grow it without end).
     pub fn reject(&self, reason: &str) {
         self.rejected.inc();
-        *self
-            .reasons
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason.to_string())
-            .or_default() += 1;
+        let mut cut = MAX_REASON_LEN.min(reason.len());
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let reason = &reason[..cut];
+        let mut m = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if m.contains_key(reason) || m.len() < MAX_REJECT_REASONS - 1 {
+            reason
+        } else {
+            OTHER_REASON
+        };
+        *m.entry(key.to_string()).or_default() += 1;
     }
     /// Reject reasons.
     pub fn reasons(&self) -> HashMap<String, u64> {
@@ -436,6 +456,22 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool's reject reasons cannot grow the map: long reasons are cut,
+    /// and past the cap the rest count as "other".
+    #[test]
+    fn pool_reject_reasons_are_bounded() {
+        let p = PoolStats::new("p");
+        for i in 0..1000 {
+            p.reject(&format!("{i}-{}", "x".repeat(10_000)));
+        }
+        p.reject("stale-share");
+        let r = p.reasons();
+        assert_eq!(r.len(), MAX_REJECT_REASONS);
+        assert!(r.keys().all(|k| k.len() <= MAX_REASON_LEN), "{r:?}");
+        assert_eq!(r[OTHER_REASON], 1001 - (MAX_REJECT_REASONS as u64 - 1));
+        assert_eq!(p.rejected.get(), 1001);
+    }
 
     /// 100,000 fresh names that connect and leave (the churn attack) leave
     /// the registry at its bound; connected names are never evicted.

@@ -182,17 +182,27 @@ async fn a_connection_of_rejected_shares_is_dropped() {
         ))
         .unwrap()
     };
-    let proxy = Proxy::start(cfg("0.5"), CancellationToken::new()).await.unwrap();
+    let proxy = Proxy::start(cfg("0.5"), CancellationToken::new())
+        .await
+        .unwrap();
     let mut m = start_miner(proxy.sv1_addr.unwrap()).await;
-    assert!(!junk_shares(&mut m, 49).await, "dropped before the window closed");
+    assert!(
+        !junk_shares(&mut m, 49).await,
+        "dropped before the window closed"
+    );
     assert_eq!(proxy.ctx.trips.reject_ratio.get(), 0);
     assert!(junk_shares(&mut m, 1).await, "kept after 50 of 50 rejected");
     assert_eq!(proxy.ctx.trips.reject_ratio.get(), 1);
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
 
-    let proxy = Proxy::start(cfg("1.0"), CancellationToken::new()).await.unwrap();
+    let proxy = Proxy::start(cfg("1.0"), CancellationToken::new())
+        .await
+        .unwrap();
     let mut m = start_miner(proxy.sv1_addr.unwrap()).await;
-    assert!(!junk_shares(&mut m, 120).await, "dropped with the limit off");
+    assert!(
+        !junk_shares(&mut m, 120).await,
+        "dropped with the limit off"
+    );
     assert_eq!(proxy.ctx.trips.reject_ratio.get(), 0);
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
 }
@@ -242,6 +252,9 @@ async fn a_fast_sender_does_not_starve_the_others() {
         served_during_flood,
         "the honest miner was answered only after the flood ended"
     );
-    assert!(proxy.ctx.trips.read_budget.get() > 0, "no read turn was cut");
+    assert!(
+        proxy.ctx.trips.read_budget.get() > 0,
+        "no read turn was cut"
+    );
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
 }

@@ -139,7 +139,7 @@ impl Config {
             &mut self.listen.sv2_authority_secret_file,
         ]
         .into_iter()
-            .flatten()
+        .flatten()
         {
             if p.is_relative() {
                 *p = dir.join(&*p);

@@ -106,6 +106,11 @@ impl Sv1Upstream {
 
     fn request(&self, c: &mut Conn, out: &mut String, method: &str, params: Value, p: Pending) {
         out.push_str(&encode::request(&json!(c.next_id), method, params));
+        if c.pending.len() >= self.routing.max_pending_shares {
+            // The pool leaves requests unanswered: give up the oldest.
+            c.pending.pop_front();
+            self.stats.pending_dropped.inc();
+        }
         c.pending.push_back((c.next_id, p));
         c.next_id += 1;
     }
@@ -433,5 +438,55 @@ impl super::Session for Sv1Upstream {
         shares: &mut mpsc::Receiver<UpShare>,
     ) -> Result<(), UpstreamError> {
         self.serve(target, view, shares).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+
+    /// A pool that never answers cannot grow the request queue.
+    #[test]
+    fn unanswered_requests_are_bounded_oldest_first() {
+        let cfg = ProxyConfig::from_toml(
+            "[[pools]]\nname='p'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+             [routing]\nmax_pending_shares = 16\n",
+        )
+        .unwrap();
+        let up = Sv1Upstream {
+            pool: cfg.pools[0].clone(),
+            routing: cfg.routing,
+            extranonce: cfg.extranonce,
+            stats: Arc::new(PoolStats::new("p")),
+        };
+        let mut c = Conn {
+            en1: vec![],
+            en2_size: 4,
+            subscribed: true,
+            mask: 0,
+            target: Target::from_difficulty(1.0),
+            next_target: None,
+            authorized: true,
+            pending: VecDeque::new(),
+            next_id: 1,
+            last_job_at: Instant::now(),
+            epoch: 1,
+            notify: None,
+            clean_next: false,
+        };
+        let mut out = String::new();
+        let worker = Arc::new(WorkerStats::default());
+        for _ in 0..20 {
+            let p = Pending::Submit {
+                worker: worker.clone(),
+                difficulty: 1.0,
+            };
+            up.request(&mut c, &mut out, "mining.submit", json!([]), p);
+        }
+        assert_eq!(c.pending.len(), 16);
+        assert_eq!(c.pending.front().map(|(id, _)| *id), Some(5));
+        assert_eq!(up.stats.pending_dropped.get(), 4);
+        assert_eq!(out.lines().count(), 20, "every request was still sent");
     }
 }

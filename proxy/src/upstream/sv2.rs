@@ -267,7 +267,7 @@ impl Sv2Upstream {
                                 Err(_) => continue,
                             },
                         };
-                        conn.pending.insert(conn.seq, Pending { worker: s.worker, difficulty: s.difficulty });
+                        self.remember(&mut conn, Pending { worker: s.worker, difficulty: s.difficulty });
                         self.stats.submitted.inc();
                         if let Err(e) = framed.feed(Message::Mining(MiningOwned::SubmitSharesExtended(submit))).await {
                             err = Some(e);
@@ -284,6 +284,28 @@ impl Sv2Upstream {
             warn!(pool = %self.pool.name, unanswered = conn.pending.len(), "connection ended with shares unanswered");
         }
         result
+    }
+
+    /// Keep a sent share (sequence `c.seq`) until the pool answers; past
+    /// `routing.max_pending_shares` the oldest is given up.
+    fn remember(&self, c: &mut Conn, p: Pending) {
+        if c.pending.len() >= self.routing.max_pending_shares {
+            c.pending.pop_first();
+            self.stats.pending_dropped.inc();
+        }
+        c.pending.insert(c.seq, p);
+    }
+
+    /// Keep a future job until a prev hash activates it; past
+    /// `routing.max_future_jobs` the oldest (smallest id) is dropped.
+    fn keep_future(&self, c: &mut Conn, job: Job) {
+        if c.future_jobs.len() >= self.routing.max_future_jobs {
+            if let Some(&old) = c.future_jobs.keys().min() {
+                c.future_jobs.remove(&old);
+                self.stats.future_jobs_dropped.inc();
+            }
+        }
+        c.future_jobs.insert(job.id, job);
     }
 
     fn handle(
@@ -309,9 +331,7 @@ impl Sv2Upstream {
                     path: j.merkle_path.iter().map(|h| h.to_array()).collect(),
                 };
                 match j.min_ntime.into_inner() {
-                    None => {
-                        c.future_jobs.insert(job.id, job);
-                    }
+                    None => self.keep_future(c, job),
                     Some(t) => {
                         if let Some(tip) = c.tip.as_mut() {
                             tip.2 = tip.2.max(t);
@@ -443,5 +463,88 @@ impl super::Session for Sv2Upstream {
             .parse()
             .map_err(UpstreamError::BadAuthorityKey)?;
         self.serve(target, &key, view, shares).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+
+    fn upstream(extra: &str) -> Sv2Upstream {
+        let cfg = ProxyConfig::from_toml(&format!(
+            "[[pools]]\nname='p'\naddress='127.0.0.1:1'\nprotocol='sv2'\n\
+             authority_pubkey='9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72'\nuser='u'\n\
+             [routing]\n{extra}"
+        ))
+        .unwrap();
+        Sv2Upstream {
+            pool: cfg.pools[0].clone(),
+            routing: cfg.routing,
+            extranonce: cfg.extranonce,
+            stats: Arc::new(PoolStats::new("p")),
+        }
+    }
+
+    fn conn() -> Conn {
+        Conn {
+            channel_id: 1,
+            group_id: 0,
+            extranonce_prefix: vec![],
+            rollable: 8,
+            target: Target::from_difficulty(1.0),
+            future_jobs: HashMap::new(),
+            last_job: None,
+            tip: None,
+            seq: 0,
+            pending: BTreeMap::new(),
+            last_job_at: Instant::now(),
+        }
+    }
+
+    /// A pool that never answers cannot grow the pending queue: past the
+    /// cap the oldest share is given up, and counted.
+    #[test]
+    fn unanswered_shares_are_bounded_oldest_first() {
+        let up = upstream("max_pending_shares = 16\n");
+        let mut c = conn();
+        let worker = Arc::new(WorkerStats::default());
+        for _ in 0..20 {
+            c.seq += 1;
+            up.remember(
+                &mut c,
+                Pending {
+                    worker: worker.clone(),
+                    difficulty: 1.0,
+                },
+            );
+        }
+        assert_eq!(c.pending.len(), 16);
+        assert_eq!(c.pending.keys().next(), Some(&5), "the oldest went first");
+        assert_eq!(up.stats.pending_dropped.get(), 4);
+    }
+
+    /// Future jobs a pool never activates are bounded too.
+    #[test]
+    fn future_jobs_are_bounded_oldest_first() {
+        let up = upstream("max_future_jobs = 4\n");
+        let mut c = conn();
+        for id in 1..=10 {
+            up.keep_future(
+                &mut c,
+                Job {
+                    id,
+                    version: 0,
+                    rolling: false,
+                    prefix: vec![],
+                    suffix: vec![],
+                    path: vec![],
+                },
+            );
+        }
+        let mut ids: Vec<u32> = c.future_jobs.keys().copied().collect();
+        ids.sort();
+        assert_eq!(ids, [7, 8, 9, 10]);
+        assert_eq!(up.stats.future_jobs_dropped.get(), 6);
     }
 }
