@@ -42,7 +42,7 @@ use curtail::time::Clock;
 /// Upper bound on each test, wall time.
 const TEST_LIMIT: Duration = Duration::from_secs(240);
 
-fn policy() -> PolicyConfig {
+fn policy(staleness: Staleness) -> PolicyConfig {
     PolicyConfig {
         max_commands_per_sec: 50,
         restore_batch: 20,
@@ -54,7 +54,7 @@ fn policy() -> PolicyConfig {
         retry_backoff: Duration::from_secs(10),
         // Start at once: leaves room for a round of escalation in the window.
         dr_lead_margin: Duration::from_secs(55),
-        staleness: Staleness::NONE,
+        staleness,
         ..PolicyConfig::default()
     }
 }
@@ -62,16 +62,27 @@ fn policy() -> PolicyConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_event_sheds_200_miners_to_40_percent_within_60s() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    gridproxy_tests::serially(TEST_LIMIT, run("dr", (62, 0), false)).await;
+    gridproxy_tests::serially(TEST_LIMIT, run("dr", (62, 0), false, Staleness::NONE)).await;
+}
+
+/// The same event with the staleness rules a production site runs with
+/// (price, site load and dispatch freshness at their defaults): none of them
+/// may fire during an event that is met on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_event_met_with_production_staleness_defaults() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let s = Staleness::default();
+    assert!(s.price.is_some() && s.site_load.is_some() && s.dispatch.is_some());
+    gridproxy_tests::serially(TEST_LIMIT, run("drprod", (66, 0), false, s)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_event_met_with_10_percent_of_emulators_unresponsive() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    gridproxy_tests::serially(TEST_LIMIT, run("drdead", (63, 0), true)).await;
+    gridproxy_tests::serially(TEST_LIMIT, run("drdead", (63, 0), true, Staleness::NONE)).await;
 }
 
-async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
+async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness) {
     gridproxy_tests::init_tracing();
     // --- peers: TP, pool_sv2, gridproxy, the site ---
     let bench = SiteBench::new(name, subnet).behind_proxy().start().await;
@@ -115,7 +126,7 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool) {
     bridge.spawn_reconciler(Duration::from_millis(250), proxy.stop.child_token());
     let h = bench
         .start_driver(
-            policy(),
+            policy(staleness),
             bridge.clone(),
             clock,
             DriverConfig {
