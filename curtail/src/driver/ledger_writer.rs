@@ -61,7 +61,7 @@ fn write_one(ledger: &mut Ledger, r: &Record) -> Result<(), LedgerError> {
 
 /// What the writer tells the driver about its health: set while a write
 /// keeps failing (disk full, file locked, size guard reached), cleared when
-/// one succeeds.
+/// a write succeeds with nothing queued behind it (caught up).
 #[derive(Default)]
 pub(super) struct LedgerFault {
     state: std::sync::Mutex<Option<(std::time::Instant, String)>>,
@@ -124,7 +124,12 @@ pub(super) fn write_loop(
         loop {
             match write_one(&mut ledger, &w.record) {
                 Ok(()) => {
-                    fault.ok();
+                    // Healthy again once caught up: on a nearly full disk
+                    // one record may fit where the next does not, and the
+                    // safe state must not flap with each.
+                    if rx.is_empty() {
+                        fault.ok();
+                    }
                     if let Some(h) = &hook {
                         h(&w.record);
                     }

@@ -31,6 +31,7 @@ mod operate_api;
 mod operate_config;
 mod operate_dashboard;
 mod operate_demo;
+mod operate_full_disk;
 mod operate_metrics;
 mod operate_reload;
 mod operate_site;

@@ -140,6 +140,30 @@ impl Mosquitto {
         )
     }
 
+    /// Publish each of `payloads` on `topic` from one mosquitto_pub (`-l`:
+    /// a message per stdin line), QoS 0: a flood. Panics if it fails.
+    pub fn publish_lines(&self, topic: &str, payloads: &[String]) {
+        use std::io::Write;
+        let mut child = Command::new(pub_bin())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-u", USER, "-P", PASSWORD, "-q", "0", "-t", topic, "-l"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run mosquitto_pub");
+        let mut stdin = child.stdin.take().expect("stdin");
+        for p in payloads {
+            writeln!(stdin, "{p}").expect("write to mosquitto_pub");
+        }
+        drop(stdin);
+        let out = child.wait_with_output().expect("mosquitto_pub ends");
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -l to {topic} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Publish with the right password; panics if mosquitto_pub fails.
     pub fn publish(&self, topic: &str, payload: &str) {
         let (ok, err) = self.publish_as(PASSWORD, topic, payload);

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use curtail::command::Action;
 use curtail::driver::Audit;
 
-const TOKEN: &str = "operate-site-token-0123456789";
-const DISPATCH: &str = "site/op1/dispatch";
+pub(crate) const TOKEN: &str = "operate-site-token-0123456789";
+pub(crate) const DISPATCH: &str = "site/op1/dispatch";
 const ACK: &str = "site/op1/ack";
 const STATUS: &str = "site/op1/status";
 /// Emulator ramps run this much faster than real firmware.
@@ -100,7 +100,7 @@ fn firmware_name(f: Firmware) -> &'static str {
 
 /// The config file: one SV1 pool, the SV1 listener, the API, and `[site]`
 /// with every emulator and MQTT dispatch from `broker_port`.
-fn config_text(
+pub(crate) fn config_text(
     pool: SocketAddr,
     sv1: SocketAddr,
     api: SocketAddr,
