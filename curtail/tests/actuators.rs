@@ -274,7 +274,7 @@ async fn stock_is_telemetry_only() {
         let t = fleet.read(M).await.expect("stock telemetry");
         assert!((t.power_w - model().nominal_w).abs() < 2.0, "{t:?}");
         assert!(!fleet.handles(ControlSurface::None));
-        assert!(!fleet.handles(ControlSurface::AntminerStock));
+        assert!(fleet.handles(ControlSurface::AntminerStock));
         assert!(fleet.handles(ControlSurface::Vnish));
         let r = fleet
             .execute(&command(ControlSurface::None, Action::Sleep))
@@ -285,6 +285,89 @@ async fn stock_is_telemetry_only() {
             fleet.read(M).await,
             Err(ActuatorError::Timeout { miner: M })
         );
+    })
+    .await;
+}
+
+/// A stock Antminer with its web interface: cgminer API and web server on
+/// 127.0.0.`ip`, the actuator given `password`.
+async fn setup_antminer(
+    ip: u8,
+    password: &str,
+) -> (EmulatorHandle, stock::StockWeb, FleetActuator) {
+    let (emu, web) = stock::spawn_with_web(addr(ip), addr(ip), model(), "root", PASSWORD)
+        .await
+        .expect("bind emulator");
+    let mut fleet = FleetActuator::new(TIMEOUT);
+    let ep = MinerEndpoint::new(ControlSurface::AntminerStock, emu.addr())
+        .with_credentials("root", password)
+        .with_web(HostPort::from(web.addr()));
+    fleet.insert(M, &ep);
+    (emu, web, fleet)
+}
+
+/// Stock Antminer: sleep and wake through the web interface (digest auth),
+/// confirmed by the cgminer API's telemetry; the rest of the configuration
+/// is written back as it was read.
+#[tokio::test]
+async fn antminer_stock_sleeps_and_wakes_through_its_web_interface() {
+    bounded(async {
+        let surface = ControlSurface::AntminerStock;
+        let (emu, web, fleet) = setup_antminer(81, PASSWORD).await;
+        let (spec, cfg) = (spec(surface), model());
+        let before = web.conf();
+        fleet
+            .execute(&command(surface, Action::Sleep))
+            .await
+            .expect("sleep ack");
+        let band = expected_band(Action::Sleep, &spec, None).unwrap();
+        confirm(&fleet, M, band, cfg.scaled(cfg.sleep_time) + SLACK, POLL)
+            .await
+            .expect("sleep confirmed by telemetry");
+        assert_eq!(emu.state().mode, Mode::Sleeping);
+        let mut after = web.conf();
+        assert_eq!(after["miner-mode"], 1, "{after}");
+        after["miner-mode"] = before["miner-mode"].clone();
+        assert_eq!(after, before, "the rest of the configuration changed");
+
+        fleet
+            .execute(&command(surface, Action::Wake))
+            .await
+            .expect("wake ack");
+        let band = expected_band(Action::Wake, &spec, None).unwrap();
+        confirm(&fleet, M, band, cfg.scaled(cfg.wake_time) + SLACK, POLL)
+            .await
+            .expect("wake confirmed by telemetry");
+        assert_eq!(web.conf(), before);
+        // No power target on stock firmware.
+        let r = fleet
+            .execute(&command(surface, Action::SetPowerTarget(2500)))
+            .await;
+        assert!(matches!(r, Err(ActuatorError::Unsupported { .. })), "{r:?}");
+        // A refusal is typed.
+        emu.set_fault(Fault::Reject);
+        let r = fleet.execute(&command(surface, Action::Sleep)).await;
+        assert!(
+            matches!(r, Err(ActuatorError::Rejected { miner: M, .. })),
+            "{r:?}"
+        );
+        assert_eq!(emu.state().mode, Mode::Hashing);
+    })
+    .await;
+}
+
+/// The emulator enforces digest auth: a wrong password is an auth error,
+/// and the miner keeps hashing.
+#[tokio::test]
+async fn antminer_stock_wrong_password() {
+    bounded(async {
+        let (emu, web, fleet) = setup_antminer(82, "not-the-password").await;
+        let r = fleet
+            .execute(&command(ControlSurface::AntminerStock, Action::Sleep))
+            .await;
+        assert_eq!(r, Err(ActuatorError::Auth { miner: M }));
+        assert_eq!(emu.state().mode, Mode::Hashing);
+        assert!(web.refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     })
     .await;
 }

@@ -59,6 +59,11 @@ pub enum FirmwareKind {
     Vnish,
     /// Stock cgminer: telemetry only; curtailed by parking it at the proxy.
     Stock,
+    /// Stock Antminer firmware with its web interface: sleep and wake by
+    /// `miner-mode` (digest auth, `username` default root, `password`
+    /// required), telemetry from the cgminer API (port 4028). Not confirmed
+    /// from Bitmain: see the README.
+    Antminer,
 }
 
 impl FirmwareKind {
@@ -69,6 +74,7 @@ impl FirmwareKind {
             FirmwareKind::Whatsminer => ControlSurface::Whatsminer,
             FirmwareKind::Vnish => ControlSurface::Vnish,
             FirmwareKind::Stock => ControlSurface::None,
+            FirmwareKind::Antminer => ControlSurface::AntminerStock,
         }
     }
 
@@ -83,7 +89,10 @@ impl FirmwareKind {
     fn needs_password(self) -> bool {
         matches!(
             self,
-            FirmwareKind::Braiins | FirmwareKind::Whatsminer | FirmwareKind::Vnish
+            FirmwareKind::Braiins
+                | FirmwareKind::Whatsminer
+                | FirmwareKind::Vnish
+                | FirmwareKind::Antminer
         )
     }
 
@@ -95,6 +104,7 @@ impl FirmwareKind {
             FirmwareKind::Whatsminer => "whatsminer",
             FirmwareKind::Vnish => "vnish",
             FirmwareKind::Stock => "stock",
+            FirmwareKind::Antminer => "antminer",
         }
     }
 }
@@ -114,6 +124,10 @@ pub struct MinerConfig {
     /// SV1 worker name it authorizes with through this proxy (for parking).
     #[serde(default)]
     pub worker: Option<String>,
+    /// `antminer`: the web interface, `host:port` or `host` (default: the
+    /// API address's host, port 80).
+    #[serde(default)]
+    pub web: Option<String>,
     /// Model label, e.g. `S19j Pro`.
     #[serde(default)]
     pub model: Option<String>,
@@ -164,6 +178,19 @@ impl MinerConfig {
     pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
         Endpoint::parse_with_default_port(&self.address, self.firmware.default_port())
             .map_err(|e| format!("{e} (expected host, host:port, ip, ip:port or [ipv6]:port)"))
+    }
+
+    /// `antminer`: the web interface's address (`web`, else the API host on
+    /// port 80).
+    pub(crate) fn web_endpoint(&self) -> Result<Endpoint, String> {
+        match &self.web {
+            Some(w) => Endpoint::parse_with_default_port(w, 80)
+                .map_err(|e| format!("{e} (expected host, host:port, ip, ip:port or [ipv6]:port)")),
+            None => self.endpoint().map(|mut e| {
+                e.port = 80;
+                e
+            }),
+        }
     }
 }
 
@@ -670,6 +697,20 @@ impl SiteConfig {
             if let Err(e) = m.endpoint() {
                 return Err(bad("address", e));
             }
+            match (&m.web, m.firmware) {
+                (_, FirmwareKind::Antminer) => {
+                    if let Err(e) = m.web_endpoint() {
+                        return Err(bad("web", e));
+                    }
+                }
+                (Some(_), f) => {
+                    return Err(bad(
+                        "web",
+                        format!("only for firmware = \"antminer\" (this is {})", f.as_str()),
+                    ))
+                }
+                (None, _) => {}
+            }
             if !(m.ths.is_finite() && m.ths > 0.0) {
                 return Err(bad("ths", "must be > 0 (nominal TH/s)".into()));
             }
@@ -1175,6 +1216,39 @@ mod tests {
         assert!(e.contains("site.hashprice_usd_per_ph_day"), "{e}");
         let e = parse("[site]\nledger = \"l.sqlite\"\n").unwrap_err();
         assert!(e.contains("site.miners") && e.contains("line 7"), "{e}");
+    }
+
+    /// A stock Antminer with its web interface: a password is required, the
+    /// web address defaults to the API host on port 80, and `web` is refused
+    /// on other firmware.
+    #[test]
+    fn antminer_web_interface() {
+        let am = "[[site.miners]]\nname = \"s1\"\nfirmware = \"antminer\"\naddress = \"miner-7.local\"\nths = 100.0\nwatts = 3000.0\n";
+        let e = parse(&format!("[site]\nledger = \"l.sqlite\"\n\n{am}")).unwrap_err();
+        assert!(e.contains("site.miners[0].password"), "{e}");
+        let c = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{am}password = \"pw\"\n"
+        ))
+        .unwrap();
+        let m = &c.site.unwrap().miners[0];
+        assert_eq!(m.firmware.surface(), ControlSurface::AntminerStock);
+        let (api, web) = (m.endpoint().unwrap(), m.web_endpoint().unwrap());
+        assert_eq!((api.host.as_str(), api.port), ("miner-7.local", 4028));
+        assert_eq!((web.host.as_str(), web.port), ("miner-7.local", 80));
+        let c = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{am}password = \"pw\"\nweb = \"10.0.0.7:8080\"\n"
+        ))
+        .unwrap();
+        let web = c.site.unwrap().miners[0].web_endpoint().unwrap();
+        assert_eq!((web.host.as_str(), web.port), ("10.0.0.7", 8080));
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{MINER}web = \"10.0.0.7\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("site.miners[0].web") && e.contains("antminer"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -221,11 +221,17 @@ pub async fn start(
         let at = m
             .endpoint()
             .map_err(|e| anyhow::anyhow!("site.miners[{i}].address: {e}"))?;
-        let ep = MinerEndpoint::new(m.firmware.surface(), HostPort::new(at.host, at.port))
+        let mut ep = MinerEndpoint::new(m.firmware.surface(), HostPort::new(at.host, at.port))
             .with_credentials(
                 m.username.clone().unwrap_or_else(|| "root".into()),
                 password,
             );
+        if m.firmware == FirmwareKind::Antminer {
+            let web = m
+                .web_endpoint()
+                .map_err(|e| anyhow::anyhow!("site.miners[{i}].web: {e}"))?;
+            ep = ep.with_web(HostPort::new(web.host, web.port));
+        }
         firmware.insert(id, &ep);
         if let Some(w) = &m.worker {
             proxy.insert(id, w.clone());

@@ -7,7 +7,7 @@
 //! | Braiins OS | [`BraiinsClient`] | `GetMinerStats` |
 //! | Whatsminer | [`WhatsminerClient`] | `summary` |
 //! | VNish | [`VnishClient`] | `/api/v1/summary` |
-//! | Antminer stock | unsupported (no client yet for `set_miner_conf.cgi`) | [`StockClient`] |
+//! | Antminer stock | [`AntminerClient`] (web interface, digest auth) | [`StockClient`] |
 //! | none | unsupported (proxy park only) | [`StockClient`] |
 //!
 //! Proxy-side actions (park, unpark, reroute) belong to the proxy's
@@ -22,6 +22,7 @@ use crate::command::{Action, Command};
 use crate::fleet::{ControlSurface, MinerId, Telemetry};
 use crate::time::{Clock, SystemClock};
 
+use super::antminer::AntminerClient;
 use super::braiins::BraiinsClient;
 use super::luxos::LuxOsClient;
 use super::stock::StockClient;
@@ -38,8 +39,10 @@ pub struct MinerEndpoint {
     pub addr: HostPort,
     /// User name where the API has one (Braiins OS: `root`).
     pub username: String,
-    /// Password (LuxOS and stock need none).
+    /// Password (LuxOS and cgminer-only stock need none).
     pub password: String,
+    /// Stock Antminer: its web interface (default: the API host, port 80).
+    pub web: Option<HostPort>,
 }
 
 impl std::fmt::Debug for MinerEndpoint {
@@ -49,6 +52,7 @@ impl std::fmt::Debug for MinerEndpoint {
             .field("addr", &self.addr)
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("web", &self.web)
             .finish()
     }
 }
@@ -61,7 +65,14 @@ impl MinerEndpoint {
             addr: addr.into(),
             username: "root".into(),
             password: String::new(),
+            web: None,
         }
+    }
+
+    /// The same with the web interface at `web` (stock Antminer).
+    pub fn with_web(mut self, web: HostPort) -> MinerEndpoint {
+        self.web = Some(web);
+        self
     }
 
     /// The same with credentials.
@@ -82,6 +93,7 @@ enum Client {
     Braiins(BraiinsClient),
     Whatsminer(WhatsminerClient),
     Vnish(VnishClient),
+    Antminer(AntminerClient),
     Stock(StockClient),
 }
 
@@ -99,9 +111,19 @@ impl Client {
                 Client::Whatsminer(WhatsminerClient::new(cfg, ep.password.clone()))
             }
             ControlSurface::Vnish => Client::Vnish(VnishClient::new(cfg, ep.password.clone())),
-            ControlSurface::AntminerStock | ControlSurface::None => {
-                Client::Stock(StockClient::new(cfg))
+            ControlSurface::AntminerStock => {
+                let web = ep
+                    .web
+                    .clone()
+                    .unwrap_or_else(|| HostPort::new(ep.addr.host.clone(), 80));
+                Client::Antminer(AntminerClient::new(
+                    cfg,
+                    web,
+                    ep.username.clone(),
+                    ep.password.clone(),
+                ))
             }
+            ControlSurface::None => Client::Stock(StockClient::new(cfg)),
         }
     }
 
@@ -124,7 +146,11 @@ impl Client {
             (Client::Vnish(c), Action::Sleep) => c.pause().await,
             (Client::Vnish(c), Action::Wake) => c.resume().await,
             (Client::Vnish(c), Action::SetPowerTarget(w)) => c.set_power_target(w).await.map(drop),
-            (Client::Stock(_), a) => Err(ClientError::Unsupported(a.as_str())),
+            (Client::Antminer(c), Action::Sleep) => c.sleep().await,
+            (Client::Antminer(c), Action::Wake) => c.wake().await,
+            (Client::Antminer(_), a) | (Client::Stock(_), a) => {
+                Err(ClientError::Unsupported(a.as_str()))
+            }
         }
     }
 
@@ -134,6 +160,7 @@ impl Client {
             Client::Braiins(c) => c.telemetry().await,
             Client::Whatsminer(c) => c.telemetry().await,
             Client::Vnish(c) => c.telemetry().await,
+            Client::Antminer(c) => c.telemetry().await,
             Client::Stock(c) => c.telemetry().await,
         }
     }
@@ -204,6 +231,7 @@ impl Actuator for FleetActuator {
                 | ControlSurface::BraiinsOs
                 | ControlSurface::Whatsminer
                 | ControlSurface::Vnish
+                | ControlSurface::AntminerStock
         )
     }
 

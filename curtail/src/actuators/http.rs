@@ -5,7 +5,7 @@
 use super::{ClientError, HostPort};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, StatusCode};
+use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -21,6 +21,26 @@ pub(crate) async fn json_request(
     bearer: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), ClientError> {
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    let (status, _, bytes) = request(addr, method, path, auth.as_deref(), body).await?;
+    let value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("invalid JSON body: {e}")))?
+    };
+    Ok((status, value))
+}
+
+/// Send one request with an optional `Authorization` value and JSON body;
+/// returns the status, the headers and the raw body (at most 256 KiB).
+pub(crate) async fn request(
+    addr: &HostPort,
+    method: Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: Option<&Value>,
+) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
     let stream = addr.connect().await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -32,8 +52,8 @@ pub(crate) async fn json_request(
         .uri(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::ACCEPT, "application/json");
-    if let Some(token) = bearer {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    if let Some(a) = authorization {
+        req = req.header(hyper::header::AUTHORIZATION, a);
     }
     let payload = match body {
         Some(v) => {
@@ -51,18 +71,13 @@ pub(crate) async fn json_request(
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .to_bytes();
-        let value = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Protocol(format!("invalid JSON body: {e}")))?
-        };
-        Ok((status, value))
+        Ok((status, headers, bytes))
     }
     .await;
     driver.abort();

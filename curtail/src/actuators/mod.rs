@@ -53,6 +53,7 @@ use thiserror::Error;
 use crate::actuator::ActuatorError;
 use crate::fleet::{ControlSurface, MinerId};
 
+pub mod antminer;
 pub mod braiins;
 pub mod cgminer;
 pub mod fleet;

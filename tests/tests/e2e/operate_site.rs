@@ -621,7 +621,7 @@ fn the_site_example_is_valid() {
     let text = std::fs::read_to_string(path).expect("examples/site.toml");
     let cfg = gridproxy::Config::parse(&text, "examples/site.toml").expect("valid example");
     let site = cfg.site.expect("[site]");
-    assert_eq!(site.miners.len(), 5);
+    assert_eq!(site.miners.len(), 6);
     let s = &site.signals;
     assert!(s.mqtt.is_some() && s.openadr.is_some() && s.price.is_some());
     // Every key of the example is on: price mode and the dispatch fail-safe.
