@@ -73,7 +73,10 @@ impl TlsOptions {
             Some(p) => {
                 for c in certs("ca_file", p)? {
                     roots.add(c).map_err(|e| {
-                        TlsError(format!("ca_file {}: not a CA certificate: {e}", p.display()))
+                        TlsError(format!(
+                            "ca_file {}: not a CA certificate: {e}",
+                            p.display()
+                        ))
                     })?;
                 }
             }
@@ -89,9 +92,9 @@ impl TlsOptions {
                 let chain = certs("client_cert", c)?;
                 let key = PrivateKeyDer::from_pem_file(k)
                     .map_err(|e| TlsError(format!("client_key {}: {e}", k.display())))?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    TlsError(format!("client_cert and client_key do not match: {e}"))
-                })
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError(format!("client_cert and client_key do not match: {e}")))
             }
             _ => Err(TlsError(
                 "client_cert and client_key go together: give both or neither".into(),
@@ -165,7 +168,10 @@ mod tests {
             .client_config()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ca_file") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("ca_file") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         let e = TlsOptions::with_ca("/nonexistent/ca.pem")
             .client_config()
             .unwrap_err()
@@ -183,7 +189,11 @@ mod tests {
             client_cert: Some(pem.clone()),
             ..TlsOptions::with_ca(&pem)
         };
-        assert!(half.client_config().unwrap_err().to_string().contains("both"));
+        assert!(half
+            .client_config()
+            .unwrap_err()
+            .to_string()
+            .contains("both"));
     }
 
     #[test]

@@ -1454,7 +1454,10 @@ mod tests {
             ("broker = \"ssl://10.0.0.2\"\n", "broker"),
         ] {
             let e = mqtt(keys).unwrap_err();
-            assert!(e.contains(&format!("site.signals.mqtt.{key}")), "{keys}: {e}");
+            assert!(
+                e.contains(&format!("site.signals.mqtt.{key}")),
+                "{keys}: {e}"
+            );
         }
     }
 

@@ -292,8 +292,8 @@ pub async fn start(
     let sig = &cfg.signals;
     let mqtt = match &sig.mqtt {
         Some(q) => {
-            let (host, port, tls) = mqtt_broker(q)
-                .map_err(|e| anyhow::anyhow!("site.signals.mqtt.broker: {e}"))?;
+            let (host, port, tls) =
+                mqtt_broker(q).map_err(|e| anyhow::anyhow!("site.signals.mqtt.broker: {e}"))?;
             let password = resolve_secret(
                 "site.signals.mqtt.password",
                 &q.password,
