@@ -25,7 +25,7 @@ pub struct TestCa {
     key: KeyPair,
 }
 
-/// A server certificate and its key, as PEM files.
+/// A certificate and its key, as PEM files.
 #[derive(Clone, Debug)]
 pub struct ServerCert {
     /// The certificate (leaf only; clients trust the CA).
@@ -68,6 +68,16 @@ impl TestCa {
     /// subject alternative names), signed by this CA; files
     /// `<file>.pem` and `<file>.key`.
     pub fn server_cert(&self, file: &str, names: &[&str]) -> ServerCert {
+        self.leaf(file, names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate for `name`, signed by this CA (files as
+    /// [`TestCa::server_cert`]'s).
+    pub fn client_cert(&self, file: &str, name: &str) -> ServerCert {
+        self.leaf(file, &[name], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn leaf(&self, file: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> ServerCert {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(names.clone()).expect("server params");
         p.distinguished_name
@@ -76,7 +86,7 @@ impl TestCa {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("server key");
         let cert = p
             .signed_by(&key, &self.cert, &self.key)

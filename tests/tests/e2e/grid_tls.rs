@@ -89,12 +89,24 @@ async fn mqtt_run() {
     let good = TlsListener {
         port: free_port(),
         cert: ca.server_cert("broker", &["localhost", "127.0.0.1"]),
+        client_ca: None,
     };
     let misnamed = TlsListener {
         port: free_port(),
         cert: ca.server_cert("misnamed", &["broker.other.example"]),
+        client_ca: None,
     };
-    let broker = Mosquitto::start_with_tls("grid-tls", vec![good.clone(), misnamed.clone()]).await;
+    // A listener that wants a client certificate from our CA.
+    let mutual = TlsListener {
+        client_ca: Some(ca.ca_file()),
+        port: free_port(),
+        ..good.clone()
+    };
+    let broker = Mosquitto::start_with_tls(
+        "grid-tls",
+        vec![good.clone(), misnamed.clone(), mutual.clone()],
+    )
+    .await;
     let rec = Recorder::start(broker.port, "tls-recorder", &[ACK]);
 
     // The listener speaks TLS only: plain MQTT to it fails; TLS with our CA
@@ -267,6 +279,55 @@ async fn mqtt_run() {
         let s = c.state();
         assert!(!s.connected && s.connects == 0, "{what}: {s:?}");
     }
+
+    // --- a broker that wants a client certificate ---
+    let anonymous = mqtt::spawn(
+        mqtt_config(mutual.port, TlsOptions::with_ca(ca.ca_file()), "no-cert"),
+        nominal_kw,
+        h.signals(),
+        status_rx.clone(),
+        clock,
+    )
+    .expect("config valid");
+    let s = anonymous
+        .wait_for(Duration::from_secs(10), |s| s.connection_errors >= 2)
+        .await
+        .unwrap_or_else(|| panic!("refused without a certificate: {:?}", anonymous.state()));
+    println!("mqtt tls, no client certificate: {:?}", s.last_error);
+    assert!(!s.connected && s.connects == 0, "{s:?}");
+    assert!(
+        s.last_error.as_deref().is_some_and(|e| e.contains("TLS")),
+        "{s:?}"
+    );
+    anonymous.shutdown().await;
+    let id = ca.client_cert("site-client", "gridproxy-site");
+    let with_cert = mqtt::spawn(
+        mqtt_config(
+            mutual.port,
+            TlsOptions {
+                client_cert: Some(id.cert.clone()),
+                client_key: Some(id.key.clone()),
+                ..TlsOptions::with_ca(ca.ca_file())
+            },
+            "with-cert",
+        ),
+        nominal_kw,
+        h.signals(),
+        status_rx.clone(),
+        clock,
+    )
+    .expect("config valid");
+    assert!(
+        with_cert
+            .wait_for(Duration::from_secs(10), |s| s.connected)
+            .await
+            .is_some(),
+        "client certificate accepted: {:?}\n{}",
+        with_cert.state(),
+        broker.log()
+    );
+    println!("mqtt tls: connected with a client certificate");
+    with_cert.shutdown().await;
 
     for c in bad {
         c.shutdown().await;

@@ -50,6 +50,8 @@ pub struct TlsListener {
     pub port: u16,
     /// The broker's certificate and key.
     pub cert: gridproxy_tests::tls::ServerCert,
+    /// Require a client certificate signed by this CA (PEM file).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A running (or stopped) private broker.
@@ -96,6 +98,12 @@ impl Mosquitto {
                 l.cert.cert.display(),
                 l.cert.key.display()
             ));
+            if let Some(ca) = &l.client_ca {
+                conf.push_str(&format!(
+                    "cafile {}\nrequire_certificate true\n",
+                    ca.display()
+                ));
+            }
         }
         // As root, mosquitto switches to user "mosquitto", who cannot read
         // our temp files; stay root (the test's own user).
