@@ -9,7 +9,8 @@
 //!   retrying, reports not connected and applies no dispatch (one published
 //!   over TLS meanwhile changes nothing). With our CA it connects and a
 //!   dispatch published over TLS by `mosquitto_pub --cafile` puts the fleet
-//!   to sleep.
+//!   to sleep. A third listener requires a client certificate: refused
+//!   without one, connected with one signed by our CA.
 //! - OpenADR over https and wss: the openleadr-rs VTN serves plain HTTP, so
 //!   a TLS forwarder with our certificate stands in front of it. The VEN,
 //!   given `https://localhost:PORT` and the CA file, logs in, opens the
