@@ -12,7 +12,8 @@
 # with a temp config (no shared state). They find the binaries through
 # MOSQUITTO, MOSQUITTO_PASSWD and MOSQUITTO_PUB (defaults below). The
 # package's own service is never started (policy-rc.d in containers; we do
-# not enable it either).
+# not enable it either). The Debian build has TLS (OpenSSL): the TLS tests
+# (tests/tests/e2e/grid_tls.rs) give it listeners with certificates they make.
 set -euo pipefail
 
 MOSQUITTO="${MOSQUITTO:-/usr/sbin/mosquitto}"

@@ -7,9 +7,11 @@
 //! - [`openadr`]: an OpenADR 3 VEN: events and prices in, reports out.
 //! - [`price`]: polled energy price feeds (ERCOT reports, JSON).
 //! - [`site_load`]: meters of the site's other load (Modbus, Prometheus, JSON).
+//! - [`tls`]: the rustls client configuration of the MQTT and VTN links.
 #![warn(missing_docs)]
 
 pub mod mqtt;
 pub mod openadr;
 pub mod price;
 pub mod site_load;
+pub mod tls;

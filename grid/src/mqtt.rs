@@ -17,6 +17,12 @@
 //!   `PolicyConfig::staleness.dispatch` and the engine curtails the fleet
 //!   (its safe state) once the last dispatch is older than that.
 //!
+//! - TLS ([`MqttConfig::tls`]): rustls with a private CA or the built-in
+//!   public roots ([`crate::tls`]); a handshake failure (untrusted
+//!   certificate, wrong host name) is logged as an error, shown in
+//!   [`ClientState::last_error`] and retried with the backoff like any other
+//!   connection error.
+//!
 //! Timestamps (`at` of signals, `received_ms`, `ts_ms`) come from the
 //! caller's [`Clock`], the same one the driver uses, so the engine measures
 //! the dispatch's age in its own time.
@@ -31,11 +37,13 @@ use gridproxy_curtail::signal::Signal;
 use gridproxy_curtail::time::{Clock, Timestamp};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
-    Packet, QoS,
+    Packet, QoS, TlsConfiguration, Transport,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::tls::{self, TlsOptions};
 
 /// The MQTT client library, for callers and tests that talk to the same
 /// broker (one version for all).
@@ -56,6 +64,9 @@ pub struct MqttConfig {
     pub username: Option<String>,
     /// Password for `username`.
     pub password: Option<String>,
+    /// Connect over TLS (`mqtts`), verifying the broker as these say;
+    /// `None`: plain TCP.
+    pub tls: Option<TlsOptions>,
     /// Topic (or filter) the dispatcher publishes targets on.
     pub dispatch_topic: String,
     /// Topic of our status (published retained).
@@ -87,6 +98,7 @@ impl MqttConfig {
             client_id: format!("gridproxy-{site_id}"),
             username: None,
             password: None,
+            tls: None,
             dispatch_topic: format!("site/{site_id}/dispatch"),
             status_topic: format!("site/{site_id}/status"),
             ack_topic: format!("site/{site_id}/ack"),
@@ -130,6 +142,11 @@ impl MqttConfig {
         }
         if self.password.is_some() && self.username.is_none() {
             return bad("password without a user name".into());
+        }
+        if let Some(t) = &self.tls {
+            if t.client_cert.is_some() != t.client_key.is_some() {
+                return bad("client_cert and client_key go together".into());
+            }
         }
         if self.keepalive < Duration::from_secs(1) {
             return bad("keepalive under 1 s".into());
@@ -260,6 +277,14 @@ where
     // Room for oversize payloads to reach our own check (a refusal ack)
     // instead of tearing the connection down.
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    if let Some(t) = &cfg.tls {
+        let c = t
+            .client_config()
+            .map_err(|e| MqttError::Config(format!("tls: {e}")))?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(c),
+        )));
+    }
     if let Some(u) = &cfg.username {
         opts.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
     }
@@ -314,6 +339,9 @@ impl Shared {
 
 /// An error in words an operator can act on.
 fn describe(e: &ConnectionError, broker: &str) -> String {
+    if let Some(why) = tls::tls_failure(e) {
+        return format!("TLS handshake with broker {broker} failed: {why}");
+    }
     match e {
         ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
             format!("broker {broker} refused the login: bad user name or password")
@@ -325,6 +353,7 @@ fn describe(e: &ConnectionError, broker: &str) -> String {
             format!("broker {broker} refused the connection: {code:?}")
         }
         ConnectionError::Io(io) => format!("broker {broker} unreachable: {io}"),
+        ConnectionError::Tls(t) => format!("TLS with broker {broker} failed: {t}"),
         other => format!("broker {broker}: {other}"),
     }
 }
@@ -374,8 +403,12 @@ async fn network(
             Ok(_) => {}
             Err(e) => {
                 let msg = describe(&e, &broker);
-                let auth = matches!(e, ConnectionError::ConnectionRefused(_));
-                if auth {
+                // Refused logins and TLS failures need the operator, not patience.
+                let fatal = matches!(
+                    e,
+                    ConnectionError::ConnectionRefused(_) | ConnectionError::Tls(_)
+                );
+                if fatal {
                     tracing::error!("mqtt: {msg}; retrying in {backoff:?}");
                 } else {
                     tracing::warn!("mqtt: {msg}; reconnecting in {backoff:?}");
@@ -549,6 +582,12 @@ mod tests {
         assert!(bad(|c| c.keepalive = Duration::from_millis(500)));
         assert!(bad(|c| c.password = Some("x".into())));
         assert!(bad(|c| c.backoff_max = Duration::from_millis(1)));
+        assert!(bad(|c| {
+            c.tls = Some(TlsOptions {
+                client_key: Some("k.pem".into()),
+                ..TlsOptions::default()
+            })
+        }));
         // A wildcard dispatch filter is fine.
         let mut c = MqttConfig::for_site("s1");
         c.dispatch_topic = "site/+/dispatch".into();
@@ -561,5 +600,10 @@ mod tests {
         assert!(describe(&e, "127.0.0.1:1").contains("refused the login"));
         let e = ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(describe(&e, "127.0.0.1:1").contains("unreachable"));
+        let bad_ca = rumqttc::TlsError::TLS(tls::rustls::Error::InvalidCertificate(
+            tls::rustls::CertificateError::UnknownIssuer,
+        ));
+        let m = describe(&ConnectionError::Tls(bad_ca), "127.0.0.1:1");
+        assert!(m.contains("TLS handshake") && m.contains("ca_file"), "{m}");
     }
 }

@@ -17,11 +17,16 @@
 //! `openleadr_client`: that client parses a whole page of events at once
 //! (one bad event fails them all) and keeps its token private, which the
 //! websocket needs.
+//!
+//! TLS: `https://` (and the `wss://` notifier derived from it) through
+//! rustls, trusting [`VenConfig::tls`]'s CA file or the built-in public
+//! roots ([`crate::tls`]). A handshake failure is [`VenError::Tls`].
 
 pub mod map;
 pub mod report;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -34,7 +39,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
+
+use crate::tls::{self, TlsOptions};
 
 pub use map::{MapConfig, Mapped, SkipReason};
 use report::EventReport;
@@ -66,6 +73,8 @@ pub struct VenConfig {
     pub request_timeout: Duration,
     /// Longest wait between reconnect attempts (doubles from 1 s).
     pub backoff_max: Duration,
+    /// How `https://` and `wss://` verify the VTN (a private CA).
+    pub tls: TlsOptions,
     /// Event -> signal mapping knobs.
     pub mapping: MapConfig,
 }
@@ -86,6 +95,7 @@ impl VenConfig {
             report_interval: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
             backoff_max: Duration::from_secs(60),
+            tls: TlsOptions::default(),
             mapping: MapConfig::default(),
         }
     }
@@ -108,6 +118,18 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// Why talking to the VTN failed.
 #[derive(Debug, Error)]
 pub enum VenError {
+    /// The VEN cannot be set up (its TLS files).
+    #[error("VEN config: {0}")]
+    Config(String),
+    /// The TLS handshake with the VTN failed (untrusted certificate, a name
+    /// that does not match, ...).
+    #[error("TLS handshake with the VTN at {url} failed: {why}")]
+    Tls {
+        /// The URL tried.
+        url: String,
+        /// Why, in words.
+        why: String,
+    },
     /// The VTN could not be reached.
     #[error("VTN unreachable at {url}: {}", chain(source))]
     Unreachable {
@@ -206,19 +228,30 @@ impl VenHandle {
 }
 
 /// Start the VEN: it sends signals on `signals` and reads the site's
-/// measured draw (kW) from `site_kw` for SIMPLE sheds and reports.
+/// measured draw (kW) from `site_kw` for SIMPLE sheds and reports. Fails
+/// only on a TLS set-up that cannot be built (a CA file missing or empty).
 pub fn spawn_ven(
     cfg: VenConfig,
     signals: mpsc::Sender<Signal>,
     site_kw: watch::Receiver<f64>,
-) -> VenHandle {
+) -> Result<VenHandle, VenError> {
+    let tls = Arc::new(
+        cfg.tls
+            .client_config()
+            .map_err(|e| VenError::Config(format!("tls: {e}")))?,
+    );
+    // Our rustls config, never reqwest's own default (which would ignore
+    // the CA file).
+    let http = reqwest::Client::builder()
+        .timeout(cfg.request_timeout)
+        .tls_backend_preconfigured((*tls).clone())
+        .build()
+        .map_err(|e| VenError::Config(format!("HTTP client: {}", chain(&e))))?;
     let (tx, rx) = watch::channel(VenStatus::default());
     let cancel = CancellationToken::new();
     let ven = Ven {
-        http: reqwest::Client::builder()
-            .timeout(cfg.request_timeout)
-            .build()
-            .unwrap_or_default(),
+        http,
+        tls,
         cfg,
         signals,
         site_kw,
@@ -229,10 +262,24 @@ pub fn spawn_ven(
         programs: None,
     };
     let task = tokio::spawn(ven.run(cancel.clone()));
-    VenHandle {
+    Ok(VenHandle {
         status: rx,
         cancel,
         task,
+    })
+}
+
+/// A failed request: a TLS failure when that is what it was.
+fn unreachable(url: &str, source: reqwest::Error) -> VenError {
+    match tls::tls_failure(&source) {
+        Some(why) => VenError::Tls {
+            url: url.to_string(),
+            why,
+        },
+        None => VenError::Unreachable {
+            url: url.to_string(),
+            source,
+        },
     }
 }
 
@@ -247,6 +294,8 @@ fn wall_now() -> Timestamp {
 struct Ven {
     cfg: VenConfig,
     http: reqwest::Client,
+    /// The websocket's TLS (the same as `http`'s).
+    tls: Arc<tls::rustls::ClientConfig>,
     signals: mpsc::Sender<Signal>,
     site_kw: watch::Receiver<f64>,
     status: watch::Sender<VenStatus>,
@@ -279,6 +328,16 @@ impl Ven {
                 Err(VenError::Closed) => {
                     info!("openadr: engine signal channel closed, VEN stops");
                     return;
+                }
+                // The operator must act (CA file, host name): say so loudly.
+                Err(e @ VenError::Tls { .. }) => {
+                    error!("openadr: {e}; retrying in {backoff:?}");
+                    self.token = None;
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.websocket = false;
+                        s.last_error = Some(e.to_string());
+                    });
                 }
                 Err(e) => {
                     warn!("openadr: {e}; retrying in {backoff:?}");
@@ -401,10 +460,7 @@ impl Ven {
             .body("grant_type=client_credentials")
             .send()
             .await
-            .map_err(|source| VenError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(|source| unreachable(&url, source))?;
         let status = res.status();
         let body = res.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -441,10 +497,10 @@ impl Ven {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let res = req.send().await.map_err(|source| VenError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
+        let res = req
+            .send()
+            .await
+            .map_err(|source| unreachable(&url, source))?;
         let status = res.status();
         let text = res.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -550,13 +606,18 @@ impl Ven {
             "Authorization",
             auth.parse().map_err(|e| format!("token header: {e}"))?,
         );
+        // wss:// through our rustls config (ws:// ignores it).
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
         let (stream, _) = tokio::time::timeout(
             self.cfg.request_timeout,
-            tokio_tungstenite::connect_async(req),
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)),
         )
         .await
         .map_err(|_| "websocket connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match tls::tls_failure(&e) {
+            Some(why) => format!("websocket TLS handshake failed: {why}"),
+            None => e.to_string(),
+        })?;
         Ok(stream)
     }
 
@@ -732,7 +793,7 @@ impl Ven {
                     }
                 }
                 Err(e @ VenError::Http { status: 401, .. }) => return Err(e),
-                Err(e @ VenError::Unreachable { .. }) => return Err(e),
+                Err(e @ (VenError::Unreachable { .. } | VenError::Tls { .. })) => return Err(e),
                 Err(e) => warn!("openadr: report for event {id} refused: {e}"),
             }
         }

@@ -22,9 +22,11 @@
 //! every test opens with [`module_gate`] (modules run one after another, as the separate
 //! binaries did), tracing is installed once by [`init_tracing`], and [`SERIAL`] is the one
 //! lock for tests that must run alone. [`bench`] is the site harness (TP → `pool_sv2` →
-//! gridproxy → emulated fleet → curtailment driver).
+//! gridproxy → emulated fleet → curtailment driver). [`tls`] makes a private CA and puts a
+//! TLS front on a plain-text peer.
 
 pub mod bench;
+pub mod tls;
 
 use std::{
     collections::HashSet,
@@ -120,16 +122,18 @@ impl Drop for ModuleGate {
 
 /// Installs the process's tracing subscriber once (later calls do nothing): events go to
 /// the test writer, filtered by `RUST_LOG` (empty: errors only), and `gridproxy_grid::openadr`
-/// events at info and up (plus `RUST_LOG`) also go to the active [`LogCapture`], if any.
+/// and `gridproxy_grid::mqtt` events at info and up (plus `RUST_LOG`) also go to the active
+/// [`LogCapture`], if any.
 pub fn init_tracing() {
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
+        let grid = "gridproxy_grid::openadr=info,gridproxy_grid::mqtt=info";
         let capture_filter = if rust_log.is_empty() {
-            "gridproxy_grid::openadr=info".to_string()
+            grid.to_string()
         } else {
-            format!("{rust_log},gridproxy_grid::openadr=info")
+            format!("{rust_log},{grid}")
         };
         let _ = tracing_subscriber::registry()
             .with(

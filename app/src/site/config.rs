@@ -4,6 +4,7 @@ use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec};
 use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use gridproxy_curtail as curtail;
 use gridproxy_grid::mqtt;
+use gridproxy_grid::tls::TlsOptions;
 use gridproxy_proxy::config::Invalid;
 use gridproxy_proxy::endpoint::Endpoint;
 use serde::Deserialize;
@@ -198,8 +199,22 @@ impl MinerConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSource {
-    /// Broker, `host:port` or `host` (port 1883).
+    /// Broker: `host:port` or `host` (port 1883), `mqtt://host[:port]`, or
+    /// `mqtts://host[:port]` for TLS (port 8883).
     pub broker: String,
+    /// TLS to a broker written without a scheme (as `mqtts://`).
+    #[serde(default)]
+    pub tls: bool,
+    /// TLS: PEM file of the CA that signed the broker's certificate (a
+    /// private CA); without it, the public roots built into gridproxy.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// TLS: PEM client certificate chain, for a broker that asks for one.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// TLS: PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// Site id: topics `site/<id>/dispatch`, `site/<id>/status`, `site/<id>/ack`.
     pub site_id: String,
     /// MQTT client id (default `gridproxy-<site_id>`).
@@ -252,6 +267,10 @@ pub struct OpenAdrSource {
     /// OAuth2 token endpoint (default `<vtn_url>/auth/token`).
     #[serde(default)]
     pub token_url: Option<String>,
+    /// PEM file of the CA that signed the VTN's certificate (a private CA)
+    /// for `https://` and `wss://`; without it, the built-in public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// OAuth2 client id.
     pub client_id: String,
     /// OAuth2 client secret.
@@ -597,12 +616,23 @@ impl SiteConfig {
             }
         }
         if let Some(m) = &mut self.signals.mqtt {
-            if let Some(p) = &mut m.password_file {
+            for p in [
+                &mut m.password_file,
+                &mut m.ca_file,
+                &mut m.client_cert,
+                &mut m.client_key,
+            ]
+            .into_iter()
+            .flatten()
+            {
                 fix(p);
             }
         }
         if let Some(o) = &mut self.signals.openadr {
-            if let Some(p) = &mut o.client_secret_file {
+            for p in [&mut o.client_secret_file, &mut o.ca_file]
+                .into_iter()
+                .flatten()
+            {
                 fix(p);
             }
         }
@@ -789,8 +819,39 @@ impl SiteConfig {
         };
         if let Some(q) = &s.mqtt {
             let bad = in_signal("mqtt");
-            if let Err(e) = split_host_port(&q.broker, 1883) {
-                return Err(bad("broker", e));
+            let (host, port, tls) = mqtt_broker(q).map_err(|e| bad("broker", e))?;
+            if !tls {
+                for (k, set) in [
+                    ("ca_file", q.ca_file.is_some()),
+                    ("client_cert", q.client_cert.is_some()),
+                    ("client_key", q.client_key.is_some()),
+                ] {
+                    if set {
+                        return Err(bad(
+                            k,
+                            "is for TLS: write the broker as mqtts://host:port (or set tls = true)"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            if q.client_cert.is_some() != q.client_key.is_some() {
+                return Err(bad(
+                    "client_cert",
+                    "client_cert and client_key go together: give both or neither".into(),
+                ));
+            }
+            let has_password =
+                q.password.is_some() || q.password_env.is_some() || q.password_file.is_some();
+            if has_password && !tls && !is_loopback(&host) {
+                return Err(bad(
+                    "broker",
+                    format!(
+                        "plain MQTT to {host} would send the password in clear: use \
+                         mqtts://{host}:8883 (TLS) or tls = true (plain MQTT with a password is \
+                         accepted only to a loopback address)"
+                    ),
+                ));
             }
             if q.site_id.trim().is_empty() || q.site_id.contains(['/', '+', '#']) {
                 return Err(bad(
@@ -823,9 +884,8 @@ impl SiteConfig {
                 ));
             }
             // Everything else (topics, qos, login) as the client checks it.
-            let (host, port) = split_host_port(&q.broker, 1883).unwrap_or_default();
-            let mut c = mqtt_config(q, host, port, None);
-            if q.password.is_some() || q.password_env.is_some() || q.password_file.is_some() {
+            let mut c = mqtt_config(q, host, port, tls, None);
+            if has_password {
                 c.password = Some(String::new());
             }
             if let Err(e) = c.validate() {
@@ -1074,17 +1134,44 @@ fn check_secret_transport(u: &str) -> Result<(), String> {
         return Ok(());
     }
     let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
+    if is_loopback(host) {
         Ok(())
     } else {
         Err(format!(
             "plain http:// to {host} would send the OAuth client secret in clear: use https:// (http:// is accepted only to a loopback address)"
         ))
     }
+}
+
+/// This machine: `localhost` or a loopback address (no brackets).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The MQTT broker's host, port and whether to use TLS: `mqtts://` (port
+/// 8883 by default) or `tls = true`; `mqtt://` or no scheme is plain (1883).
+pub(crate) fn mqtt_broker(q: &MqttSource) -> Result<(String, u16, bool), String> {
+    let b = q.broker.trim();
+    let (rest, tls) = if let Some(r) = b.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = b.strip_prefix("mqtt://") {
+        if q.tls {
+            return Err("mqtt:// is plain MQTT but tls = true: write mqtts://".into());
+        }
+        (r, false)
+    } else if b.contains("://") {
+        return Err(format!(
+            "{b:?}: the scheme must be mqtt:// or mqtts:// (or none: host:port)"
+        ));
+    } else {
+        (b, q.tls)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = split_host_port(rest, if tls { 8883 } else { 1883 })?;
+    Ok((host, port, tls))
 }
 
 /// `host:port` or `host` (then `default_port`); IPv6 as `[::1]:1883`. The
@@ -1099,6 +1186,7 @@ pub(crate) fn mqtt_config(
     q: &MqttSource,
     host: String,
     port: u16,
+    tls: bool,
     password: Option<String>,
 ) -> mqtt::MqttConfig {
     let d = mqtt::MqttConfig::for_site(&q.site_id);
@@ -1108,6 +1196,11 @@ pub(crate) fn mqtt_config(
         client_id: q.client_id.clone().unwrap_or(d.client_id),
         username: q.username.clone(),
         password,
+        tls: tls.then(|| TlsOptions {
+            ca_file: q.ca_file.clone(),
+            client_cert: q.client_cert.clone(),
+            client_key: q.client_key.clone(),
+        }),
         dispatch_topic: q.dispatch_topic.clone().unwrap_or(d.dispatch_topic),
         status_topic: q.status_topic.clone().unwrap_or(d.status_topic),
         ack_topic: q.ack_topic.clone().unwrap_or(d.ack_topic),
@@ -1377,6 +1470,69 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("site.signals.openadr.token_url"), "{e}");
+    }
+
+    /// `mqtts://` or `tls = true` for TLS; a password goes over plain MQTT
+    /// only to this machine; TLS files only with TLS.
+    #[test]
+    fn mqtt_over_tls_and_the_password_in_clear() {
+        let mqtt = |keys: &str| {
+            parse(&format!(
+                "[site]\nledger = \"l.sqlite\"\n\n{MINER}\n[site.signals.mqtt]\nsite_id = \"s1\"\n{keys}"
+            ))
+        };
+        let broker = |keys: &str| {
+            let c = mqtt(keys).unwrap();
+            let q = c.site.unwrap().signals.mqtt.unwrap();
+            let (host, port, tls) = mqtt_broker(&q).unwrap();
+            let cfg = mqtt_config(&q, host.clone(), port, tls, None);
+            (host, port, tls, cfg.tls.and_then(|t| t.ca_file))
+        };
+        assert_eq!(
+            broker("broker = \"mqtts://broker.site.example\"\nca_file = \"ca.pem\"\n"),
+            (
+                "broker.site.example".into(),
+                8883,
+                true,
+                Some(PathBuf::from("ca.pem"))
+            )
+        );
+        assert_eq!(
+            broker("broker = \"10.0.0.2:9883\"\ntls = true\n"),
+            ("10.0.0.2".into(), 9883, true, None)
+        );
+        assert_eq!(
+            broker("broker = \"mqtt://10.0.0.2\"\n"),
+            ("10.0.0.2".into(), 1883, false, None)
+        );
+        // A password over TLS anywhere; over plain MQTT only to loopback.
+        let login = "username = \"u\"\npassword_env = \"P\"\n";
+        assert!(mqtt(&format!("broker = \"mqtts://10.0.0.2\"\n{login}")).is_ok());
+        assert!(mqtt(&format!("broker = \"127.0.0.1:1883\"\n{login}")).is_ok());
+        assert!(mqtt(&format!("broker = \"localhost\"\n{login}")).is_ok());
+        assert!(mqtt("broker = \"10.0.0.2:1883\"\nusername = \"u\"\n").is_ok());
+        for plain in ["10.0.0.2:1883", "mqtt://broker.site.example"] {
+            let e = mqtt(&format!("broker = \"{plain}\"\n{login}")).unwrap_err();
+            assert!(
+                e.contains("site.signals.mqtt.broker") && e.contains("in clear"),
+                "{plain}: {e}"
+            );
+        }
+        for (keys, key) in [
+            ("broker = \"10.0.0.2\"\nca_file = \"ca.pem\"\n", "ca_file"),
+            (
+                "broker = \"mqtts://10.0.0.2\"\nclient_cert = \"c.pem\"\n",
+                "client_cert",
+            ),
+            ("broker = \"mqtt://10.0.0.2\"\ntls = true\n", "broker"),
+            ("broker = \"ssl://10.0.0.2\"\n", "broker"),
+        ] {
+            let e = mqtt(keys).unwrap_err();
+            assert!(
+                e.contains(&format!("site.signals.mqtt.{key}")),
+                "{keys}: {e}"
+            );
+        }
     }
 
     #[test]

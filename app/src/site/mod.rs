@@ -27,7 +27,8 @@
 //! worker = "acct.r1-01"                # SV1 worker name through this proxy
 //!
 //! [site.signals.mqtt]
-//! broker = "10.0.0.2:1883"
+//! broker = "mqtts://10.0.0.2:8883"     # TLS; a password never goes over plain MQTT off loopback
+//! ca_file = "mqtt-ca.pem"
 //! site_id = "s1"                       # topics site/s1/dispatch, /status, /ack
 //! ```
 //!

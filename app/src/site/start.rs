@@ -298,21 +298,23 @@ pub async fn start(
     let sig = &cfg.signals;
     let mqtt = match &sig.mqtt {
         Some(q) => {
-            let (host, port) = split_host_port(&q.broker, 1883)
-                .map_err(|e| anyhow::anyhow!("site.signals.mqtt.broker: {e}"))?;
+            let (host, port, tls) =
+                mqtt_broker(q).map_err(|e| anyhow::anyhow!("site.signals.mqtt.broker: {e}"))?;
             let password = resolve_secret(
                 "site.signals.mqtt.password",
                 &q.password,
                 &q.password_env,
                 &q.password_file,
             )?;
-            let c = mqtt_config(q, host.clone(), port, password);
+            let c = mqtt_config(q, host.clone(), port, tls, password);
             let topic = c.dispatch_topic.clone();
             let h = mqtt::spawn(c, nominal_kw, drv.signals(), status_rx, SystemClock)
                 .map_err(|e| anyhow::anyhow!("site.signals.mqtt: {e}"))?;
             started.push(format!(
-                "MQTT dispatch: broker {host}:{port}, topic {topic}, silence {} s -> {:?}",
-                q.silence_timeout_secs, q.on_silence
+                "MQTT dispatch: broker {}{host}:{port}, topic {topic}, silence {} s -> {:?}",
+                if tls { "mqtts://" } else { "" },
+                q.silence_timeout_secs,
+                q.on_silence
             ));
             Some(h)
         }
@@ -329,6 +331,7 @@ pub async fn start(
             .unwrap_or_default();
             let mut c = openadr::VenConfig::new(&o.vtn_url, &o.client_id, &secret, &o.ven_name);
             c.token_url = o.token_url.clone();
+            c.tls.ca_file = o.ca_file.clone();
             c.programs = o.programs.clone();
             c.poll_interval = Duration::from_secs(o.poll_secs);
             c.websocket = o.websocket;
@@ -338,7 +341,10 @@ pub async fn start(
                 c.mapping.simple_shed = sh;
             }
             started.push(format!("OpenADR 3 VEN {:?}: VTN {}", o.ven_name, o.vtn_url));
-            Some(openadr::spawn_ven(c, drv.signals(), kw_rx))
+            Some(
+                openadr::spawn_ven(c, drv.signals(), kw_rx)
+                    .map_err(|e| anyhow::anyhow!("site.signals.openadr: {e}"))?,
+            )
         }
         None => None,
     };

@@ -337,7 +337,7 @@ async fn run() {
     let mut cfg = vtn.ven_config();
     cfg.backoff_max = BACKOFF_MAX;
     cfg.request_timeout = Duration::from_secs(3);
-    let ven: VenHandle = spawn_ven(cfg, h.signals(), kw_rx.clone());
+    let ven: VenHandle = spawn_ven(cfg, h.signals(), kw_rx.clone()).expect("VEN starts");
     assert!(
         ven.wait_for(Duration::from_secs(15), |s| s.connected && s.websocket)
             .await

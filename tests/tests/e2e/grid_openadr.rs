@@ -67,7 +67,8 @@ async fn run() {
         VenConfig::new(&url, vtn.var("VEN_CLIENT_ID"), "wrong-secret", &ven_name),
         bad_tx,
         kw_rx.clone(),
-    );
+    )
+    .expect("VEN starts");
     let s = bad
         .wait_for(Duration::from_secs(10), |s| s.last_error.is_some())
         .await
@@ -80,7 +81,7 @@ async fn run() {
 
     // --- the VEN ---
     let cfg = vtn.ven_config();
-    let ven: VenHandle = spawn_ven(cfg, h.signals(), kw_rx.clone());
+    let ven: VenHandle = spawn_ven(cfg, h.signals(), kw_rx.clone()).expect("VEN starts");
     let s = ven
         .wait_for(Duration::from_secs(15), |s| s.connected && s.websocket)
         .await
@@ -278,7 +279,7 @@ async fn ven_reports_an_unreachable_vtn_and_keeps_retrying() {
         "ven-1",
     );
     cfg.backoff_max = Duration::from_secs(1);
-    let ven = spawn_ven(cfg, tx, kw_rx);
+    let ven = spawn_ven(cfg, tx, kw_rx).expect("VEN starts");
     let mut errors = 0;
     let mut rx = ven.watch();
     let t = Instant::now();

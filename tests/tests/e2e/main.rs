@@ -26,6 +26,7 @@ mod grid_balance;
 mod grid_mqtt;
 mod grid_openadr;
 mod grid_price;
+mod grid_tls;
 mod mv_backtest;
 mod operate_api;
 mod operate_config;

@@ -43,10 +43,23 @@ pub fn pub_bin() -> PathBuf {
     bin("MOSQUITTO_PUB", "/usr/bin/mosquitto_pub")
 }
 
+/// A TLS listener of the broker: its port and PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    /// The broker's certificate and key.
+    pub cert: gridproxy_tests::tls::ServerCert,
+    /// Require a client certificate signed by this CA (PEM file).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// A running (or stopped) private broker.
 pub struct Mosquitto {
-    /// Its port on 127.0.0.1.
+    /// Its (plain) port on 127.0.0.1.
     pub port: u16,
+    /// Its TLS listeners.
+    pub tls: Vec<TlsListener>,
     conf_dir: PathBuf,
     process: Option<PeerProcess>,
     /// Broker starts (the first plus restarts).
@@ -57,6 +70,11 @@ impl Mosquitto {
     /// Write a config (listener on 127.0.0.1 only, anonymous off, password
     /// file from `mosquitto_passwd`) and start the broker.
     pub async fn start(name: &str) -> Mosquitto {
+        Self::start_with_tls(name, Vec::new()).await
+    }
+
+    /// As [`Mosquitto::start`], plus TLS listeners (same login rules).
+    pub async fn start_with_tls(name: &str, tls: Vec<TlsListener>) -> Mosquitto {
         let passwd_bin = bin("MOSQUITTO_PASSWD", "/usr/bin/mosquitto_passwd");
         let conf_dir = PeerProcess::make_dir(&format!("{name}-mosquitto-conf"));
         let passwd = conf_dir.join("passwd");
@@ -73,6 +91,20 @@ impl Mosquitto {
              persistence false\nlog_dest stderr\nlog_type all\n",
             passwd.display()
         );
+        for l in &tls {
+            conf.push_str(&format!(
+                "listener {} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                l.port,
+                l.cert.cert.display(),
+                l.cert.key.display()
+            ));
+            if let Some(ca) = &l.client_ca {
+                conf.push_str(&format!(
+                    "cafile {}\nrequire_certificate true\n",
+                    ca.display()
+                ));
+            }
+        }
         // As root, mosquitto switches to user "mosquitto", who cannot read
         // our temp files; stay root (the test's own user).
         if is_root() {
@@ -81,6 +113,7 @@ impl Mosquitto {
         std::fs::write(conf_dir.join("mosquitto.conf"), conf).expect("write mosquitto.conf");
         let mut m = Mosquitto {
             port,
+            tls,
             conf_dir,
             process: None,
             starts: 0,
@@ -105,6 +138,15 @@ impl Mosquitto {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
         let up = wait_for_port(addr, Duration::from_secs(10)).await;
         assert!(up, "mosquitto did not listen on {addr}:\n{}", self.log());
+        for l in &self.tls {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], l.port));
+            let up = wait_for_port(addr, Duration::from_secs(10)).await;
+            assert!(
+                up,
+                "mosquitto did not listen on {addr} (TLS):\n{}",
+                self.log()
+            );
+        }
     }
 
     /// SIGKILL the broker (a crash: no clean disconnects).
@@ -162,6 +204,33 @@ impl Mosquitto {
             "mosquitto_pub -l to {topic} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Publish over TLS to `host:port` with `mosquitto_pub --cafile ca`
+    /// (QoS 1, the right login); exit status and stderr.
+    pub fn publish_tls(
+        &self,
+        host: &str,
+        port: u16,
+        ca: Option<&Path>,
+        topic: &str,
+        payload: &str,
+    ) -> (bool, String) {
+        let mut cmd = Command::new(pub_bin());
+        cmd.args(["-h", host, "-p", &port.to_string()]);
+        if let Some(ca) = ca {
+            cmd.arg("--cafile").arg(ca);
+        }
+        let out = cmd
+            .args([
+                "-u", USER, "-P", PASSWORD, "-q", "1", "-t", topic, "-m", payload,
+            ])
+            .output()
+            .expect("run mosquitto_pub");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Publish with the right password; panics if mosquitto_pub fails.
