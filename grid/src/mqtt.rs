@@ -51,8 +51,8 @@ pub use rumqttc;
 
 pub use payload::{Ack, DispatchMessage, DispatchTarget, RejectReason, SiteStatus, StatusMessage};
 
-/// Dispatch client configuration.
-#[derive(Clone, Debug, PartialEq)]
+/// Dispatch client configuration (`Debug` leaves the password out).
+#[derive(Clone, PartialEq)]
 pub struct MqttConfig {
     /// Broker host.
     pub host: String,
@@ -86,6 +86,28 @@ pub struct MqttConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay (real time).
     pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .field("dispatch_topic", &self.dispatch_topic)
+            .field("status_topic", &self.status_topic)
+            .field("ack_topic", &self.ack_topic)
+            .field("qos", &self.qos)
+            .field("silence_timeout", &self.silence_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("status_interval", &self.status_interval)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
 }
 
 impl MqttConfig {
@@ -562,6 +584,30 @@ fn publish_status<C: Clock>(sh: &Shared, status: &watch::Receiver<SiteStatus>, c
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grid-link secrets never reach a log through `Debug`.
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let mut m = MqttConfig::for_site("s1");
+        m.username = Some("ops".into());
+        m.password = Some("mqtt-pass-123".into());
+        let d = format!("{m:?}");
+        assert!(
+            !d.contains("mqtt-pass-123") && d.contains("<redacted>") && d.contains("ops"),
+            "{d}"
+        );
+        let v = crate::openadr::VenConfig::new(
+            "https://vtn.example",
+            "ven-1",
+            "oauth-secret-456",
+            "ven",
+        );
+        let d = format!("{v:?}");
+        assert!(
+            !d.contains("oauth-secret-456") && d.contains("ven-1"),
+            "{d}"
+        );
+    }
 
     #[test]
     fn config_checks() {

@@ -46,8 +46,8 @@ use crate::tls::{self, TlsOptions};
 pub use map::{MapConfig, Mapped, SkipReason};
 use report::EventReport;
 
-/// Where and how to reach the VTN.
-#[derive(Clone, Debug)]
+/// Where and how to reach the VTN (`Debug` leaves the client secret out).
+#[derive(Clone)]
 pub struct VenConfig {
     /// VTN base URL, e.g. `http://127.0.0.1:3000`.
     pub vtn_url: String,
@@ -77,6 +77,27 @@ pub struct VenConfig {
     pub tls: TlsOptions,
     /// Event -> signal mapping knobs.
     pub mapping: MapConfig,
+}
+
+impl std::fmt::Debug for VenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VenConfig")
+            .field("vtn_url", &self.vtn_url)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("ven_name", &self.ven_name)
+            .field("programs", &self.programs)
+            .field("poll_interval", &self.poll_interval)
+            .field("poll_interval_ws", &self.poll_interval_ws)
+            .field("websocket", &self.websocket)
+            .field("report_interval", &self.report_interval)
+            .field("request_timeout", &self.request_timeout)
+            .field("backoff_max", &self.backoff_max)
+            .field("tls", &self.tls)
+            .field("mapping", &self.mapping)
+            .finish()
+    }
 }
 
 impl VenConfig {
