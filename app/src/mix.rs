@@ -30,6 +30,7 @@ pub fn surface(f: Firmware) -> ControlSurface {
         Firmware::BraiinsOs => ControlSurface::BraiinsOs,
         Firmware::Whatsminer => ControlSurface::Whatsminer,
         Firmware::Vnish => ControlSurface::Vnish,
+        Firmware::Antminer => ControlSurface::AntminerStock,
         Firmware::Stock => ControlSurface::None,
     }
 }

@@ -71,6 +71,7 @@ pub fn surface(f: Firmware) -> ControlSurface {
         Firmware::BraiinsOs => ControlSurface::BraiinsOs,
         Firmware::Whatsminer => ControlSurface::Whatsminer,
         Firmware::Vnish => ControlSurface::Vnish,
+        Firmware::Antminer => ControlSurface::AntminerStock,
         Firmware::Stock => ControlSurface::None,
     }
 }
@@ -112,7 +113,12 @@ pub fn fleet(site: &Site) -> Fleet {
 
 /// Endpoint of a site miner's firmware API.
 pub fn endpoint(m: &SiteMiner) -> MinerEndpoint {
-    MinerEndpoint::new(surface(m.firmware), m.addr()).with_credentials("root", &m.password)
+    let ep =
+        MinerEndpoint::new(surface(m.firmware), m.addr()).with_credentials("root", &m.password);
+    match &m.web {
+        Some(w) => ep.with_web(w.addr().into()),
+        None => ep,
+    }
 }
 
 /// Firmware actuator and telemetry source for every site miner.

@@ -85,7 +85,17 @@ async fn dr_event_met_with_10_percent_of_emulators_unresponsive() {
 async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness) {
     gridproxy_tests::init_tracing();
     // --- peers: TP, pool_sv2, gridproxy, the site ---
-    let bench = SiteBench::new(name, subnet).behind_proxy().start().await;
+    // Half the stock miners have their web interface: the engine sleeps
+    // those (`miner-mode`), and can only park the cgminer-only rest.
+    let bench = SiteBench::new(name, subnet)
+        .with(|s| {
+            s.counts.retain(|(f, _)| *f != Firmware::Stock);
+            s.counts
+                .extend([(Firmware::Antminer, 10), (Firmware::Stock, 10)]);
+        })
+        .behind_proxy()
+        .start()
+        .await;
     let (site, pool, proxy) = (bench.site.clone(), bench.pool(), bench.proxy());
     assert_eq!(site.len(), 200);
     let registry = proxy.ctx.registry.clone();
@@ -109,14 +119,32 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
         pool.process.log_tail(2000)
     );
 
-    // 10 %: every miner whose index ends in 3 (all firmwares, all models).
+    // 10 %: every miner whose index ends in 3 (all firmwares, all models),
+    // and the two least efficient stock Antminers (the first the engine
+    // would sleep of them).
     let dead: HashSet<usize> = if with_dead {
-        (0..site.len()).filter(|i| i % 10 == 3).collect()
+        let mut antminers: Vec<usize> = (0..site.len())
+            .filter(|&i| site.miners()[i].firmware == Firmware::Antminer)
+            .collect();
+        antminers.sort_by(|a, b| {
+            let e = |i: usize| site.miners()[i].j_per_th();
+            e(*b).total_cmp(&e(*a))
+        });
+        (0..site.len())
+            .filter(|i| i % 10 == 3)
+            .chain(antminers.into_iter().take(2))
+            .collect()
     } else {
         HashSet::new()
     };
+    // A stock Antminer whose web password was changed on the miner: its
+    // sleep fails with an auth error and the engine must park it instead.
     for &i in &dead {
-        site.miners()[i].set_fault(Fault::Unresponsive);
+        let m = &site.miners()[i];
+        match &m.web {
+            Some(web) => web.set_password("changed-on-the-miner"),
+            None => m.set_fault(Fault::Unresponsive),
+        }
     }
 
     // --- the driver ---
@@ -246,6 +274,17 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
     let sleeping: Vec<usize> = (0..site.len())
         .filter(|&i| controllable(i) && states[i].0)
         .collect();
+    // Stock Antminers are slept through their web interface: some are
+    // among the least efficient, asleep at standby draw by the deadline.
+    let antminers_asleep = sleeping
+        .iter()
+        .filter(|&&i| site.miners()[i].firmware == Firmware::Antminer)
+        .count();
+    println!("{name}: {antminers_asleep} stock Antminers asleep (miner-mode) at the deadline");
+    assert!(
+        antminers_asleep > 0,
+        "no stock Antminer slept through its web interface"
+    );
     let running: Vec<usize> = (0..site.len())
         .filter(|&i| controllable(i) && states[i].1)
         .collect();
@@ -427,6 +466,35 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
             let sleep = chain.iter().position(|a| *a == Action::Sleep);
             assert!(sleep.is_some(), "{m}: {chain:?}");
             assert_eq!(chain.last(), Some(&Action::Park), "{m}: {chain:?}");
+        }
+        // A stock Antminer with a changed password: its sleep was refused
+        // for authentication (a clear actuator error), then it was parked.
+        let refused_antminers: Vec<&MinerId> = parked
+            .iter()
+            .filter(|m| site.miners()[m.0 as usize].firmware == Firmware::Antminer)
+            .collect();
+        println!(
+            "{name}: {} stock Antminers with a changed password parked after an auth error",
+            refused_antminers.len()
+        );
+        assert!(
+            !refused_antminers.is_empty(),
+            "no stock Antminer escalated to a park"
+        );
+        for m in &refused_antminers {
+            let sleep = audit
+                .commands
+                .iter()
+                .find(|c| c.miner == **m && c.action == Action::Sleep)
+                .expect("a sleep first");
+            let outcomes: Vec<String> = audit
+                .acks_of(sleep.id)
+                .map(|a| format!("{} {}", a.outcome, a.detail.clone().unwrap_or_default()))
+                .collect();
+            assert!(
+                outcomes.iter().any(|o| o.contains("auth")),
+                "{m}: the sleep's answers {outcomes:?}"
+            );
         }
         // Unparked again on restore.
         for m in &parked {

@@ -94,6 +94,7 @@ fn firmware_name(f: Firmware) -> &'static str {
         Firmware::BraiinsOs => "braiins",
         Firmware::Whatsminer => "whatsminer",
         Firmware::Vnish => "vnish",
+        Firmware::Antminer => "antminer",
         Firmware::Stock => "stock",
     }
 }
@@ -179,6 +180,9 @@ keepalive_secs = 5
         if m.firmware == Firmware::Stock {
             // This site blocks backup pools: a parked ASIC idles.
             s.push_str(&format!("parked_w = {:.1}\n", c.sleep_w));
+        }
+        if let Some(web) = &m.web {
+            s.push_str(&format!("web = \"{}\"\n", web.addr()));
         }
     }
     s
