@@ -4,7 +4,6 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::{Ack, Action, Command, CommandId, PoolId};
@@ -17,18 +16,6 @@ use crate::time::Timestamp;
 
 use super::dispatch::{Class, QEntry, RateLimiter};
 use super::{DrEventState, FailReason, Mode, Plan, PolicyConfig, PolicyEvent, SafeState};
-
-/// What a restarted engine needs from the ledger (see
-/// [`Ledger::recover`](crate::ledger::Ledger::recover)).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Resume {
-    /// First command id to use.
-    pub next_command_id: u64,
-    /// Miners whose last command left them curtailed, with that command.
-    pub curtailed: Vec<(MinerId, Action, Timestamp)>,
-    /// DR events not ended, with their baseline kW.
-    pub events: Vec<(DrEvent, f64)>,
-}
 
 /// Engine errors.
 #[derive(Debug, Error, PartialEq)]
@@ -71,6 +58,15 @@ pub(super) struct Applied {
     pub(super) pool: Option<PoolId>,
 }
 
+/// What a resumed miner is held at (see [`Engine::resume`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Held {
+    /// Curtailed by a step of its chain.
+    Curtail,
+    /// Running under a fine-tune power target, W.
+    Limit(u32),
+}
+
 /// One step of the curtail escalation chain.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum CurtailStep {
@@ -94,7 +90,8 @@ pub(super) struct Ctl {
     pub(super) limit_broken: bool,
     pub(super) retries: u8,
     pub(super) restoring: bool,
-    pub(super) held: bool,
+    /// Set by [`Engine::resume`] until a fresh signal or the resume hold.
+    pub(super) held: Option<Held>,
     pub(super) unresponsive: bool,
 }
 
@@ -112,7 +109,7 @@ impl Ctl {
             limit_broken: false,
             retries: 0,
             restoring: false,
-            held: false,
+            held: None,
             unresponsive: false,
         }
     }
@@ -224,68 +221,6 @@ impl Engine {
         e.rebuild_order();
         e.replan(now);
         Ok(e)
-    }
-
-    /// Restore state recovered from the ledger after a restart: command ids
-    /// continue, open DR events come back, and miners whose last command
-    /// curtailed them stay curtailed (no command is re-sent; wakes wait for a
-    /// fresh signal or [`PolicyConfig::resume_hold`], then the min-off dwell
-    /// from the recorded time, then restore batching).
-    pub fn resume(&mut self, now: Timestamp, resume: Resume) -> Result<(), PolicyError> {
-        self.next_command = self.next_command.max(resume.next_command_id);
-        for (id, action, at) in resume.curtailed {
-            let Some(idx) = self.fleet.index_of(id) else {
-                continue; // miner removed from inventory since
-            };
-            {
-                let c = &mut self.ctl[idx as usize];
-                match action {
-                    Action::Sleep => c.applied.sleep = true,
-                    Action::Park => c.applied.parked = true,
-                    Action::SetPowerTarget(w) => c.applied.limit = Some(w),
-                    _ => continue,
-                }
-                c.held = true;
-                c.econ_on = false;
-                c.on = !c.applied.sleep && !c.applied.parked;
-                c.since = at;
-                c.target = Target::Curtail { forced: false };
-                c.gen = c.gen.wrapping_add(1);
-                c.esc = 0;
-            }
-            // Point the escalation chain at what was applied, so nothing is re-sent.
-            for esc in 0..3u8 {
-                let step = self.curtail_step_at(idx, esc);
-                let matches = matches!(
-                    (step, action),
-                    (Some(CurtailStep::Sleep), Action::Sleep)
-                        | (Some(CurtailStep::Limit(_)), Action::SetPowerTarget(_))
-                        | (Some(CurtailStep::Park), Action::Park)
-                );
-                if matches {
-                    self.ctl[idx as usize].esc = esc;
-                    break;
-                }
-            }
-            let state = self.derive_state(idx);
-            self.fleet.by_index_mut(idx).state = state;
-        }
-        for (ev, baseline_kw) in resume.events {
-            if ev.end.is_some_and(|end| end <= now) {
-                continue;
-            }
-            self.events.retain(|s| s.ev.id != ev.id);
-            self.events.push(EventSlot {
-                activation: ev.start,
-                ev,
-                baseline_kw,
-                state: DrEventState::Scheduled,
-            });
-        }
-        self.resumed_at = Some(now);
-        self.hold_until = Some(now + self.cfg.resume_hold);
-        self.replan(now);
-        Ok(())
     }
 
     /// Add a miner to the fleet at runtime (assumed hashing).
@@ -1027,7 +962,7 @@ impl Engine {
     pub(super) fn release_held(&mut self) {
         if self.hold_until.take().is_some() {
             for c in &mut self.ctl {
-                c.held = false;
+                c.held = None;
             }
             self.dirty = true;
         }

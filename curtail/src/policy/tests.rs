@@ -1193,3 +1193,5 @@ fn rebooted_miner_under_zero_kw_dispatch_sleeps_again() {
         "every rebooted miner asleep again; commands after the reboot: {after:?}"
     );
 }
+
+mod resume;
