@@ -93,6 +93,11 @@ pub(super) struct Ctl {
     /// Set by [`Engine::resume`] until a fresh signal or the resume hold.
     pub(super) held: Option<Held>,
     pub(super) unresponsive: bool,
+    /// The last telemetry read failed (rebooting, unplugged, network).
+    pub(super) out_of_contact: bool,
+    /// A curtailment failed while out of contact: send it again at the
+    /// next reading.
+    pub(super) retry_on_contact: bool,
 }
 
 impl Ctl {
@@ -111,6 +116,8 @@ impl Ctl {
             restoring: false,
             held: None,
             unresponsive: false,
+            out_of_contact: false,
+            retry_on_contact: false,
         }
     }
 }
@@ -122,6 +129,9 @@ pub(super) struct Inflight {
     pub(super) issued_at: Timestamp,
     pub(super) deadline: Timestamp,
     pub(super) acked: bool,
+    /// A telemetry read failed while it was in flight: its failure may be
+    /// the firmware going away (a reboot), not refusing.
+    pub(super) lost_contact: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -434,6 +444,11 @@ impl Engine {
             }
             m.telemetry = Some(t);
         }
+        let c = &mut self.ctl[idx as usize];
+        c.out_of_contact = false;
+        if std::mem::take(&mut c.retry_on_contact) {
+            self.enqueue(idx, now);
+        }
         let c = &self.ctl[idx as usize];
         if let Some(id) = c.inflight {
             let inf = &self.inflight[&id];
@@ -442,6 +457,14 @@ impl Engine {
                 && self.verifies(idx, inf.action, &t)
             {
                 self.complete_ok(id, now);
+            } else if inf.lost_contact
+                && inf.acked
+                && inf.action == Action::Sleep
+                && t.at > inf.issued_at
+                && self.hashing(idx, &t)
+            {
+                // Back from a reboot hashing: the sleep it acked is lost.
+                self.complete_fail(id, now, FailReason::NotVerified);
             }
         } else if let Some(step) = self.drift(idx, &t) {
             let c = &mut self.ctl[idx as usize];
@@ -455,6 +478,27 @@ impl Engine {
         }
         let state = self.derive_state(idx);
         self.fleet.by_index_mut(idx).state = state;
+        Ok(())
+    }
+
+    /// A telemetry read of `miner` failed: the firmware may be rebooting.
+    /// A curtailment that fails while out of contact is not escalated (the
+    /// firmware did not refuse it); it is sent again once a reading comes,
+    /// up to [`PolicyConfig::max_retries`] times.
+    pub fn handle_telemetry_error(
+        &mut self,
+        _now: Timestamp,
+        miner: MinerId,
+    ) -> Result<(), PolicyError> {
+        let idx = self
+            .fleet
+            .index_of(miner)
+            .ok_or(PolicyError::UnknownMiner(miner))?;
+        let c = &mut self.ctl[idx as usize];
+        c.out_of_contact = true;
+        if let Some(inf) = c.inflight.and_then(|id| self.inflight.get_mut(&id)) {
+            inf.lost_contact = true;
+        }
         Ok(())
     }
 
@@ -635,6 +679,7 @@ impl Engine {
                 issued_at: now,
                 deadline,
                 acked: false,
+                lost_contact: false,
             },
         );
         self.deadlines.push(Reverse((deadline, id.0)));
@@ -732,7 +777,26 @@ impl Engine {
         let target = self.ctl[idx as usize].target;
         let esc = self.ctl[idx as usize].esc;
         let step_action = self.curtail_step_at(idx, esc).map(step_to_action);
+        let c = &self.ctl[idx as usize];
+        let cut_short = !inf.action.is_proxy_side()
+            && (inf.lost_contact || c.out_of_contact)
+            && c.retries < self.cfg.max_retries;
         match target {
+            Target::Curtail { .. } if step_action == Some(inf.action) && cut_short => {
+                // The firmware went away (a reboot) rather than refused:
+                // same step again once it answers, not the next one.
+                let c = &mut self.ctl[idx as usize];
+                c.retries += 1;
+                match inf.action {
+                    Action::Sleep => c.applied.sleep = false,
+                    _ => c.applied.limit = None,
+                }
+                if c.out_of_contact {
+                    c.retry_on_contact = true;
+                } else {
+                    self.enqueue(idx, now);
+                }
+            }
             Target::Curtail { .. } if step_action == Some(inf.action) => {
                 let c = &mut self.ctl[idx as usize];
                 c.esc = c.esc.saturating_add(1);
@@ -786,6 +850,11 @@ impl Engine {
             Action::SetPowerTarget(w) => t.power_w <= f64::from(w) + tol && t.hashrate_ths > 0.0,
             _ => false,
         }
+    }
+
+    /// Whether telemetry `t` shows the miner hashing.
+    pub(super) fn hashing(&self, idx: u32, t: &Telemetry) -> bool {
+        t.hashrate_ths >= self.cfg.hashing_frac * self.fleet.by_index(idx).spec.nominal_ths
     }
 
     /// The applied curtailment that telemetry `t` contradicts, if any.
