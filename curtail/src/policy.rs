@@ -58,9 +58,9 @@ mod tests;
 
 pub use config::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 pub use engine::{Engine, PolicyError};
-pub use resume::Resume;
 pub use events::{Decision, DrEventState, FailReason, PolicyEvent};
 pub use plan::{Mode, Plan, PlannedAction};
+pub use resume::Resume;
 
 // The engine's internals its other parts (planner, balance, tests) work on.
 use engine::{CurtailStep, EventSlot, Held, Target};

@@ -1221,5 +1221,5 @@ fn rebooted_miner_under_zero_kw_dispatch_sleeps_again() {
     );
 }
 
-mod resume;
 mod reboot;
+mod resume;

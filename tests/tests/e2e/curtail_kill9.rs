@@ -123,7 +123,6 @@ async fn kill9_child() {
         fw.insert(id, &ep);
         bridge.insert(id, m["worker"].as_str().unwrap());
     }
-    bridge.spawn_reconciler(Duration::from_millis(250), proxy.stop.child_token());
     let fw = Arc::new(fw);
     let ms = |k: &str| Timestamp::from_millis(cfg["clock"][k].as_u64().unwrap());
     let clock = ScaledClock::anchored(
