@@ -95,9 +95,10 @@ pub(super) struct Ctl {
     pub(super) unresponsive: bool,
     /// The last telemetry read failed (rebooting, unplugged, network).
     pub(super) out_of_contact: bool,
-    /// A curtailment failed while out of contact: send it again at the
-    /// next reading.
-    pub(super) retry_on_contact: bool,
+    /// A curtail step failed while out of contact and the chain moved on:
+    /// the step to go back to once a reading comes (a reboot, not a
+    /// refusal; a miner that never answers again stays escalated).
+    pub(super) back_to: Option<u8>,
 }
 
 impl Ctl {
@@ -117,7 +118,7 @@ impl Ctl {
             held: None,
             unresponsive: false,
             out_of_contact: false,
-            retry_on_contact: false,
+            back_to: None,
         }
     }
 }
@@ -446,8 +447,10 @@ impl Engine {
         }
         let c = &mut self.ctl[idx as usize];
         c.out_of_contact = false;
-        if std::mem::take(&mut c.retry_on_contact) {
-            self.enqueue(idx, now);
+        if c.inflight.is_none() {
+            if let Some(step) = c.back_to.take() {
+                self.step_back(idx, step, now);
+            }
         }
         let c = &self.ctl[idx as usize];
         if let Some(id) = c.inflight {
@@ -482,9 +485,11 @@ impl Engine {
     }
 
     /// A telemetry read of `miner` failed: the firmware may be rebooting.
-    /// A curtailment that fails while out of contact is not escalated (the
-    /// firmware did not refuse it); it is sent again once a reading comes,
-    /// up to [`PolicyConfig::max_retries`] times.
+    /// A curtail step that fails while the miner cannot be read is not taken
+    /// for a refusal: if the miner answers again by the failure, the step is
+    /// sent again; if not, the chain escalates (the miner may be gone for
+    /// good) and goes back to that step at the next reading. Either at most
+    /// [`PolicyConfig::max_retries`] times.
     pub fn handle_telemetry_error(
         &mut self,
         _now: Timestamp,
@@ -782,22 +787,20 @@ impl Engine {
             && (inf.lost_contact || c.out_of_contact)
             && c.retries < self.cfg.max_retries;
         match target {
-            Target::Curtail { .. } if step_action == Some(inf.action) && cut_short => {
-                // The firmware went away (a reboot) rather than refused:
-                // same step again once it answers, not the next one.
-                let c = &mut self.ctl[idx as usize];
-                c.retries += 1;
-                match inf.action {
-                    Action::Sleep => c.applied.sleep = false,
-                    _ => c.applied.limit = None,
-                }
-                if c.out_of_contact {
-                    c.retry_on_contact = true;
-                } else {
-                    self.enqueue(idx, now);
-                }
+            Target::Curtail { .. }
+                if step_action == Some(inf.action) && cut_short && !c.out_of_contact =>
+            {
+                // The firmware went away (a reboot) and is back: the same
+                // step again, not the next one.
+                self.ctl[idx as usize].retries += 1;
+                self.forget_step(idx, inf.action);
+                self.enqueue(idx, now);
             }
             Target::Curtail { .. } if step_action == Some(inf.action) => {
+                if cut_short {
+                    let c = &mut self.ctl[idx as usize];
+                    c.back_to = Some(c.back_to.map_or(esc, |b| b.min(esc)));
+                }
                 let c = &mut self.ctl[idx as usize];
                 c.esc = c.esc.saturating_add(1);
                 let next = self.curtail_step_at(idx, esc + 1);
@@ -850,6 +853,36 @@ impl Engine {
             Action::SetPowerTarget(w) => t.power_w <= f64::from(w) + tol && t.hashrate_ths > 0.0,
             _ => false,
         }
+    }
+
+    /// Forget that a firmware step was applied, so it is sent again.
+    fn forget_step(&mut self, idx: u32, action: Action) {
+        let c = &mut self.ctl[idx as usize];
+        match action {
+            Action::Sleep => c.applied.sleep = false,
+            Action::SetPowerTarget(_) => c.applied.limit = None,
+            _ => {}
+        }
+    }
+
+    /// The miner answers again after a curtail step failed out of contact:
+    /// back to that step of the chain (see [`Engine::handle_telemetry_error`]).
+    fn step_back(&mut self, idx: u32, step: u8, now: Timestamp) {
+        let c = &self.ctl[idx as usize];
+        if !matches!(c.target, Target::Curtail { .. }) || step >= c.esc {
+            return;
+        }
+        let Some(action) = self.curtail_step_at(idx, step).map(step_to_action) else {
+            return;
+        };
+        self.forget_step(idx, action);
+        let c = &mut self.ctl[idx as usize];
+        c.esc = step;
+        c.retries += 1;
+        c.unresponsive = false;
+        c.gen = c.gen.wrapping_add(1);
+        self.dirty = true;
+        self.enqueue(idx, now);
     }
 
     /// Whether telemetry `t` shows the miner hashing.

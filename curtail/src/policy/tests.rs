@@ -265,7 +265,10 @@ impl Sim {
             let m = self.miners[i].clone();
             let ramp = m.spec.ramp;
             let ack = match (m.behavior, c.action) {
-                _ if m.down_until.is_some() => Ack::Failed("unreachable".into()),
+                // Firmware out of reach; the proxy still parks.
+                (_, a) if m.down_until.is_some() && !a.is_proxy_side() => {
+                    Ack::Failed("unreachable".into())
+                }
                 (Behavior::RebootOnSleep(secs), Action::Sleep) => {
                     let m = &mut self.miners[i];
                     m.behavior = Behavior::Normal;
