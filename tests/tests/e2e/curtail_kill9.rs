@@ -620,6 +620,8 @@ async fn run() {
         hold_end.saturating_since(t0).as_secs_f64(),
         swapped.len()
     );
+    // The same plan as before the kills: no sleeper traded for power targets.
+    assert!(swapped.is_empty(), "woken after the hold: {swapped:?}");
     let span = |from: Timestamp, to: Timestamp| {
         let kw: Vec<f64> = w
             .samples
