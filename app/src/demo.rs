@@ -475,7 +475,6 @@ token = "{read_token}"
     )
     .await
     .map_err(|e| anyhow::anyhow!("curtailment driver: {e}"))?;
-    proxy_act.spawn_reconciler(Duration::from_secs(2), stop.clone());
 
     site_handle.log.push(
         "demo",

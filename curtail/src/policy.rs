@@ -52,13 +52,15 @@ mod engine;
 mod events;
 mod plan;
 mod planner;
+mod resume;
 #[cfg(test)]
 mod tests;
 
 pub use config::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
-pub use engine::{Engine, PolicyError, Resume};
+pub use engine::{Engine, PolicyError};
 pub use events::{Decision, DrEventState, FailReason, PolicyEvent};
 pub use plan::{Mode, Plan, PlannedAction};
+pub use resume::Resume;
 
 // The engine's internals its other parts (planner, balance, tests) work on.
-use engine::{CurtailStep, EventSlot, Target};
+use engine::{CurtailStep, EventSlot, Held, Target};

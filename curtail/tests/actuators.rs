@@ -587,3 +587,90 @@ async fn braiins_token_from_metadata_only_firmware() {
     })
     .await;
 }
+
+/// A Whatsminer acks `power_off` under a 0 kW dispatch and reboots before
+/// acting on it (the emulator's [`Fault::RebootOnSleep`]). The driver sees
+/// its telemetry fail, then the miner hashing again; the engine sends the
+/// sleep again rather than escalating to the minimum power target, and the
+/// miner ends asleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsminer_rebooting_through_power_off_is_put_to_sleep_again() {
+    use gridproxy_curtail::driver::{self, Audit, DriverConfig, Edge};
+    use gridproxy_curtail::fleet::Fleet;
+    use gridproxy_curtail::policy::{PolicyConfig, Staleness};
+    use gridproxy_curtail::signal::{DispatchSignal, Signal};
+    use gridproxy_curtail::time::{Clock, ScaledClock};
+
+    bounded(async {
+        let surface = ControlSurface::Whatsminer;
+        let (emu, fleet) = setup(surface, 34, PASSWORD).await;
+        let mut telemetry = FleetActuator::new(TIMEOUT);
+        telemetry.insert(
+            M,
+            &MinerEndpoint::new(surface, emu.addr()).with_credentials("root", PASSWORD),
+        );
+        // Virtual time 20× real: the sleep's verification window (latency +
+        // 30 s grace) is about 2 s; the reboot takes 1 s of it.
+        let clock = ScaledClock::new(20.0);
+        let dir = std::env::temp_dir().join(format!("curtail-reboot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ledger = dir.join("ledger.db");
+        let _ = std::fs::remove_file(&ledger);
+        let h = driver::spawn(
+            &ledger,
+            PolicyConfig {
+                staleness: Staleness::NONE,
+                ..PolicyConfig::default()
+            },
+            Fleet::from_specs([spec(surface)]).unwrap(),
+            Edge {
+                actuator: fleet,
+                telemetry,
+                clock,
+            },
+            DriverConfig {
+                poll_interval: Duration::from_secs(1),
+                ..DriverConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        emu.set_fault(Fault::RebootOnSleep(Duration::from_secs(1)));
+        h.send(Signal::Dispatch(DispatchSignal {
+            at: clock.now(),
+            target_kw: Some(0.0),
+        }))
+        .await
+        .unwrap();
+        // The reboot happened (the fault fired) and the miner came back.
+        let rebooted = |emu: &EmulatorHandle| emu.faults().get() == Fault::None;
+        while !rebooted(&emu) {
+            tokio::time::sleep(POLL).await;
+        }
+        let asleep = |emu: &EmulatorHandle| {
+            let s = emu.state();
+            s.mode == Mode::Sleeping && s.settled
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !(asleep(&emu) && h.status().in_flight == 0) && Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+        }
+        let st = h.status();
+        let report = h.shutdown().await.unwrap();
+        let audit = Audit::read(&ledger).unwrap();
+        let actions: Vec<Action> = audit.commands.iter().map(|c| c.action).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            asleep(&emu),
+            "miner asleep at 0 kW: {:?}, commands {actions:?}, driver {st:?}",
+            emu.state()
+        );
+        assert!(
+            actions.len() >= 2 && actions.iter().all(|a| *a == Action::Sleep),
+            "the sleep sent again, nothing else: {actions:?}"
+        );
+        assert!(st.telemetry_errors > 0, "the reboot was seen: {st:?}");
+        assert_eq!(report.unanswered, 0);
+    })
+    .await;
+}

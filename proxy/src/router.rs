@@ -2,7 +2,12 @@
 //!
 //! Every miner has a *home* pool (chosen by weighted split among the pools of
 //! the best priority), an optional pin (runtime "move to pool"), and a parked
-//! flag (runtime "hold the connection, give no work"). Its *assignment* is the
+//! flag (runtime "hold the connection, give no work"). Pins and parks belong
+//! to the worker name, not the connection: the router keeps them per name
+//! while they are set, so a miner that reconnects is parked (or pinned) from
+//! its first job on. Only the control plane sets them, and a name with neither
+//! is not kept, so a peer connecting under many names grows nothing here.
+//! Its *assignment* is the
 //! home/pin when that pool is usable, else the best live pool by priority
 //! (failover). A pool that failed is usable as a home again only after it has
 //! stayed up for the fail-back cooldown. Assignments reach sessions through a
@@ -111,8 +116,22 @@ struct Entry {
     cell: Arc<MinerCell>,
     worker: String,
     home: usize,
+    /// Copies of the worker's [`Control`], kept in step by the router.
     pinned: Option<usize>,
     parked: bool,
+}
+
+/// What the control plane set for one worker name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Control {
+    parked: bool,
+    pinned: Option<usize>,
+}
+
+impl Control {
+    fn is_set(self) -> bool {
+        self != Control::default()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -132,6 +151,8 @@ struct Slot {
 
 struct State {
     miners: HashMap<u64, Entry>,
+    /// Park and pin by worker name, connected or not; only names with one set.
+    controls: HashMap<String, Control>,
     next_id: u64,
     health: Vec<Health>,
     slots: Vec<Slot>,
@@ -296,6 +317,7 @@ impl Router {
         let mut stops = stops.into_iter();
         let mut st = State {
             miners: HashMap::new(),
+            controls: HashMap::new(),
             next_id: 1,
             health: vec![
                 Health {
@@ -355,12 +377,14 @@ impl Router {
             pool: None,
             parked: false,
         };
+        // A parked worker's cell says so before the session sees it.
+        let control = st.controls.get(worker).copied().unwrap_or_default();
         let entry = Entry {
             cell: Arc::new(MinerCell::new(none)),
             worker: worker.to_string(),
             home,
-            pinned: None,
-            parked: false,
+            pinned: control.pinned,
+            parked: control.parked,
         };
         entry.cell.set(Self::effective(
             &st,
@@ -629,6 +653,12 @@ impl Router {
             let group = st.split_group();
             let retired: Vec<bool> = st.slots.iter().map(|s| s.retired).collect();
             let mut stray = Vec::new();
+            for c in st.controls.values_mut() {
+                if c.pinned.is_some_and(|p| retired[p]) {
+                    c.pinned = None;
+                }
+            }
+            st.controls.retain(|_, c| c.is_set());
             for (id, e) in st.miners.iter_mut() {
                 if e.pinned.is_some_and(|p| retired[p]) {
                     e.pinned = None;
@@ -661,33 +691,109 @@ impl Router {
         out
     }
 
-    /// Park the miners whose worker name matches; returns how many.
+    /// Park the workers whose name matches: the connected ones (counted in
+    /// the return) and any kept for a pin. Kept until unparked, across
+    /// reconnections.
     pub fn park(&self, matches: impl Fn(&str) -> bool) -> usize {
-        self.update(matches, |e| e.parked = true)
+        self.update(matches, |c| c.parked = true)
     }
 
-    /// Unpark the miners whose worker name matches.
+    /// Unpark the workers whose name matches, connected or not.
     pub fn unpark(&self, matches: impl Fn(&str) -> bool) -> usize {
-        self.update(matches, |e| e.parked = false)
+        self.update(matches, |c| c.parked = false)
     }
 
-    /// Pin matching miners to `pool` (None: back to their home).
+    /// Pin the workers whose name matches to `pool` (None: back to their
+    /// home), as [`park`](Self::park) does.
     pub fn move_to(&self, matches: impl Fn(&str) -> bool, pool: Option<usize>) -> usize {
-        self.update(matches, |e| e.pinned = pool)
+        self.update(matches, |c| c.pinned = pool)
     }
 
-    fn update(&self, matches: impl Fn(&str) -> bool, f: impl Fn(&mut Entry)) -> usize {
+    /// Park or unpark one worker by name, connected or not (a worker parked
+    /// while away gets no job when it connects). Returns its connections.
+    pub fn park_worker(&self, worker: &str, parked: bool) -> usize {
+        self.update_worker(worker, |c| c.parked = parked)
+    }
+
+    /// Pin one worker by name to `pool` (None: unpin), connected or not.
+    pub fn pin_worker(&self, worker: &str, pool: Option<usize>) -> usize {
+        self.update_worker(worker, |c| c.pinned = pool)
+    }
+
+    /// Whether `worker` is parked (connected or not).
+    pub fn is_parked(&self, worker: &str) -> bool {
+        self.lock().controls.get(worker).is_some_and(|c| c.parked)
+    }
+
+    /// The pool `worker` is pinned to, if any.
+    pub fn pin_of(&self, worker: &str) -> Option<usize> {
+        self.lock().controls.get(worker).and_then(|c| c.pinned)
+    }
+
+    /// Worker names with a park or pin kept.
+    pub fn controlled_workers(&self) -> usize {
+        self.lock().controls.len()
+    }
+
+    fn update(&self, matches: impl Fn(&str) -> bool, f: impl Fn(&mut Control)) -> usize {
         let mut n = 0;
         {
-            let mut st = self.lock();
-            for e in st.miners.values_mut() {
-                if matches(&e.worker) {
-                    f(e);
-                    n += 1;
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            for (w, c) in st.controls.iter_mut() {
+                if matches(w) {
+                    f(c);
                 }
             }
+            for e in st.miners.values() {
+                if !matches(&e.worker) {
+                    continue;
+                }
+                n += 1;
+                if !st.controls.contains_key(&e.worker) {
+                    let mut c = Control::default();
+                    f(&mut c);
+                    if c.is_set() {
+                        st.controls.insert(e.worker.clone(), c);
+                    }
+                }
+            }
+            st.controls.retain(|_, c| c.is_set());
+            Self::sync(st, |w| matches(w));
         }
         self.reevaluate();
+        n
+    }
+
+    fn update_worker(&self, worker: &str, f: impl Fn(&mut Control)) -> usize {
+        let n = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let mut c = st.controls.get(worker).copied().unwrap_or_default();
+            f(&mut c);
+            if c.is_set() {
+                st.controls.insert(worker.to_string(), c);
+            } else {
+                st.controls.remove(worker);
+            }
+            Self::sync(st, |w| w == worker)
+        };
+        self.reevaluate();
+        n
+    }
+
+    /// Copy the kept controls into the entries of the workers `matches`
+    /// selects; returns how many entries it looked at.
+    fn sync(st: &mut State, matches: impl Fn(&str) -> bool) -> usize {
+        let mut n = 0;
+        for e in st.miners.values_mut() {
+            if matches(&e.worker) {
+                let c = st.controls.get(&e.worker).copied().unwrap_or_default();
+                e.parked = c.parked;
+                e.pinned = c.pinned;
+                n += 1;
+            }
+        }
         n
     }
 
@@ -820,5 +926,57 @@ mod tests {
         assert_eq!(router.tick(), Some(1));
         assert_eq!(lease.cell.assignment().pool, Some(0));
         assert_eq!(router.tick(), None);
+    }
+
+    /// Park and pin are kept per worker name across reconnections, set only
+    /// by the control plane, and dropped once neither is set: names that
+    /// come and go leave nothing behind.
+    #[test]
+    fn park_and_pin_are_kept_by_worker_name_and_bounded() {
+        let text = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\npriority=0\n\
+                    [[pools]]\nname='b'\naddress='127.0.0.1:2'\nprotocol='sv1'\nuser='u'\npriority=1\n";
+        let cfg = ProxyConfig::from_toml(text).expect("config");
+        let (_tx_a, rx_a) = watch::channel(view(true));
+        let (_tx_b, rx_b) = watch::channel(view(true));
+        let handle = |index, view| PoolHandle {
+            index,
+            stats: Arc::new(PoolStats::default()),
+            view,
+        };
+        let router = Router::new(&cfg, vec![handle(0, rx_a), handle(1, rx_b)]);
+        router.reevaluate();
+
+        // A peer under many names: nothing kept.
+        let leases: Vec<Lease> = (0..1000)
+            .map(|i| router.register(&format!("x.{i}")))
+            .collect();
+        drop(leases);
+        assert_eq!(router.controlled_workers(), 0);
+
+        // Parked by glob while connected, then away and back: still parked.
+        let l1 = router.register("site.a1");
+        let _l2 = router.register("site.a2");
+        assert_eq!(router.park(|w| w.starts_with("site.")), 2);
+        drop(l1);
+        let l1 = router.register("site.a1");
+        assert!(l1.cell.assignment().parked, "parked from registration on");
+        assert_eq!(router.controlled_workers(), 2);
+
+        // Parked by name while away: parked on arrival.
+        assert_eq!(router.park_worker("site.b1", true), 0);
+        assert!(router.register("site.b1").cell.assignment().parked);
+
+        // A pin outlives the connection; unpark and unpin of workers that
+        // are away clear what was kept.
+        assert_eq!(router.pin_worker("site.a2", Some(1)), 1);
+        assert_eq!(router.unpark(|w| w.starts_with("site.")), 2);
+        assert_eq!(l1.cell.assignment().pool, Some(0));
+        assert_eq!(router.controlled_workers(), 1);
+        assert_eq!(router.pin_of("site.a2"), Some(1));
+        let back = router.register("site.a2");
+        assert_eq!(back.cell.assignment().pool, Some(1));
+        assert_eq!(router.move_to(|w| w == "site.a2", None), 2);
+        assert_eq!(router.controlled_workers(), 0);
+        assert_eq!(back.cell.assignment().pool, Some(0));
     }
 }

@@ -6,41 +6,31 @@
 //! pool and keeps hashing), so the engine parks only miners whose firmware
 //! could not be commanded, and reroutes for pool moves; see ARCHITECTURE.md.
 //!
-//! The router forgets a miner's park/pin when it disconnects (and all of
-//! them when the proxy restarts), so [`ProxyActuator`] keeps the desired
-//! state per worker and [`reconcile`](ProxyActuator::reconcile) re-applies
-//! it; [`spawn_reconciler`](ProxyActuator::spawn_reconciler) does so
-//! periodically, which covers miners that reconnect.
+//! The router keeps park and pin per worker name, connected or not, so a
+//! miner parked while away, or one that reconnects, gets no job until it is
+//! unparked: nothing here re-applies them. After a restart the engine
+//! resumes parked miners from the ledger without re-sending the park;
+//! [`restore`](ProxyActuator::restore) parks them again in the new router.
 //!
 //! The `gridproxy-curtail` crate is re-exported as [`curtail`], so users of
 //! the daemon crate reach the engine, driver and firmware clients through
 //! it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use gridproxy_curtail as curtail;
 
 use curtail::actuator::{Actuator, ActuatorError};
 use curtail::command::{Action, Command};
 use curtail::fleet::{ControlSurface, MinerId};
+use curtail::policy::Resume;
 use gridproxy_proxy::router::Router;
-
-/// What the engine last asked of one worker.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Desired {
-    parked: bool,
-    pool: Option<usize>,
-}
 
 #[derive(Debug, Default)]
 struct Inner {
     workers: HashMap<MinerId, String>,
-    desired: HashMap<String, Desired>,
 }
 
 /// Park, unpark and reroute through the proxy's router.
@@ -58,7 +48,6 @@ impl std::fmt::Debug for ProxyActuator {
         let inner = self.lock();
         f.debug_struct("ProxyActuator")
             .field("workers", &inner.workers.len())
-            .field("desired", &inner.desired.len())
             .finish()
     }
 }
@@ -98,63 +87,26 @@ impl ProxyActuator {
         self.lock().workers.get(&miner).cloned()
     }
 
-    /// Whether the engine last asked to park `worker`.
+    /// Whether `worker` is parked at the router.
     pub fn is_parked(&self, worker: &str) -> bool {
-        self.lock().desired.get(worker).is_some_and(|d| d.parked)
+        self.router.is_parked(worker)
     }
 
-    /// Re-apply every desired park and pin to the router (miners that
-    /// reconnected come back unparked and unpinned). Returns the number of
-    /// router entries touched.
-    pub fn reconcile(&self) -> usize {
-        // Sets, not lists: the router asks about every miner it holds.
-        let (parked, pins) = {
-            let inner = self.lock();
-            let parked: HashSet<String> = inner
-                .desired
-                .iter()
-                .filter(|(_, d)| d.parked)
-                .map(|(w, _)| w.clone())
-                .collect();
-            let mut pins: HashMap<usize, HashSet<String>> = HashMap::new();
-            for (w, d) in &inner.desired {
-                if let Some(p) = d.pool {
-                    pins.entry(p).or_default().insert(w.clone());
+    /// Park again the miners whose last command in the ledger parked them
+    /// (what the engine resumes as parked without re-sending the park,
+    /// while a new router starts with none). Call before the driver starts.
+    /// Returns how many were parked.
+    pub fn restore(&self, resume: &Resume) -> usize {
+        let mut n = 0;
+        for (id, action, _) in &resume.curtailed {
+            if *action == Action::Park {
+                if let Some(w) = self.worker(*id) {
+                    self.router.park_worker(&w, true);
+                    n += 1;
                 }
             }
-            (parked, pins)
-        };
-        let mut n = 0;
-        if !parked.is_empty() {
-            n += self.router.park(|w| parked.contains(w));
-        }
-        for (pool, workers) in pins {
-            n += self.router.move_to(|w| workers.contains(w), Some(pool));
         }
         n
-    }
-
-    /// Run [`reconcile`](Self::reconcile) every `every` until `shutdown`.
-    pub fn spawn_reconciler(&self, every: Duration, shutdown: CancellationToken) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let has_work = me
-                    .lock()
-                    .desired
-                    .values()
-                    .any(|d| d.parked || d.pool.is_some());
-                if has_work {
-                    me.reconcile();
-                }
-            }
-        });
     }
 
     fn apply(&self, command: &Command) -> Result<(), ActuatorError> {
@@ -162,23 +114,12 @@ impl ProxyActuator {
         let worker = self
             .worker(miner)
             .ok_or(ActuatorError::UnknownMiner(miner))?;
-        let is = |w: &str| w == worker;
         match command.action {
             Action::Park => {
-                self.lock()
-                    .desired
-                    .entry(worker.clone())
-                    .or_default()
-                    .parked = true;
-                self.router.park(is);
+                self.router.park_worker(&worker, true);
             }
             Action::Unpark => {
-                self.lock()
-                    .desired
-                    .entry(worker.clone())
-                    .or_default()
-                    .parked = false;
-                self.router.unpark(is);
+                self.router.park_worker(&worker, false);
             }
             Action::Reroute(pool) => {
                 let p = pool.0 as usize;
@@ -191,8 +132,7 @@ impl ProxyActuator {
                         ),
                     });
                 }
-                self.lock().desired.entry(worker.clone()).or_default().pool = Some(p);
-                self.router.move_to(is, Some(p));
+                self.router.pin_worker(&worker, Some(p));
             }
             Action::Sleep | Action::Wake | Action::SetPowerTarget(_) => {
                 return Err(ActuatorError::Unsupported {
@@ -213,10 +153,94 @@ impl Actuator for ProxyActuator {
     }
 
     /// Park/unpark/reroute the miner's worker. A miner not connected right
-    /// now is accepted too: the desired state applies when it connects
-    /// (with the reconciler running).
+    /// now is accepted too: the router applies it when it connects.
     fn execute(&self, command: &Command) -> impl Future<Output = Result<(), ActuatorError>> + Send {
         let r = self.apply(command);
         async move { r }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curtail::command::{CommandId, PoolId};
+    use curtail::time::Timestamp;
+    use gridproxy_proxy::ProxyConfig;
+
+    fn command(miner: u64, action: Action) -> Command {
+        Command {
+            id: CommandId(1),
+            miner: MinerId(miner),
+            surface: ControlSurface::None,
+            action,
+            issued_at: Timestamp::ZERO,
+            curtail: true,
+        }
+    }
+
+    /// Parks and pins go to the router by worker name, for miners that are
+    /// not connected too; a restart parks again the miners the ledger left
+    /// parked.
+    #[tokio::test]
+    async fn parks_by_worker_name_and_restores_after_a_restart() {
+        let cfg = ProxyConfig::from_toml(
+            "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+             [[pools]]\nname='b'\naddress='127.0.0.1:2'\nprotocol='sv1'\nuser='u'\n",
+        )
+        .unwrap();
+        // Two pools that never come up: park and pin need no live pool.
+        let pools = || {
+            (0..2)
+                .map(|index| gridproxy_proxy::upstream::PoolHandle {
+                    index,
+                    stats: Arc::default(),
+                    view: tokio::sync::watch::channel(gridproxy_proxy::upstream::PoolView {
+                        live: false,
+                        epoch: 0,
+                        job: None,
+                        target: gridproxy_protocol::difficulty::Target::MAX,
+                        rollable: 4,
+                        submit: tokio::sync::mpsc::channel(1).0,
+                    })
+                    .1,
+                })
+                .collect()
+        };
+        let router = Router::new(&cfg, pools());
+        let p = ProxyActuator::new(router.clone());
+        p.insert(MinerId(1), "acct.s9-1");
+        p.insert(MinerId(2), "acct.s9-2");
+        p.execute(&command(1, Action::Park)).await.unwrap();
+        p.execute(&command(2, Action::Reroute(PoolId(1))))
+            .await
+            .unwrap();
+        assert!(p.is_parked("acct.s9-1") && !p.is_parked("acct.s9-2"));
+        assert_eq!(router.pin_of("acct.s9-2"), Some(1));
+        assert!(router.register("acct.s9-1").cell.assignment().parked);
+        assert!(p
+            .execute(&command(2, Action::Reroute(PoolId(7))))
+            .await
+            .is_err());
+        assert!(p.execute(&command(9, Action::Park)).await.is_err());
+
+        // A new process: a new router, the ledger's last commands.
+        let router = Router::new(&cfg, pools());
+        let p = ProxyActuator::new(router.clone());
+        p.insert(MinerId(1), "acct.s9-1");
+        p.insert(MinerId(2), "acct.s9-2");
+        let resume = Resume {
+            next_command_id: 3,
+            curtailed: vec![
+                (MinerId(1), Action::Park, Timestamp::ZERO),
+                (MinerId(2), Action::Sleep, Timestamp::ZERO),
+            ],
+            events: vec![],
+        };
+        assert_eq!(p.restore(&resume), 1);
+        assert!(router.register("acct.s9-1").cell.assignment().parked);
+        assert!(!p.is_parked("acct.s9-2"));
+        p.execute(&command(1, Action::Unpark)).await.unwrap();
+        assert!(!p.is_parked("acct.s9-1"));
+        assert_eq!(router.controlled_workers(), 0);
     }
 }

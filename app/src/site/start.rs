@@ -9,6 +9,7 @@ use curtail::actuators::{FleetActuator, HostPort, MinerEndpoint};
 use curtail::command::Ack;
 use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
 use curtail::fleet::MinerId;
+use curtail::ledger::Ledger;
 use curtail::policy::PolicyEvent;
 use curtail::signal::{DrTarget, ManualOverride, OverrideMode, Signal};
 use curtail::time::{Clock, SystemClock};
@@ -249,6 +250,13 @@ pub async fn start(
         }
     }
     site.set_ledger(cfg.ledger.clone());
+    // Miners left parked before a restart stay parked in the new router.
+    let path = cfg.ledger.clone();
+    let resume = tokio::task::spawn_blocking(move || Ledger::open_and_recover(&path))
+        .await?
+        .map(|(_, r)| r)
+        .map_err(|e| anyhow::anyhow!("site.ledger ({}): {e}", cfg.ledger.display()))?;
+    proxy.restore(&resume);
     let dcfg = DriverConfig {
         poll_interval: Duration::from_secs(cfg.telemetry_secs),
         interval: Duration::from_secs(cfg.ledger_interval_secs),
@@ -281,7 +289,6 @@ pub async fn start(
     )
     .await
     .map_err(|e| anyhow::anyhow!("curtailment driver ({}): {e}", cfg.ledger.display()))?;
-    proxy.spawn_reconciler(Duration::from_secs(2), stop.clone());
 
     let mut started = vec![format!(
         "curtailment engine: {} miners, {:.1} kW nameplate; ledger {}",

@@ -428,6 +428,9 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
             PollMsg::Error(m, e) => {
                 self.status.telemetry_errors += 1;
                 tracing::debug!(miner = %m, error = %e, "telemetry read failed");
+                if let Err(e) = self.engine.handle_telemetry_error(now, m) {
+                    tracing::warn!(miner = %m, error = %e, "telemetry error refused");
+                }
             }
             PollMsg::RoundDone(at) => {
                 let kw = self.engine.fleet().measured_kw();

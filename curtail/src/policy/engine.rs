@@ -4,7 +4,6 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::{Ack, Action, Command, CommandId, PoolId};
@@ -17,18 +16,6 @@ use crate::time::Timestamp;
 
 use super::dispatch::{Class, QEntry, RateLimiter};
 use super::{DrEventState, FailReason, Mode, Plan, PolicyConfig, PolicyEvent, SafeState};
-
-/// What a restarted engine needs from the ledger (see
-/// [`Ledger::recover`](crate::ledger::Ledger::recover)).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Resume {
-    /// First command id to use.
-    pub next_command_id: u64,
-    /// Miners whose last command left them curtailed, with that command.
-    pub curtailed: Vec<(MinerId, Action, Timestamp)>,
-    /// DR events not ended, with their baseline kW.
-    pub events: Vec<(DrEvent, f64)>,
-}
 
 /// Engine errors.
 #[derive(Debug, Error, PartialEq)]
@@ -71,6 +58,15 @@ pub(super) struct Applied {
     pub(super) pool: Option<PoolId>,
 }
 
+/// What a resumed miner is held at (see [`Engine::resume`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Held {
+    /// Curtailed by a step of its chain.
+    Curtail,
+    /// Running under a fine-tune power target, W.
+    Limit(u32),
+}
+
 /// One step of the curtail escalation chain.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum CurtailStep {
@@ -94,8 +90,15 @@ pub(super) struct Ctl {
     pub(super) limit_broken: bool,
     pub(super) retries: u8,
     pub(super) restoring: bool,
-    pub(super) held: bool,
+    /// Set by [`Engine::resume`] until a fresh signal or the resume hold.
+    pub(super) held: Option<Held>,
     pub(super) unresponsive: bool,
+    /// The last telemetry read failed (rebooting, unplugged, network).
+    pub(super) out_of_contact: bool,
+    /// A curtail step failed while out of contact and the chain moved on:
+    /// the step to go back to once a reading comes (a reboot, not a
+    /// refusal; a miner that never answers again stays escalated).
+    pub(super) back_to: Option<u8>,
 }
 
 impl Ctl {
@@ -112,8 +115,10 @@ impl Ctl {
             limit_broken: false,
             retries: 0,
             restoring: false,
-            held: false,
+            held: None,
             unresponsive: false,
+            out_of_contact: false,
+            back_to: None,
         }
     }
 }
@@ -125,6 +130,9 @@ pub(super) struct Inflight {
     pub(super) issued_at: Timestamp,
     pub(super) deadline: Timestamp,
     pub(super) acked: bool,
+    /// A telemetry read failed while it was in flight: its failure may be
+    /// the firmware going away (a reboot), not refusing.
+    pub(super) lost_contact: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -224,68 +232,6 @@ impl Engine {
         e.rebuild_order();
         e.replan(now);
         Ok(e)
-    }
-
-    /// Restore state recovered from the ledger after a restart: command ids
-    /// continue, open DR events come back, and miners whose last command
-    /// curtailed them stay curtailed (no command is re-sent; wakes wait for a
-    /// fresh signal or [`PolicyConfig::resume_hold`], then the min-off dwell
-    /// from the recorded time, then restore batching).
-    pub fn resume(&mut self, now: Timestamp, resume: Resume) -> Result<(), PolicyError> {
-        self.next_command = self.next_command.max(resume.next_command_id);
-        for (id, action, at) in resume.curtailed {
-            let Some(idx) = self.fleet.index_of(id) else {
-                continue; // miner removed from inventory since
-            };
-            {
-                let c = &mut self.ctl[idx as usize];
-                match action {
-                    Action::Sleep => c.applied.sleep = true,
-                    Action::Park => c.applied.parked = true,
-                    Action::SetPowerTarget(w) => c.applied.limit = Some(w),
-                    _ => continue,
-                }
-                c.held = true;
-                c.econ_on = false;
-                c.on = !c.applied.sleep && !c.applied.parked;
-                c.since = at;
-                c.target = Target::Curtail { forced: false };
-                c.gen = c.gen.wrapping_add(1);
-                c.esc = 0;
-            }
-            // Point the escalation chain at what was applied, so nothing is re-sent.
-            for esc in 0..3u8 {
-                let step = self.curtail_step_at(idx, esc);
-                let matches = matches!(
-                    (step, action),
-                    (Some(CurtailStep::Sleep), Action::Sleep)
-                        | (Some(CurtailStep::Limit(_)), Action::SetPowerTarget(_))
-                        | (Some(CurtailStep::Park), Action::Park)
-                );
-                if matches {
-                    self.ctl[idx as usize].esc = esc;
-                    break;
-                }
-            }
-            let state = self.derive_state(idx);
-            self.fleet.by_index_mut(idx).state = state;
-        }
-        for (ev, baseline_kw) in resume.events {
-            if ev.end.is_some_and(|end| end <= now) {
-                continue;
-            }
-            self.events.retain(|s| s.ev.id != ev.id);
-            self.events.push(EventSlot {
-                activation: ev.start,
-                ev,
-                baseline_kw,
-                state: DrEventState::Scheduled,
-            });
-        }
-        self.resumed_at = Some(now);
-        self.hold_until = Some(now + self.cfg.resume_hold);
-        self.replan(now);
-        Ok(())
     }
 
     /// Add a miner to the fleet at runtime (assumed hashing).
@@ -499,6 +445,13 @@ impl Engine {
             }
             m.telemetry = Some(t);
         }
+        let c = &mut self.ctl[idx as usize];
+        c.out_of_contact = false;
+        if c.inflight.is_none() {
+            if let Some(step) = c.back_to.take() {
+                self.step_back(idx, step, now);
+            }
+        }
         let c = &self.ctl[idx as usize];
         if let Some(id) = c.inflight {
             let inf = &self.inflight[&id];
@@ -507,6 +460,14 @@ impl Engine {
                 && self.verifies(idx, inf.action, &t)
             {
                 self.complete_ok(id, now);
+            } else if inf.lost_contact
+                && inf.acked
+                && inf.action == Action::Sleep
+                && t.at > inf.issued_at
+                && self.hashing(idx, &t)
+            {
+                // Back from a reboot hashing: the sleep it acked is lost.
+                self.complete_fail(id, now, FailReason::NotVerified);
             }
         } else if let Some(step) = self.drift(idx, &t) {
             let c = &mut self.ctl[idx as usize];
@@ -520,6 +481,29 @@ impl Engine {
         }
         let state = self.derive_state(idx);
         self.fleet.by_index_mut(idx).state = state;
+        Ok(())
+    }
+
+    /// A telemetry read of `miner` failed: the firmware may be rebooting.
+    /// A curtail step that fails while the miner cannot be read is not taken
+    /// for a refusal: if the miner answers again by the failure, the step is
+    /// sent again; if not, the chain escalates (the miner may be gone for
+    /// good) and goes back to that step at the next reading. Either at most
+    /// [`PolicyConfig::max_retries`] times.
+    pub fn handle_telemetry_error(
+        &mut self,
+        _now: Timestamp,
+        miner: MinerId,
+    ) -> Result<(), PolicyError> {
+        let idx = self
+            .fleet
+            .index_of(miner)
+            .ok_or(PolicyError::UnknownMiner(miner))?;
+        let c = &mut self.ctl[idx as usize];
+        c.out_of_contact = true;
+        if let Some(inf) = c.inflight.and_then(|id| self.inflight.get_mut(&id)) {
+            inf.lost_contact = true;
+        }
         Ok(())
     }
 
@@ -700,6 +684,7 @@ impl Engine {
                 issued_at: now,
                 deadline,
                 acked: false,
+                lost_contact: false,
             },
         );
         self.deadlines.push(Reverse((deadline, id.0)));
@@ -797,8 +782,25 @@ impl Engine {
         let target = self.ctl[idx as usize].target;
         let esc = self.ctl[idx as usize].esc;
         let step_action = self.curtail_step_at(idx, esc).map(step_to_action);
+        let c = &self.ctl[idx as usize];
+        let cut_short = !inf.action.is_proxy_side()
+            && (inf.lost_contact || c.out_of_contact)
+            && c.retries < self.cfg.max_retries;
         match target {
+            Target::Curtail { .. }
+                if step_action == Some(inf.action) && cut_short && !c.out_of_contact =>
+            {
+                // The firmware went away (a reboot) and is back: the same
+                // step again, not the next one.
+                self.ctl[idx as usize].retries += 1;
+                self.forget_step(idx, inf.action);
+                self.enqueue(idx, now);
+            }
             Target::Curtail { .. } if step_action == Some(inf.action) => {
+                if cut_short {
+                    let c = &mut self.ctl[idx as usize];
+                    c.back_to = Some(c.back_to.map_or(esc, |b| b.min(esc)));
+                }
                 let c = &mut self.ctl[idx as usize];
                 c.esc = c.esc.saturating_add(1);
                 let next = self.curtail_step_at(idx, esc + 1);
@@ -851,6 +853,41 @@ impl Engine {
             Action::SetPowerTarget(w) => t.power_w <= f64::from(w) + tol && t.hashrate_ths > 0.0,
             _ => false,
         }
+    }
+
+    /// Forget that a firmware step was applied, so it is sent again.
+    fn forget_step(&mut self, idx: u32, action: Action) {
+        let c = &mut self.ctl[idx as usize];
+        match action {
+            Action::Sleep => c.applied.sleep = false,
+            Action::SetPowerTarget(_) => c.applied.limit = None,
+            _ => {}
+        }
+    }
+
+    /// The miner answers again after a curtail step failed out of contact:
+    /// back to that step of the chain (see [`Engine::handle_telemetry_error`]).
+    fn step_back(&mut self, idx: u32, step: u8, now: Timestamp) {
+        let c = &self.ctl[idx as usize];
+        if !matches!(c.target, Target::Curtail { .. }) || step >= c.esc {
+            return;
+        }
+        let Some(action) = self.curtail_step_at(idx, step).map(step_to_action) else {
+            return;
+        };
+        self.forget_step(idx, action);
+        let c = &mut self.ctl[idx as usize];
+        c.esc = step;
+        c.retries += 1;
+        c.unresponsive = false;
+        c.gen = c.gen.wrapping_add(1);
+        self.dirty = true;
+        self.enqueue(idx, now);
+    }
+
+    /// Whether telemetry `t` shows the miner hashing.
+    pub(super) fn hashing(&self, idx: u32, t: &Telemetry) -> bool {
+        t.hashrate_ths >= self.cfg.hashing_frac * self.fleet.by_index(idx).spec.nominal_ths
     }
 
     /// The applied curtailment that telemetry `t` contradicts, if any.
@@ -1027,7 +1064,7 @@ impl Engine {
     pub(super) fn release_held(&mut self) {
         if self.hold_until.take().is_some() {
             for c in &mut self.ctl {
-                c.held = false;
+                c.held = None;
             }
             self.dirty = true;
         }

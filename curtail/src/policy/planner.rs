@@ -413,7 +413,9 @@ impl Engine {
                 Target::Run
             } else if curtail_all {
                 Target::Curtail { forced: true }
-            } else if c.held || !c.econ_on {
+            } else if let Some(Held::Limit(w)) = c.held {
+                Target::Limit(w)
+            } else if c.held.is_some() || !c.econ_on {
                 Target::Curtail { forced: false }
             } else {
                 Target::Run

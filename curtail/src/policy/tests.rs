@@ -35,6 +35,10 @@ enum Behavior {
     IgnoreSleepAndLimit,
     /// Refuses sleep outright.
     RejectSleep,
+    /// Acks a sleep (Whatsminer `power_off` with `respbefore`), then
+    /// reboots before acting on it: out of reach for this many seconds,
+    /// then back hashing at its persisted power target. Once.
+    RebootOnSleep(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +49,8 @@ struct SimMiner {
     asleep: bool,
     limit: Option<f64>,
     behavior: Behavior,
+    /// Rebooting: unreachable until then.
+    down_until: Option<Timestamp>,
 }
 
 impl SimMiner {
@@ -83,6 +89,7 @@ impl Sim {
                     asleep: false,
                     limit: None,
                     behavior: Behavior::Normal,
+                    down_until: None,
                     spec,
                 };
                 m.settle();
@@ -221,7 +228,20 @@ impl Sim {
             }
             m.settle();
         }
+        for m in &mut self.miners {
+            if m.down_until.is_some_and(|t| t <= now) {
+                // Back from the reboot: the sleep was never carried out.
+                m.down_until = None;
+                m.asleep = false;
+                m.settle();
+            }
+        }
         for m in &self.miners {
+            if m.down_until.is_some() {
+                // No answer: what the driver's poll reports.
+                self.e.handle_telemetry_error(now, m.spec.id).unwrap();
+                continue;
+            }
             self.e
                 .handle_telemetry(
                     now,
@@ -242,9 +262,19 @@ impl Sim {
         let now = self.now;
         while let Some(c) = self.e.poll_action(now) {
             let i = self.by_id[&c.miner];
-            let m = &self.miners[i];
+            let m = self.miners[i].clone();
             let ramp = m.spec.ramp;
             let ack = match (m.behavior, c.action) {
+                // Firmware out of reach; the proxy still parks.
+                (_, a) if m.down_until.is_some() && !a.is_proxy_side() => {
+                    Ack::Failed("unreachable".into())
+                }
+                (Behavior::RebootOnSleep(secs), Action::Sleep) => {
+                    let m = &mut self.miners[i];
+                    m.behavior = Behavior::Normal;
+                    m.down_until = Some(now + Duration::from_secs(secs));
+                    Ack::Ok
+                }
                 (Behavior::RejectSleep, Action::Sleep) => Ack::Failed("refused".into()),
                 (Behavior::IgnoreSleep, Action::Sleep)
                 | (Behavior::IgnoreSleepAndLimit, Action::Sleep | Action::SetPowerTarget(_)) => {
@@ -1193,3 +1223,6 @@ fn rebooted_miner_under_zero_kw_dispatch_sleeps_again() {
         "every rebooted miner asleep again; commands after the reboot: {after:?}"
     );
 }
+
+mod reboot;
+mod resume;

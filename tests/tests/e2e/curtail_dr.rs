@@ -151,7 +151,6 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
     let ledger = bench.ledger();
     let clock = ScaledClock::new(SPEED);
     let bridge = bridge(&site, proxy.ctx.router.clone());
-    bridge.spawn_reconciler(Duration::from_millis(250), proxy.stop.child_token());
     let h = bench
         .start_driver(
             policy(staleness),

@@ -24,12 +24,10 @@
 //!    hold the engine replans from the recovered event alone and the site
 //!    must stay at or under the limit.
 //!
-//!    Seen here (an engine matter, `policy.rs`): the replan at the end of
-//!    the hold can trade a sleeping miner for power targets on others,
-//!    because `Engine::resume` maps a recovered fine-tune
-//!    `SetPowerTarget(w)` to the escalation step (power target at the
-//!    model's minimum) rather than back to `w`; the site dips up to ~2 %
-//!    under the target while the woken miner ramps up.
+//!    `Engine::resume` restores a recovered fine-tune `SetPowerTarget(w)`
+//!    as that limit (it used to take it for the chain's minimum power
+//!    target, and the replan at the end of the hold traded a sleeping miner
+//!    for power targets on others; see `policy/resume.rs`).
 //! 4. End the event: restore in batches; shut the child down cleanly. Every
 //!    command in the ledger has its acknowledgement except those in flight
 //!    at a kill.
@@ -123,7 +121,10 @@ async fn kill9_child() {
         fw.insert(id, &ep);
         bridge.insert(id, m["worker"].as_str().unwrap());
     }
-    bridge.spawn_reconciler(Duration::from_millis(250), proxy.stop.child_token());
+    // What the application does at start: miners the ledger left parked are
+    // parked again in this (new) router.
+    let (_, resume) = Ledger::open_and_recover(cfg["ledger"].as_str().unwrap()).expect("ledger");
+    bridge.restore(&resume);
     let fw = Arc::new(fw);
     let ms = |k: &str| Timestamp::from_millis(cfg["clock"][k].as_u64().unwrap());
     let clock = ScaledClock::anchored(
@@ -607,8 +608,7 @@ async fn run() {
         woke_early.is_empty(),
         "miners woke across the kills and restarts: {woke_early:?}"
     );
-    // After the hold the engine replans from the (recovered) event alone; it
-    // may trade a sleeper for power targets (see the module doc).
+    // After the hold the engine replans from the (recovered) event alone.
     let mut swapped: Vec<(usize, f64)> = w
         .woke
         .iter()
@@ -620,6 +620,8 @@ async fn run() {
         hold_end.saturating_since(t0).as_secs_f64(),
         swapped.len()
     );
+    // The same plan as before the kills: no sleeper traded for power targets.
+    assert!(swapped.is_empty(), "woken after the hold: {swapped:?}");
     let span = |from: Timestamp, to: Timestamp| {
         let kw: Vec<f64> = w
             .samples
