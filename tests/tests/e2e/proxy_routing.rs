@@ -1,5 +1,6 @@
 //! gridproxy against real `pool_sv2` instances: honest reject reasons, a
-//! pinned authority key, and failover / fail-back without miner reconnects.
+//! pinned authority key, failover / fail-back without miner reconnects, and
+//! after a new block `clean_jobs` to every SV1 miner and old-tip shares stale.
 
 use gridproxy::config::Config;
 use gridproxy_fixtures::tp::TpConfig;

@@ -4,7 +4,8 @@
 //! `mining.set_extranonce` (after `mining.extranonce.subscribe`) and
 //! `mining.set_version_mask` mid-connection, with no share sent on void
 //! work; `client.reconnect` to another port of the same host, after its
-//! wait, refused elsewhere; a job sent before the subscribe result.
+//! wait, refused elsewhere; a job sent before the subscribe result; failover
+//! to a backup SV1 pool and fail-back, miners kept on their connections.
 
 use gridproxy::config::Config;
 use gridproxy_fixtures::stats::MinerStats;

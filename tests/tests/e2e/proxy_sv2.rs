@@ -4,7 +4,9 @@
 //! per-worker upstream counts agree with what the pool acknowledged. A raw
 //! client checks the protocol edges: several channels on one connection,
 //! share answers and their error codes, UpdateChannel/CloseChannel, long
-//! user identities, refused setups, malformed and oversized frames.
+//! user identities, refused setups, malformed and oversized frames; stale
+//! old-tip shares after a new block, blocks found through gridproxy reaching
+//! the TP valid, and version rolling inside the allowed mask only.
 //! Needs `scripts/peers.sh install`.
 
 use gridproxy::config::Config;
