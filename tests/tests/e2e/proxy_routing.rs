@@ -1,5 +1,6 @@
 //! gridproxy against real `pool_sv2` instances: honest reject reasons, a
-//! pinned authority key, and failover / fail-back without miner reconnects.
+//! pinned authority key, failover / fail-back without miner reconnects, and
+//! after a new block `clean_jobs` to every SV1 miner and old-tip shares stale.
 
 use gridproxy::config::Config;
 use gridproxy_fixtures::tp::TpConfig;
@@ -34,7 +35,9 @@ struct RawMiner {
     en1: Vec<u8>,
     en2_size: usize,
     difficulty: f64,
-    jobs: Vec<(String, Job)>,
+    /// Jobs in arrival order: id, work, `clean_jobs`.
+    jobs: Vec<(String, Job, bool)>,
+    user: String,
 }
 
 impl RawMiner {
@@ -48,6 +51,7 @@ impl RawMiner {
             en2_size: 0,
             difficulty: 0.0,
             jobs: vec![],
+            user: user.to_string(),
         };
         m.send(json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}))
             .await;
@@ -79,7 +83,9 @@ impl RawMiner {
             match sv1::parse_server(line.trim_end().as_bytes()).unwrap() {
                 ServerMessage::Response { result, error, .. } => return (result, error),
                 ServerMessage::SetDifficulty(d) => self.difficulty = d,
-                ServerMessage::Notify(n) => self.jobs.push((n.job_id.clone(), n.to_job())),
+                ServerMessage::Notify(n) => {
+                    self.jobs.push((n.job_id.clone(), n.to_job(), n.clean_jobs))
+                }
                 _ => {}
             }
         }
@@ -95,9 +101,23 @@ impl RawMiner {
                 .unwrap();
             match sv1::parse_server(line.trim_end().as_bytes()).unwrap() {
                 ServerMessage::SetDifficulty(d) => self.difficulty = d,
-                ServerMessage::Notify(n) => self.jobs.push((n.job_id.clone(), n.to_job())),
+                ServerMessage::Notify(n) => {
+                    self.jobs.push((n.job_id.clone(), n.to_job(), n.clean_jobs))
+                }
                 other => panic!("unexpected {other:?}"),
             }
+        }
+    }
+
+    /// Read notifications until a job on a tip other than `prev_hash`
+    /// arrives; its index.
+    async fn wait_new_tip(&mut self, prev_hash: [u8; 32]) -> usize {
+        loop {
+            if let Some(i) = self.jobs.iter().position(|j| j.1.prev_hash != prev_hash) {
+                return i;
+            }
+            let n = self.jobs.len();
+            self.wait_jobs(n + 1).await;
         }
     }
 
@@ -106,18 +126,21 @@ impl RawMiner {
         let job = &self.jobs[idx].1;
         let mut en = self.en1.clone();
         en.extend_from_slice(en2);
+        // The merkle root once; only the nonce changes.
+        let mut header = job
+            .header(
+                &Work {
+                    extranonce: &en,
+                    ntime: job.ntime,
+                    nonce: 0,
+                    version_bits: None,
+                },
+                0,
+            )
+            .unwrap();
         for nonce in 0..u32::MAX {
-            let h = job
-                .hash(
-                    &Work {
-                        extranonce: &en,
-                        ntime: job.ntime,
-                        nonce,
-                        version_bits: None,
-                    },
-                    0,
-                )
-                .unwrap();
+            header[76..80].copy_from_slice(&nonce.to_le_bytes());
+            let h = gridproxy_protocol::share::sha256d(&header);
             if meets.is_none_or(|t| t.is_met_by(&h)) && fails.is_none_or(|t| !t.is_met_by(&h)) {
                 return nonce;
             }
@@ -133,7 +156,7 @@ impl RawMiner {
         nonce: u32,
     ) -> Result<(), (i64, String)> {
         let p = json!([
-            "raw.1",
+            self.user,
             job_id,
             hex::encode(en2),
             format!("{ntime:08x}"),
@@ -250,6 +273,123 @@ async fn wrong_pool_authority_key_is_refused() {
     );
     assert!(!proxy.ctx.router.pools()[0].view.borrow().live);
     assert_eq!(stats.connects.get(), 0, "no channel was opened");
+    proxy.stop.cancel();
+}
+
+/// After a new block every SV1 miner is told `clean_jobs = true` on the
+/// first job of the new tip, and a share on a job of the old tip is
+/// refused as stale by gridproxy (never forwarded), while the shares it
+/// does forward (each meeting the pool's target, before and after the
+/// block) are all accepted by pool_sv2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_block_cleans_every_sv1_miner_and_old_tip_shares_are_stale() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let tp = start_tp_with(TpConfig {
+        nbits: gridproxy_fixtures::tp::QUIET_NBITS,
+        new_tip_on_solution: false,
+        template_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = gridproxy_tests::start_proxy(config(
+        &[("sri", pool.addr, pool.authority_pubkey.to_string(), 0)],
+        "",
+    ))
+    .await
+    .unwrap();
+    let up = proxy.ctx.router.pools()[0].clone();
+    assert!(wait_until(Duration::from_secs(30), || up.view.borrow().live).await);
+    let n = 10;
+    let mut miners = Vec::new();
+    for i in 0..n {
+        let mut m = RawMiner::connect(proxy.sv1_addr.unwrap(), &format!("stale.{i}")).await;
+        m.wait_jobs(1).await;
+        miners.push(m);
+    }
+    let up_target = up.view.borrow().target;
+    let en2 = |m: &RawMiner, last: u8| {
+        let mut e = vec![0u8; m.en2_size];
+        *e.last_mut().unwrap() = last;
+        e
+    };
+    // On the old tip: one share each that gridproxy forwards (the pool
+    // accepts it), and one kept for after the block.
+    let mut old = Vec::new();
+    for m in miners.iter_mut() {
+        let i = m.jobs.len() - 1;
+        let target = Target::from_difficulty(m.difficulty).min(up_target);
+        let (id, ntime, prev) = (
+            m.jobs[i].0.clone(),
+            m.jobs[i].1.ntime,
+            m.jobs[i].1.prev_hash,
+        );
+        let (e1, e2) = (en2(m, 1), en2(m, 2));
+        let nonce = m.find(i, &e1, Some(target), None);
+        assert_eq!(m.submit(&id, &e1, ntime, nonce).await, Ok(()));
+        let kept = m.find(i, &e2, Some(target), None);
+        old.push((id, e2, ntime, kept, prev));
+    }
+    assert!(
+        pool.wait_shares_accepted(n as f64, Duration::from_secs(20))
+            .await,
+        "pool accepted {} of the {n} forwarded shares",
+        pool.shares_accepted().await
+    );
+
+    tp.new_block();
+    let mut not_clean = Vec::new();
+    for (i, (m, (id, e2, ntime, nonce, prev))) in miners.iter_mut().zip(&old).enumerate() {
+        let j = m.wait_new_tip(*prev).await;
+        if !m.jobs[j].2 {
+            not_clean.push(i);
+        }
+        // The old tip's work, meeting the pool's target: stale.
+        assert_eq!(
+            m.submit(id, e2, *ntime, *nonce).await,
+            Err((21, "Stale job".into())),
+            "miner {i}: a share of the old tip"
+        );
+        // The new tip's work is forwarded and accepted.
+        let target = Target::from_difficulty(m.difficulty).min(up_target);
+        let last = m.jobs.len() - 1;
+        let (nid, nt) = (m.jobs[last].0.clone(), m.jobs[last].1.ntime);
+        let e3 = en2(m, 3);
+        let nonce = m.find(last, &e3, Some(target), None);
+        assert_eq!(m.submit(&nid, &e3, nt, nonce).await, Ok(()), "miner {i}");
+    }
+    assert!(
+        not_clean.is_empty(),
+        "miners whose first job of the new tip had clean_jobs = false: {not_clean:?}"
+    );
+    assert!(
+        pool.wait_shares_accepted(2.0 * n as f64, Duration::from_secs(20))
+            .await,
+        "pool accepted {} of the {} forwarded shares",
+        pool.shares_accepted().await,
+        2 * n
+    );
+    let s = &up.stats;
+    assert!(
+        wait_until(Duration::from_secs(10), || s.accepted.get() == 2 * n as u64).await,
+        "gridproxy: {} forwarded, {} acked, {} rejected",
+        s.submitted.get(),
+        s.accepted.get(),
+        s.rejected.get()
+    );
+    assert_eq!(
+        s.submitted.get(),
+        2 * n as u64,
+        "stale work never forwarded"
+    );
+    assert_eq!(s.rejected.get(), 0);
+    assert_eq!(pool.shares_accepted().await, 2.0 * n as f64);
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    for i in 0..n {
+        let w = proxy.ctx.registry.get(&format!("stale.{i}")).unwrap();
+        assert_eq!(w.rejected(RejectReason::StaleJob), 1, "stale.{i}");
+        assert_eq!(w.accepted.get(), 2, "stale.{i}");
+    }
     proxy.stop.cancel();
 }
 

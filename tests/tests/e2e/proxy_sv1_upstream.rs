@@ -4,7 +4,8 @@
 //! `mining.set_extranonce` (after `mining.extranonce.subscribe`) and
 //! `mining.set_version_mask` mid-connection, with no share sent on void
 //! work; `client.reconnect` to another port of the same host, after its
-//! wait, refused elsewhere; a job sent before the subscribe result.
+//! wait, refused elsewhere; a job sent before the subscribe result; failover
+//! to a backup SV1 pool and fail-back, miners kept on their connections.
 
 use gridproxy::config::Config;
 use gridproxy_fixtures::stats::MinerStats;
@@ -368,4 +369,219 @@ async fn a_job_before_the_subscribe_result_is_kept() {
     );
     proxy.stop.cancel();
     stop.cancel();
+}
+
+/// Primary and backup SV1 pools (priority 0 and 1), a fail-back cooldown of
+/// 3 s, `miners` fixture miners with counters of their own (to see a
+/// backup job reach every one of them).
+fn failover_setup(
+    primary: SocketAddr,
+    backup: SocketAddr,
+    miners: usize,
+) -> (String, Vec<Arc<MinerStats>>) {
+    let mut text = String::new();
+    for (name, addr, prio) in [("primary", primary, 0), ("backup", backup, 1)] {
+        text.push_str(&format!(
+            "[[pools]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"sv1\"\nuser = \"acct\"\npriority = {prio}\n\n"
+        ));
+    }
+    text.push_str(
+        "[listen]\nsv1 = \"127.0.0.1:0\"\n\n\
+         [difficulty]\ninitial = 0.000003814697265625\nmin = 0.000000001\n\n\
+         [routing]\nreconnect_ms = 100\nfailback_cooldown_secs = 3\n",
+    );
+    let each = (0..miners)
+        .map(|_| Arc::new(MinerStats::default()))
+        .collect();
+    (text, each)
+}
+
+/// Sum of one counter over per-miner stats.
+fn total(each: &[Arc<MinerStats>], f: impl Fn(&MinerStats) -> u64) -> u64 {
+    each.iter().map(|m| f(m)).sum()
+}
+
+/// The SV1-upstream twin of `proxy_routing`'s SV2 failover test: the
+/// primary SV1 pool stops (its listener and every connection closed);
+/// every miner gets a backup job on the connection it has, shares flow to
+/// the backup, nobody reconnects; the primary comes back on the same port
+/// and after the cooldown the miners return to it, still on their
+/// connections. Both pools' own counts match what gridproxy credited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sv1_upstream_failover_to_backup_and_failback_without_reconnecting_miners() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let primary = start_pool(pool_cfg(Duration::from_secs(30)), &stop_a).await;
+    let backup = start_pool(
+        Sv1PoolConfig {
+            name: "backup".into(),
+            ..pool_cfg(Duration::from_secs(30))
+        },
+        &stop_b,
+    )
+    .await;
+    let primary_addr = primary.addr();
+    let n = 20;
+    let (text, each) = failover_setup(primary_addr, backup.addr(), n);
+    let proxy = gridproxy_tests::start_proxy(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .expect("proxy starts");
+    let miners_stop = CancellationToken::new();
+    for (i, st) in each.iter().enumerate() {
+        let mut cfg = Sv1MinerConfig::new(proxy.sv1_addr.unwrap(), format!("fo1.{i}"));
+        cfg.hashrate = 5_000.0;
+        cfg.version_rolling = i % 2 == 0;
+        tokio::spawn(sv1_miner::run(cfg, st.clone(), miners_stop.clone()));
+    }
+    let pools = proxy.ctx.router.pools().to_vec();
+    let (a, b) = (pools[0].stats.clone(), pools[1].stats.clone());
+    assert!(
+        accepted_more(&primary, 0, 5, Duration::from_secs(60)).await,
+        "primary: {}",
+        pool_counts(&primary)
+    );
+    assert_eq!(b.submitted.get(), 0, "backup idle while the primary is up");
+    assert_eq!(backup.stats().accepted.get(), 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || total(&each, |m| m
+            .connects
+            .get())
+            == n as u64)
+        .await
+    );
+
+    // Stop the primary: every miner must get a backup job on its connection.
+    let jobs_before: Vec<u64> = each.iter().map(|m| m.jobs.get()).collect();
+    let t0 = tokio::time::Instant::now();
+    stop_a.cancel();
+    let stale_miners = || {
+        each.iter()
+            .zip(&jobs_before)
+            .enumerate()
+            .filter(|(_, (m, before))| m.jobs.get() <= **before)
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || stale_miners().is_empty()).await,
+        "miners without a new job after the failover: {:?}; upstream error {:?}",
+        stale_miners(),
+        a.last_error()
+    );
+    let switch = t0.elapsed();
+    println!("sv1 failover: all {n} miners had a backup job {switch:?} after the primary stopped");
+    assert!(switch < Duration::from_secs(2), "failover took {switch:?}");
+    assert!(
+        accepted_more(&backup, 0, 5, Duration::from_secs(60)).await,
+        "backup: {}",
+        pool_counts(&backup)
+    );
+    assert_eq!(
+        total(&each, |m| m.connects.get()),
+        n as u64,
+        "no miner reconnected"
+    );
+    assert_eq!(total(&each, |m| m.disconnects.get()), 0);
+    let first_primary = primary.stats().clone();
+    primary.join().await;
+
+    // The primary comes back on its port: after the 3 s cooldown the miners
+    // return, still without reconnecting.
+    let stop_a2 = CancellationToken::new();
+    let restarted = sv1_pool::spawn(
+        primary_addr,
+        pool_cfg(Duration::from_secs(30)),
+        stop_a2.clone(),
+    )
+    .await
+    .expect("the primary binds its port again");
+    let t1 = tokio::time::Instant::now();
+    assert!(
+        accepted_more(&restarted, 0, 5, Duration::from_secs(60)).await,
+        "no fail-back: {}; upstream error {:?}",
+        pool_counts(&restarted),
+        a.last_error()
+    );
+    let back = t1.elapsed();
+    println!("sv1 fail-back: shares reached the restarted primary {back:?} after it came up (cooldown 3 s)");
+    assert!(
+        back >= Duration::from_secs(2),
+        "fail-back ignored the cooldown ({back:?})"
+    );
+    let b_sent = b.submitted.get();
+    let quiet_from = restarted.stats().accepted.get();
+    // Until the primary has taken 10 more shares, the backup gets at most
+    // what was in flight at the switch.
+    assert!(accepted_more(&restarted, quiet_from, 10, Duration::from_secs(30)).await);
+    assert!(
+        b.submitted.get() <= b_sent + 2,
+        "backup still receiving shares after fail-back"
+    );
+    assert_eq!(
+        total(&each, |m| m.connects.get()),
+        n as u64,
+        "no miner reconnected"
+    );
+    assert_eq!(total(&each, |m| m.disconnects.get()), 0);
+
+    miners_stop.cancel();
+    // Once the last acknowledgements land: every pool ack is credited to
+    // exactly one worker, and each pool's own count is what gridproxy
+    // counted for it (shares lost with the stopped primary count nowhere).
+    let credited = || {
+        proxy
+            .ctx
+            .registry
+            .snapshot()
+            .iter()
+            .map(|w| w.upstream_accepted)
+            .sum::<u64>()
+    };
+    let agree = || {
+        credited() == a.accepted.get() + b.accepted.get()
+            && backup.stats().accepted.get() == b.accepted.get()
+            && first_primary.accepted.get() + restarted.stats().accepted.get() == a.accepted.get()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), agree).await,
+        "credited {} = primary {} + backup {}? primary's own {} + {}, backup's own {}",
+        credited(),
+        a.accepted.get(),
+        b.accepted.get(),
+        first_primary.accepted.get(),
+        restarted.stats().accepted.get(),
+        backup.stats().accepted.get()
+    );
+    assert_eq!(
+        proxy
+            .ctx
+            .registry
+            .snapshot()
+            .iter()
+            .map(|w| w.accepted)
+            .sum::<u64>(),
+        total(&each, |m| m.accepted.get())
+    );
+    assert_eq!(
+        backup.stats().rejected_total(),
+        0,
+        "{}",
+        pool_counts(&backup)
+    );
+    assert_eq!(
+        first_primary.rejected_total(),
+        0,
+        "the stopped primary rejected shares"
+    );
+    assert_eq!(
+        restarted.stats().rejected_total(),
+        0,
+        "{}",
+        pool_counts(&restarted)
+    );
+    proxy.stop.cancel();
+    stop_a2.cancel();
+    stop_b.cancel();
 }

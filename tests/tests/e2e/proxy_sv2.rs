@@ -4,7 +4,9 @@
 //! per-worker upstream counts agree with what the pool acknowledged. A raw
 //! client checks the protocol edges: several channels on one connection,
 //! share answers and their error codes, UpdateChannel/CloseChannel, long
-//! user identities, refused setups, malformed and oversized frames.
+//! user identities, refused setups, malformed and oversized frames; stale
+//! old-tip shares after a new block, blocks found through gridproxy reaching
+//! the TP valid, and version rolling inside the allowed mask only.
 //! Needs `scripts/peers.sh install`.
 
 use gridproxy::config::Config;
@@ -1025,5 +1027,444 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         "slots leaked: {}",
         proxy.ctx.slots_in_use()
     );
+    proxy.stop.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) a new block, a block found, version rolling
+
+/// Opens a standard channel on a set-up connection and waits for its first
+/// job (a future job activated by SetNewPrevHash): its id and target, and
+/// the work.
+async fn open_standard(c: &mut Client, request_id: u32, user: &str) -> (u32, Target, StdWork) {
+    c.send(MiningOwned::OpenStandardMiningChannel(
+        OpenStandardMiningChannelOwned {
+            request_id,
+            user_identity: user.to_string().try_into().unwrap(),
+            nominal_hash_rate: 1.0,
+            max_target: [0xff; 32].into(),
+        },
+    ))
+    .await;
+    let (id, target) = c
+        .expect("OpenStandardMiningChannel.Success", |m| match m {
+            MiningOwned::OpenStandardMiningChannelSuccess(s) if s.request_id == request_id => {
+                Some((s.channel_id, Target::from_le_bytes(s.target.to_array())))
+            }
+            _ => None,
+        })
+        .await;
+    let work = next_tip(c, id, None).await;
+    (id, target, work)
+}
+
+/// The first job on channel `id` of a tip other than `old` (any tip if
+/// None): its SetNewPrevHash and the job it activates.
+async fn next_tip(c: &mut Client, id: u32, old: Option<[u8; 32]>) -> StdWork {
+    let p = c
+        .expect("SetNewPrevHash", |m| match m {
+            MiningOwned::SetNewPrevHash(p)
+                if p.channel_id == id && Some(p.prev_hash.to_array()) != old =>
+            {
+                Some(p.clone())
+            }
+            _ => None,
+        })
+        .await;
+    let j = c
+        .expect("the job SetNewPrevHash activates", |m| match m {
+            MiningOwned::NewMiningJob(j) if j.channel_id == id && j.job_id == p.job_id => {
+                Some(j.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert!(
+        j.min_ntime.clone().into_inner().is_none(),
+        "the first job of a tip is a future job"
+    );
+    StdWork {
+        job_id: j.job_id,
+        version: j.version,
+        merkle_root: j.merkle_root.to_array(),
+        prev_hash: p.prev_hash.to_array(),
+        nbits: p.nbits,
+        ntime: p.min_ntime,
+    }
+}
+
+/// Nonces from `from` on whose header (with `version`) meets `target`.
+fn nonce_from(w: &StdWork, version: u32, target: &Target, from: u32) -> u32 {
+    (from..u32::MAX)
+        .find(|n| {
+            target.is_met_by(&share::sha256d(&share::header(
+                version,
+                &w.prev_hash,
+                &w.merkle_root,
+                w.ntime,
+                w.nbits,
+                *n,
+            )))
+        })
+        .expect("some nonce")
+}
+
+fn standard_share(channel_id: u32, seq: u32, w: &StdWork, version: u32, nonce: u32) -> MiningOwned {
+    MiningOwned::SubmitSharesStandard(SubmitSharesStandard {
+        channel_id,
+        sequence_number: seq,
+        job_id: w.job_id,
+        nonce,
+        ntime: w.ntime,
+        version,
+    })
+}
+
+/// The answer to the share with sequence number `seq`: Ok, or the error code.
+async fn answer(c: &mut Client, id: u32, seq: u32) -> Result<(), String> {
+    c.expect("SubmitShares answer", |m| match m {
+        MiningOwned::SubmitSharesSuccess(s)
+            if s.channel_id == id && s.last_sequence_number == seq =>
+        {
+            Some(Ok(()))
+        }
+        MiningOwned::SubmitSharesError(e) if e.channel_id == id && e.sequence_number == seq => {
+            Some(Err(
+                String::from_utf8_lossy(e.error_code.as_bytes()).into_owned()
+            ))
+        }
+        _ => None,
+    })
+    .await
+}
+
+/// After a new block, a standard channel's share on the old tip's job is
+/// refused as `stale-share` (never forwarded), while everything gridproxy
+/// forwards (shares meeting the pool's target, before and after the block)
+/// is accepted by pool_sv2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_block_makes_old_tip_shares_stale_on_a_standard_channel() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let tp = start_tp_with(gridproxy_fixtures::tp::TpConfig {
+        nbits: gridproxy_fixtures::tp::QUIET_NBITS,
+        new_tip_on_solution: false,
+        template_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(&pool, 1, "", "").await;
+    let up = proxy.ctx.router.pools()[0].clone();
+    let mut c = Client::connect(proxy.sv2_addr.unwrap()).await;
+    assert!(matches!(
+        c.setup(Protocol::MiningProtocol, 0b1).await,
+        Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_))
+    ));
+    let n = 3u32;
+    let mut chans = Vec::new();
+    for i in 0..n {
+        chans.push(open_standard(&mut c, i + 1, &format!("stale2.{i}")).await);
+    }
+    let up_target = up.view.borrow().target;
+    // Before the block: one share each that gridproxy forwards; another of
+    // the same job kept for after the block.
+    let mut kept = Vec::new();
+    for (id, target, w) in &chans {
+        let t = (*target).min(up_target);
+        let first = nonce_from(w, w.version, &t, 0);
+        c.send(standard_share(*id, 1, w, w.version, first)).await;
+        assert_eq!(answer(&mut c, *id, 1).await, Ok(()), "channel {id}");
+        kept.push(nonce_from(w, w.version, &t, first + 1));
+    }
+    assert!(
+        pool.wait_shares_accepted(n as f64, Duration::from_secs(20))
+            .await,
+        "pool accepted {} of {n}",
+        pool.shares_accepted().await
+    );
+
+    tp.new_block();
+    for ((id, target, w), old_nonce) in chans.iter().zip(&kept) {
+        let new = next_tip(&mut c, *id, Some(w.prev_hash)).await;
+        assert_ne!(new.job_id, w.job_id);
+        // The old tip's work, meeting the pool's target: stale.
+        c.send(standard_share(*id, 2, w, w.version, *old_nonce))
+            .await;
+        assert_eq!(
+            answer(&mut c, *id, 2).await,
+            Err("stale-share".to_string()),
+            "channel {id}: a share of the old tip"
+        );
+        let t = (*target).min(up_target);
+        let nonce = nonce_from(&new, new.version, &t, 0);
+        c.send(standard_share(*id, 3, &new, new.version, nonce))
+            .await;
+        assert_eq!(
+            answer(&mut c, *id, 3).await,
+            Ok(()),
+            "channel {id}: new tip"
+        );
+    }
+    let s = &up.stats;
+    assert!(
+        wait_until(Duration::from_secs(10), || s.accepted.get() == 2 * n as u64).await,
+        "gridproxy: forwarded {} acked {} rejected {}",
+        s.submitted.get(),
+        s.accepted.get(),
+        s.rejected.get()
+    );
+    assert_eq!(
+        s.submitted.get(),
+        2 * n as u64,
+        "stale work never forwarded"
+    );
+    assert_eq!(s.rejected.get(), 0);
+    assert!(
+        pool.wait_shares_accepted(2.0 * n as f64, Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(pool.shares_accepted().await, 2.0 * n as f64);
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    for i in 0..n {
+        let w = proxy.ctx.registry.get(&format!("stale2.{i}")).unwrap();
+        assert_eq!(
+            w.rejected(gridproxy_proxy::stats::RejectReason::StaleJob),
+            1
+        );
+        assert_eq!(w.accepted.get(), 2);
+    }
+    proxy.stop.cancel();
+}
+
+/// SV1 fixture miners and an SV2 fixture miner find blocks through
+/// gridproxy, at the TP's default easy `nbits` (one hash in ~16.7M is a
+/// block) with a new tip after each solution. So that each kind's blocks
+/// are told apart, gridproxy has two upstreams, each its own pool_sv2 and
+/// TP, and the SV1 miners are pinned to one, the SV2 miner to the other:
+/// each TP gets valid solutions and no invalid one, and neither pool
+/// rejects a share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_found_through_gridproxy_reach_the_tp_valid() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let (tp1, tp2) = (start_tp().await, start_tp().await);
+    let (pool1, pool2) = (start_pool(tp1.addr()).await, start_pool(tp2.addr()).await);
+    let kp = proxy_authority();
+    // The pools' share targets sized for what the miners hash (~2 MH/s each side).
+    let mut text = String::new();
+    for (i, p) in [&pool1, &pool2].iter().enumerate() {
+        text.push_str(&format!(
+            "[[pools]]\nname = \"sri{i}\"\naddress = \"{}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{}\"\nuser = \"gridproxy-test\"\nnominal_hashrate = 2000000.0\n\n",
+            p.addr, p.authority_pubkey
+        ));
+    }
+    text.push_str(&format!(
+        "[listen]\nsv1 = \"127.0.0.1:0\"\nsv2 = \"127.0.0.1:0\"\nsv2_authority_pubkey = \"{}\"\nsv2_authority_secret = \"{}\"\n\n\
+         [difficulty]\ninitial = 0.0001\nmin = 0.000000001\nshares_per_minute = 20.0\n\n\
+         [routing]\nreconnect_ms = 100\n",
+        kp.public(),
+        kp.secret_string()
+    ));
+    let proxy = gridproxy_tests::start_proxy(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .unwrap();
+    let pools = proxy.ctx.router.pools().to_vec();
+    assert!(
+        wait_until(Duration::from_secs(30), || pools
+            .iter()
+            .all(|p| p.view.borrow().live))
+        .await
+    );
+
+    let sv1 = Arc::new(MinerStats::default());
+    let stop = CancellationToken::new();
+    for i in 0..2 {
+        let mut cfg = Sv1MinerConfig::new(proxy.sv1_addr.unwrap(), format!("blk.rig.{i}"));
+        cfg.hashrate = 1_000_000.0;
+        cfg.version_rolling = i == 0;
+        cfg.suggest_difficulty = Some(0.001);
+        tokio::spawn(sv1_miner::run(cfg, sv1.clone(), stop.clone()));
+    }
+    let sv2 = Sv2Miners::start(Sv2MinerConfig {
+        user_identity: "blk.sv2".into(),
+        ..Sv2MinerConfig::new(proxy.sv2_addr.unwrap(), kp.public(), 2_000_000.0)
+    });
+    let registered = wait_until(Duration::from_secs(20), || {
+        ["blk.rig.0", "blk.rig.1", "blk.sv2.0"]
+            .iter()
+            .all(|w| proxy.ctx.registry.get(w).is_some())
+    })
+    .await;
+    assert!(registered, "{:?}", proxy.ctx.registry.snapshot());
+    assert_eq!(
+        proxy
+            .ctx
+            .router
+            .move_to(|w| w.starts_with("blk.rig."), Some(0)),
+        2
+    );
+    assert_eq!(proxy.ctx.router.move_to(|w| w == "blk.sv2.0", Some(1)), 1);
+    let (v1, v2) = (tp1.stats().valid_solutions, tp2.stats().valid_solutions);
+
+    let found = wait_until(Duration::from_secs(60), || {
+        tp1.stats().valid_solutions > v1 && tp2.stats().valid_solutions > v2
+    })
+    .await;
+    stop.cancel();
+    sv2.stop();
+    let (s1, s2) = (tp1.stats(), tp2.stats());
+    println!(
+        "blocks: via SV1 miners {} valid, via the SV2 miner {} valid; sv1 {sv1:?}; sv2 {:?}",
+        s1.valid_solutions,
+        s2.valid_solutions,
+        sv2.stats()
+    );
+    assert!(
+        found,
+        "TP of the SV1 miners {s1:?} {:?}\nTP of the SV2 miner {s2:?} {:?}\nsv1 {sv1:?}\nsv2 {:?}",
+        tp1.solutions(),
+        tp2.solutions(),
+        sv2.stats()
+    );
+    assert_eq!(s1.invalid_solutions, 0, "{:?}", tp1.solutions());
+    assert_eq!(s2.invalid_solutions, 0, "{:?}", tp2.solutions());
+    assert!(tp1
+        .solutions()
+        .iter()
+        .all(|s| s.valid && s.block_hash.is_some()));
+    assert!(tp2
+        .solutions()
+        .iter()
+        .all(|s| s.valid && s.block_hash.is_some()));
+    // Each block moved that TP's tip (new_tip_on_solution).
+    assert!(s1.tips > 1 && s2.tips > 1, "{s1:?} {s2:?}");
+    for p in [&pool1, &pool2] {
+        assert!(p.shares_accepted().await > 0.0);
+        assert_eq!(p.shares_rejected().await, 0.0);
+    }
+    for p in &pools {
+        assert_eq!(p.stats.rejected.get(), 0, "{}", p.stats.name);
+    }
+    proxy.stop.cancel();
+}
+
+/// An SV2 miner rolling the BIP320 version bits through gridproxy (the
+/// fixture miners on standard and extended channels): its shares are
+/// accepted by gridproxy and, where forwarded, by pool_sv2. A share whose
+/// version differs from the job's outside the allowed mask is refused by
+/// gridproxy (and never forwarded), while one rolled inside it is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sv2_version_rolling_inside_the_mask_only() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let tp = start_quiet_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(&pool, 1, "", "").await;
+    let addr = proxy.sv2_addr.unwrap();
+    let key = proxy_authority().public();
+    let up = proxy.ctx.router.pools()[0].clone();
+    let mask = up.view.borrow().job.as_ref().map(|j| j.version_mask);
+    assert_eq!(mask, Some(0x1fff_e000), "pool_sv2 allows BIP320 rolling");
+
+    let rolling = |kind, user: &str| {
+        Sv2Miners::start(Sv2MinerConfig {
+            channel: kind,
+            count: 2,
+            user_identity: user.into(),
+            version_rolling: true,
+            ..Sv2MinerConfig::new(addr, key, 20_000.0)
+        })
+    };
+    let std = rolling(ChannelKind::Standard, "roll.std");
+    let ext = rolling(ChannelKind::Extended { extranonce_size: 4 }, "roll.ext");
+    wait_fixture(&std, 10, "standard, rolling", &pool).await;
+    wait_fixture(&ext, 10, "extended, rolling", &pool).await;
+    // Forwarded rolled shares too.
+    let forwarded = wait_until(Duration::from_secs(60), || {
+        ["roll.std.", "roll.ext."].iter().all(|p| {
+            proxy
+                .ctx
+                .registry
+                .snapshot()
+                .iter()
+                .filter(|w| w.name.starts_with(p))
+                .map(|w| w.upstream_accepted)
+                .sum::<u64>()
+                >= 2
+        })
+    })
+    .await;
+    std.stop();
+    ext.stop();
+    let (s, e) = (std.stats(), ext.stats());
+    assert!(forwarded, "{:?}", proxy.ctx.registry.snapshot());
+    assert_eq!(
+        (s.rejected, e.rejected),
+        (0, 0),
+        "{:?} {:?}",
+        std.reject_reasons(),
+        ext.reject_reasons()
+    );
+    // Every share the miners sent was rolled.
+    assert_eq!(s.rolled, s.submitted, "{s:?}");
+    assert_eq!(e.rolled, e.submitted, "{e:?}");
+    let acked = assert_upstream_accounting(&proxy, &pool).await;
+    assert_eq!(pool.shares_rejected().await, 0.0);
+
+    // A raw standard channel: bits outside the mask (below it, above it) are
+    // refused; bits inside it are accepted and forwarded.
+    let mut c = Client::connect(addr).await;
+    assert!(matches!(
+        c.setup(Protocol::MiningProtocol, 0b1).await,
+        Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_))
+    ));
+    let (id, target, w) = open_standard(&mut c, 1, "roll.raw").await;
+    let t = target.min(up.view.borrow().target);
+    let mut seq = 0;
+    for outside in [0x0000_0001u32, 0x0000_1000, 0x4000_0000] {
+        let v = w.version ^ outside;
+        seq += 1;
+        c.send(standard_share(id, seq, &w, v, nonce_from(&w, v, &t, 0)))
+            .await;
+        assert_eq!(
+            answer(&mut c, id, seq).await,
+            Err("invalid-job-id".to_string()),
+            "version {v:08x}: bits outside the mask"
+        );
+    }
+    let inside = w.version ^ 0x0aaa_a000;
+    seq += 1;
+    c.send(standard_share(
+        id,
+        seq,
+        &w,
+        inside,
+        nonce_from(&w, inside, &t, 0),
+    ))
+    .await;
+    assert_eq!(
+        answer(&mut c, id, seq).await,
+        Ok(()),
+        "rolled inside the mask"
+    );
+    let raw = proxy.ctx.registry.get("roll.raw").unwrap();
+    assert_eq!(
+        raw.rejected(gridproxy_proxy::stats::RejectReason::Invalid),
+        3
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || raw.upstream_accepted.get() == 1).await,
+        "the rolled share was not accepted upstream"
+    );
+    assert!(
+        pool.wait_shares_accepted(acked as f64 + 1.0, Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    assert_eq!(up.stats.rejected.get(), 0);
     proxy.stop.cancel();
 }
