@@ -28,14 +28,20 @@ async fn subscribe_from(from: &str, to: SocketAddr) -> (TcpStream, Option<String
     (s, answer)
 }
 
+/// A proxy with an SV1 listener on a free port, a pool nobody answers on,
+/// and `limits` as its `[limits]` table.
+async fn start(limits: &str) -> Proxy {
+    let cfg = ProxyConfig::from_toml(&format!(
+        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+         [listen]\nsv1='127.0.0.1:0'\n[limits]\n{limits}"
+    ))
+    .unwrap();
+    Proxy::start(cfg, CancellationToken::new()).await.unwrap()
+}
+
 #[tokio::test]
 async fn one_address_cannot_take_every_slot() {
-    let cfg = ProxyConfig::from_toml(
-        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
-         [listen]\nsv1='127.0.0.1:0'\n[limits]\nmax_connections = 10\nmax_connections_per_ip = 3\n",
-    )
-    .unwrap();
-    let proxy = Proxy::start(cfg, CancellationToken::new()).await.unwrap();
+    let proxy = start("max_connections = 10\nmax_connections_per_ip = 3\n").await;
     let addr = proxy.sv1_addr.unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -73,12 +79,7 @@ async fn one_address_cannot_take_every_slot() {
 /// the connection; an honest start-up sequence does not come near the limit.
 #[tokio::test]
 async fn a_request_flood_is_cut_and_an_honest_start_is_not() {
-    let cfg = ProxyConfig::from_toml(
-        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
-         [listen]\nsv1='127.0.0.1:0'\n",
-    )
-    .unwrap();
-    let proxy = Proxy::start(cfg, CancellationToken::new()).await.unwrap();
+    let proxy = start("").await;
     let addr = proxy.sv1_addr.unwrap();
     let honest = [
         r#"{"id":1,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"1fffe000"}]}"#,
@@ -175,16 +176,7 @@ async fn junk_shares(r: &mut BufReader<TcpStream>, n: u32) -> bool {
 /// `max_reject_ratio = 1.0` the same connection stays.
 #[tokio::test]
 async fn a_connection_of_rejected_shares_is_dropped() {
-    let cfg = |ratio: &str| {
-        ProxyConfig::from_toml(&format!(
-            "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
-             [listen]\nsv1='127.0.0.1:0'\n[limits]\nreject_window = 50\nmax_reject_ratio = {ratio}\n"
-        ))
-        .unwrap()
-    };
-    let proxy = Proxy::start(cfg("0.5"), CancellationToken::new())
-        .await
-        .unwrap();
+    let proxy = start("reject_window = 50\nmax_reject_ratio = 0.5\n").await;
     let mut m = start_miner(proxy.sv1_addr.unwrap()).await;
     assert!(
         !junk_shares(&mut m, 49).await,
@@ -195,9 +187,7 @@ async fn a_connection_of_rejected_shares_is_dropped() {
     assert_eq!(proxy.ctx.trips.reject_ratio.get(), 1);
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
 
-    let proxy = Proxy::start(cfg("1.0"), CancellationToken::new())
-        .await
-        .unwrap();
+    let proxy = start("reject_window = 50\nmax_reject_ratio = 1.0\n").await;
     let mut m = start_miner(proxy.sv1_addr.unwrap()).await;
     assert!(
         !junk_shares(&mut m, 120).await,
@@ -214,12 +204,7 @@ async fn a_connection_of_rejected_shares_is_dropped() {
 async fn a_fast_sender_does_not_starve_the_others() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let cfg = ProxyConfig::from_toml(
-        "[[pools]]\nname='gone'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
-         [listen]\nsv1='127.0.0.1:0'\n",
-    )
-    .unwrap();
-    let proxy = Proxy::start(cfg, CancellationToken::new()).await.unwrap();
+    let proxy = start("").await;
     let addr = proxy.sv1_addr.unwrap();
     // Blank lines: free to send, never an error, so only the budget stops
     // the session's read loop. Bounded: 10 s at most.
