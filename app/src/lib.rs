@@ -15,6 +15,7 @@ pub mod api;
 pub mod app;
 #[cfg(feature = "sim")]
 pub mod backtest;
+pub mod cli;
 pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;

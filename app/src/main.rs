@@ -1,9 +1,10 @@
 //! `gridproxy` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use gridproxy::api::client;
 #[cfg(feature = "sim")]
 use gridproxy::backtest;
+use gridproxy::cli::{self, exit, LogFormat};
 use gridproxy::config::Config;
 #[cfg(feature = "sim")]
 use gridproxy::demo::{self, DemoOptions};
@@ -18,31 +19,71 @@ use std::time::Duration;
 #[command(
     name = "gridproxy",
     version,
-    about = "Stratum V1/V2 mining proxy that turns a mining site into a grid asset"
+    about = "Stratum V1/V2 mining proxy that turns a mining site into a grid asset",
+    after_help = cli::AFTER_HELP
 )]
 struct Cli {
-    /// Log as JSON lines instead of readable text.
-    #[arg(long, global = true)]
+    /// Log level or filter: error, warn, info, debug, trace, or a tracing
+    /// filter such as `gridproxy=debug,info` [default: $RUST_LOG, else info;
+    /// warn for demo and status].
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Same as --log-format json (older spelling).
+    #[arg(long, global = true, hide = true)]
     log_json: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The config file option every command that reads one shares.
+#[derive(Args)]
+struct ConfigArg {
+    /// Config file [default: $GRIDPROXY_CONFIG, else /etc/gridproxy/gridproxy.toml].
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The config path, or `None` when none is given and the default is absent.
+    fn resolve(self) -> Option<PathBuf> {
+        cli::config_path(
+            self.config,
+            std::env::var_os(cli::CONFIG_ENV),
+            std::path::Path::new(cli::DEFAULT_CONFIG),
+        )
+        .map(|(p, _)| p)
+    }
+
+    /// The config path, or the exit-2 error naming every place looked at.
+    fn required(self) -> Result<PathBuf, ExitCode> {
+        self.resolve().ok_or_else(|| {
+            eprintln!("error: {}", cli::no_config_error());
+            ExitCode::from(exit::USAGE)
+        })
+    }
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the proxy with a TOML config.
     Run {
-        /// Config file.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Print a status line every N seconds (0 = never).
-        #[arg(long, default_value_t = 10)]
-        status_every: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print a status line on standard output every N seconds (0 = never)
+        /// [default: 10 on a terminal, else never].
+        #[arg(long)]
+        status_every: Option<u64>,
     },
     /// Validate a config file and exit (0 = valid, 2 = invalid).
     CheckConfig {
-        /// Config file.
-        config: PathBuf,
+        /// Config file (same as --config).
+        #[arg(conflicts_with = "config")]
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Run a whole simulated site on loopback: two validating pools, the
     /// proxy, ~500 simulated miners of mixed models and firmwares, a replayed
@@ -77,12 +118,12 @@ enum Cmd {
     },
     /// Print a running gridproxy's fleet summary through its control API.
     Status {
-        /// Control API address (default: api.listen of --config, else 127.0.0.1:8080).
+        /// Control API address (default: api.listen of the config, else 127.0.0.1:8080).
         #[arg(long)]
         api: Option<SocketAddr>,
-        /// Config file to take the API address from.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        /// The config to take the API address (and TLS certificate) from.
+        #[command(flatten)]
+        config: ConfigArg,
         /// Bearer token (read role is enough); default: $GRIDPROXY_TOKEN.
         #[arg(long)]
         token: Option<String>,
@@ -156,19 +197,6 @@ enum Cmd {
     },
 }
 
-fn init_logs(json: bool, default: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn load(path: &std::path::Path) -> Result<Config, String> {
     Config::load(path).map_err(|e| e.to_string())
 }
@@ -188,39 +216,74 @@ fn main() -> ExitCode {
         Cmd::Status { .. } => true,
         _ => false,
     };
-    init_logs(cli.log_json, if quiet_default { "warn" } else { "info" });
+    let filter = cli::log_filter(
+        cli.log_level.as_deref(),
+        std::env::var("RUST_LOG").ok().as_deref(),
+        if quiet_default { "warn" } else { "info" },
+    );
+    match filter {
+        Ok(f) => cli::init_logs(
+            f,
+            if cli.log_json {
+                LogFormat::Json
+            } else {
+                cli.log_format
+            },
+        ),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    }
     match cli.cmd {
-        Cmd::CheckConfig { config } => match load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} pools{}{})",
-                    config.display(),
-                    c.pools.len(),
-                    match c.api.listen {
-                        Some(a) => format!(", control API on {a}"),
-                        None => String::new(),
-                    },
-                    match &c.site {
-                        Some(s) => format!(", site with {} miners", s.miners.len()),
-                        None => String::new(),
-                    }
-                );
-                ExitCode::SUCCESS
+        Cmd::CheckConfig { path, config } => {
+            let config = match path.or_else(|| config.resolve()) {
+                Some(p) => p,
+                None => {
+                    eprintln!("error: {}", cli::no_config_error());
+                    return ExitCode::from(exit::USAGE);
+                }
+            };
+            match load(&config) {
+                Ok(c) => {
+                    println!(
+                        "{}: ok ({} pools{}{})",
+                        config.display(),
+                        c.pools.len(),
+                        match c.api.listen {
+                            Some(a) => format!(", control API on {a}"),
+                            None => String::new(),
+                        },
+                        match &c.site {
+                            Some(s) => format!(", site with {} miners", s.miners.len()),
+                            None => String::new(),
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(exit::USAGE)
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Cmd::Run {
             config,
             status_every,
         } => {
+            let config = match config.required() {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            let status_every = {
+                use std::io::IsTerminal;
+                cli::status_interval(status_every, std::io::stdout().is_terminal())
+            };
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(exit::USAGE);
                 }
             };
             match runtime().block_on(run(cfg, config, status_every)) {
@@ -285,6 +348,12 @@ fn main() -> ExitCode {
             json,
         } => {
             let token = token.or_else(|| std::env::var("GRIDPROXY_TOKEN").ok());
+            // Only needed without --api; a missing default file is fine.
+            let config = if api.is_none() {
+                config.resolve()
+            } else {
+                None
+            };
             runtime().block_on(status(api, config, token, json))
         }
         #[cfg(feature = "sim")]
@@ -318,7 +387,7 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
-                ExitCode::from(2)
+                ExitCode::from(exit::USAGE)
             }
         },
         Cmd::Report {
@@ -342,7 +411,7 @@ fn main() -> ExitCode {
                 },
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(exit::USAGE);
                 }
             };
             let text = report(&ledger).and_then(|summary| {
@@ -382,7 +451,12 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     for line in &app.started {
         println!("gridproxy: {line}");
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(status_every.max(1)));
+    // Without status lines the tick still runs (rarely) so the loop is one shape.
+    let mut tick = tokio::time::interval(Duration::from_secs(if status_every == 0 {
+        3600
+    } else {
+        status_every
+    }));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("SIGTERM handler: {e}"))?;
     loop {
@@ -423,7 +497,7 @@ async fn status(
                         Ok(t) => tls = Some(t),
                         Err(e) => {
                             eprintln!("error: api.tls_cert: {e}");
-                            return ExitCode::from(2);
+                            return ExitCode::from(exit::USAGE);
                         }
                     }
                 }
@@ -431,13 +505,13 @@ async fn status(
                     Some(a) => a,
                     None => {
                         eprintln!("error: {}: api.listen is not set", p.display());
-                        return ExitCode::from(2);
+                        return ExitCode::from(exit::USAGE);
                     }
                 }
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(2);
+                return ExitCode::from(exit::USAGE);
             }
         },
         (None, None) => "127.0.0.1:8080".parse().expect("literal"),
@@ -537,11 +611,12 @@ fn report(path: &std::path::Path) -> Result<String, String> {
         .map(|i| i.end)
         .or(a.commands.last().map(|c| c.at));
     out.push_str(&format!("ledger {}\n", path.display()));
+    let at = gridproxy_curtail::time::Timestamp::to_rfc3339;
     if let (Some(f), Some(l)) = (first, last) {
         out.push_str(&format!(
             "period: {} .. {} ({:.0} s); {} signals recorded\n",
-            f,
-            l,
+            at(f),
+            at(l),
             secs(l) - secs(f),
             a.signals
         ));
@@ -637,7 +712,7 @@ fn report(path: &std::path::Path) -> Result<String, String> {
             "event {id}: {}",
             states
                 .iter()
-                .map(|e| format!("{} at {}", e.state, e.at))
+                .map(|e| format!("{} at {}", e.state, at(e.at)))
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -448,31 +448,48 @@ pub fn compute(input: &MvInput, cfg: &MvConfig) -> MvReport {
 }
 
 impl MvReport {
-    /// CSV: a header and one line per row (times as Unix seconds).
+    /// CSV (RFC 4180, quoted by the `csv` crate): a header and one line per
+    /// row; times as Unix seconds, then again as RFC 3339 UTC at the end.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from(
-            "start_unix_s,end_unix_s,episode,baseline_kw,actual_kw,curtailed_kw,curtailed_mwh,\
-             price_usd_per_mwh,avoided_cost_usd,hashprice_usd_per_ph_day,revenue_forgone_usd,net_usd\n",
-        );
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let header = [
+            "start_unix_s",
+            "end_unix_s",
+            "episode",
+            "baseline_kw",
+            "actual_kw",
+            "curtailed_kw",
+            "curtailed_mwh",
+            "price_usd_per_mwh",
+            "avoided_cost_usd",
+            "hashprice_usd_per_ph_day",
+            "revenue_forgone_usd",
+            "net_usd",
+            "start_utc",
+            "end_utc",
+        ];
         let opt = |v: Option<f64>, p: usize| v.map_or(String::new(), |v| format!("{v:.p$}"));
+        // Writing into a Vec cannot fail; a failure would be a bug in csv.
+        let _ = w.write_record(header);
         for r in &self.rows {
-            s.push_str(&format!(
-                "{},{},{},{},{:.3},{:.3},{:.6},{},{:.4},{:.4},{:.4},{:.4}\n",
-                r.start,
-                r.end,
-                r.episode.replace([',', '"', '\n'], "_"),
+            let _ = w.write_record([
+                r.start.to_string(),
+                r.end.to_string(),
+                r.episode.clone(),
                 opt(r.baseline_kw, 3),
-                r.actual_kw,
-                r.curtailed_kw,
-                r.curtailed_mwh,
+                format!("{:.3}", r.actual_kw),
+                format!("{:.3}", r.curtailed_kw),
+                format!("{:.6}", r.curtailed_mwh),
                 opt(r.price_usd_per_mwh, 4),
-                r.avoided_cost_usd,
-                r.hashprice_usd_per_ph_day,
-                r.revenue_forgone_usd,
-                r.net_usd
-            ));
+                format!("{:.4}", r.avoided_cost_usd),
+                format!("{:.4}", r.hashprice_usd_per_ph_day),
+                format!("{:.4}", r.revenue_forgone_usd),
+                format!("{:.4}", r.net_usd),
+                r.start.to_rfc3339(),
+                r.end.to_rfc3339(),
+            ]);
         }
-        s
+        String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
     }
 
     /// JSON (pretty).
@@ -505,6 +522,41 @@ impl MvReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_quotes_labels_instead_of_mangling_them() {
+        let label = "dr:\"peak, west\"\nline2";
+        let row = MvRow {
+            start: Timestamp::from_millis(1_796_637_600_000),
+            end: Timestamp::from_millis(1_796_637_900_000),
+            episode: label.into(),
+            baseline_kw: None,
+            actual_kw: 1.0,
+            hours: 300.0 / 3600.0,
+            curtailed_kw: 0.0,
+            curtailed_mwh: 0.0,
+            price_usd_per_mwh: Some(40.0),
+            avoided_cost_usd: 0.0,
+            hashprice_usd_per_ph_day: 55.0,
+            revenue_forgone_usd: 0.0,
+            net_usd: 0.0,
+        };
+        let rep = MvReport {
+            rows: vec![row],
+            ..MvReport::default()
+        };
+        let text = rep.to_csv();
+        let mut rd = csv::Reader::from_reader(text.as_bytes());
+        let head = rd.headers().unwrap().clone();
+        assert_eq!(&head[2], "episode");
+        assert_eq!(&head[12], "start_utc");
+        let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 1, "{text}");
+        assert_eq!(&rows[0][2], label, "the label survives the round trip");
+        assert_eq!(&rows[0][3], "", "no baseline is an empty field");
+        assert_eq!(&rows[0][12], "2026-12-07T10:00:00.000Z");
+        assert_eq!(&rows[0][13], "2026-12-07T10:05:00.000Z");
+    }
 
     fn iv(start_min: u64, end_min: u64, kw: f64) -> Interval {
         Interval {
@@ -561,6 +613,13 @@ mod tests {
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         let csv = r.to_csv();
         assert_eq!(csv.lines().count(), 3);
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(",1970-01-01T01:00:00.000Z,1970-01-01T01:15:00.000Z"),
+            "{csv}"
+        );
         assert!(
             csv.lines().nth(1).unwrap().starts_with(
                 "3600.000,4500.000,dr:e1,1000.000,400.000,600.000,0.150000,600.0000,90.0000"

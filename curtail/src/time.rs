@@ -38,6 +38,16 @@ impl Timestamp {
         Timestamp(s.saturating_mul(1000))
     }
 
+    /// RFC 3339 in UTC with milliseconds (`2026-12-07T10:00:00.250Z`), for
+    /// reports people read; a time past year 9999 is written as its millis.
+    pub fn to_rfc3339(self) -> String {
+        i64::try_from(self.0)
+            .ok()
+            .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .map(|t| format!("{t:.3}"))
+            .unwrap_or_else(|| format!("{self} (out of range)"))
+    }
+
     /// Milliseconds since the epoch.
     pub const fn as_millis(self) -> u64 {
         self.0
@@ -196,6 +206,22 @@ impl EdgeClock for ScaledClock {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_is_utc_with_millis() {
+        use super::Timestamp;
+        assert_eq!(
+            Timestamp::from_millis(0).to_rfc3339(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            Timestamp::from_millis(1_796_637_600_250).to_rfc3339(),
+            "2026-12-07T10:00:00.250Z"
+        );
+        assert!(Timestamp::from_millis(u64::MAX)
+            .to_rfc3339()
+            .contains("out of range"));
+    }
+
     use super::*;
 
     #[test]

@@ -29,6 +29,7 @@ mod grid_price;
 mod grid_tls;
 mod mv_backtest;
 mod operate_api;
+mod operate_cli;
 mod operate_config;
 mod operate_dashboard;
 mod operate_demo;

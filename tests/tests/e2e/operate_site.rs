@@ -562,6 +562,16 @@ async fn run(bin: PathBuf) {
             && report.contains("park"),
         "report: {report}"
     );
+    // Times are RFC 3339 UTC, not epoch seconds.
+    let period = report
+        .lines()
+        .find(|l| l.starts_with("period: "))
+        .unwrap_or_else(|| panic!("no period line: {report}"));
+    let first = period["period: ".len()..].split(' ').next().unwrap_or("");
+    assert!(
+        first.len() == 24 && first.ends_with('Z') && first.as_bytes()[10] == b'T',
+        "not RFC 3339: {period}"
+    );
 
     println!(
         "operate_site: {n} miners, {nominal_kw:.1} kW nameplate; 0 % -> all asleep/parked in {zero_secs:.2} s \
