@@ -147,6 +147,14 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
         "gridproxy_shares_total{result=\"accepted\"}",
         "gridproxy_shares_total{result=\"stale_job\"}",
         "gridproxy_pool_shares_total{pool=\"local\",result=\"accepted\"}",
+        "gridproxy_pool_shares_submitted_total{pool=\"local\"}",
+        "gridproxy_pool_work_total{pool=\"local\"}",
+        "gridproxy_work_total ",
+        "gridproxy_worker_work_total{worker=",
+        "gridproxy_build_info{version=",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_resident_memory_bytes ",
         "gridproxy_pool_up{pool=\"local\"} 1",
         "gridproxy_site_power_watts 812500",
         "gridproxy_site_target_power_watts 900000",
@@ -158,6 +166,16 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
     ] {
         assert!(body.contains(series), "missing {series:?} in\n{body}");
     }
+    // `submitted` has a family of its own: summing a result label never
+    // double-counts.
+    assert!(!body.contains("result=\"submitted\""), "{body}");
+    // Work is counted: accepted shares' difficulty.
+    let work: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("gridproxy_work_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gridproxy_work_total");
+    assert!(work > 0.0, "no work counted: {work}");
     // Bounded cardinality: 3 named workers + "_other".
     let named: std::collections::BTreeSet<&str> = body
         .lines()
@@ -207,4 +225,27 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
     assert!(!ok);
     stop.cancel();
     proxy.stop.cancel();
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_tests() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../grafana");
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new(promtool())
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .expect("run promtool");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        assert!(text.contains("SUCCESS"), "promtool {args:?}:\n{text}");
+    }
 }

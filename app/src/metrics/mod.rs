@@ -9,8 +9,10 @@
 //!
 //! Cardinality is bounded: per-worker series exist for the top
 //! `metrics_max_workers` workers by hashrate, everything else is summed into
-//! `worker="_other"` (these two families are rendered directly, exactly
-//! N + 1 series per scrape).
+//! `worker="_other"` (these families are rendered directly, exactly N + 1
+//! series per scrape). Share counters never fall: see [`workers`].
+
+mod workers;
 
 use crate::site::handle::SiteState;
 use gridproxy_proxy::downstream::Ctx;
@@ -24,7 +26,9 @@ use metrics_exporter_prometheus::{
 use metrics_util::MetricKindMask;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::time::Duration;
+use workers::WorkerSeries;
 
 /// Latency buckets of curtailment commands, seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -36,6 +40,8 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     max_workers: usize,
+    workers: Mutex<WorkerSeries>,
+    process: metrics_process::Collector,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,8 +82,13 @@ impl Metrics {
             recorder,
             handle,
             max_workers,
+            workers: Mutex::new(WorkerSeries::default()),
+            process: metrics_process::Collector::default(),
         };
-        m.with(describe);
+        m.with(|| {
+            describe();
+            m.process.describe();
+        });
         m
     }
 
@@ -109,14 +120,30 @@ impl Metrics {
         fleet_hs: f64,
     ) -> String {
         let workers = ctx.registry.snapshot();
-        self.with(|| self.refresh(ctx, &workers, site, fleet_hs));
+        // One scrape at a time updates the series (a poisoned lock only
+        // means a panicked scrape; its state is still consistent).
+        let mut series = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        series.update(&workers, worker_rates, self.max_workers);
+        self.with(|| {
+            self.refresh(ctx, &workers, series.total(), site, fleet_hs);
+            self.process.collect();
+        });
         self.handle.run_upkeep();
         let mut out = self.handle.render();
-        render_workers(&mut out, &workers, worker_rates, self.max_workers);
+        series.render(&mut out);
+        render_work(&mut out, ctx, series.total().work);
         out
     }
 
-    fn refresh(&self, ctx: &Ctx, workers: &[WorkerSnapshot], site: &SiteState, fleet_hs: f64) {
+    fn refresh(
+        &self,
+        ctx: &Ctx,
+        workers: &[WorkerSnapshot],
+        total: &workers::Counts,
+        site: &SiteState,
+        fleet_hs: f64,
+    ) {
+        gauge!("gridproxy_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         gauge!("gridproxy_miners_connected").set(ctx.slots_in_use() as f64);
         gauge!("gridproxy_workers_known").set(workers.len() as f64);
         counter!("gridproxy_limit_trips_total", "limit" => "max_connections")
@@ -139,18 +166,9 @@ impl Metrics {
         counter!("gridproxy_workers_untracked_total").absolute(ctx.registry.untracked.get());
         gauge!("gridproxy_hashrate_hashes_per_second").set(fleet_hs);
 
-        let mut accepted = 0u64;
-        let mut rejected: HashMap<RejectReason, u64> = HashMap::new();
-        for w in workers {
-            accepted += w.accepted;
-            for (r, n) in &w.rejected {
-                *rejected.entry(*r).or_default() += n;
-            }
-        }
-        counter!("gridproxy_shares_total", "result" => "accepted").absolute(accepted);
-        for r in RejectReason::ALL {
-            counter!("gridproxy_shares_total", "result" => snake(r))
-                .absolute(rejected.get(&r).copied().unwrap_or(0));
+        counter!("gridproxy_shares_total", "result" => "accepted").absolute(total.accepted);
+        for (i, r) in RejectReason::ALL.into_iter().enumerate() {
+            counter!("gridproxy_shares_total", "result" => snake(r)).absolute(total.rejected[i]);
         }
 
         let shares = ctx.router.shares();
@@ -166,7 +184,7 @@ impl Metrics {
                 .set(s.map(|s| s.miners as f64).unwrap_or(0.0));
             gauge!("gridproxy_pool_hashrate_hashes_per_second", "pool" => name.clone())
                 .set(s.map(|s| s.hashrate).unwrap_or(0.0));
-            counter!("gridproxy_pool_shares_total", "pool" => name.clone(), "result" => "submitted")
+            counter!("gridproxy_pool_shares_submitted_total", "pool" => name.clone())
                 .absolute(h.stats.submitted.get());
             counter!("gridproxy_pool_shares_total", "pool" => name.clone(), "result" => "accepted")
                 .absolute(h.stats.accepted.get());
@@ -178,6 +196,10 @@ impl Metrics {
                 .absolute(h.stats.pending_dropped.get());
             counter!("gridproxy_limit_trips_total", "limit" => "max_future_jobs", "pool" => name.clone())
                 .absolute(h.stats.future_jobs_dropped.get());
+            for (reason, n) in h.stats.reasons() {
+                counter!("gridproxy_pool_rejects_total", "pool" => name.clone(), "reason" => reason)
+                    .absolute(n);
+            }
             counter!("gridproxy_pool_jobs_total", "pool" => name).absolute(h.stats.jobs.get());
         }
 
@@ -250,7 +272,7 @@ fn describe() {
     describe_counter!(
         "gridproxy_shares_total",
         Unit::Count,
-        "Miner shares answered by the proxy, by result (accepted or the reject reason)."
+        "Miner shares answered by the proxy, by result (accepted or the reject reason); never falls when the worker registry forgets a name."
     );
     describe_gauge!(
         "gridproxy_pool_up",
@@ -266,9 +288,23 @@ fn describe() {
         "Measured hashrate of the miners assigned to the pool, hashes per second."
     );
     describe_counter!(
+        "gridproxy_pool_shares_submitted_total",
+        Unit::Count,
+        "Shares sent to the pool."
+    );
+    describe_counter!(
         "gridproxy_pool_shares_total",
         Unit::Count,
-        "Shares sent to the pool and its answers, by result."
+        "The pool's answers to shares sent, by result (accepted, rejected)."
+    );
+    describe_counter!(
+        "gridproxy_pool_rejects_total",
+        Unit::Count,
+        "Shares the pool rejected, by the reason it gave (at most 32 reasons per pool, the rest as \"other\")."
+    );
+    describe_gauge!(
+        "gridproxy_build_info",
+        "1, labelled with the gridproxy version."
     );
     describe_counter!(
         "gridproxy_pool_connects_total",
@@ -388,7 +424,7 @@ fn describe() {
 }
 
 /// Escape a label value for the text exposition format.
-fn label(v: &str) -> String {
+pub(crate) fn label(v: &str) -> String {
     let mut o = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
@@ -401,60 +437,24 @@ fn label(v: &str) -> String {
     o
 }
 
-/// Per-worker families, rendered here so that exactly the top `max`
-/// workers by hashrate (ties by name) have series each scrape and everyone
-/// else is summed into `worker="_other"`.
-fn render_workers(
-    out: &mut String,
-    workers: &[WorkerSnapshot],
-    rates: &HashMap<String, f64>,
-    max: usize,
-) {
-    let mut ranked: Vec<(f64, &WorkerSnapshot)> = workers
-        .iter()
-        .map(|w| (rates.get(&w.name).copied().unwrap_or(0.0), w))
-        .collect();
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
-    let mut rows: Vec<(String, f64, u64, u64)> = Vec::with_capacity(max + 1);
-    let mut other = (0.0, 0u64, 0u64);
-    for (i, (hs, w)) in ranked.iter().enumerate() {
-        let rej: u64 = w.rejected.iter().map(|(_, n)| n).sum();
-        if i < max {
-            rows.push((label(&w.name), *hs, w.accepted, rej));
-        } else {
-            other.0 += hs;
-            other.1 += w.accepted;
-            other.2 += rej;
-        }
-    }
-    if ranked.len() > max {
-        rows.push(("_other".into(), other.0, other.1, other.2));
-    }
-    if rows.is_empty() {
-        return;
-    }
+/// The work families, rendered here because difficulty sums are fractional
+/// (CPU-scale difficulties are far below 1) and `metrics` counters are
+/// integers.
+fn render_work(out: &mut String, ctx: &Ctx, proxy_work: f64) {
     if !out.ends_with('\n') && !out.is_empty() {
         out.push('\n');
     }
-    out.push_str("# HELP gridproxy_worker_hashrate_hashes_per_second Hashrate per worker (the top workers by hashrate; the rest summed as worker=\"_other\"), hashes per second.\n");
-    out.push_str("# TYPE gridproxy_worker_hashrate_hashes_per_second gauge\n");
-    for (name, hs, _, _) in &rows {
+    out.push_str("# HELP gridproxy_work_total Difficulty the proxy accepted from miners: the sum of each accepted share's difficulty (forgotten workers included).\n");
+    out.push_str("# TYPE gridproxy_work_total counter\n");
+    let _ = writeln!(out, "gridproxy_work_total {proxy_work}");
+    out.push_str("# HELP gridproxy_pool_work_total Difficulty the pool accepted: the sum of the difficulty of each share it accepted (what pools pay on).\n");
+    out.push_str("# TYPE gridproxy_pool_work_total counter\n");
+    for h in ctx.router.pools().iter() {
         let _ = writeln!(
             out,
-            "gridproxy_worker_hashrate_hashes_per_second{{worker=\"{name}\"}} {hs}"
-        );
-    }
-    out.push('\n');
-    out.push_str("# HELP gridproxy_worker_shares_total Shares per worker (the top workers; the rest summed as worker=\"_other\"), by result.\n");
-    out.push_str("# TYPE gridproxy_worker_shares_total counter\n");
-    for (name, _, acc, rej) in &rows {
-        let _ = writeln!(
-            out,
-            "gridproxy_worker_shares_total{{worker=\"{name}\",result=\"accepted\"}} {acc}"
-        );
-        let _ = writeln!(
-            out,
-            "gridproxy_worker_shares_total{{worker=\"{name}\",result=\"rejected\"}} {rej}"
+            "gridproxy_pool_work_total{{pool=\"{}\"}} {}",
+            label(&h.stats.name),
+            h.stats.difficulty_sum()
         );
     }
 }
