@@ -334,8 +334,12 @@ impl Limits {
 }
 
 /// Miner difficulty settings (vardiff).
+///
+/// `initial`, `min` and `max` are share difficulties, or hashrates as
+/// operators and SRI's configs think of them (`"110 TH/s"`): the difficulty
+/// at which a miner of that hashrate sends `shares_per_minute` shares.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "RawDifficulty")]
 pub struct DifficultyConfig {
     /// First difficulty given to a miner.
     pub initial: f64,
@@ -349,6 +353,108 @@ pub struct DifficultyConfig {
     pub retarget_secs: u64,
     /// Honour `mining.suggest_difficulty` (within min/max).
     pub accept_suggestions: bool,
+}
+
+/// A difficulty as written: a number, or a hashrate string.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum DifficultyOrRate {
+    Difficulty(f64),
+    Rate(String),
+}
+
+impl DifficultyOrRate {
+    fn resolve(&self, key: &str, shares_per_minute: f64) -> Result<f64, String> {
+        match self {
+            Self::Difficulty(d) => Ok(*d),
+            Self::Rate(text) => {
+                let hs = parse_hashrate(text).map_err(|e| format!("difficulty.{key}: {e}"))?;
+                Ok(difficulty_for_hashrate(hs, shares_per_minute))
+            }
+        }
+    }
+}
+
+/// `[difficulty]` as written, before hashrates become difficulties.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDifficulty {
+    initial: Option<DifficultyOrRate>,
+    min: Option<DifficultyOrRate>,
+    max: Option<DifficultyOrRate>,
+    shares_per_minute: Option<f64>,
+    retarget_secs: Option<u64>,
+    accept_suggestions: Option<bool>,
+}
+
+impl TryFrom<RawDifficulty> for DifficultyConfig {
+    type Error = String;
+    fn try_from(r: RawDifficulty) -> Result<Self, String> {
+        let d = DifficultyConfig::default();
+        let spm = r.shares_per_minute.unwrap_or(d.shares_per_minute);
+        if !(spm.is_finite() && spm > 0.0) {
+            // Validation names it; a hashrate cannot be converted without it.
+            if [&r.initial, &r.min, &r.max]
+                .iter()
+                .any(|v| matches!(v, Some(DifficultyOrRate::Rate(_))))
+            {
+                return Err(
+                    "difficulty: a hashrate needs shares_per_minute > 0 to become a difficulty"
+                        .into(),
+                );
+            }
+        }
+        let get = |v: &Option<DifficultyOrRate>, key: &str, default: f64| {
+            v.as_ref().map_or(Ok(default), |v| v.resolve(key, spm))
+        };
+        Ok(DifficultyConfig {
+            initial: get(&r.initial, "initial", d.initial)?,
+            min: get(&r.min, "min", d.min)?,
+            max: get(&r.max, "max", d.max)?,
+            shares_per_minute: spm,
+            retarget_secs: r.retarget_secs.unwrap_or(d.retarget_secs),
+            accept_suggestions: r.accept_suggestions.unwrap_or(d.accept_suggestions),
+        })
+    }
+}
+
+/// Parse a hashrate such as `"110 TH/s"`, `"1.5 PH/s"`, `"500 kH/s"` or
+/// `"42 H/s"` into hashes per second (SI prefixes k, M, G, T, P, E).
+pub fn parse_hashrate(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let unit_at = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| format!("{text:?}: no unit (write e.g. \"110 TH/s\")"))?;
+    let (num, unit) = t.split_at(unit_at);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: {:?} is not a number", num.trim()))?;
+    let scale = match unit.trim() {
+        "H/s" | "h/s" => 1.0,
+        "kH/s" | "KH/s" => 1e3,
+        "MH/s" => 1e6,
+        "GH/s" => 1e9,
+        "TH/s" => 1e12,
+        "PH/s" => 1e15,
+        "EH/s" => 1e18,
+        u => {
+            return Err(format!(
+                "{text:?}: unknown unit {u:?} (H/s, kH/s, MH/s, GH/s, TH/s, PH/s or EH/s)"
+            ))
+        }
+    };
+    let hs = n * scale;
+    if !(hs.is_finite() && hs > 0.0) {
+        return Err(format!("{text:?}: must be a positive hashrate"));
+    }
+    Ok(hs)
+}
+
+/// The share difficulty at which a miner of `hashrate` (H/s) sends
+/// `shares_per_minute` shares: a difficulty-1 share takes 2^32 hashes.
+pub fn difficulty_for_hashrate(hashrate: f64, shares_per_minute: f64) -> f64 {
+    hashrate * 60.0 / (shares_per_minute * 4_294_967_296.0)
 }
 
 impl Default for DifficultyConfig {

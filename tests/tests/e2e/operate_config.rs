@@ -184,7 +184,13 @@ fn the_valid_base_and_the_example_config_pass() {
     assert_eq!(c.pools[1].protocol().as_str(), "sv1");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gridproxy.toml");
     let text = std::fs::read_to_string(example).unwrap();
-    check(&text, "examples/gridproxy.toml").unwrap();
+    let c = check(&text, "examples/gridproxy.toml").unwrap();
+    // The example says it shows every key at its default: hold it to that.
+    use gridproxy_proxy::config::{DifficultyConfig, ExtranonceConfig, Limits, RoutingConfig};
+    assert_eq!(c.difficulty, DifficultyConfig::default(), "[difficulty]");
+    assert_eq!(c.limits, Limits::default(), "[limits]");
+    assert_eq!(c.routing, RoutingConfig::default(), "[routing]");
+    assert_eq!(c.extranonce, ExtranonceConfig::default(), "[extranonce]");
 }
 
 #[test]
