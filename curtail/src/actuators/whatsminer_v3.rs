@@ -2,8 +2,8 @@
 //! v3 or v2 per miner.
 //!
 //! Every fact here comes from MicroBT's API v3 document (apidoc.whatsminer.com,
-//! "Whatsminer API documentation" 3.0.x; read from a saved copy of the page,
-//! the site itself was not reachable from here) and from MicroBT's sample
+//! "Whatsminer API documentation" 3.0.x, read from a saved copy of the
+//! page) and from MicroBT's sample
 //! code shipped with it (`whatsminer_interface.py`, `whatsminer_trans.py`),
 //! cited by section below:
 //!
