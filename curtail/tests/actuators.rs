@@ -11,14 +11,14 @@ use gridproxy_curtail::actuator::{Actuator, ActuatorError, TelemetrySource};
 use gridproxy_curtail::actuators::luxos::LuxOsClient;
 use gridproxy_curtail::actuators::verify::{confirm, expected_band, VerifyError};
 use gridproxy_curtail::actuators::{
-    ClientConfig, ClientError, FleetActuator, HostPort, MinerEndpoint,
+    ApiVersion, ClientConfig, ClientError, FleetActuator, HostPort, MinerEndpoint, WhatsminerApi,
 };
 use gridproxy_curtail::command::{Action, Command, CommandId, PoolId};
 use gridproxy_curtail::fleet::{ControlSurface, MinerId, MinerSpec};
 use gridproxy_curtail::time::Timestamp;
 use gridproxy_fixtures::firmware::model::{Mode, ModelConfig};
 use gridproxy_fixtures::firmware::{
-    braiins, luxos, stock, vnish, whatsminer, EmulatorHandle, Fault,
+    braiins, luxos, stock, vnish, whatsminer, whatsminer_v3, EmulatorHandle, Fault,
 };
 
 /// Ramp times ×0.05: sleep 200 ms, wake 400 ms, full power step 300 ms.
@@ -48,20 +48,50 @@ fn spec(surface: ControlSurface) -> MinerSpec {
     s
 }
 
-/// Start `surface`'s emulator on 127.0.0.`ip` and a fleet actuator for it
+/// An emulator to test against: a firmware, or Whatsminer on API v3.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Fw(ControlSurface),
+    /// A v3-only Whatsminer emulator, the client set to `api = "v3"`.
+    WhatsminerV3,
+}
+
+impl From<ControlSurface> for Kind {
+    fn from(s: ControlSurface) -> Kind {
+        Kind::Fw(s)
+    }
+}
+
+impl Kind {
+    fn surface(self) -> ControlSurface {
+        match self {
+            Kind::Fw(s) => s,
+            Kind::WhatsminerV3 => ControlSurface::Whatsminer,
+        }
+    }
+}
+
+/// Start `kind`'s emulator on 127.0.0.`ip` and a fleet actuator for it
 /// with `password`.
-async fn setup(surface: ControlSurface, ip: u8, password: &str) -> (EmulatorHandle, FleetActuator) {
+async fn setup(kind: impl Into<Kind>, ip: u8, password: &str) -> (EmulatorHandle, FleetActuator) {
+    let kind = kind.into();
     let a = addr(ip);
-    let emu = match surface {
-        ControlSurface::LuxOs => luxos::spawn(a, model()).await,
-        ControlSurface::BraiinsOs => braiins::spawn(a, model(), PASSWORD).await,
-        ControlSurface::Whatsminer => whatsminer::spawn(a, model(), PASSWORD).await,
-        ControlSurface::Vnish => vnish::spawn(a, model(), PASSWORD).await,
-        ControlSurface::AntminerStock | ControlSurface::None => stock::spawn(a, model()).await,
+    let emu = match kind {
+        Kind::Fw(ControlSurface::LuxOs) => luxos::spawn(a, model()).await,
+        Kind::Fw(ControlSurface::BraiinsOs) => braiins::spawn(a, model(), PASSWORD).await,
+        Kind::Fw(ControlSurface::Whatsminer) => whatsminer::spawn(a, model(), PASSWORD).await,
+        Kind::Fw(ControlSurface::Vnish) => vnish::spawn(a, model(), PASSWORD).await,
+        Kind::Fw(ControlSurface::AntminerStock | ControlSurface::None) => {
+            stock::spawn(a, model()).await
+        }
+        Kind::WhatsminerV3 => whatsminer_v3::spawn(a, model(), PASSWORD).await,
     }
     .expect("bind emulator");
     let mut fleet = FleetActuator::new(TIMEOUT);
-    let ep = MinerEndpoint::new(surface, emu.addr()).with_credentials("root", password);
+    let mut ep = MinerEndpoint::new(kind.surface(), emu.addr()).with_credentials("root", password);
+    if let Kind::WhatsminerV3 = kind {
+        ep = ep.with_whatsminer_api(WhatsminerApi::V3);
+    }
     fleet.insert(M, &ep);
     (emu, fleet)
 }
@@ -85,8 +115,10 @@ async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
 
 /// Sleep, wake and a power target, each acked then confirmed by telemetry
 /// within the scaled ramp time.
-async fn control_cycle(surface: ControlSurface, ip: u8) {
-    let (emu, fleet) = setup(surface, ip, PASSWORD).await;
+async fn control_cycle(kind: impl Into<Kind>, ip: u8) {
+    let kind = kind.into();
+    let surface = kind.surface();
+    let (emu, fleet) = setup(kind, ip, PASSWORD).await;
     let spec = spec(surface);
     let cfg = model();
 
@@ -145,8 +177,10 @@ async fn control_cycle(surface: ControlSurface, ip: u8) {
 }
 
 /// Every fault yields its typed error (or timeout) in bounded time.
-async fn fault_suite(surface: ControlSurface, ip: u8) {
-    let (emu, fleet) = setup(surface, ip, PASSWORD).await;
+async fn fault_suite(kind: impl Into<Kind>, ip: u8) {
+    let kind = kind.into();
+    let surface = kind.surface();
+    let (emu, fleet) = setup(kind, ip, PASSWORD).await;
     let spec = spec(surface);
     let cfg = model();
     let sleep = command(surface, Action::Sleep);
@@ -250,6 +284,135 @@ async fn whatsminer_faults() {
 #[tokio::test]
 async fn whatsminer_wrong_password() {
     bounded(wrong_password(ControlSurface::Whatsminer, 33)).await;
+}
+
+#[tokio::test]
+async fn whatsminer_v3_sleep_wake_power_target() {
+    bounded(control_cycle(Kind::WhatsminerV3, 34)).await;
+}
+
+#[tokio::test]
+async fn whatsminer_v3_faults() {
+    bounded(fault_suite(Kind::WhatsminerV3, 35)).await;
+}
+
+/// API v3 has no documented code for a refused token: the emulator answers
+/// -1 ("Fail"), and the client's error names the code and the likely cause.
+#[tokio::test]
+async fn whatsminer_v3_wrong_password() {
+    bounded(async {
+        let (emu, fleet) = setup(Kind::WhatsminerV3, 36, "not-the-password").await;
+        let r = fleet
+            .execute(&command(ControlSurface::Whatsminer, Action::Sleep))
+            .await;
+        match r {
+            Err(ActuatorError::Rejected { miner: M, detail }) => assert!(
+                detail.contains("code -1") && detail.contains("wrong password"),
+                "{detail}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(emu.state().mode, Mode::Hashing);
+        // Reads need no token: telemetry still works.
+        let r = fleet.read(M).await.expect("telemetry without a token");
+        assert!(r.power_w > 3000.0, "{r:?}");
+        // A wrong account is refused the same way, the right password too.
+        let mut f2 = FleetActuator::new(TIMEOUT);
+        f2.insert(
+            M,
+            &MinerEndpoint::new(ControlSurface::Whatsminer, emu.addr())
+                .with_credentials("admin", PASSWORD)
+                .with_whatsminer_api(WhatsminerApi::V3),
+        );
+        let r = f2
+            .execute(&command(ControlSurface::Whatsminer, Action::Sleep))
+            .await;
+        assert!(matches!(r, Err(ActuatorError::Rejected { .. })), "{r:?}");
+        // user1 is a write account.
+        f2.insert(
+            M,
+            &MinerEndpoint::new(ControlSurface::Whatsminer, emu.addr())
+                .with_credentials("user1", PASSWORD)
+                .with_whatsminer_api(WhatsminerApi::V3),
+        );
+        f2.execute(&command(ControlSurface::Whatsminer, Action::Sleep))
+            .await
+            .expect("user1 with the password");
+        assert_eq!(emu.state().mode, Mode::Sleeping);
+    })
+    .await;
+}
+
+/// `api = "auto"` finds the API each miner speaks and remembers it: a
+/// v2-only and a v3-only emulator on one port each, one speaking both on
+/// two ports, and v2 firmware whose v3 port is closed (the real default
+/// layout: 4433 refused, 4028 answers).
+#[tokio::test]
+async fn whatsminer_auto_picks_the_api() {
+    bounded(async {
+        let v2 = whatsminer::spawn(addr(37), model(), PASSWORD)
+            .await
+            .unwrap();
+        let v3 = whatsminer_v3::spawn(addr(38), model(), PASSWORD)
+            .await
+            .unwrap();
+        let (both, both_v3) = whatsminer_v3::spawn_both(addr(39), addr(39), model(), PASSWORD)
+            .await
+            .unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind(addr(37)).unwrap();
+            l.local_addr().unwrap()
+        };
+        let auto = |v3_at: SocketAddr, v2_port: u16| {
+            MinerEndpoint::new(ControlSurface::Whatsminer, v3_at)
+                .with_credentials("root", PASSWORD)
+                .with_whatsminer_api(WhatsminerApi::Auto { v2_port })
+        };
+        let cases: [(&EmulatorHandle, MinerEndpoint, ApiVersion); 4] = [
+            (&v2, auto(v2.addr(), v2.addr().port()), ApiVersion::V2),
+            (&v3, auto(v3.addr(), v3.addr().port()), ApiVersion::V3),
+            (&both, auto(both_v3, both.addr().port()), ApiVersion::V3),
+            (&v2, auto(closed, v2.addr().port()), ApiVersion::V2),
+        ];
+        for (i, (emu, ep, want)) in cases.into_iter().enumerate() {
+            let mut fleet = FleetActuator::new(TIMEOUT);
+            fleet.insert(M, &ep);
+            assert_eq!(fleet.whatsminer_api(M), None, "case {i}: not probed yet");
+            let r = fleet
+                .read(M)
+                .await
+                .unwrap_or_else(|e| panic!("case {i}: {e}"));
+            assert!(r.power_w > 10.0, "case {i}: {r:?}");
+            assert_eq!(fleet.whatsminer_api(M), Some(want), "case {i}");
+            let cmd = |a| command(ControlSurface::Whatsminer, a);
+            let sleep_then_wake = [Action::Sleep, Action::Wake];
+            for a in sleep_then_wake {
+                fleet
+                    .execute(&cmd(a))
+                    .await
+                    .unwrap_or_else(|e| panic!("case {i} {a:?}: {e}"));
+                let mode = emu.state().mode;
+                let expect = if a == Action::Sleep {
+                    Mode::Sleeping
+                } else {
+                    Mode::Hashing
+                };
+                assert_eq!(mode, expect, "case {i} after {a:?}");
+            }
+            assert_eq!(fleet.whatsminer_api(M), Some(want), "case {i} remembered");
+        }
+        // Nothing listening on either port: a clear error naming both.
+        let mut fleet = FleetActuator::new(TIMEOUT);
+        fleet.insert(M, &auto(closed, closed.port()));
+        match fleet.read(M).await {
+            Err(ActuatorError::Unreachable { detail, .. }) => {
+                assert!(detail.contains("v3") && detail.contains("v2"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fleet.whatsminer_api(M), None);
+    })
+    .await;
 }
 
 #[tokio::test]

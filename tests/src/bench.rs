@@ -44,7 +44,7 @@ use gridproxy_proxy::Proxy;
 use crate::{start_pool, start_quiet_tp, Pool};
 
 use curtail::actuator::Actuator;
-use curtail::actuators::{FleetActuator, MinerEndpoint};
+use curtail::actuators::{FleetActuator, MinerEndpoint, WhatsminerApi};
 use curtail::command::Action;
 use curtail::driver::{self, Audit, DriverConfig, DriverHandle, Edge, Route};
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec, Ramp};
@@ -112,9 +112,18 @@ pub fn fleet(site: &Site) -> Fleet {
 }
 
 /// Endpoint of a site miner's firmware API.
+///
+/// Whatsminers are reached with `api = "auto"` (the configuration's
+/// default) on their one port: v3-only emulators must be found on v3,
+/// v2-only ones on v2.
 pub fn endpoint(m: &SiteMiner) -> MinerEndpoint {
-    let ep =
+    let mut ep =
         MinerEndpoint::new(surface(m.firmware), m.addr()).with_credentials("root", &m.password);
+    if m.firmware == Firmware::Whatsminer {
+        ep = ep.with_whatsminer_api(WhatsminerApi::Auto {
+            v2_port: m.addr().port(),
+        });
+    }
     match &m.web {
         Some(w) => ep.with_web(w.addr().into()),
         None => ep,

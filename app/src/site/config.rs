@@ -1,5 +1,6 @@
 //! `[site]`: the schema of the section and its validation.
 
+use curtail::actuators::WhatsminerApi;
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec};
 use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use gridproxy_curtail as curtail;
@@ -54,7 +55,8 @@ pub enum FirmwareKind {
     /// Braiins OS: gRPC API (port 50051), user and password.
     #[serde(alias = "braiinsos")]
     Braiins,
-    /// Whatsminer API v2 (port 4028), admin password.
+    /// Whatsminer: API v3 (port 4433) or v2 (port 4028), chosen by `api`
+    /// (default `auto`); the API password.
     Whatsminer,
     /// VNish REST API (port 80), web password.
     Vnish,
@@ -110,6 +112,23 @@ impl FirmwareKind {
     }
 }
 
+/// `api` of a `firmware = "whatsminer"` miner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhatsminerApiKey {
+    /// API v2 only (default port 4028).
+    V2,
+    /// API v3 only (default port 4433).
+    V3,
+    /// Try v3, then v2; remember which answered. Without a port in
+    /// `address`, v3 on 4433 and v2 on 4028; with one, both on it.
+    #[default]
+    Auto,
+}
+
+/// The accounts API v3 writes as (MicroBT's API v3 document, "Overview").
+const WHATSMINER_V3_ACCOUNTS: [&str; 4] = ["super", "user1", "user2", "user3"];
+
 /// One `[[site.miners]]` entry.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +148,9 @@ pub struct MinerConfig {
     /// API address's host, port 80).
     #[serde(default)]
     pub web: Option<String>,
+    /// `whatsminer`: `"v2"`, `"v3"` or `"auto"` (default).
+    #[serde(default)]
+    pub api: Option<WhatsminerApiKey>,
     /// Model label, e.g. `S19j Pro`.
     #[serde(default)]
     pub model: Option<String>,
@@ -140,7 +162,8 @@ pub struct MinerConfig {
     /// Efficiency, J/TH (power = ths × j_per_th).
     #[serde(default)]
     pub j_per_th: Option<f64>,
-    /// API user (Braiins OS; default `root`).
+    /// API user (Braiins OS, stock Antminer; default `root`). Whatsminer
+    /// API v3: the write account, `super` (default) or `user1`..`user3`.
     #[serde(default)]
     pub username: Option<String>,
     /// API password.
@@ -177,8 +200,31 @@ impl MinerConfig {
     /// none is written). A name is not resolved here: the firmware client
     /// looks it up at every connect.
     pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
-        Endpoint::parse_with_default_port(&self.address, self.firmware.default_port())
+        let port = match (self.firmware, self.api.unwrap_or_default()) {
+            (FirmwareKind::Whatsminer, WhatsminerApiKey::V2) => 4028,
+            (FirmwareKind::Whatsminer, _) => 4433,
+            (f, _) => f.default_port(),
+        };
+        Endpoint::parse_with_default_port(&self.address, port)
             .map_err(|e| format!("{e} (expected host, host:port, ip, ip:port or [ipv6]:port)"))
+    }
+
+    /// `whatsminer`: the API to drive it through; for auto, v2 is tried on
+    /// the port written in `address`, else on 4028.
+    pub(crate) fn whatsminer_api(&self) -> Result<WhatsminerApi, String> {
+        Ok(match self.api.unwrap_or_default() {
+            WhatsminerApiKey::V2 => WhatsminerApi::V2,
+            WhatsminerApiKey::V3 => WhatsminerApi::V3,
+            WhatsminerApiKey::Auto => {
+                // Port 0 is refused when written, so 0 here means none.
+                let written = Endpoint::parse_with_default_port(&self.address, 0)
+                    .map_err(|e| e.to_string())?
+                    .port;
+                WhatsminerApi::Auto {
+                    v2_port: if written == 0 { 4028 } else { written },
+                }
+            }
+        })
     }
 
     /// `antminer`: the web interface's address (`web`, else the API host on
@@ -740,6 +786,31 @@ impl SiteConfig {
                     ))
                 }
                 (None, _) => {}
+            }
+            match (m.api, m.firmware) {
+                (Some(_), f) if f != FirmwareKind::Whatsminer => {
+                    return Err(bad(
+                        "api",
+                        format!(
+                            "only for firmware = \"whatsminer\" (this is {})",
+                            f.as_str()
+                        ),
+                    ))
+                }
+                (api, FirmwareKind::Whatsminer) if api != Some(WhatsminerApiKey::V2) => {
+                    if let Some(u) = &m.username {
+                        if !WHATSMINER_V3_ACCOUNTS.contains(&u.as_str()) {
+                            return Err(bad(
+                                "username",
+                                format!(
+                                    "Whatsminer API v3 writes as super, user1, user2 or user3, \
+                                     not {u:?}"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                _ => {}
             }
             if !(m.ths.is_finite() && m.ths > 0.0) {
                 return Err(bad("ths", "must be > 0 (nominal TH/s)".into()));
@@ -1309,6 +1380,58 @@ mod tests {
         assert!(e.contains("site.hashprice_usd_per_ph_day"), "{e}");
         let e = parse("[site]\nledger = \"l.sqlite\"\n").unwrap_err();
         assert!(e.contains("site.miners") && e.contains("line 7"), "{e}");
+    }
+
+    /// `api` for Whatsminer: default auto (v3 on 4433, v2 on 4028), the
+    /// default port follows the API, a written port is used for both, the
+    /// key is refused on other firmware and a bad value or v3 account is a
+    /// clear error.
+    #[test]
+    fn whatsminer_api_key() {
+        let wm = |extra: &str, addr: &str| {
+            format!(
+                "[site]\nledger = \"l.sqlite\"\n\n[[site.miners]]\nname = \"w1\"\nfirmware = \"whatsminer\"\naddress = \"{addr}\"\nths = 100.0\nwatts = 3000.0\npassword = \"pw\"\n{extra}"
+            )
+        };
+        let miner = |text: String| parse(&text).unwrap().site.unwrap().miners.remove(0);
+        let m = miner(wm("", "miner-9.local"));
+        assert_eq!(m.api, None);
+        let ep = m.endpoint().unwrap();
+        assert_eq!((ep.host.as_str(), ep.port), ("miner-9.local", 4433));
+        assert_eq!(
+            m.whatsminer_api().unwrap(),
+            WhatsminerApi::Auto { v2_port: 4028 }
+        );
+        let m = miner(wm("api = \"auto\"\n", "10.0.0.9:14433"));
+        assert_eq!(m.endpoint().unwrap().port, 14433);
+        assert_eq!(
+            m.whatsminer_api().unwrap(),
+            WhatsminerApi::Auto { v2_port: 14433 }
+        );
+        let m = miner(wm("api = \"v2\"\n", "10.0.0.9"));
+        assert_eq!(m.endpoint().unwrap().port, 4028);
+        assert_eq!(m.whatsminer_api().unwrap(), WhatsminerApi::V2);
+        let m = miner(wm("api = \"v3\"\nusername = \"user2\"\n", "[::1]"));
+        assert_eq!(m.endpoint().unwrap().port, 4433);
+        assert_eq!(m.whatsminer_api().unwrap(), WhatsminerApi::V3);
+
+        let e = parse(&wm("api = \"v4\"\n", "10.0.0.9")).unwrap_err();
+        assert!(e.contains("api") && e.contains("v3"), "{e}");
+        let e = parse(&wm("username = \"admin\"\n", "10.0.0.9")).unwrap_err();
+        assert!(
+            e.contains("site.miners[0].username") && e.contains("user1"),
+            "{e}"
+        );
+        // v2 has no accounts: any user name is ignored there.
+        parse(&wm("api = \"v2\"\nusername = \"admin\"\n", "10.0.0.9")).unwrap();
+        let e = parse(&format!(
+            "[site]\nledger = \"l.sqlite\"\n\n{MINER}api = \"v3\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("site.miners[0].api") && e.contains("whatsminer") && e.contains("luxos"),
+            "{e}"
+        );
     }
 
     /// A stock Antminer with its web interface: a password is required, the

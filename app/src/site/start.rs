@@ -233,6 +233,12 @@ pub async fn start(
                 .map_err(|e| anyhow::anyhow!("site.miners[{i}].web: {e}"))?;
             ep = ep.with_web(HostPort::new(web.host, web.port));
         }
+        if m.firmware == FirmwareKind::Whatsminer {
+            let api = m
+                .whatsminer_api()
+                .map_err(|e| anyhow::anyhow!("site.miners[{i}].address: {e}"))?;
+            ep = ep.with_whatsminer_api(api);
+        }
         firmware.insert(id, &ep);
         if let Some(w) = &m.worker {
             proxy.insert(id, w.clone());

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | LuxOS | [`LuxOsClient`] | `power` + `summary` |
 //! | Braiins OS | [`BraiinsClient`] | `GetMinerStats` |
-//! | Whatsminer | [`WhatsminerClient`] | `summary` |
+//! | Whatsminer | [`AutoClient`]: API v3 [`WhatsminerV3Client`], v2 [`WhatsminerClient`], or auto | v3 `get.miner.status`, v2 `summary` |
 //! | VNish | [`VnishClient`] | `/api/v1/summary` |
 //! | Antminer stock | [`AntminerClient`] (web interface, digest auth) | [`StockClient`] |
 //! | none | unsupported (proxy park only) | [`StockClient`] |
@@ -27,7 +27,11 @@ use super::braiins::BraiinsClient;
 use super::luxos::LuxOsClient;
 use super::stock::StockClient;
 use super::vnish::VnishClient;
+#[cfg(doc)]
 use super::whatsminer::WhatsminerClient;
+#[cfg(doc)]
+use super::whatsminer_v3::WhatsminerV3Client;
+use super::whatsminer_v3::{ApiVersion, AutoClient, WhatsminerApi};
 use super::{ClientConfig, ClientError, HostPort, Reading};
 
 /// How to reach one miner's firmware API.
@@ -43,6 +47,10 @@ pub struct MinerEndpoint {
     pub password: String,
     /// Stock Antminer: its web interface (default: the API host, port 80).
     pub web: Option<HostPort>,
+    /// Whatsminer: which API (`addr` is the v3 address for `V3` and `Auto`,
+    /// the v2 address for `V2`; default `V2`). The user name, when not
+    /// `root`, is the v3 write account (default `super`).
+    pub whatsminer_api: WhatsminerApi,
 }
 
 impl std::fmt::Debug for MinerEndpoint {
@@ -53,6 +61,7 @@ impl std::fmt::Debug for MinerEndpoint {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("web", &self.web)
+            .field("whatsminer_api", &self.whatsminer_api)
             .finish()
     }
 }
@@ -66,7 +75,14 @@ impl MinerEndpoint {
             username: "root".into(),
             password: String::new(),
             web: None,
+            whatsminer_api: WhatsminerApi::V2,
         }
+    }
+
+    /// The same speaking Whatsminer `api`.
+    pub fn with_whatsminer_api(mut self, api: WhatsminerApi) -> MinerEndpoint {
+        self.whatsminer_api = api;
+        self
     }
 
     /// The same with the web interface at `web` (stock Antminer).
@@ -91,7 +107,7 @@ impl MinerEndpoint {
 enum Client {
     LuxOs(LuxOsClient),
     Braiins(BraiinsClient),
-    Whatsminer(WhatsminerClient),
+    Whatsminer(AutoClient),
     Vnish(VnishClient),
     Antminer(AntminerClient),
     Stock(StockClient),
@@ -108,7 +124,19 @@ impl Client {
                 ep.password.clone(),
             )),
             ControlSurface::Whatsminer => {
-                Client::Whatsminer(WhatsminerClient::new(cfg, ep.password.clone()))
+                // `root` is every endpoint's default user; v3 has no such
+                // account, so it means the v3 default.
+                let account = if ep.username == "root" {
+                    ""
+                } else {
+                    &ep.username
+                };
+                Client::Whatsminer(AutoClient::new(
+                    ep.whatsminer_api,
+                    cfg,
+                    account,
+                    &ep.password,
+                ))
             }
             ControlSurface::Vnish => Client::Vnish(VnishClient::new(cfg, ep.password.clone())),
             ControlSurface::AntminerStock => {
@@ -140,9 +168,9 @@ impl Client {
             (Client::Braiins(c), Action::SetPowerTarget(w)) => {
                 c.set_power_target(w).await.map(drop)
             }
-            (Client::Whatsminer(c), Action::Sleep) => c.power_off().await,
-            (Client::Whatsminer(c), Action::Wake) => c.power_on().await,
-            (Client::Whatsminer(c), Action::SetPowerTarget(w)) => c.adjust_power_limit(w).await,
+            (Client::Whatsminer(c), Action::Sleep) => c.sleep().await,
+            (Client::Whatsminer(c), Action::Wake) => c.wake().await,
+            (Client::Whatsminer(c), Action::SetPowerTarget(w)) => c.set_power_target(w).await,
             (Client::Vnish(c), Action::Sleep) => c.pause().await,
             (Client::Vnish(c), Action::Wake) => c.resume().await,
             (Client::Vnish(c), Action::SetPowerTarget(w)) => c.set_power_target(w).await.map(drop),
@@ -211,6 +239,15 @@ impl FleetActuator {
             .apply(action)
             .await
             .map_err(|e| e.for_miner(miner, *surface))
+    }
+
+    /// The Whatsminer API `miner` is driven through: fixed, or what auto
+    /// found (`None`: not a Whatsminer, or auto has not reached it yet).
+    pub fn whatsminer_api(&self, miner: MinerId) -> Option<ApiVersion> {
+        match self.miners.get(&miner) {
+            Some((_, Client::Whatsminer(c))) => c.api(),
+            _ => None,
+        }
     }
 
     /// One raw reading of `miner`.

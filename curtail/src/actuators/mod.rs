@@ -7,6 +7,10 @@
 //!   ResumeMining, SetPowerTarget, GetMinerStats) over tonic.
 //! - [`whatsminer`]: Whatsminer API v2 (`get_token`, md5-crypt token,
 //!   AES-256-ECB `power_off`/`power_on`/`adjust_power_limit`, `summary`).
+//! - [`whatsminer_v3`]: Whatsminer API v3 (port 4433, length-prefixed JSON,
+//!   salted SHA-256 token; `set.miner.service stop|start`,
+//!   `set.miner.power_limit`, `get.miner.status summary`), and the per-miner
+//!   choice of v2, v3 or auto.
 //! - [`vnish`]: VNish REST (`unlock`, `mining/pause|resume`, autotune
 //!   presets, `summary`) over a small hyper HTTP/1.1 client.
 //! - [`stock`]: stock cgminer telemetry (no control).
@@ -63,8 +67,10 @@ pub mod stock;
 pub mod verify;
 pub mod vnish;
 pub mod whatsminer;
+pub mod whatsminer_v3;
 
 pub use fleet::{FleetActuator, MinerEndpoint};
+pub use whatsminer_v3::{ApiVersion, WhatsminerApi};
 
 /// Why a firmware client call failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! Whatsminer API v2 client (port 4028 on real miners).
+//! Whatsminer API v2 client (port 4028 on real miners). API v3 (port 4433)
+//! is in [`whatsminer_v3`](super::whatsminer_v3).
 //!
 //! Reads (`summary`) are plain JSON. Writes need a token, per the v2 API:
 //! 1. `get_token` returns `time`, `salt`, `newsalt`;
@@ -25,16 +26,25 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::cgminer::{self, check_status, number, status_of};
-use super::{bounded, ClientConfig, ClientError, Reading};
+use super::{bounded, ClientConfig, ClientError, HostPort, Reading};
 
 /// Whatsminer's "check token err".
 const CODE_TOKEN: u64 = 135;
 
 /// A Whatsminer API v2 client.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WhatsminerClient {
     cfg: ClientConfig,
     password: String,
+}
+
+impl std::fmt::Debug for WhatsminerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhatsminerClient")
+            .field("cfg", &self.cfg)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Keys derived from one `get_token` reply.
@@ -110,6 +120,11 @@ impl WhatsminerClient {
             cfg,
             password: password.into(),
         }
+    }
+
+    /// The API address.
+    pub fn addr(&self) -> &HostPort {
+        &self.cfg.addr
     }
 
     /// `power_off` (with `respbefore`): stop hashing.

@@ -1,7 +1,9 @@
 //! A demand-response event on a 200-miner site behind gridproxy.
 //!
 //! The site ([`gridproxy_fixtures::site`]): 45 LuxOS, 45 Braiins OS, 45
-//! Whatsminer and 45 VNish emulators plus 20 stock cgminers, seven models
+//! Whatsminer (every other one on API v3 only, the rest on v2 only, all
+//! reached with `api = "auto"`) and 45 VNish emulators plus 10 stock
+//! Antminers with their web interface and 10 cgminer-only ones, seven models
 //! (17.5 to 34.7 J/TH), each on its own 127.x address, each paired with a
 //! fixture SV1 miner that hashes (tiny CPU rate) through an in-process
 //! gridproxy into the real `pool_sv2` while its emulator hashes. The
@@ -92,6 +94,9 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
             s.counts.retain(|(f, _)| *f != Firmware::Stock);
             s.counts
                 .extend([(Firmware::Antminer, 10), (Firmware::Stock, 10)]);
+            // Every other Whatsminer speaks API v3 only, the rest v2 only;
+            // the engine reaches all of them with `api = "auto"`.
+            s.whatsminer_v3_every = 2;
         })
         .behind_proxy()
         .start()
@@ -284,6 +289,14 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
         antminers_asleep > 0,
         "no stock Antminer slept through its web interface"
     );
+    // Whatsminers on API v3 were slept through it (a v3-only emulator
+    // answers nothing else).
+    let v3_asleep = sleeping
+        .iter()
+        .filter(|&&i| site.miners()[i].whatsminer_v3)
+        .count();
+    println!("{name}: {v3_asleep} Whatsminers asleep through API v3 at the deadline");
+    assert!(v3_asleep > 0, "no Whatsminer slept through API v3");
     let running: Vec<usize> = (0..site.len())
         .filter(|&i| controllable(i) && states[i].1)
         .collect();
@@ -343,6 +356,35 @@ async fn run(name: &str, subnet: (u8, u8), with_dead: bool, staleness: Staleness
     );
     let report = h.shutdown().await.expect("driver stops cleanly");
     assert_eq!(report.unanswered, 0);
+
+    // `api = "auto"` settles on the API each Whatsminer speaks, v3 where
+    // the emulator is v3-only, v2 where it is v2-only (a fresh actuator,
+    // as a restarted gridproxy would have).
+    let probe = firmware(&site);
+    let mut picked = (0, 0);
+    for m in site
+        .miners()
+        .iter()
+        .filter(|m| m.firmware == Firmware::Whatsminer)
+    {
+        if dead.contains(&m.index) {
+            continue;
+        }
+        probe.reading(id(m)).await.expect("Whatsminer telemetry");
+        let want = if m.whatsminer_v3 {
+            picked.0 += 1;
+            curtail::actuators::ApiVersion::V3
+        } else {
+            picked.1 += 1;
+            curtail::actuators::ApiVersion::V2
+        };
+        assert_eq!(probe.whatsminer_api(id(m)), Some(want), "miner {}", m.index);
+    }
+    println!(
+        "{name}: auto picked v3 for {} and v2 for {} Whatsminers",
+        picked.0, picked.1
+    );
+    assert!(picked.0 > 0 && picked.1 > 0);
 
     // --- the ledger ---
     let audit = Audit::read(&ledger).expect("ledger readable");
