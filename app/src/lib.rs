@@ -23,6 +23,7 @@ pub mod metrics;
 #[cfg(feature = "sim")]
 pub mod mix;
 pub mod reload;
+pub mod service;
 pub mod site;
 
 pub use app::{App, AppOptions};

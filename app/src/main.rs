@@ -451,6 +451,8 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     for line in &app.started {
         println!("gridproxy: {line}");
     }
+    gridproxy::service::ready(&format!("running: {}", app.started.join("; ")));
+    gridproxy::service::spawn_watchdog(app.proxy.stop.clone());
     // Without status lines the tick still runs (rarely) so the loop is one shape.
     let mut tick = tokio::time::interval(Duration::from_secs(if status_every == 0 {
         3600
@@ -470,6 +472,7 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
             }
         }
     }
+    gridproxy::service::stopping();
     if let Some(s) = &app.site {
         println!(
             "gridproxy: stopping the curtailment engine (ledger {})",

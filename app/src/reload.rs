@@ -157,10 +157,16 @@ impl Reloader {
                     s = hup.recv() => if s.is_none() { return },
                 }
                 let path = me.path.clone().unwrap_or_default();
+                crate::service::reloading();
                 match me.reload_file() {
-                    Ok(r) => tracing::info!(path = %path.display(), "SIGHUP: reloaded: {r}"),
+                    Ok(r) => {
+                        tracing::info!(path = %path.display(), "SIGHUP: reloaded: {r}");
+                        crate::service::ready(&format!("reloaded: {r}"));
+                    }
                     Err(e) => {
-                        tracing::error!(path = %path.display(), "SIGHUP: reload refused: {e}")
+                        tracing::error!(path = %path.display(), "SIGHUP: reload refused: {e}");
+                        // The running config stays: still ready, and say why.
+                        crate::service::ready(&format!("reload refused, running config kept: {e}"));
                     }
                 }
             }

@@ -175,3 +175,63 @@ fn piped_logs_are_plain_or_json_and_a_piped_stdout_gets_no_status_lines() {
         "--status-every 1 printed no status line: {stdout}"
     );
 }
+
+/// `Type=notify`: the datagrams `gridproxy run` sends to `NOTIFY_SOCKET`
+/// (what systemd would get), through start, watchdog, reload and stop.
+#[test]
+fn run_tells_the_service_manager_ready_reloading_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let dir = temp_dir("operate-cli-notify");
+    let path = dir.join("gp.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = Command::new(gridproxy_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &sock_path)
+        // 400 ms: pinged every 200 ms.
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut buf = [0u8; 4096];
+    let mut next = |what: &str| -> String {
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no notification while waiting for {what}: {e}"));
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            if m.lines().any(|l| l == what) {
+                return m;
+            }
+        }
+    };
+    let ready = next("READY=1");
+    assert!(ready.contains("STATUS=running: SV1 miners ->"), "{ready}");
+    next("WATCHDOG=1");
+    next("WATCHDOG=1");
+    let kill = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    kill("-HUP");
+    let reloading = next("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let again = next("READY=1");
+    assert!(again.contains("STATUS=reloaded"), "{again}");
+    kill("-TERM");
+    next("STOPPING=1");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
