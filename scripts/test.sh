@@ -8,7 +8,8 @@
 #   2 end to end  installs what the end-to-end tests need (Debian packages, the
 #                 real SRI peers and the grid peers, built once into a cache
 #                 folder), then runs gridproxy-tests' end-to-end binary,
-#                 tests/tests/e2e
+#                 tests/tests/e2e, then builds, installs and checks the
+#                 Debian package (scripts/package.sh)
 #
 # then, opt-in, fuzzing (FUZZ_SECS). A failing stage stops the run: a format,
 # lint or unit-test failure is reported before any peer is built.
@@ -111,6 +112,11 @@ log "cargo test: the end-to-end binary (tests/tests/e2e)"
 # (--workspace for the same features as stage 1's builds, see above: only
 # gridproxy-tests has an e2e target.)
 cargo test --workspace --test e2e -- --test-threads=1 "${filter[@]}"
+
+if [ "${#filter[@]}" -eq 0 ]; then
+  log "the Debian package: built (cargo-deb), installed (dpkg -i), unit verified, installed config checked, served /healthz, stopped by SIGTERM"
+  bash scripts/package.sh check
+fi
 
 stage_end
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cargo tools the checks use (today: cargo-deny), built once from crates.io into
+# Cargo tools the checks use (cargo-deny, cargo-deb), built once from crates.io into
 # the same cache folder as the test peers (scripts/peers.sh), skipped when present.
 #
 #   scripts/tools.sh install   # build what is missing (cold: several minutes)
@@ -14,6 +14,7 @@ TOOLS_BIN="$CACHE/tools/bin"
 # Pinned so that CI and every developer run the same checks; --locked builds the
 # tool with the dependency versions its release was tested with.
 CARGO_DENY_VERSION=0.20.2
+CARGO_DEB_VERSION=3.6.3
 
 log() { printf '[tools] %s\n' "$*" >&2; }
 
@@ -32,6 +33,7 @@ install_one() { # crate version bin
 cmd_install() {
   mkdir -p "$TOOLS_BIN"
   install_one cargo-deny "$CARGO_DENY_VERSION" cargo-deny
+  install_one cargo-deb "$CARGO_DEB_VERSION" cargo-deb
   log "tools ready in $TOOLS_BIN"
 }
 

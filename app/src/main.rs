@@ -244,7 +244,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit::USAGE);
                 }
             };
-            match load(&config) {
+            match load(&config).and_then(|c| c.api.check_token_files().map(|()| c)) {
                 Ok(c) => {
                     println!(
                         "{}: ok ({} pools{}{})",

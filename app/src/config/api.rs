@@ -257,6 +257,22 @@ impl ApiConfig {
         self.metrics_public.unwrap_or(addr.ip().is_loopback())
     }
 
+    /// `check-config`'s look at the token files: each readable and long
+    /// enough (what `run` would refuse). Environment variables are not
+    /// checked: a service's environment is not the shell's.
+    pub fn check_token_files(&self) -> Result<(), String> {
+        let files = ApiConfig {
+            tokens: self
+                .tokens
+                .iter()
+                .filter(|t| t.token_file.is_some())
+                .cloned()
+                .collect(),
+            ..self.clone()
+        };
+        files.resolve_tokens().map(|_| ())
+    }
+
     /// The tokens with their secrets (reading `token_env` variables).
     pub fn resolve_tokens(&self) -> Result<Vec<Token>, String> {
         let mut out = vec![];

@@ -145,6 +145,11 @@ impl Config {
                 *p = dir.join(&*p);
             }
         }
+        for t in &mut self.api.tokens {
+            if let Some(p) = t.token_file.as_mut().filter(|p| p.is_relative()) {
+                *p = dir.join(&*p);
+            }
+        }
         if let Some(site) = &mut self.site {
             site.resolve_paths(dir);
         }

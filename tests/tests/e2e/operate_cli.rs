@@ -61,6 +61,37 @@ fn the_config_comes_from_the_flag_the_positional_or_the_environment() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("missing.toml"), "{args:?}: {err}");
     }
+    // A token file is read relative to the config's folder, whatever the
+    // working directory, and check-config refuses one that is missing.
+    let with_token = format!(
+        "{CONFIG}\n[api]\nlisten = \"127.0.0.1:0\"\n\n[[api.tokens]]\nname = \"ops\"\nrole = \"operate\"\ntoken_file = \"ops.token\"\n"
+    );
+    let tpath = dir.join("with-token.toml");
+    std::fs::write(&tpath, with_token).unwrap();
+    let t = tpath.to_str().unwrap();
+    let out = ok(&["check-config", t], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "missing token file accepted: {err}"
+    );
+    assert!(
+        err.contains("token_file") && err.contains("ops.token"),
+        "{err}"
+    );
+    std::fs::write(dir.join("ops.token"), "0123456789abcdef0123\n").unwrap();
+    let out = Command::new(&bin)
+        .args(["check-config", t])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Usage errors are 2 as well: a positional path next to --config, an
     // unknown log format, a log filter that does not parse.
     for args in [
