@@ -18,6 +18,7 @@ pub mod backtest;
 pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod discover;
 pub mod metrics;
 #[cfg(feature = "sim")]
 pub mod mix;
