@@ -21,6 +21,7 @@ mod chaos;
 mod chaos_vtn;
 mod curtail_dr;
 mod curtail_kill9;
+mod discover;
 mod curtail_price;
 mod grid_balance;
 mod grid_mqtt;
