@@ -183,13 +183,10 @@ pub async fn host(ip: IpAddr, cfg: &ProbeConfig) -> Option<Found> {
             found.model = type_of(&version);
             // The `default` profile is the miner's stock operating point.
             if let Some(p) = probe::cgminer(ip, "profiles", t).await {
-                let default = p
-                    .get("PROFILES")
-                    .and_then(Value::as_array)
-                    .and_then(|a| {
-                        a.iter()
-                            .find(|x| x.get("Profile Name").and_then(Value::as_str) == Some("default"))
-                    });
+                let default = p.get("PROFILES").and_then(Value::as_array).and_then(|a| {
+                    a.iter()
+                        .find(|x| x.get("Profile Name").and_then(Value::as_str) == Some("default"))
+                });
                 if let Some(d) = default {
                     found.watts = positive(d, "/Watts");
                     found.ths = positive(d, "/Hashrate");
@@ -205,7 +202,9 @@ pub async fn host(ip: IpAddr, cfg: &ProbeConfig) -> Option<Found> {
             }
         }
         FirmwareKind::Whatsminer => {
-            found.model = devdetails.as_ref().and_then(|v| text(v, "/DEVDETAILS/0/Model"));
+            found.model = devdetails
+                .as_ref()
+                .and_then(|v| text(v, "/DEVDETAILS/0/Model"));
             found.ths = summary
                 .as_ref()
                 .and_then(|v| positive(v, "/SUMMARY/0/Factory GHS"))
@@ -266,7 +265,11 @@ mod tests {
         let stock = json!({"STATUS":[{"STATUS":"S","Description":"cgminer 4.11.1"}],"VERSION":[{"CGMiner":"4.11.1","Type":"Antminer S19j Pro"}]});
         let n = fingerprint(&[&stock], None).unwrap();
         assert_eq!(kind_of(&n, None), Some(FirmwareKind::Stock));
-        let digest = web(401, "Digest realm=\"antMiner Configuration\", nonce=\"x\"", "");
+        let digest = web(
+            401,
+            "Digest realm=\"antMiner Configuration\", nonce=\"x\"",
+            "",
+        );
         let n = fingerprint(&[&stock], Some(&digest)).unwrap();
         assert_eq!(kind_of(&n, Some(&digest)), Some(FirmwareKind::Antminer));
         let wm = json!({"STATUS":[{"STATUS":"S","Description":"btminer"}],"SUMMARY":[{}]});
@@ -276,7 +279,10 @@ mod tests {
         let n = fingerprint(&[], Some(&vnish)).unwrap();
         assert_eq!(kind_of(&n, Some(&vnish)), Some(FirmwareKind::Vnish));
         // A plain web server and an unrelated JSON service are not miners.
-        assert_eq!(fingerprint(&[], Some(&web(200, "", "<h1>It works!</h1>"))), None);
+        assert_eq!(
+            fingerprint(&[], Some(&web(200, "", "<h1>It works!</h1>"))),
+            None
+        );
         let other = json!({"STATUS":[{"STATUS":"S","Description":"something"}]});
         assert_eq!(fingerprint(&[&other], None), None);
         // A 401 with another realm is not an Antminer.

@@ -186,7 +186,11 @@ pub async fn braiins(ip: IpAddr, password: Option<&str>, t: Duration) -> Option<
                         Some(tok) => {
                             let mut req = tonic::Request::new(pb::GetMinerDetailsRequest {});
                             req.metadata_mut().insert("authorization", tok);
-                            miner.get_miner_details(req).await.ok().map(|r| r.into_inner())
+                            miner
+                                .get_miner_details(req)
+                                .await
+                                .ok()
+                                .map(|r| r.into_inner())
                         }
                         None => None,
                     }

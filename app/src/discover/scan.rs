@@ -41,18 +41,24 @@ impl Ranges {
     /// `force` (then up to [`MAX_HOSTS_FORCED`]).
     pub fn parse<S: AsRef<str>>(args: &[S], force: bool) -> Result<Ranges, String> {
         if args.is_empty() {
-            return Err("give at least one range: a CIDR such as 192.168.1.0/24, or an address".into());
+            return Err(
+                "give at least one range: a CIDR such as 192.168.1.0/24, or an address".into(),
+            );
         }
         let mut nets = Vec::with_capacity(args.len());
         for a in args {
             let a = a.as_ref().trim();
             let net = if a.contains('/') {
                 a.parse::<IpNet>().map_err(|_| {
-                    format!("{a:?} is not a CIDR range (expected e.g. 192.168.1.0/24 or fd00::/120)")
+                    format!(
+                        "{a:?} is not a CIDR range (expected e.g. 192.168.1.0/24 or fd00::/120)"
+                    )
                 })?
             } else {
                 IpNet::from(a.parse::<IpAddr>().map_err(|_| {
-                    format!("{a:?} is not an IP address or a CIDR range (host names are not scanned)")
+                    format!(
+                        "{a:?} is not an IP address or a CIDR range (host names are not scanned)"
+                    )
                 })?)
             };
             nets.push(net.trunc());
@@ -68,7 +74,11 @@ impl Ranges {
             };
             return Err(format!(
                 "{} addresses is more than the {limit} allowed {how}: give narrower ranges",
-                if total == u128::MAX { "2^128".to_owned() } else { total.to_string() }
+                if total == u128::MAX {
+                    "2^128".to_owned()
+                } else {
+                    total.to_string()
+                }
             ));
         }
         Ok(Ranges {
@@ -86,18 +96,20 @@ impl Ranges {
     /// included (the caller asked for the range; they cost one refused
     /// connect each).
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.nets.iter().flat_map(|n| -> Box<dyn Iterator<Item = IpAddr>> {
-            match n {
-                IpNet::V4(v) => {
-                    let (a, b) = (u32::from(v.network()), u32::from(v.broadcast()));
-                    Box::new((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))))
+        self.nets
+            .iter()
+            .flat_map(|n| -> Box<dyn Iterator<Item = IpAddr>> {
+                match n {
+                    IpNet::V4(v) => {
+                        let (a, b) = (u32::from(v.network()), u32::from(v.broadcast()));
+                        Box::new((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))))
+                    }
+                    IpNet::V6(v) => {
+                        let (a, b) = (u128::from(v.network()), u128::from(v.broadcast()));
+                        Box::new((a..=b).map(|x| IpAddr::V6(Ipv6Addr::from(x))))
+                    }
                 }
-                IpNet::V6(v) => {
-                    let (a, b) = (u128::from(v.network()), u128::from(v.broadcast()));
-                    Box::new((a..=b).map(|x| IpAddr::V6(Ipv6Addr::from(x))))
-                }
-            }
-        })
+            })
     }
 }
 
@@ -166,7 +178,11 @@ pub async fn run(ranges: &Ranges, opts: &Options) -> Outcome {
     let reporter = opts.progress.then(|| {
         let p = progress.clone();
         tokio::spawn(async move {
-            let every = if tty { Duration::from_millis(250) } else { Duration::from_secs(5) };
+            let every = if tty {
+                Duration::from_millis(250)
+            } else {
+                Duration::from_secs(5)
+            };
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
@@ -239,8 +255,11 @@ mod tests {
         assert_eq!(a.first().unwrap().to_string(), "127.0.0.0");
         assert_eq!(a.last().unwrap().to_string(), "127.0.0.31");
         // A bare address is one host; overlaps are merged; v6 works.
-        let r = Ranges::parse(&["10.0.0.7", "10.0.0.0/30", "10.0.0.2", "::1", "fd00::/126"], false)
-            .unwrap();
+        let r = Ranges::parse(
+            &["10.0.0.7", "10.0.0.0/30", "10.0.0.2", "::1", "fd00::/126"],
+            false,
+        )
+        .unwrap();
         assert_eq!(r.total(), 4 + 1 + 1 + 4);
         assert!(r.addresses().any(|a| a.to_string() == "::1"));
         // Host bits are dropped, as a router would.
@@ -248,13 +267,20 @@ mod tests {
         // Too large without --force, and even with it past a /8.
         let e = Ranges::parse(&["10.0.0.0/15"], false).unwrap_err();
         assert!(e.contains("--force"), "{e}");
-        assert_eq!(Ranges::parse(&["10.0.0.0/15"], true).unwrap().total(), 1 << 17);
+        assert_eq!(
+            Ranges::parse(&["10.0.0.0/15"], true).unwrap().total(),
+            1 << 17
+        );
         assert!(Ranges::parse(&["10.0.0.0/7"], true).is_err());
         assert!(Ranges::parse(&["fd00::/64"], true).is_err());
         assert!(Ranges::parse(&["::/0"], true).is_err());
         // Bad input is a clear error.
-        assert!(Ranges::parse(&["miner.local"], false).unwrap_err().contains("not an IP"));
-        assert!(Ranges::parse(&["10.0.0.0/33"], false).unwrap_err().contains("CIDR"));
+        assert!(Ranges::parse(&["miner.local"], false)
+            .unwrap_err()
+            .contains("not an IP"));
+        assert!(Ranges::parse(&["10.0.0.0/33"], false)
+            .unwrap_err()
+            .contains("CIDR"));
         assert!(Ranges::parse::<&str>(&[], false).is_err());
     }
 

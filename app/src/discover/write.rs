@@ -43,7 +43,13 @@ fn quote(s: &str) -> String {
 fn names(found: &[Found]) -> Vec<String> {
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .take(63)
             .collect()
     };
@@ -101,7 +107,11 @@ pub fn entries(found: &[Found], header: &str) -> String {
         }
         match f.ths {
             Some(t) => {
-                let _ = writeln!(out, "ths = {}", toml::Value::Float((t * 100.0).round() / 100.0));
+                let _ = writeln!(
+                    out,
+                    "ths = {}",
+                    toml::Value::Float((t * 100.0).round() / 100.0)
+                );
             }
             None => {
                 let _ = writeln!(out, "ths = 0.0  # TODO: nominal TH/s (refused until set)");
@@ -188,9 +198,18 @@ mod tests {
 
         // Each unknown value alone keeps the file from loading, naming it.
         for (f, key) in [
-            (found("10.0.0.4", FirmwareKind::Luxos, None, Some(3000.0)), "ths"),
-            (found("10.0.0.5", FirmwareKind::Vnish, Some(100.0), None), "watts"),
-            (found("10.0.0.6", FirmwareKind::Stock, Some(100.0), Some(3000.0)), "worker"),
+            (
+                found("10.0.0.4", FirmwareKind::Luxos, None, Some(3000.0)),
+                "ths",
+            ),
+            (
+                found("10.0.0.5", FirmwareKind::Vnish, Some(100.0), None),
+                "watts",
+            ),
+            (
+                found("10.0.0.6", FirmwareKind::Stock, Some(100.0), Some(3000.0)),
+                "worker",
+            ),
         ] {
             let text = entries(std::slice::from_ref(&f), "x");
             let e = load(&site(&text)).unwrap_err();

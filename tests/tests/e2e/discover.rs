@@ -97,7 +97,11 @@ impl Fleet {
     }
 
     fn kw(&self) -> f64 {
-        self.emulators.iter().map(|(_, e)| e.state().power_w).sum::<f64>() / 1000.0
+        self.emulators
+            .iter()
+            .map(|(_, e)| e.state().power_w)
+            .sum::<f64>()
+            / 1000.0
     }
 }
 
@@ -148,9 +152,7 @@ async fn start_fleet(net: u8) -> Fleet {
             }
             Host::Miner(FirmwareKind::Luxos) => luxos::spawn(at(4028), cfg).await,
             Host::Miner(FirmwareKind::Braiins) => braiins::spawn(at(50051), cfg, BOS_PW).await,
-            Host::Miner(FirmwareKind::Whatsminer) => {
-                whatsminer::spawn(at(4028), cfg, WM_PW).await
-            }
+            Host::Miner(FirmwareKind::Whatsminer) => whatsminer::spawn(at(4028), cfg, WM_PW).await,
             Host::Miner(FirmwareKind::Vnish) => vnish::spawn(at(80), cfg, VN_PW).await,
             Host::Miner(FirmwareKind::Stock) => stock::spawn(at(4028), cfg).await,
             Host::Miner(FirmwareKind::Antminer) => {
@@ -343,7 +345,10 @@ async fn discover_finds_and_identifies_every_firmware_on_a_27() {
         let path = site_file(&dir, &filled);
         let (ok, msg) = check_config(&path);
         assert!(ok, "{msg}\n{filled}");
-        assert!(msg.contains(&format!("site with {} miners", fleet.emulators.len())), "{msg}");
+        assert!(
+            msg.contains(&format!("site with {} miners", fleet.emulators.len())),
+            "{msg}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
