@@ -114,7 +114,7 @@ impl Ranges {
 }
 
 /// How to sweep.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// Hosts probed at once (1..=[`MAX_CONCURRENCY`]).
     pub concurrency: usize,
@@ -124,6 +124,20 @@ pub struct Options {
     pub braiins_password: Option<String>,
     /// Print progress on stderr.
     pub progress: bool,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("concurrency", &self.concurrency)
+            .field("timeout", &self.timeout)
+            .field(
+                "braiins_password",
+                &self.braiins_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("progress", &self.progress)
+            .finish()
+    }
 }
 
 impl Default for Options {
@@ -282,6 +296,16 @@ mod tests {
             .unwrap_err()
             .contains("CIDR"));
         assert!(Ranges::parse::<&str>(&[], false).is_err());
+    }
+
+    #[test]
+    fn the_password_stays_out_of_debug() {
+        let o = Options {
+            braiins_password: Some("hunter2-secret".into()),
+            ..Options::default()
+        };
+        let d = format!("{o:?}");
+        assert!(!d.contains("hunter2") && d.contains("<redacted>"), "{d}");
     }
 
     #[tokio::test]
