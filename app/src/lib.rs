@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod discover;
 pub mod metrics;
 #[cfg(feature = "sim")]
 pub mod mix;

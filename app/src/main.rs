@@ -77,6 +77,29 @@ enum Cmd {
         #[arg(long)]
         status_every: Option<u64>,
     },
+    /// Find miners on address ranges (the firmware ports 4028, 80, 50051 of
+    /// each address) and write `[[site.miners]]` entries for them.
+    Discover {
+        /// Ranges: CIDR (`192.168.1.0/24`, `fd00::/120`) or single addresses.
+        #[arg(required = true)]
+        ranges: Vec<String>,
+        /// Write the entries to this file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Hosts probed at once (1..=1024).
+        #[arg(long, default_value_t = gridproxy::discover::scan::DEFAULT_CONCURRENCY)]
+        concurrency: usize,
+        /// Per-host deadline, milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// Sweep more than 65536 addresses (up to a /8).
+        #[arg(long)]
+        force: bool,
+        /// Environment variable holding the Braiins OS `root` password, to
+        /// read model and sticker hashrate (never written out).
+        #[arg(long)]
+        braiins_password_env: Option<String>,
+    },
     /// Validate a config file and exit (0 = valid, 2 = invalid).
     CheckConfig {
         /// Config file (same as --config).
@@ -201,6 +224,88 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
     Config::load(path).map_err(|e| e.to_string())
 }
 
+/// `gridproxy discover`: sweep, print what was found, write the entries.
+fn discover(
+    ranges: &[String],
+    out: Option<PathBuf>,
+    concurrency: usize,
+    timeout_ms: u64,
+    force: bool,
+    braiins_password_env: Option<String>,
+) -> ExitCode {
+    use gridproxy::discover::{self, write};
+    let r = match discover::Ranges::parse(ranges, force) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !(1..=discover::scan::MAX_CONCURRENCY).contains(&concurrency) {
+        eprintln!(
+            "error: --concurrency must be 1..={}",
+            discover::scan::MAX_CONCURRENCY
+        );
+        return ExitCode::from(2);
+    }
+    if !(100..=60_000).contains(&timeout_ms) {
+        eprintln!("error: --timeout-ms must be 100..=60000");
+        return ExitCode::from(2);
+    }
+    let braiins_password = match braiins_password_env {
+        None => None,
+        Some(var) => match std::env::var(&var) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                eprintln!("error: --braiins-password-env: {var} is not set");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let opts = discover::Options {
+        concurrency,
+        timeout: Duration::from_millis(timeout_ms),
+        braiins_password,
+        progress: true,
+    };
+    let outcome = runtime().block_on(discover::run(&r, &opts));
+    let header = format!(
+        "gridproxy discover {}: {} miners on {} addresses, {:.1} s",
+        ranges.join(" "),
+        outcome.found.len(),
+        outcome.probed,
+        outcome.elapsed.as_secs_f64()
+    );
+    let text = write::entries(&outcome.found, &header);
+    let mut todo = 0;
+    for f in &outcome.found {
+        todo += write::todos(f);
+        eprintln!(
+            "  {:<39} {:<10} {:<22} {:>9} {:>8}",
+            f.ip.to_string(),
+            f.firmware.as_str(),
+            f.model.as_deref().unwrap_or("?"),
+            f.ths.map_or("? TH/s".into(), |t| format!("{t:.1} TH/s")),
+            f.watts.map_or("? W".into(), |w| format!("{w:.0} W")),
+        );
+    }
+    match out {
+        Some(path) => {
+            if let Err(e) = std::fs::write(&path, &text) {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "wrote {} entries to {} ({todo} values marked TODO)",
+                outcome.found.len(),
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    ExitCode::SUCCESS
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -213,7 +318,7 @@ fn main() -> ExitCode {
     let quiet_default = match cli.cmd {
         #[cfg(feature = "sim")]
         Cmd::Demo { .. } => true,
-        Cmd::Status { .. } => true,
+        Cmd::Status { .. } | Cmd::Discover { .. } => true,
         _ => false,
     };
     let filter = cli::log_filter(
@@ -236,6 +341,21 @@ fn main() -> ExitCode {
         }
     }
     match cli.cmd {
+        Cmd::Discover {
+            ranges,
+            out,
+            concurrency,
+            timeout_ms,
+            force,
+            braiins_password_env,
+        } => discover(
+            &ranges,
+            out,
+            concurrency,
+            timeout_ms,
+            force,
+            braiins_password_env,
+        ),
         Cmd::CheckConfig { path, config } => {
             let config = match path.or_else(|| config.resolve()) {
                 Some(p) => p,

@@ -22,6 +22,7 @@ mod chaos_vtn;
 mod curtail_dr;
 mod curtail_kill9;
 mod curtail_price;
+mod discover;
 mod grid_balance;
 mod grid_mqtt;
 mod grid_openadr;
