@@ -888,6 +888,7 @@ mod tests {
             target: Target::MAX,
             rollable: 4,
             submit: mpsc::channel(1).0,
+            published: std::time::Instant::now(),
         }
     }
 

@@ -132,6 +132,7 @@ impl Metrics {
         let mut out = self.handle.render();
         series.render(&mut out);
         render_work(&mut out, ctx, series.total().work);
+        render_fanout(&mut out, ctx);
         out
     }
 
@@ -457,6 +458,26 @@ fn render_work(out: &mut String, ctx: &Ctx, proxy_work: f64) {
             h.stats.difficulty_sum()
         );
     }
+}
+
+/// `gridproxy_job_fanout_seconds`: the proxy's own atomic histogram (one
+/// observation per miner per block), rendered as a Prometheus histogram.
+fn render_fanout(out: &mut String, ctx: &Ctx) {
+    let (buckets, count, sum) = ctx.fanout_seconds.snapshot();
+    out.push_str("# HELP gridproxy_job_fanout_seconds Time from a new block's job arriving from the pool to its hand-over to each miner's connection, seconds (one observation per miner per block: the largest is the last miner to switch).\n");
+    out.push_str("# TYPE gridproxy_job_fanout_seconds histogram\n");
+    for (le, n) in buckets {
+        let _ = writeln!(
+            out,
+            "gridproxy_job_fanout_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "gridproxy_job_fanout_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(out, "gridproxy_job_fanout_seconds_sum {sum}");
+    let _ = writeln!(out, "gridproxy_job_fanout_seconds_count {count}");
 }
 
 #[cfg(test)]

@@ -254,6 +254,10 @@ pub struct JobOut {
     pub coinbase_suffix: Vec<u8>,
     /// For [`ExtranonceMode::Fixed`] channels: the header's merkle root.
     pub merkle_root: Option<[u8; 32]>,
+    /// When the pool's job arrived, if this is the channel's first sight of
+    /// a new block's job: the session records the fan-out time when it
+    /// writes it (`Ctx::fanout_seconds`).
+    pub fanout_from: Option<std::time::Instant>,
 }
 
 /// What the protocol layer must tell the miner.
@@ -377,6 +381,9 @@ pub struct ChannelCore {
     scratch: Vec<u8>,
     window: (f64, Instant),
     rejects: RejectGuard,
+    /// When the last job was issued: a pool job newer than it is news this
+    /// channel is being fanned out (an old job after a pool switch is not).
+    last_issue: Option<std::time::Instant>,
 }
 
 impl ChannelCore {
@@ -418,6 +425,7 @@ impl ChannelCore {
             scratch: Vec::new(),
             window: (0.0, now),
             rejects: RejectGuard::new(&cfg.limits),
+            last_issue: None,
             ctx,
         }
     }
@@ -616,6 +624,14 @@ impl ChannelCore {
         self.difficulty_changed(old)
     }
 
+    /// Record a new block's fan-out to this channel (call as its job is
+    /// handed to the connection's writer).
+    pub fn observe_fanout(&self, j: &JobOut) {
+        if let Some(t) = j.fanout_from {
+            self.ctx.fanout_seconds.observe(t.elapsed());
+        }
+    }
+
     /// Derive a local job from the assigned pool's current job (if live).
     fn issue_job(&mut self, force_clean: bool) -> Option<JobOut> {
         let (_, rx) = self.view.as_ref()?;
@@ -669,6 +685,9 @@ impl ChannelCore {
             seen: HashSet::default(),
             seen_order: VecDeque::new(),
         });
+        let news = self.last_issue.is_some_and(|t| v.published > t);
+        let fanout_from = (news && fresh && (up.clean || new_tip)).then_some(v.published);
+        self.last_issue = Some(std::time::Instant::now());
         Some(JobOut {
             id,
             up,
@@ -678,6 +697,7 @@ impl ChannelCore {
             version_mask: mask,
             coinbase_suffix,
             merkle_root,
+            fanout_from,
         })
     }
 
@@ -1002,6 +1022,35 @@ mod tests {
             ntime: j.up.ntime,
             nonce,
             version_bits: Some(j.up.version),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_block_is_timed_from_its_arrival_once_per_channel() {
+        let f = fixture();
+        let mut c = core(&f, ExtranonceMode::Rolled, TargetScope::PerJob);
+        // The first job of a channel is not a fan-out (the pool's job is old news).
+        let first = job(c.start());
+        assert!(first.fanout_from.is_none());
+        assert_eq!(f.ctx.fanout_seconds.snapshot().1, 0);
+        // A new block arrives from the pool.
+        let arrived = std::time::Instant::now();
+        f._view.send_modify(|v| {
+            let mut j = up_job();
+            j.prev_hash = [2; 32];
+            v.job = Some(Arc::new(j));
+            v.published = std::time::Instant::now();
+        });
+        let next = job(c.on_wake(Wake::View));
+        let from = next.fanout_from.expect("a new block is timed");
+        assert!(next.clean && from >= arrived);
+        c.observe_fanout(&next);
+        let (buckets, count, _) = f.ctx.fanout_seconds.snapshot();
+        assert_eq!(count, 1);
+        assert_eq!(buckets.last().unwrap().1, 1, "well under 10 s");
+        // The same job again (a view change with nothing new) is not timed again.
+        if let Some(Out::Job(again)) = c.on_wake(Wake::View) {
+            assert!(again.fanout_from.is_none());
         }
     }
 

@@ -57,6 +57,9 @@ pub struct Ctx {
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// How often each limit refused or cut something.
     pub trips: Arc<LimitTrips>,
+    /// New block → each miner's write of its job (`/metrics`:
+    /// `gridproxy_job_fanout_seconds`).
+    pub fanout_seconds: Arc<crate::stats::FanoutHistogram>,
 }
 
 /// Counters of the limits that tripped, for `/metrics`.
@@ -141,6 +144,7 @@ impl Ctx {
             fanout: Arc::new(Semaphore::new(fanout_turns(notify_writers))),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
             trips: Arc::new(LimitTrips::default()),
+            fanout_seconds: Arc::default(),
         })
     }
 

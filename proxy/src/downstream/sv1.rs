@@ -525,6 +525,10 @@ impl Session {
             }
             Some(Out::Job(j)) => j,
         };
+        // Written to the socket by the flush that follows this call.
+        if let Some(t) = job.fanout_from {
+            self.ctx.fanout_seconds.observe(t.elapsed());
+        }
         if self.difficulty_sent != Some(job.difficulty) {
             self.out.push_str(&encode::set_difficulty(job.difficulty));
             self.difficulty_sent = Some(job.difficulty);

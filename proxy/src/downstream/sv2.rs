@@ -693,6 +693,7 @@ impl Sv2Channel {
     }
 
     fn job(&mut self, j: JobOut, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
+        self.core.observe_fanout(&j);
         if j.target != self.target_sent {
             self.set_target(j.target, buf);
         }

@@ -94,6 +94,8 @@ pub struct PoolView {
     pub rollable: usize,
     /// Where to send shares.
     pub submit: mpsc::Sender<UpShare>,
+    /// When the latest job arrived from the pool (the start of its fan-out).
+    pub published: std::time::Instant,
 }
 
 /// The handles to one running upstream.
@@ -163,6 +165,7 @@ pub fn channels() -> (
         target: Target::MAX,
         rollable: 0,
         submit: tx,
+        published: std::time::Instant::now(),
     });
     (vtx, vrx, rx)
 }

@@ -273,6 +273,7 @@ impl Sv1Upstream {
         );
         view.send_modify(|v| {
             v.epoch = epoch;
+            v.published = std::time::Instant::now();
             v.live = live;
             v.job = Some(job);
             v.target = target;

@@ -419,6 +419,7 @@ impl Sv2Upstream {
             v.epoch = epoch;
             v.live = true;
             v.job = Some(up);
+            v.published = std::time::Instant::now();
             v.target = target;
             v.rollable = rollable;
         });

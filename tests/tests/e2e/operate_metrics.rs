@@ -155,6 +155,8 @@ async fn metrics_pass_promtool_and_bound_worker_series() {
         "process_open_fds ",
         "process_max_fds ",
         "process_resident_memory_bytes ",
+        "# TYPE gridproxy_job_fanout_seconds histogram",
+        "gridproxy_job_fanout_seconds_bucket{le=\"+Inf\"} ",
         "gridproxy_pool_up{pool=\"local\"} 1",
         "gridproxy_site_power_watts 812500",
         "gridproxy_site_target_power_watts 900000",

@@ -362,6 +362,10 @@ async fn new_block_cleans_every_sv1_miner_and_old_tip_shares_are_stale() {
         not_clean.is_empty(),
         "miners whose first job of the new tip had clean_jobs = false: {not_clean:?}"
     );
+    // The block's fan-out was timed once per miner (the operators' histogram).
+    let (_, timed, secs) = proxy.ctx.fanout_seconds.snapshot();
+    assert_eq!(timed, n as u64, "fan-out observations for {n} miners");
+    assert!(secs >= 0.0 && secs < 10.0 * n as f64, "{secs}");
     assert!(
         pool.wait_shares_accepted(2.0 * n as f64, Duration::from_secs(20))
             .await,
