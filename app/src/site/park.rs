@@ -201,6 +201,7 @@ mod tests {
                         target: gridproxy_protocol::difficulty::Target::MAX,
                         rollable: 4,
                         submit: tokio::sync::mpsc::channel(1).0,
+                        published: std::time::Instant::now(),
                     })
                     .1,
                 })
