@@ -271,6 +271,14 @@ impl Sv1Upstream {
             c.authorized && c.en2_size >= need,
             c.epoch,
         );
+        if clean {
+            // One line per block (see the SV2 upstream).
+            info!(
+                pool = %self.pool.name,
+                prev_hash = %hex::encode(n.prev_hash),
+                "new block from the pool"
+            );
+        }
         view.send_modify(|v| {
             v.epoch = epoch;
             v.published = std::time::Instant::now();

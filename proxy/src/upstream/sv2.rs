@@ -415,6 +415,15 @@ impl Sv2Upstream {
             clean,
         });
         let (target, rollable) = (c.target, c.rollable);
+        if clean {
+            // One line per block: operators see new blocks; bench/fanout.sh
+            // takes the start of each fan-out from it.
+            info!(
+                pool = %self.pool.name,
+                prev_hash = %hex::encode(gridproxy_protocol::share::prevhash_to_sv1(&prev_hash)),
+                "new block from the pool"
+            );
+        }
         view.send_modify(|v| {
             v.epoch = epoch;
             v.live = true;
