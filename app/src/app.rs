@@ -118,6 +118,20 @@ impl App {
         self.api.as_ref().map(|a| a.addr)
     }
 
+    /// Drain for a restart (SIGTERM in `gridproxy run`): the engine closes
+    /// its listeners, tells miners to reconnect and waits for the pool's
+    /// answer to every forwarded share, up to `grace` (fire
+    /// `proxy.stop` to cut it short); then the site stops, answers to
+    /// commands in flight awaited, so the ledger is complete. The site keeps
+    /// running while the miners move.
+    pub async fn drain(self, grace: Duration) -> gridproxy_proxy::proxy::DrainReport {
+        let report = self.proxy.drain(grace).await;
+        if let Some(s) = self.site {
+            s.stop().await;
+        }
+        report
+    }
+
     /// Stop the site first (answers to commands in flight are awaited, so
     /// the ledger is complete), then the engine, waiting for its tasks.
     pub async fn stop(self) {

@@ -593,13 +593,51 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
         }
     }
     gridproxy::service::stopping();
+    // Drain: listeners closed (a new process may hold the ports), miners
+    // told to reconnect, the pools' answers awaited; a second SIGTERM or
+    // Ctrl-C stops at once.
+    let grace = app.proxy.ctx.cfg().limits.drain();
+    let stop = app.proxy.stop.clone();
+    let hurry = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("gridproxy: second stop signal: stopping now");
+        stop.cancel();
+    });
+    println!(
+        "gridproxy: draining (up to {} s): miners told to reconnect",
+        grace.as_secs()
+    );
     if let Some(s) = &app.site {
         println!(
-            "gridproxy: stopping the curtailment engine (ledger {})",
+            "gridproxy: the curtailment engine stops after the drain (ledger {})",
             s.ledger.display()
         );
     }
-    app.stop().await;
+    let proxy = app.proxy.clone();
+    let report = app.drain(grace).await;
+    hurry.abort();
+    // The final counts, for whoever adds up a restart (the API is closed by now).
+    println!(
+        "gridproxy: drained ({}): {}",
+        if report.complete {
+            "complete"
+        } else {
+            "incomplete"
+        },
+        gridproxy_proxy::proxy::status_line(&proxy)
+    );
+    if !report.complete {
+        tracing::warn!(
+            miners_cut = report.miners_cut,
+            sessions_left = report.sessions_left,
+            upstreams_left = report.upstreams_left,
+            unanswered = report.unanswered,
+            "drain cut short: shares forwarded to a pool may be unanswered"
+        );
+    }
     Ok(())
 }
 

@@ -292,6 +292,10 @@ pub struct Limits {
     /// A new template wakes every miner together; a bound keeps cores free
     /// for shares meanwhile. Read at start.
     pub notify_writers: usize,
+    /// Longest drain on SIGTERM, seconds: miners told to reconnect, then
+    /// the pools' answers to every forwarded share awaited (0: stop at once).
+    /// Keep it below the service manager's stop timeout.
+    pub drain_secs: u64,
 }
 
 impl Default for Limits {
@@ -313,6 +317,7 @@ impl Default for Limits {
             max_workers: 100_000,
             worker_idle_secs: 3600,
             notify_writers: 0,
+            drain_secs: 30,
         }
     }
 }
@@ -321,11 +326,17 @@ impl Default for Limits {
 pub const MAX_HANDSHAKE_SECS: u64 = 3600;
 /// Longest idle timeout accepted, seconds (a week).
 pub const MAX_IDLE_SECS: u64 = 7 * 24 * 3600;
+/// Longest drain accepted, seconds (an hour).
+pub const MAX_DRAIN_SECS: u64 = 3600;
 
 impl Limits {
     /// Handshake timeout as a Duration.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+    /// Drain bound as a Duration.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
     }
     /// Idle timeout as a Duration.
     pub fn idle_timeout(&self) -> Duration {
@@ -654,6 +665,12 @@ impl ProxyConfig {
                 format!("must be 1..={MAX_IDLE_SECS} (a week)"),
             ));
         }
+        if l.drain_secs > MAX_DRAIN_SECS {
+            return Err(bad(
+                "limits.drain_secs".into(),
+                format!("must be 0..={MAX_DRAIN_SECS}"),
+            ));
+        }
         if !(1..=4096).contains(&l.max_channels_per_connection) {
             return Err(bad(
                 "limits.max_channels_per_connection".into(),
@@ -868,6 +885,7 @@ mod tests {
             ("idle_timeout_secs", i64::MAX as u64),
             ("idle_timeout_secs", 0),
             ("handshake_timeout_secs", 1 << 40),
+            ("drain_secs", 1 << 40),
         ] {
             let e = ProxyConfig::from_toml(&ok(&format!("[limits]\n{key} = {v}\n")))
                 .unwrap_err()

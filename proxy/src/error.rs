@@ -13,7 +13,7 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error("bind {what} listener {addr}: {source}")]
     Bind {
-        /// `sv1` or `sv2`.
+        /// `sv1`, `sv2` or `control API`.
         what: &'static str,
         /// The address asked for.
         addr: SocketAddr,

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: [`ProxyConfig`]: pools, listeners, limits, difficulty, routing, extranonce.
 //! - [`endpoint`]: pool and host addresses as people write them (`host:port`, `stratum+tcp://`, `stratum2+tcp://…/<key>`), resolved at connect.
-//! - [`proxy`]: [`Proxy::start`], live [`Proxy::reconfigure`], an awaited [`Proxy::shutdown`].
+//! - [`proxy`]: [`Proxy::start`], live [`Proxy::reconfigure`], an awaited [`Proxy::shutdown`], a restart's [`Proxy::drain`].
+//! - [`drain`]: the drain's plan (sans-IO): miners told to leave, then every forwarded share's answer, bounded.
 //! - [`upstream`]: one task per pool (SV2 extended channel or SV1), publishing jobs on a `watch`.
 //! - [`downstream`]: SV1 and SV2 listeners and one task per miner channel, on a shared channel core.
 //! - [`router`]: which pool each miner hashes for: priority failover, fail-back, weighted split, park, move.
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod downstream;
+pub mod drain;
 pub mod endpoint;
 pub mod error;
 pub mod proxy;

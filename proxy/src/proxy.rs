@@ -3,15 +3,18 @@
 
 use crate::config::ProxyConfig;
 use crate::downstream::{self, Ctx};
+use crate::drain::{Drain, Phase, Step};
 use crate::error::{ReconfigureError, StartError};
 use crate::router::{Reconfigured, Router};
 use crate::stats::{PoolStats, Registry};
 use crate::upstream;
+use futures::FutureExt;
 use gridproxy_protocol::sv2::AuthorityKeypair;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +52,7 @@ impl Proxy {
             Some(_) => Some(sv2_authority(&cfg)?),
             None => None,
         };
+        let upstreams = upstream::Upstreams::default();
         let mut handles = Vec::new();
         let mut stops = Vec::new();
         for (index, pool) in cfg.pools.iter().enumerate() {
@@ -62,6 +66,7 @@ impl Proxy {
                 stats,
                 stop.clone(),
                 &tasks,
+                &upstreams,
             ));
             stops.push(stop);
         }
@@ -71,20 +76,34 @@ impl Proxy {
             cfg.limits.max_workers,
             Duration::from_secs(cfg.limits.worker_idle_secs),
         ));
-        let ctx = Ctx::new(cfg.clone(), registry, router, shutdown.clone(), tasks);
+        let ctx = Ctx::with_upstreams(
+            cfg.clone(),
+            registry,
+            router,
+            shutdown.clone(),
+            tasks,
+            upstreams,
+        );
         let started = async {
             let mut sv1_addr = None;
             if let Some(addr) = cfg.listen.sv1 {
                 let l = bind("sv1", addr)?;
                 sv1_addr = Some(l.local_addr().map_err(|e| bind_error("sv1", addr, e))?);
-                ctx.tasks.spawn(downstream::serve_sv1(ctx.clone(), l));
+                ctx.tasks.spawn(
+                    ctx.listeners
+                        .track_future(downstream::serve_sv1(ctx.clone(), l)),
+                );
             }
             let mut sv2_addr = None;
             if let (Some(addr), Some(authority)) = (cfg.listen.sv2, authority) {
                 let l = bind("sv2", addr)?;
                 sv2_addr = Some(l.local_addr().map_err(|e| bind_error("sv2", addr, e))?);
                 ctx.tasks
-                    .spawn(downstream::serve_sv2(ctx.clone(), l, authority));
+                    .spawn(ctx.listeners.track_future(downstream::serve_sv2(
+                        ctx.clone(),
+                        l,
+                        authority,
+                    )));
             }
             Ok((sv1_addr, sv2_addr))
         };
@@ -157,6 +176,7 @@ impl Proxy {
                     stats,
                     stop.clone(),
                     &ctx.tasks,
+                    &ctx.upstreams,
                 );
                 (h, stop)
             })
@@ -178,6 +198,97 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Drain for a restart (see [`crate::drain`]): close the listeners, tell
+    /// every miner to reconnect (SV1 `client.reconnect` to the same address,
+    /// SV2 `CloseChannel`), answer what they still send, wait for the pool's
+    /// answer to every share forwarded, then stop. Bounded by `grace`; fire
+    /// [`Proxy::stop`] to stop at once (a second SIGTERM). Returns what was
+    /// left undone.
+    pub async fn drain(&self, grace: Duration) -> DrainReport {
+        let ctx = &self.ctx;
+        let mut plan = Drain::new(Instant::now(), grace);
+        let unanswered = || -> u64 {
+            ctx.router
+                .pools()
+                .iter()
+                .map(|h| h.stats.unanswered.get())
+                .sum()
+        };
+        let unanswered_before = unanswered();
+        let miners = ctx.sessions.len();
+        ctx.draining.cancel();
+        ctx.listeners.close();
+        ctx.sessions.close();
+        ctx.upstreams.tracker.close();
+        // The ports first: from here on a new process gets every connection.
+        let _ = timeout_at(plan.deadline(), ctx.listeners.wait()).await;
+        tracing::info!(
+            miners,
+            ?grace,
+            "draining: listeners closed, miners told to reconnect"
+        );
+        let mut cut = 0;
+        let outcome = loop {
+            let step = plan.next(
+                Instant::now(),
+                ctx.sessions.len(),
+                ctx.upstreams.tracker.len(),
+            );
+            let wait = match step {
+                Step::WaitMiners(until) => timeout_at(until, ctx.sessions.wait()).map(drop).boxed(),
+                Step::CutMiners => {
+                    cut = ctx.sessions.len();
+                    ctx.session_stop.cancel();
+                    ctx.sessions.wait().boxed()
+                }
+                Step::WaitPools(until) => {
+                    // No session is left, so no share can arrive any more.
+                    ctx.upstreams.drain.cancel();
+                    timeout_at(until, ctx.upstreams.tracker.wait())
+                        .map(drop)
+                        .boxed()
+                }
+                Step::Finish => break Phase::Done,
+                Step::GiveUp => break Phase::OutOfTime,
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => break plan.phase(),
+                _ = wait => {}
+            }
+        };
+        let lost = unanswered() - unanswered_before;
+        let report = DrainReport {
+            complete: outcome == Phase::Done && !self.stop.is_cancelled() && lost == 0,
+            unanswered: lost,
+            miners_cut: cut,
+            sessions_left: ctx.sessions.len(),
+            upstreams_left: ctx.upstreams.tracker.len(),
+        };
+        // Whatever is left (and the router's monitor, the fan-out tasks) stops now.
+        self.stop.cancel();
+        ctx.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), ctx.tasks.wait()).await;
+        report
+    }
+}
+
+/// What a drain left undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Every miner left and every forwarded share had its answer in time.
+    pub complete: bool,
+    /// Sessions cut off because their miners did not leave in time.
+    pub miners_cut: usize,
+    /// Sessions still open when the drain stopped.
+    pub sessions_left: usize,
+    /// Upstreams still owed answers (or unsent shares) when it stopped.
+    pub upstreams_left: usize,
+    /// Shares forwarded whose answer never came (the pool went away or
+    /// silent during the drain).
+    pub unanswered: u64,
+}
+
 fn sv2_authority(cfg: &ProxyConfig) -> Result<AuthorityKeypair, StartError> {
     let secret = cfg
         .listen
@@ -195,7 +306,9 @@ fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> S
 
 /// Listen on `addr` with a deep accept queue: a site's miners reconnect all
 /// at once after a power event, and the default backlog (1024) drops SYNs.
-fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// `SO_REUSEPORT` lets a restarted gridproxy take the port over while the
+/// old one drains.
+pub fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -203,6 +316,11 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError>
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        // A new process binds the same port while this one drains (its
+        // listeners close first thing). Two live instances on one port
+        // split new connections between them.
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };

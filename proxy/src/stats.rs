@@ -71,6 +71,10 @@ impl Counter {
     pub fn inc(&self) {
         self.0.fetch_add(1, Relaxed);
     }
+    /// Add `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
     /// Value.
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
@@ -215,6 +219,9 @@ pub struct PoolStats {
     pub pending_dropped: Counter,
     /// Future jobs dropped: more arrived than `routing.max_future_jobs`.
     pub future_jobs_dropped: Counter,
+    /// Shares sent that had no answer when their connection ended (the
+    /// pool went away, or went silent during a drain).
+    pub unanswered: Counter,
     /// Reject reasons the pool gave (at most [`MAX_REJECT_REASONS`]).
     reasons: Mutex<HashMap<String, u64>>,
     /// Why the last connection attempt or session failed.

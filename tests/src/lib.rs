@@ -443,6 +443,12 @@ impl PeerProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The exit code once the process has exited (`None` while it runs,
+    /// or if a signal ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+
     /// Kills the process now (idempotent).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -97,15 +97,17 @@ pub async fn start(
     if tokens.is_empty() {
         warn!("control API has no tokens: every /api/v1 call will get 401");
     }
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("bind control API {addr}: {e}"))?;
+    // SO_REUSEPORT as the miner ports: a restarted gridproxy binds while
+    // this one drains (and this one closes the port when its drain starts).
+    let listener =
+        gridproxy_proxy::proxy::bind("control API", addr).map_err(anyhow::Error::from)?;
     let addr = listener.local_addr()?;
     let live = Live::new(1800);
     let every = Duration::from_secs(cfg.sample_secs.max(1));
     live.sample(&ctx, &site);
     live.spawn(ctx.clone(), site.clone(), every, shutdown.clone());
     let metrics = Arc::new(Metrics::new(cfg.metrics_max_workers));
+    let state_draining = ctx.draining.clone();
     let state = Arc::new(ApiState {
         ctx,
         site,
@@ -134,7 +136,8 @@ pub async fn start(
         max: cfg.max_connections,
         header_timeout: Duration::from_secs(cfg.header_timeout_secs),
     };
-    tokio::spawn(serve(listener, acceptor, app, limits, shutdown));
+    let closing = state_draining.clone();
+    tokio::spawn(serve(listener, acceptor, app, limits, shutdown, closing));
     Ok(ApiServer {
         addr,
         metrics,
@@ -160,12 +163,16 @@ async fn serve(
     app: Router,
     limits: ConnLimits,
     shutdown: CancellationToken,
+    draining: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max.max(1)));
     let mut refused: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
+            // A drain hands the port to the new process; requests already
+            // accepted are still served.
+            _ = draining.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

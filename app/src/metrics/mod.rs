@@ -193,6 +193,8 @@ impl Metrics {
                 .absolute(h.stats.rejected.get());
             counter!("gridproxy_pool_connects_total", "pool" => name.clone())
                 .absolute(h.stats.connects.get());
+            counter!("gridproxy_pool_shares_unanswered_total", "pool" => name.clone())
+                .absolute(h.stats.unanswered.get());
             counter!("gridproxy_limit_trips_total", "limit" => "max_pending_shares", "pool" => name.clone())
                 .absolute(h.stats.pending_dropped.get());
             counter!("gridproxy_limit_trips_total", "limit" => "max_future_jobs", "pool" => name.clone())
@@ -311,6 +313,11 @@ fn describe() {
         "gridproxy_pool_connects_total",
         Unit::Count,
         "Upstream sessions set up."
+    );
+    describe_counter!(
+        "gridproxy_pool_shares_unanswered_total",
+        Unit::Count,
+        "Shares sent to the pool with no answer when their connection ended (the pool went away, or silent during a drain)."
     );
     describe_counter!(
         "gridproxy_pool_jobs_total",

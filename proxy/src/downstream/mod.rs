@@ -60,6 +60,19 @@ pub struct Ctx {
     /// New block → each miner's write of its job (`/metrics`:
     /// `gridproxy_job_fanout_seconds`).
     pub fanout_seconds: Arc<crate::stats::FanoutHistogram>,
+    /// Fires when a drain starts: the listeners close and every session
+    /// tells its miner to leave (see [`crate::drain`]).
+    pub draining: CancellationToken,
+    /// Ends the miner sessions (a child of `shutdown`; a drain fires it
+    /// alone when miners overstay, so the upstreams keep running).
+    pub session_stop: CancellationToken,
+    /// The listener tasks (a drain waits for them: the ports are closed
+    /// once they end).
+    pub listeners: TaskTracker,
+    /// The miner sessions (a drain waits for them to end).
+    pub sessions: TaskTracker,
+    /// The upstream tasks and their drain signal.
+    pub upstreams: crate::upstream::Upstreams,
 }
 
 /// Counters of the limits that tripped, for `/metrics`.
@@ -122,6 +135,19 @@ impl Ctx {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Arc<Self> {
+        let upstreams = crate::upstream::Upstreams::default();
+        Self::with_upstreams(cfg, registry, router, shutdown, tasks, upstreams)
+    }
+
+    /// Build the shared context around upstreams already spawned into `upstreams`.
+    pub fn with_upstreams(
+        cfg: Arc<ProxyConfig>,
+        registry: Arc<Registry>,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        upstreams: crate::upstream::Upstreams,
+    ) -> Arc<Self> {
         let max_connections = cfg.limits.max_connections;
         let notify_writers = cfg.limits.notify_writers;
         let en = &cfg.extranonce;
@@ -139,12 +165,17 @@ impl Ctx {
             slots: Mutex::new(alloc),
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections: AtomicUsize::new(max_connections),
-            shutdown,
-            tasks,
             fanout: Arc::new(Semaphore::new(fanout_turns(notify_writers))),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
             trips: Arc::new(LimitTrips::default()),
             fanout_seconds: Arc::default(),
+            draining: CancellationToken::new(),
+            session_stop: shutdown.child_token(),
+            shutdown,
+            tasks,
+            listeners: TaskTracker::new(),
+            sessions: TaskTracker::new(),
+            upstreams,
         })
     }
 
@@ -255,6 +286,19 @@ where
     loop {
         let (stream, peer) = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.draining.cancelled() => {
+                // Connections the kernel already completed would be reset
+                // with the socket: take them (their sessions tell the miner
+                // to reconnect at once), then drop the listener, so the
+                // port is the new process's alone.
+                let mut taken = 0usize;
+                while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+                    admit(&ctx, stream, peer, &serve);
+                    taken += 1;
+                }
+                info!(%addr, queued = taken, "{kind} listener closed for the drain");
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -265,30 +309,39 @@ where
                 }
             },
         };
-        let per_ip = ctx.cfg().limits.max_connections_per_ip;
-        let Some(ip_slot) = ctx.admit_ip(peer.ip(), per_ip) else {
-            ctx.trips.connections_per_ip.inc();
-            let n = ctx.trips.connections_per_ip.get();
-            // One line per power of two: a flood does not flood the log.
-            if n.is_power_of_two() {
-                warn!(%peer, max = per_ip, refused = n, "per-address connection limit reached; closing");
-            }
-            drop(stream);
-            continue;
-        };
-        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
-            ctx.trips.connections.inc();
-            let n = ctx.trips.connections.get();
-            if n.is_power_of_two() {
-                warn!(%peer, max = ctx.cfg().limits.max_connections, refused = n, "connection limit reached; closing");
-            }
-            drop(stream);
-            continue;
-        };
-        // `map`, not an async block around the future: a block would hold the
-        // session future twice (as a capture and as the awaited value), doubling
-        // the largest per-miner allocation.
-        ctx.tasks
-            .spawn(serve(ctx.clone(), stream, peer).map(move |()| drop((permit, ip_slot))));
+        admit(&ctx, stream, peer, &serve);
     }
+}
+
+/// Start a session for an accepted connection, or close it past a limit.
+fn admit<F, Fut>(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr, serve: &F)
+where
+    F: Fn(Arc<Ctx>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let per_ip = ctx.cfg().limits.max_connections_per_ip;
+    let Some(ip_slot) = ctx.admit_ip(peer.ip(), per_ip) else {
+        ctx.trips.connections_per_ip.inc();
+        let n = ctx.trips.connections_per_ip.get();
+        // One line per power of two: a flood does not flood the log.
+        if n.is_power_of_two() {
+            warn!(%peer, max = per_ip, refused = n, "per-address connection limit reached; closing");
+        }
+        drop(stream);
+        return;
+    };
+    let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+        ctx.trips.connections.inc();
+        let n = ctx.trips.connections.get();
+        if n.is_power_of_two() {
+            warn!(%peer, max = ctx.cfg().limits.max_connections, refused = n, "connection limit reached; closing");
+        }
+        drop(stream);
+        return;
+    };
+    // `map`, not an async block around the future: a block would hold the
+    // session future twice (as a capture and as the awaited value), doubling
+    // the largest per-miner allocation.
+    let session = serve(ctx.clone(), stream, peer).map(move |()| drop((permit, ip_slot)));
+    ctx.tasks.spawn(ctx.sessions.track_future(session));
 }

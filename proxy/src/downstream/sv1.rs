@@ -136,9 +136,12 @@ impl Session {
         // One timer for both deadlines (a tokio Sleep is 112 bytes per miner).
         let handshake_at = Instant::now() + limits.handshake_timeout();
         let timer = tokio::time::sleep_until(handshake_at.min(Instant::now() + idle_for));
-        let shutdown = self.ctx.shutdown.clone();
+        let shutdown = self.ctx.session_stop.clone();
         let cancelled = shutdown.cancelled();
-        tokio::pin!(timer, cancelled);
+        let draining = self.ctx.draining.clone();
+        let drain_starts = draining.cancelled();
+        tokio::pin!(timer, cancelled, drain_starts);
+        let mut told_to_leave = false;
         let mut last_read = Instant::now();
         let mut buf = BytesMut::new();
         let mut wake: Option<WakeFut> = None;
@@ -162,6 +165,14 @@ impl Session {
             let mut _turn = None;
             tokio::select! {
                 _ = &mut cancelled => return DownstreamError::Shutdown,
+                _ = &mut drain_starts, if !told_to_leave => {
+                    // The proxy is restarting: back to the same address (a
+                    // new process holds the port). Shares the miner sent
+                    // before it reads this are still answered; the session
+                    // ends when the miner closes.
+                    told_to_leave = true;
+                    self.out.push_str(&encode::reconnect(None, None, None));
+                }
                 r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
                     if let Err(e) = r {
                         return DownstreamError::Read(e);

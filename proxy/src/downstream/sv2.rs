@@ -17,8 +17,9 @@
 //!   update: a job with `min_ntime`; vardiff: `SetTarget` (valid for every live job).
 //!
 //! The proxy never sends `SetExtranoncePrefix` (a miner part never changes)
-//! and never closes a channel on its own: SRI's `mining_device` panics on
-//! `CloseChannel`, `SetExtranoncePrefix` and `OpenMiningChannel.Error`.
+//! and closes a channel on its own only when it drains for a restart
+//! (`CloseChannel`, reason `proxy-restarting`): SRI's `mining_device` panics
+//! on `CloseChannel`, `SetExtranoncePrefix` and `OpenMiningChannel.Error`.
 //! Errors that end the connection are logged with the peer and the reason.
 
 use super::channel::{
@@ -40,9 +41,10 @@ use gridproxy_protocol::sv2::{
         ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL,
     },
     mining_sv2::{
-        NewExtendedMiningJobOwned, NewMiningJobOwned, OpenExtendedMiningChannelSuccessOwned,
-        OpenMiningChannelErrorOwned, OpenStandardMiningChannelSuccessOwned, SetNewPrevHashOwned,
-        SetTargetOwned, SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
+        CloseChannelOwned, NewExtendedMiningJobOwned, NewMiningJobOwned,
+        OpenExtendedMiningChannelSuccessOwned, OpenMiningChannelErrorOwned,
+        OpenStandardMiningChannelSuccessOwned, SetNewPrevHashOwned, SetTargetOwned,
+        SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
         SubmitSharesSuccessOwned, UpdateChannelErrorOwned, UpdateChannelOwned,
         ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
         ERROR_CODE_OPEN_MINING_CHANNEL_EXTENDED_CHANNELS_NOT_SUPPORTED_FOR_STANDARD_JOBS,
@@ -78,6 +80,8 @@ const CERT_VALIDITY: Duration = Duration::from_secs(3600);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued from all channel tasks to the connection's writer.
 const OUT_QUEUE: usize = 1024;
+/// How long a connection stays after its channels were closed for a drain.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Channels one connection may hold (each one holds a miner part and a router entry).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 4096;
 
@@ -196,10 +200,31 @@ impl Conn {
         }
         let limits = self.ctx.cfg().limits.clone();
         let mut idle_deadline = Instant::now() + limits.idle_timeout();
-        let shutdown = self.ctx.shutdown.clone();
+        let shutdown = self.ctx.session_stop.clone();
+        let draining = self.ctx.draining.clone();
+        // Set once the channels were closed for a drain: when the connection closes.
+        let mut close_at: Option<Instant> = None;
         loop {
+            if close_at.is_some_and(|t| Instant::now() >= t) {
+                return self.close_for_drain(&mut framed).await;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return DownstreamError::Shutdown,
+                _ = draining.cancelled(), if close_at.is_none() => {
+                    // The proxy is restarting: close every channel cleanly.
+                    // Shares that cross the CloseChannel on the wire are still
+                    // answered until the miner hangs up or CLOSE_LINGER passes.
+                    let mut ids: Vec<u32> = self.channels.keys().copied().collect();
+                    ids.sort_unstable();
+                    for channel_id in ids {
+                        self.out.push(Message::Mining(MiningOwned::CloseChannel(CloseChannelOwned {
+                            channel_id,
+                            reason_code: "proxy-restarting".to_string().try_into().expect("short reason code"),
+                        })));
+                    }
+                    close_at = Some(Instant::now() + CLOSE_LINGER);
+                }
+                _ = tokio::time::sleep_until(close_at.unwrap_or_else(Instant::now)), if close_at.is_some() => {}
                 f = framed.next() => {
                     let frame = match f {
                         None => return DownstreamError::Eof,
@@ -240,6 +265,28 @@ impl Conn {
             if let Err(e) = self.flush(&mut framed).await {
                 return e;
             }
+        }
+    }
+
+    /// End a connection whose channels were closed for a drain: each channel
+    /// task answers what it was given, those answers are written, then the
+    /// connection closes.
+    async fn close_for_drain(&mut self, framed: &mut Transport) -> DownstreamError {
+        self.channels.clear();
+        let answered = async {
+            while let Some(r) = self.tasks.join_next().await {
+                if let Ok((id, Some(why))) = r {
+                    debug!(peer = %self.peer, channel = id, reason = %why, "channel ended during the drain");
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, answered).await;
+        while let Ok(m) = self.out_rx.try_recv() {
+            self.out.push(m);
+        }
+        match self.flush(framed).await {
+            Ok(()) => DownstreamError::Shutdown,
+            Err(e) => e,
         }
     }
 

@@ -109,8 +109,21 @@ pub struct PoolHandle {
     pub view: watch::Receiver<PoolView>,
 }
 
+/// Every upstream task of an engine, and the signal that drains them.
+#[derive(Clone, Default)]
+pub struct Upstreams {
+    /// The upstream tasks (a drain waits for them to end).
+    pub tracker: tokio_util::task::TaskTracker,
+    /// Fires when no share can arrive any more: each upstream then sends
+    /// what is queued, waits for the pool's answer to every share it sent,
+    /// and ends (see [`crate::drain`]).
+    pub drain: tokio_util::sync::CancellationToken,
+}
+
 /// Start the upstream task for `pool` (config index `index`), counting into
-/// `stats`; it runs on `tasks` until `stop` fires.
+/// `stats`; it runs on `tasks` (and is tracked by `ups`) until `stop` fires
+/// or it has drained.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     index: usize,
     pool: &PoolConfig,
@@ -119,6 +132,7 @@ pub fn spawn(
     stats: Arc<PoolStats>,
     stop: tokio_util::sync::CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
+    ups: &Upstreams,
 ) -> PoolHandle {
     let (vtx, vrx, srx) = channels();
     match pool.protocol() {
@@ -129,7 +143,10 @@ pub fn spawn(
                 extranonce: extranonce.clone(),
                 stats: stats.clone(),
             };
-            tasks.spawn(up.run(vtx, srx, stop));
+            tasks.spawn(
+                ups.tracker
+                    .track_future(up.run(vtx, srx, stop, ups.drain.clone())),
+            );
         }
         crate::config::PoolProtocol::Sv1 => {
             let up = sv1::Sv1Upstream {
@@ -138,7 +155,10 @@ pub fn spawn(
                 extranonce: extranonce.clone(),
                 stats: stats.clone(),
             };
-            tasks.spawn(up.run(vtx, srx, stop));
+            tasks.spawn(
+                ups.tracker
+                    .track_future(up.run(vtx, srx, stop, ups.drain.clone())),
+            );
         }
     }
     PoolHandle {
@@ -243,12 +263,14 @@ pub(crate) trait Session {
     /// Counters.
     fn stats(&self) -> &PoolStats;
     /// Connect to `target` (the pool's address, or where it redirected
-    /// us), set up and serve until the connection ends.
+    /// us), set up and serve until the connection ends, or (once `drain`
+    /// fires) until nothing is queued and every share sent has its answer.
     async fn session(
         &self,
         target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
+        drain: &tokio_util::sync::CancellationToken,
     ) -> Result<(), UpstreamError>;
 }
 
@@ -265,18 +287,31 @@ pub(crate) async fn reconnect_loop(
     view: watch::Sender<PoolView>,
     mut shares: mpsc::Receiver<UpShare>,
     shutdown: tokio_util::sync::CancellationToken,
+    drain: tokio_util::sync::CancellationToken,
 ) {
     let first = std::time::Duration::from_millis(up.routing().reconnect_ms.max(10));
     let mut backoff = first;
     let configured = up.pool().address.endpoint.clone();
     let mut target = configured.clone();
     loop {
+        if drain.is_cancelled() {
+            // Down while draining: what it had sent is lost with the
+            // connection, and nothing new can arrive. Nothing to reconnect for.
+            if !shares.is_empty() {
+                tracing::warn!(pool = %up.pool().name, queued = shares.len(), "pool down during the drain: queued shares not sent");
+            }
+            return;
+        }
         let started = tokio::time::Instant::now();
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = up.session(&target, &view, &mut shares) => r,
+            r = up.session(&target, &view, &mut shares, &drain) => r,
         };
         view.send_modify(|v| v.live = false);
+        if drain.is_cancelled() && r.is_ok() {
+            tracing::info!(pool = %up.pool().name, "upstream drained: every share sent has its answer");
+            return;
+        }
         if started.elapsed() > std::time::Duration::from_secs(30) {
             backoff = first;
         }

@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Version bits we ask an SV1 pool for (BIP320).
 const ASK_MASK: u32 = 0x1fff_e000;
@@ -100,8 +100,9 @@ impl Sv1Upstream {
         view: watch::Sender<PoolView>,
         shares: mpsc::Receiver<UpShare>,
         shutdown: CancellationToken,
+        drain: CancellationToken,
     ) {
-        super::reconnect_loop(&self, view, shares, shutdown).await
+        super::reconnect_loop(&self, view, shares, shutdown, drain).await
     }
 
     fn request(&self, c: &mut Conn, out: &mut String, method: &str, params: Value, p: Pending) {
@@ -120,6 +121,7 @@ impl Sv1Upstream {
         target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
+        drain: &CancellationToken,
     ) -> Result<(), UpstreamError> {
         let stream = super::connect(target).await?;
         let (mut rd, mut wr) = stream.into_split();
@@ -177,14 +179,30 @@ impl Sv1Upstream {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let no_job = Duration::from_secs(self.routing.no_job_timeout_secs.max(1));
         let need = self.extranonce.miner_bytes + self.extranonce.extranonce2_size;
-        loop {
+        let mut heard = tokio::time::Instant::now();
+        let r: Result<(), UpstreamError> = async { loop {
+            let unanswered = c
+                .pending
+                .iter()
+                .filter(|(_, p)| matches!(p, Pending::Submit { .. }))
+                .count();
+            if crate::drain::upstream_done(drain.is_cancelled(), shares.len(), unanswered) {
+                break Ok(());
+            }
             tokio::select! {
+                // Wakes the loop once to check the condition above.
+                _ = drain.cancelled(), if !drain.is_cancelled() => {}
+                _ = tokio::time::sleep_until(heard + crate::drain::POOL_QUIET), if drain.is_cancelled() => {
+                    warn!(pool = %self.pool.name, unanswered, "pool silent during the drain: not waiting for the rest of its answers");
+                    break Ok(());
+                }
                 r = rd.read_buf(&mut buf) => {
                     match r {
-                        Ok(0) => return Err(UpstreamError::Closed),
-                        Err(e) => return Err(UpstreamError::Read(e)),
+                        Ok(0) => break Err(UpstreamError::Closed),
+                        Err(e) => break Err(UpstreamError::Read(e)),
                         Ok(_) => {}
                     }
+                    heard = tokio::time::Instant::now();
                     while let Some(line) = codec.next_line(&mut buf).map_err(UpstreamError::PoolSent)? {
                         let m = sv1::parse_server(&line).map_err(UpstreamError::PoolSent)?;
                         self.handle(&mut c, m, view, need, target)?;
@@ -221,7 +239,18 @@ impl Sv1Upstream {
                     return Err(UpstreamError::NoJob(no_job));
                 }
             }
+        } }
+        .await;
+        let unanswered = c
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Submit { .. }))
+            .count();
+        if unanswered > 0 {
+            self.stats.unanswered.add(unanswered as u64);
+            warn!(pool = %self.pool.name, unanswered, "connection ended with shares unanswered");
         }
+        r
     }
 
     /// The request a response answers: ours by id when the pool echoes it
@@ -445,8 +474,9 @@ impl super::Session for Sv1Upstream {
         target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
+        drain: &CancellationToken,
     ) -> Result<(), UpstreamError> {
-        self.serve(target, view, shares).await
+        self.serve(target, view, shares, drain).await
     }
 }
 

@@ -84,8 +84,9 @@ impl Sv2Upstream {
         view: watch::Sender<PoolView>,
         shares: mpsc::Receiver<UpShare>,
         shutdown: CancellationToken,
+        drain: CancellationToken,
     ) {
-        super::reconnect_loop(&self, view, shares, shutdown).await
+        super::reconnect_loop(&self, view, shares, shutdown, drain).await
     }
 
     async fn open(
@@ -209,6 +210,7 @@ impl Sv2Upstream {
         key: &AuthorityPublicKey,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
+        drain: &CancellationToken,
     ) -> Result<(), UpstreamError> {
         let (mut framed, mut conn) =
             tokio::time::timeout(Duration::from_secs(10), self.open(endpoint, key))
@@ -226,14 +228,25 @@ impl Sv2Upstream {
         });
         info!(pool = %self.pool.name, channel = conn.channel_id, rollable = conn.rollable, "sv2 upstream channel open");
         let no_job = Duration::from_secs(self.routing.no_job_timeout_secs.max(1));
+        let mut heard = tokio::time::Instant::now();
         let result = loop {
+            if crate::drain::upstream_done(drain.is_cancelled(), shares.len(), conn.pending.len()) {
+                break Ok(());
+            }
             let deadline = conn.last_job_at + no_job;
             tokio::select! {
+                // Wakes the loop once to check the condition above.
+                _ = drain.cancelled(), if !drain.is_cancelled() => {}
+                _ = tokio::time::sleep_until(heard + crate::drain::POOL_QUIET), if drain.is_cancelled() => {
+                    warn!(pool = %self.pool.name, unanswered = conn.pending.len(), "pool silent during the drain: not waiting for the rest of its answers");
+                    break Ok(());
+                }
                 f = next_msg(&mut framed) => {
                     let msg = match f {
                         Ok(m) => m,
                         Err(e) => break Err(e.into()),
                     };
+                    heard = tokio::time::Instant::now();
                     if let Err(e) = self.handle(&mut conn, msg, view, epoch) {
                         break Err(e);
                     }
@@ -281,6 +294,7 @@ impl Sv2Upstream {
             }
         };
         if !conn.pending.is_empty() {
+            self.stats.unanswered.add(conn.pending.len() as u64);
             warn!(pool = %self.pool.name, unanswered = conn.pending.len(), "connection ended with shares unanswered");
         }
         result
@@ -464,6 +478,7 @@ impl super::Session for Sv2Upstream {
         target: &Endpoint,
         view: &watch::Sender<PoolView>,
         shares: &mut mpsc::Receiver<UpShare>,
+        drain: &CancellationToken,
     ) -> Result<(), UpstreamError> {
         // Config validation refuses a bad key; report it here too rather than spin.
         let key: AuthorityPublicKey = self
@@ -472,7 +487,7 @@ impl super::Session for Sv2Upstream {
             .ok_or(UpstreamError::NoAuthorityKey)?
             .parse()
             .map_err(UpstreamError::BadAuthorityKey)?;
-        self.serve(target, &key, view, shares).await
+        self.serve(target, &key, view, shares, drain).await
     }
 }
 

@@ -37,6 +37,7 @@ mod operate_demo;
 mod operate_full_disk;
 mod operate_metrics;
 mod operate_reload;
+mod operate_restart;
 mod operate_site;
 mod operate_tls;
 mod proxy_control;
