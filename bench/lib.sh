@@ -99,6 +99,7 @@ held_total() { latest_sum held "$1"; }
 # Put N miners at RATE shares/s on 127.0.0.1:PORT for SECS after the ramp, over
 # PROCS loadgen processes, and measure PID over a steady window (after ramp and
 # WARM seconds, until 2 s before the end). Prints one `result:` line:
+# LG_EXTRA: more loadgen arguments (e.g. --blocks).
 # With INFLIGHT=K set, each loadgen connection is closed-loop with K submits
 # outstanding (RATE is ignored): the most shares per second PID answers.
 #   name miners held acc_per_s cpu_us_per_share rss_base rss_peak rss_per_miner p50 p99 p999 errors
@@ -112,7 +113,7 @@ measure() { # name pid port N RATE SECS PROCS WARM
     # Each process gets its own source addresses (ephemeral ports are per source).
     $R/loadgen --target 127.0.0.1:$tport --connections "$c" --rate "$rate" --duration "$secs" \
       --user "$name$i" --warmup "$warm" --sources 4 --connect-rate $((2000 / procs)) \
-      --lat-out "$pre.$i.lat" --steady-file "$pre.steady" --inflight "${INFLIGHT:-0}" > "$pre.$i.log" 2>&1 &
+      --lat-out "$pre.$i.lat" --steady-file "$pre.steady" --inflight "${INFLIGHT:-0}" ${LG_EXTRA:-} > "$pre.$i.log" 2>&1 &
     lgs+=($!)
   done
   # Ramp: wait until every process has printed its first per-second line.

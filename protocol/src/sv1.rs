@@ -707,32 +707,74 @@ pub mod encode {
 
     /// `mining.notify`.
     pub fn notify(n: &Notify) -> String {
-        let mut branch = String::with_capacity(n.merkle_branch.len() * 67);
-        for (i, b) in n.merkle_branch.iter().enumerate() {
-            if i > 0 {
-                branch.push(',');
-            }
-            branch.push('"');
-            branch.push_str(&hex::encode(b));
-            branch.push('"');
-        }
-        let mut s =
-            String::with_capacity(256 + 2 * (n.coinb1.len() + n.coinb2.len()) + branch.len());
-        // Hand-built: this goes to every miner on every job.
-        let _ = writeln!(
-            s,
-            "{{\"id\":null,\"method\":\"mining.notify\",\"params\":[{},\"{}\",\"{}\",\"{}\",[{}],\"{:08x}\",\"{:08x}\",\"{:08x}\",{}]}}",
-            Value::String(n.job_id.clone()),
-            hex::encode(n.prev_hash),
-            hex::encode(&n.coinb1),
-            hex::encode(&n.coinb2),
-            branch,
+        let shared = notify_shared(
+            &n.prev_hash,
+            &n.coinb1,
+            &n.coinb2,
+            &n.merkle_branch,
             n.version,
             n.nbits,
             n.ntime,
-            n.clean_jobs
         );
+        let mut s = String::new();
+        notify_into(&mut s, &n.job_id, &shared, n.clean_jobs);
         s
+    }
+
+    /// The part of a `mining.notify` that every miner on one pool job gets
+    /// alike, from the previous-block hash (`prev_hash` in SV1 order) to
+    /// ntime, separators included: build it once per job and hand it to
+    /// [`notify_into`] for each miner (hex-encoding the coinbase and the
+    /// branch is most of a notify's cost).
+    pub fn notify_shared(
+        prev_hash: &[u8; 32],
+        coinb1: &[u8],
+        coinb2: &[u8],
+        merkle_branch: &[[u8; 32]],
+        version: u32,
+        nbits: u32,
+        ntime: u32,
+    ) -> String {
+        let mut s = String::with_capacity(
+            128 + 2 * (coinb1.len() + coinb2.len()) + merkle_branch.len() * 67,
+        );
+        let _ = write!(
+            s,
+            ",\"{}\",\"{}\",\"{}\",[",
+            hex::encode(prev_hash),
+            hex::encode(coinb1),
+            hex::encode(coinb2)
+        );
+        for (i, b) in merkle_branch.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push('"');
+            s.push_str(&hex::encode(b));
+            s.push('"');
+        }
+        let _ = write!(s, "],\"{version:08x}\",\"{nbits:08x}\",\"{ntime:08x}\",");
+        s
+    }
+
+    /// Append one miner's `mining.notify` line to `out`: its job id, the
+    /// job's [`notify_shared`] part and the clean flag.
+    pub fn notify_into(out: &mut String, job_id: &str, shared: &str, clean_jobs: bool) {
+        out.reserve(64 + job_id.len() + shared.len());
+        // Hand-built: this goes to every miner on every job.
+        out.push_str("{\"id\":null,\"method\":\"mining.notify\",\"params\":[");
+        if job_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            out.push('"');
+            out.push_str(job_id);
+            out.push('"');
+        } else {
+            out.push_str(&Value::String(job_id.to_string()).to_string());
+        }
+        out.push_str(shared);
+        out.push_str(if clean_jobs { "true]}\n" } else { "false]}\n" });
     }
 
     /// `mining.set_difficulty`.
@@ -960,6 +1002,27 @@ mod tests {
             parse_server(encode::notify(&n).trim_end().as_bytes()).unwrap(),
             ServerMessage::Notify(n)
         );
+        // The exact line, as pools write it (ours puts id and method first).
+        let mut n2 = match parse_server(notify).unwrap() {
+            ServerMessage::Notify(n) => n,
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            encode::notify(&n2),
+            "{\"id\":null,\"method\":\"mining.notify\",\"params\":[\"6a1f\",\"19213b5f01c49d5227f4f03fd7be57a4b8b5e7060009c3de0000000000000000\",\"0200\",\"ffffffff\",[\"f0a4506db7e1d2deb5bfc216b67dbb04b389997172322ffbea33909b6817f77b\"],\"20000004\",\"170ed0eb\",\"6155a491\",true]}\n"
+        );
+        // A job id that needs JSON escaping is escaped.
+        n2.job_id = "a\"b".into();
+        n2.clean_jobs = false;
+        let line = encode::notify(&n2);
+        assert!(
+            line.contains(r#"["a\"b","#) && line.ends_with("false]}\n"),
+            "{line}"
+        );
+        let ServerMessage::Notify(back) = parse_server(line.trim_end().as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(back.job_id, "a\"b");
         let rej = br#"{"id":4,"result":null,"error":[23,"Low difficulty share",null]}"#;
         let ServerMessage::Response { error: Some(e), .. } = parse_server(rej).unwrap() else {
             panic!()

@@ -924,6 +924,7 @@ mod tests {
 
     fn up_job() -> UpJob {
         UpJob {
+            sv1_notify: Default::default(),
             id: UpJobId::Sv1("j1".into()),
             version: 0x2000_0000,
             version_mask: BIP320,

@@ -18,7 +18,7 @@ use crate::router::Lease;
 use crate::stats::{RejectReason, WorkerStats};
 use bytes::BytesMut;
 use gridproxy_protocol::share::prevhash_to_sv1;
-use gridproxy_protocol::sv1::{self, encode, ClientMethod, Notify, Sv1Error};
+use gridproxy_protocol::sv1::{self, encode, ClientMethod, Sv1Error};
 use gridproxy_protocol::sv1_submit::parse_submit;
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -550,17 +550,27 @@ impl Session {
             self.sent_mask = Some(job.version_mask);
         }
         let up = &job.up;
-        self.out.push_str(&encode::notify(&Notify {
-            job_id: format!("{:x}", job.id),
-            prev_hash: prevhash_to_sv1(&up.prev_hash),
-            coinb1: up.coinbase_prefix.clone(),
-            coinb2: job.coinbase_suffix,
-            merkle_branch: up.merkle_branch.clone(),
-            version: up.version,
-            nbits: up.nbits,
-            ntime: up.ntime,
-            clean_jobs: job.clean,
-        }));
+        let pad = job.coinbase_suffix.len() - up.coinbase_suffix.len();
+        let build = || {
+            encode::notify_shared(
+                &prevhash_to_sv1(&up.prev_hash),
+                &up.coinbase_prefix,
+                &job.coinbase_suffix,
+                &up.merkle_branch,
+                up.version,
+                up.nbits,
+                up.ntime,
+            )
+        };
+        let cached = up.sv1_notify.get_or_init(|| (pad, build().into()));
+        let own;
+        let shared: &str = if cached.0 == pad {
+            &cached.1
+        } else {
+            own = build();
+            &own
+        };
+        encode::notify_into(&mut self.out, &format!("{:x}", job.id), shared, job.clean);
     }
 }
 

@@ -55,6 +55,12 @@ pub struct UpJob {
     pub merkle_branch: Vec<[u8; 32]>,
     /// Earlier jobs are void (new block).
     pub clean: bool,
+    /// The SV1 `mining.notify` part every miner on this job gets alike
+    /// (`encode::notify_shared`), built by the first session that sends the
+    /// job and shared by the rest: with thousands of miners a new block
+    /// would otherwise hex-encode the same coinbase thousands of times. Kept
+    /// with the coinbase padding it was built for.
+    pub sv1_notify: std::sync::OnceLock<(usize, Arc<str>)>,
 }
 
 /// A share worth sending to the pool.

@@ -283,6 +283,7 @@ impl Sv1Upstream {
         let clean = n.clean_jobs || c.clean_next;
         c.clean_next = false;
         let job = Arc::new(UpJob {
+            sv1_notify: Default::default(),
             id: UpJobId::Sv1(n.job_id.clone()),
             version: n.version,
             version_mask: c.mask,

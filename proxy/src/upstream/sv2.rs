@@ -417,6 +417,7 @@ impl Sv2Upstream {
         prefix.extend_from_slice(&job.prefix);
         prefix.extend_from_slice(&c.extranonce_prefix);
         let up = Arc::new(UpJob {
+            sv1_notify: Default::default(),
             id: UpJobId::Sv2(job.id),
             version: job.version,
             version_mask: if job.rolling { BIP320_MASK } else { 0 },
