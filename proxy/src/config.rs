@@ -500,6 +500,12 @@ pub struct RoutingConfig {
     /// SV2 future jobs (not yet activated by a prev hash) kept per pool;
     /// past it the oldest is dropped (counted).
     pub max_future_jobs: usize,
+    /// An SV2 channel's nominal hashrate follows the measured hashrate of
+    /// its miners: `UpdateChannel` is sent when they differ by more than
+    /// this fraction (0: never; the pool's view stays `nominal_hashrate`).
+    pub channel_update_fraction: f64,
+    /// At most one `UpdateChannel` per channel this often, seconds.
+    pub channel_update_secs: u64,
 }
 
 impl Default for RoutingConfig {
@@ -511,6 +517,8 @@ impl Default for RoutingConfig {
             reconnect_ms: 200,
             max_pending_shares: 65_536,
             max_future_jobs: 64,
+            channel_update_fraction: 0.1,
+            channel_update_secs: 60,
         }
     }
 }
@@ -694,6 +702,18 @@ impl ProxyConfig {
             return Err(bad(
                 "routing.max_pending_shares".into(),
                 "must be 16..=10000000".into(),
+            ));
+        }
+        if !(0.0..=10.0).contains(&r.channel_update_fraction) {
+            return Err(bad(
+                "routing.channel_update_fraction".into(),
+                "must be 0..=10 (0: never update)".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&r.channel_update_secs) {
+            return Err(bad(
+                "routing.channel_update_secs".into(),
+                "must be 1..=86400".into(),
             ));
         }
         if !(1..=4096).contains(&r.max_future_jobs) {

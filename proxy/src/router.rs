@@ -818,6 +818,15 @@ impl Router {
         v
     }
 
+    /// Tell each pool's upstream the measured hashrate of the miners on it
+    /// (an SV2 channel's nominal hashrate follows it, see `UpdateChannel`).
+    pub fn publish_hashrates(&self) {
+        let shares = self.shares();
+        for (share, h) in shares.iter().zip(self.pools().iter()) {
+            h.stats.set_measured_hashrate(share.hashrate);
+        }
+    }
+
     /// Re-evaluate whenever pool `index` goes up or down.
     fn watch_pool(
         self: &Arc<Self>,
@@ -857,12 +866,17 @@ impl Router {
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut last = Instant::now();
+            let mut measured_at = Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
                 router.tick();
+                if measured_at.elapsed() >= Duration::from_secs(1) {
+                    measured_at = Instant::now();
+                    router.publish_hashrates();
+                }
                 let every = Duration::from_secs(router.lock().cfg.rebalance_secs.max(1));
                 if last.elapsed() >= every {
                     last = Instant::now();

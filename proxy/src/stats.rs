@@ -222,6 +222,14 @@ pub struct PoolStats {
     /// Shares sent that had no answer when their connection ended (the
     /// pool went away, or went silent during a drain).
     pub unanswered: Counter,
+    /// `UpdateChannel`s sent: the channel's nominal hashrate followed the
+    /// miners' measured one.
+    pub channel_updates: Counter,
+    /// Measured hashrate of the miners on this pool now (f64 bits, H/s),
+    /// written by the router's monitor.
+    measured: AtomicU64,
+    /// The SV2 channel's nominal hashrate as last told to the pool (f64 bits, H/s).
+    nominal: AtomicU64,
     /// Reject reasons the pool gave (at most [`MAX_REJECT_REASONS`]).
     reasons: Mutex<HashMap<String, u64>>,
     /// Why the last connection attempt or session failed.
@@ -235,6 +243,22 @@ impl PoolStats {
             name: name.to_string(),
             ..Default::default()
         }
+    }
+    /// Record the measured hashrate of the miners on this pool (H/s).
+    pub fn set_measured_hashrate(&self, hs: f64) {
+        self.measured.store(hs.to_bits(), Relaxed);
+    }
+    /// The measured hashrate of the miners on this pool (H/s; 0 until measured).
+    pub fn measured_hashrate(&self) -> f64 {
+        f64::from_bits(self.measured.load(Relaxed))
+    }
+    /// Record the nominal hashrate the pool was told (open or `UpdateChannel`).
+    pub fn set_channel_nominal(&self, hs: f64) {
+        self.nominal.store(hs.to_bits(), Relaxed);
+    }
+    /// The SV2 channel's nominal hashrate as last told to the pool (0 before any).
+    pub fn channel_nominal(&self) -> f64 {
+        f64::from_bits(self.nominal.load(Relaxed))
     }
     /// Count an acknowledged share.
     pub fn accept(&self, difficulty: f64) {

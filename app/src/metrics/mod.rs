@@ -195,6 +195,10 @@ impl Metrics {
                 .absolute(h.stats.connects.get());
             counter!("gridproxy_pool_shares_unanswered_total", "pool" => name.clone())
                 .absolute(h.stats.unanswered.get());
+            counter!("gridproxy_pool_channel_updates_total", "pool" => name.clone())
+                .absolute(h.stats.channel_updates.get());
+            gauge!("gridproxy_pool_channel_nominal_hashes_per_second", "pool" => name.clone())
+                .set(h.stats.channel_nominal());
             counter!("gridproxy_limit_trips_total", "limit" => "max_pending_shares", "pool" => name.clone())
                 .absolute(h.stats.pending_dropped.get());
             counter!("gridproxy_limit_trips_total", "limit" => "max_future_jobs", "pool" => name.clone())
@@ -313,6 +317,15 @@ fn describe() {
         "gridproxy_pool_connects_total",
         Unit::Count,
         "Upstream sessions set up."
+    );
+    describe_counter!(
+        "gridproxy_pool_channel_updates_total",
+        Unit::Count,
+        "UpdateChannel messages sent: the SV2 channel's nominal hashrate followed the miners' measured one."
+    );
+    describe_gauge!(
+        "gridproxy_pool_channel_nominal_hashes_per_second",
+        "The SV2 channel's nominal hashrate as last told to the pool (0 for SV1 pools)."
     );
     describe_counter!(
         "gridproxy_pool_shares_unanswered_total",

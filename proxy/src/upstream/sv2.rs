@@ -12,7 +12,7 @@ use futures::SinkExt;
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::sv2::{
     common_messages_sv2::{Protocol, SetupConnectionOwned},
-    mining_sv2::{OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned},
+    mining_sv2::{OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned, UpdateChannelOwned},
     AuthorityPublicKey, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
 };
 use std::collections::{BTreeMap, HashMap};
@@ -229,6 +229,12 @@ impl Sv2Upstream {
         info!(pool = %self.pool.name, channel = conn.channel_id, rollable = conn.rollable, "sv2 upstream channel open");
         let no_job = Duration::from_secs(self.routing.no_job_timeout_secs.max(1));
         let mut heard = tokio::time::Instant::now();
+        // The channel's nominal hashrate, as the pool knows it.
+        let mut nominal = self.pool.nominal_hashrate as f64;
+        self.stats.set_channel_nominal(nominal);
+        let update_every = Duration::from_secs(self.routing.channel_update_secs.max(1));
+        let fraction = self.routing.channel_update_fraction;
+        let mut update_at = Instant::now() + update_every;
         let result = loop {
             if crate::drain::upstream_done(drain.is_cancelled(), shares.len(), conn.pending.len()) {
                 break Ok(());
@@ -289,6 +295,25 @@ impl Sv2Upstream {
                     }
                     if let Some(e) = err { break Err(e.into()); }
                     if let Err(e) = SinkExt::<Message>::flush(&mut framed).await { break Err(e.into()); }
+                }
+                _ = tokio::time::sleep_until(update_at), if fraction > 0.0 => {
+                    update_at = Instant::now() + update_every;
+                    let measured = self.stats.measured_hashrate();
+                    if needs_update(nominal, measured, fraction) {
+                        // The pool sets the channel's target from it (it answers SetTarget).
+                        let update = UpdateChannelOwned {
+                            channel_id: conn.channel_id,
+                            nominal_hash_rate: measured as f32,
+                            maximum_target: [0xff; 32].into(),
+                        };
+                        if let Err(e) = framed.send(Message::Mining(MiningOwned::UpdateChannel(update))).await {
+                            break Err(e.into());
+                        }
+                        info!(pool = %self.pool.name, channel = conn.channel_id, from = nominal, to = measured, "channel nominal hashrate updated to the measured one");
+                        nominal = measured;
+                        self.stats.set_channel_nominal(nominal);
+                        self.stats.channel_updates.inc();
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => break Err(UpstreamError::NoJob(no_job)),
             }
@@ -396,6 +421,9 @@ impl Sv2Upstream {
                 self.stats.reject(&reason);
                 debug!(pool = %self.pool.name, seq = e.sequence_number, %reason, "pool rejected share");
             }
+            MiningOwned::UpdateChannelError(e) if e.channel_id == c.channel_id => {
+                warn!(pool = %self.pool.name, reason = %String::from_utf8_lossy(e.error_code.as_bytes()), "pool refused the channel's new nominal hashrate");
+            }
             MiningOwned::CloseChannel(cc) if cc.channel_id == c.channel_id => {
                 return Err(UpstreamError::ChannelClosed(
                     String::from_utf8_lossy(cc.reason_code.as_bytes()).into_owned(),
@@ -492,6 +520,16 @@ impl super::Session for Sv2Upstream {
     }
 }
 
+/// Whether a channel's nominal hashrate should follow the measured one:
+/// both known, and apart by more than `fraction` of the nominal.
+fn needs_update(nominal: f64, measured: f64, fraction: f64) -> bool {
+    fraction > 0.0
+        && nominal > 0.0
+        && measured.is_finite()
+        && measured > 0.0
+        && (measured - nominal).abs() > fraction * nominal
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,6 +586,21 @@ mod tests {
         assert_eq!(c.pending.len(), 16);
         assert_eq!(c.pending.keys().next(), Some(&5), "the oldest went first");
         assert_eq!(up.stats.pending_dropped.get(), 4);
+    }
+
+    #[test]
+    fn the_nominal_hashrate_follows_a_measured_one_that_moved_past_the_fraction() {
+        assert!(!needs_update(1e12, 1.05e12, 0.1), "inside the band");
+        assert!(!needs_update(1e12, 0.95e12, 0.1), "inside the band");
+        assert!(needs_update(1e12, 2e12, 0.1), "doubled");
+        assert!(needs_update(1e12, 0.5e12, 0.1), "halved");
+        assert!(
+            needs_update(1e6, 3e14, 0.1),
+            "the default nominal against a real fleet"
+        );
+        assert!(!needs_update(1e12, 0.0, 0.1), "nothing measured yet");
+        assert!(!needs_update(1e12, f64::NAN, 0.1));
+        assert!(!needs_update(1e12, 5e12, 0.0), "updates disabled");
     }
 
     /// Future jobs a pool never activates are bounded too.

@@ -108,3 +108,146 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The pool's view of our extended channel (`pool_sv2` monitoring API):
+/// nominal hashrate and target (big-endian hex), if it has exactly one.
+async fn pool_channel(pool: &Pool) -> Option<(f64, String)> {
+    let clients: serde_json::Value = serde_json::from_str(
+        &http_get(pool.monitoring_addr, "/api/v1/clients")
+            .await
+            .ok()?,
+    )
+    .ok()?;
+    let id = clients["items"].as_array()?.first()?["client_id"].as_u64()?;
+    let path = format!("/api/v1/clients/{id}/channels");
+    let ch: serde_json::Value =
+        serde_json::from_str(&http_get(pool.monitoring_addr, &path).await.ok()?).ok()?;
+    let ext = ch["extended_channels"].as_array()?;
+    if ext.len() != 1 {
+        return None;
+    }
+    Some((
+        ext[0]["nominal_hashrate"].as_f64()?,
+        ext[0]["target_hex"].as_str()?.to_string(),
+    ))
+}
+
+/// Our view of the pool's target, as `pool_sv2` writes it (big-endian hex).
+fn view_target_hex(proxy: &gridproxy_proxy::Proxy) -> String {
+    let mut b = proxy.ctx.router.pools()[0]
+        .view
+        .borrow()
+        .target
+        .to_le_bytes();
+    b.reverse();
+    hex::encode(b)
+}
+
+/// Wait until the pool shows our channel at `nominal` with the target our
+/// view holds; the last pool view seen.
+async fn pool_agrees(
+    pool: &Pool,
+    proxy: &gridproxy_proxy::Proxy,
+    nominal: f64,
+) -> (bool, Option<(f64, String)>) {
+    let t = std::time::Instant::now();
+    let mut last = None;
+    while t.elapsed() < Duration::from_secs(10) {
+        last = pool_channel(pool).await;
+        if let Some((n, target)) = &last {
+            // The pool keeps the f32 it was sent.
+            if *n == nominal as f32 as f64 && *target == view_target_hex(proxy) {
+                return (true, last);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (false, last)
+}
+
+/// Issue 16, honest channel hashrate: the upstream channel opens at the
+/// configured nominal hashrate, then follows the fleet's measured one with
+/// `UpdateChannel`; pool_sv2 takes the new value (its monitoring shows it)
+/// and answers with a target the proxy applies to what it forwards (no
+/// share the pool rejects). Doubling the fleet doubles the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_nominal_hashrate_follows_the_fleet_and_the_pools_target_is_honoured() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    const PER_MINER: f64 = 5_000.0;
+    const FRACTION: f64 = 0.25;
+    let tp = start_quiet_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let key = pool.authority_pubkey.to_string();
+    let extra = format!(
+        "rebalance_secs = 1\nchannel_update_secs = 2\nchannel_update_fraction = {FRACTION}\n"
+    );
+    let proxy =
+        gridproxy_tests::start_proxy(proxy_config(&[("sri", pool.addr, &key, 0, 1.0)], &extra))
+            .await
+            .unwrap();
+    let addr = proxy.sv1_addr.unwrap();
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    // Opened at the configured 250 kH/s.
+    let (ok, seen) = pool_agrees(&pool, &proxy, 250_000.0).await;
+    assert!(ok, "pool's channel at open: {seen:?}");
+
+    // 20 miners: 100 kH/s, far from 250 kH/s: an update follows.
+    let (miners_a, stop_a) = start_sv1_miners(addr, 20, "hr.a", PER_MINER);
+    let near = |v: f64, want: f64| (v - want).abs() <= 0.35 * want;
+    assert!(
+        wait_until(Duration::from_secs(60), || up.channel_updates.get() >= 1
+            && near(up.channel_nominal(), 20.0 * PER_MINER))
+        .await,
+        "channel nominal {} after {} updates (measured {}) for 20 x {PER_MINER} H/s",
+        up.channel_nominal(),
+        up.channel_updates.get(),
+        up.measured_hashrate()
+    );
+    let first = up.channel_nominal();
+    let (ok, seen) = pool_agrees(&pool, &proxy, first).await;
+    assert!(
+        ok,
+        "pool's channel after UpdateChannel({first}): {seen:?}, our target {}",
+        view_target_hex(&proxy)
+    );
+    assert!(
+        pool.process.log().contains("UpdateChannel(channel_id="),
+        "pool never logged an UpdateChannel"
+    );
+
+    // Double the fleet: the channel follows.
+    let (miners_b, stop_b) = start_sv1_miners(addr, 20, "hr.b", PER_MINER);
+    assert!(
+        wait_until(Duration::from_secs(60), || near(
+            up.channel_nominal(),
+            40.0 * PER_MINER
+        ) && up.channel_nominal()
+            > first * (1.0 + FRACTION))
+        .await,
+        "channel nominal {} (first {first}, measured {}) for 40 x {PER_MINER} H/s",
+        up.channel_nominal(),
+        up.measured_hashrate()
+    );
+    let second = up.channel_nominal();
+    let (ok, seen) = pool_agrees(&pool, &proxy, second).await;
+    assert!(ok, "pool's channel after UpdateChannel({second}): {seen:?}");
+    // Shares keep flowing to the pool on its new target, none refused.
+    let acked = up.accepted.get();
+    assert!(
+        wait_until(Duration::from_secs(30), || up.accepted.get() >= acked + 10).await,
+        "no shares acknowledged after the update: {} sent, {} acked",
+        up.submitted.get(),
+        up.accepted.get()
+    );
+    stop_a.cancel();
+    stop_b.cancel();
+    assert_eq!(up.rejected.get(), 0, "pool rejects: {:?}", up.reasons());
+    assert_eq!(pool.shares_rejected().await, 0.0);
+    assert_eq!(miners_a.rejected.get() + miners_b.rejected.get(), 0);
+    println!(
+        "channel hashrate: opened 250000, 20 miners -> {first:.0} H/s, 40 miners -> {second:.0} H/s \
+         ({} UpdateChannel), pool agreed on nominal and target each time",
+        up.channel_updates.get()
+    );
+    proxy.stop.cancel();
+}
