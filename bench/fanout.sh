@@ -19,7 +19,7 @@ for n in "${COUNTS[@]}"; do [ "$n" -le 19000 ] || { echo "at most 19000 miners (
 bash scripts/peers.sh install >/dev/null
 BIN="$(bash scripts/peers.sh path)"
 [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -q -p gridproxy -p gridproxy-fixtures
-R=target/release
+R=${BENCH_BIN:-target/release}  # BENCH_BIN: binaries of another build (a before/after run)
 run=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
 . bench/lib.sh
 ulimit -n 20000 2>/dev/null || true

@@ -217,12 +217,14 @@ impl Proxy {
         };
         let unanswered_before = unanswered();
         let miners = ctx.sessions.len();
-        ctx.draining.cancel();
         ctx.listeners.close();
         ctx.sessions.close();
         ctx.upstreams.tracker.close();
-        // The ports first: from here on a new process gets every connection.
+        // The ports first: from here on a new process gets every connection,
+        // so a miner told to leave cannot come back here.
+        ctx.closing.cancel();
         let _ = timeout_at(plan.deadline(), ctx.listeners.wait()).await;
+        ctx.draining.cancel();
         tracing::info!(
             miners,
             ?grace,

@@ -107,7 +107,7 @@ pub async fn start(
     live.sample(&ctx, &site);
     live.spawn(ctx.clone(), site.clone(), every, shutdown.clone());
     let metrics = Arc::new(Metrics::new(cfg.metrics_max_workers));
-    let state_draining = ctx.draining.clone();
+    let state_draining = ctx.closing.clone();
     let state = Arc::new(ApiState {
         ctx,
         site,

@@ -63,6 +63,9 @@ pub struct Ctx {
     /// Fires when a drain starts: the listeners close and every session
     /// tells its miner to leave (see [`crate::drain`]).
     pub draining: CancellationToken,
+    /// Fires first in a drain: the listeners (and the control API) close,
+    /// so no miner told to leave can land on this process again.
+    pub closing: CancellationToken,
     /// Ends the miner sessions (a child of `shutdown`; a drain fires it
     /// alone when miners overstay, so the upstreams keep running).
     pub session_stop: CancellationToken,
@@ -170,6 +173,7 @@ impl Ctx {
             trips: Arc::new(LimitTrips::default()),
             fanout_seconds: Arc::default(),
             draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
             session_stop: shutdown.child_token(),
             shutdown,
             tasks,
@@ -286,7 +290,7 @@ where
     loop {
         let (stream, peer) = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = ctx.draining.cancelled() => {
+            _ = ctx.closing.cancelled() => {
                 // Connections the kernel already completed would be reset
                 // with the socket: take them (their sessions tell the miner
                 // to reconnect at once), then drop the listener, so the

@@ -45,7 +45,7 @@ address = "{pool}"
 protocol = "sv2"
 authority_pubkey = "{key}"
 user = "restart-test"
-nominal_hashrate = 20000.0
+nominal_hashrate = 10000.0
 
 [listen]
 sv1 = "{sv1}"
@@ -214,11 +214,11 @@ async fn run(bin: &Path) {
         stats.iter().filter(|s| s.working.get() >= 1).count(),
         old.log_tail(3000)
     );
-    // Shares flow, and the pool acknowledges forwarded ones.
+    // Shares flow (ten seconds' worth), and the pool acknowledges forwarded ones.
     let before = sum(|s| s.accepted.get());
     assert!(
-        wait_until(Duration::from_secs(20), || sum(|s| s.accepted.get())
-            >= before + 2 * MINERS as u64)
+        wait_until(Duration::from_secs(40), || sum(|s| s.accepted.get())
+            >= before + 10 * MINERS as u64)
         .await,
         "shares not flowing: {} accepted",
         sum(|s| s.accepted.get())
@@ -294,12 +294,19 @@ async fn run(bin: &Path) {
 
     // Every miner was told, none fell back on errors, and the new process
     // serves them: shares keep flowing.
+    // Once each: the old listener closes before any miner is told.
     let reconnects = sum(|s| s.reconnects.get());
-    assert_eq!(reconnects, MINERS as u64, "client.reconnect obeyed");
+    let told: Vec<u64> = stats.iter().map(|s| s.reconnects.get()).collect();
+    assert!(
+        told.iter().all(|&n| n == 1),
+        "client.reconnect obeyed per miner: {} miners never, {} more than once",
+        told.iter().filter(|&&n| n == 0).count(),
+        told.iter().filter(|&&n| n > 1).count()
+    );
     let mid = sum(|s| s.accepted.get());
     assert!(
-        wait_until(Duration::from_secs(20), || sum(|s| s.accepted.get())
-            >= mid + 2 * MINERS as u64)
+        wait_until(Duration::from_secs(40), || sum(|s| s.accepted.get())
+            >= mid + 10 * MINERS as u64)
         .await,
         "shares not flowing after the restart:\n{}",
         new.log_tail(3000)
@@ -333,11 +340,30 @@ async fn run(bin: &Path) {
     assert_eq!((old_rejected, new_rejected), (0, 0), "pool rejects");
     assert_eq!(old_sent, old_acked, "old: {drained}");
     assert_eq!(new_sent, new_acked, "new: {drained_new}");
-    let pool_accepted = pool.shares_accepted().await;
+    // pool_sv2's metrics drop a client's counts when it disconnects, so the
+    // pool's own log is the record: each SubmitSharesSuccess it sent, with
+    // the shares it accepted.
+    let pool_accepted = || -> u64 {
+        pool.process
+            .log()
+            .lines()
+            .filter(|l| l.contains("SubmitSharesSuccess("))
+            .filter_map(|l| {
+                l.split("new_submits_accepted_count=")
+                    .nth(1)?
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    wait_until(Duration::from_secs(5), || pool_accepted() >= old_sent + new_sent).await;
+    let pool_accepted = pool_accepted();
     assert_eq!(
         pool_accepted,
-        (old_sent + new_sent) as f64,
-        "pool accepted vs forwarded by both processes"
+        old_sent + new_sent,
+        "pool accepted (its log) vs forwarded by both processes"
     );
 
     // The ledger: intact, the old process's records kept, readable by report.
@@ -371,7 +397,7 @@ async fn run(bin: &Path) {
     );
 
     println!(
-        "operate_restart: {MINERS} miners; every miner hashing on the new process {:.2} s after SIGTERM; \
+        "operate_restart: {MINERS} miners, {reconnects} reconnects; every miner hashing on the new process {:.2} s after SIGTERM; \
          {submitted} shares sent, {accepted} answered accepted, 0 lost, 0 rejected; forwarded \
          {old_sent} (old) + {new_sent} (new) = pool accepted {pool_accepted}; ledger ok: {} commands, \
          {} acks, {} intervals; {:.1} s in all",
