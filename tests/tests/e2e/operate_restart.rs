@@ -358,7 +358,10 @@ async fn run(bin: &Path) {
             })
             .sum()
     };
-    wait_until(Duration::from_secs(5), || pool_accepted() >= old_sent + new_sent).await;
+    wait_until(Duration::from_secs(5), || {
+        pool_accepted() >= old_sent + new_sent
+    })
+    .await;
     let pool_accepted = pool_accepted();
     assert_eq!(
         pool_accepted,

@@ -156,7 +156,7 @@ async fn pool_agrees(
         last = pool_channel(pool).await;
         if let Some((n, target)) = &last {
             // The pool keeps the f32 it was sent.
-            if *n == nominal as f32 as f64 && *target == view_target_hex(proxy) {
+            if *n as f32 == nominal as f32 && *target == view_target_hex(proxy) {
                 return (true, last);
             }
         }
