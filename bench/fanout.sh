@@ -24,7 +24,7 @@ run=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$
 . bench/lib.sh
 ulimit -n 20000 2>/dev/null || true
 echo "load: $(uptime)"
-echo "fanout: a new block every ${BLOCK} s, ${RATE} share/s per miner, ${SECS} s per count; gridproxy $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "fanout: a new block every ${BLOCK} s, ${RATE} share/s per miner, ${SECS} s per count; binaries: ${BENCH_BIN:-this checkout, $(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
 BLOCK_INTERVAL=$BLOCK start_pool
 for n in "${COUNTS[@]}"; do
   # Only the upstream's block lines at info: a line per miner would cost more than the fan-out.
