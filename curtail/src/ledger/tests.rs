@@ -380,3 +380,40 @@ fn restart_does_not_wake_curtailed_miners() {
 fn cfg_min_off() -> Duration {
     PolicyConfig::default().min_off
 }
+
+/// Group commit: a batch is one transaction; a failure inside it leaves
+/// none of its records, and a good batch keeps all of them in order.
+#[test]
+fn a_batch_commits_all_or_none() {
+    let dir = TempDir::new("batch");
+    let mut l = Ledger::open(dir.db()).unwrap();
+    let ok = Ack::Ok;
+    l.batch(|l| {
+        l.record_commands(&[
+            cmd(1, 1, Action::Sleep, true),
+            cmd(2, 2, Action::Sleep, true),
+        ])?;
+        l.record_ack(Timestamp::from_secs(2000), CommandId(1), &ok)?;
+        l.record_command(&cmd(3, 3, Action::Wake, false))
+    })
+    .unwrap();
+    // Id 4 is fine, id 2 again is refused (primary key): the batch goes whole.
+    let e = l.batch(|l| {
+        l.record_command(&cmd(4, 4, Action::Sleep, true))?;
+        l.record_command(&cmd(2, 2, Action::Sleep, true))
+    });
+    assert!(e.is_err(), "a duplicate id must fail the batch");
+    assert!(l.command(CommandId(4)).unwrap().is_none(), "rolled back");
+    for id in 1..=3 {
+        assert!(
+            l.command(CommandId(id)).unwrap().is_some(),
+            "command {id} kept"
+        );
+    }
+    // The ledger takes plain writes again after a rolled-back batch.
+    l.record_command(&cmd(4, 4, Action::Sleep, true)).unwrap();
+    drop(l);
+    let l = Ledger::open(dir.db()).unwrap();
+    l.integrity_check().unwrap();
+    assert!(l.command(CommandId(4)).unwrap().is_some());
+}
