@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::operate_site::gridproxy_bin;
+use crate::operate_site::{gridproxy_bin, site_miners_toml};
 use gridproxy::api::client;
 use gridproxy_curtail::driver::Audit;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
@@ -83,21 +83,7 @@ client_timeout_ms = 1500
         pool = pool.addr,
         key = pool.authority_pubkey,
     );
-    for m in site.miners() {
-        let c = &m.config;
-        s.push_str(&format!(
-            "\n[[site.miners]]\nname = \"m{}\"\nfirmware = \"luxos\"\naddress = \"{}\"\nmodel = \"{}\"\n\
-             ths = {:.1}\nwatts = {:.1}\nsleep_w = {:.1}\nmin_power_w = {:.1}\nworker = \"{}\"\n",
-            m.index,
-            m.addr(),
-            m.model,
-            c.nominal_ths,
-            c.nominal_w,
-            c.sleep_w,
-            c.min_power_w,
-            m.worker
-        ));
-    }
+    s.push_str(&site_miners_toml(site));
     s
 }
 
@@ -341,32 +327,38 @@ async fn run(bin: &Path) {
     assert_eq!(old_sent, old_acked, "old: {drained}");
     assert_eq!(new_sent, new_acked, "new: {drained_new}");
     // pool_sv2's metrics drop a client's counts when it disconnects, so the
-    // pool's own log is the record: each SubmitSharesSuccess it sent, with
-    // the shares it accepted.
+    // pool's own log is the record: each SubmitSharesSuccess it logged, with
+    // the shares it accepted, and each share that found a block (acknowledged
+    // the same way, but logged as the block; share_batch_size is 1 here).
     let pool_accepted = || -> u64 {
-        pool.process
-            .log()
-            .lines()
-            .filter(|l| l.contains("SubmitSharesSuccess("))
-            .filter_map(|l| {
-                l.split("new_submits_accepted_count=")
-                    .nth(1)?
-                    .split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum()
+        let log = pool.process.log();
+        log.matches("Block Found").count() as u64
+            + log
+                .lines()
+                .filter(|l| l.contains("SubmitSharesSuccess("))
+                .filter_map(|l| {
+                    l.split("new_submits_accepted_count=")
+                        .nth(1)?
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum()
     };
     wait_until(Duration::from_secs(5), || {
         pool_accepted() >= old_sent + new_sent
     })
     .await;
     let pool_accepted = pool_accepted();
+    let log = pool.process.log();
     assert_eq!(
         pool_accepted,
         old_sent + new_sent,
-        "pool accepted (its log) vs forwarded by both processes"
+        "pool accepted (its log) vs forwarded by both processes ({old_sent} + {new_sent}); the pool \
+         received {} shares, refused {}; old: {drained}; new: {drained_new}",
+        log.matches("Received SubmitSharesExtended").count(),
+        log.matches("SubmitSharesError").count(),
     );
 
     // The ledger: intact, the old process's records kept, readable by report.

@@ -159,6 +159,13 @@ status_secs = 1
 keepalive_secs = 5
 "#
     );
+    s.push_str(&site_miners_toml(site));
+    s
+}
+
+/// One `[[site.miners]]` table per emulator of `site` (named `m<index>`).
+pub(crate) fn site_miners_toml(site: &Site) -> String {
+    let mut s = String::new();
     for m in site.miners() {
         let c = &m.config;
         s.push_str(&format!(
