@@ -344,7 +344,7 @@ async fn run(bin: &Path) {
                         .parse::<u64>()
                         .ok()
                 })
-                .sum()
+                .sum::<u64>()
     };
     wait_until(Duration::from_secs(5), || {
         pool_accepted() >= old_sent + new_sent
