@@ -1468,3 +1468,51 @@ async fn sv2_version_rolling_inside_the_mask_only() {
     assert_eq!(up.stats.rejected.get(), 0);
     proxy.stop.cancel();
 }
+
+/// A restart's drain, SV2 side (issue 18): every channel gets `CloseChannel`
+/// (`proxy-restarting`), the listener is gone (the port is a new process's),
+/// the pool's answer to every share the proxy forwarded is awaited, and the
+/// drain reports itself complete with nobody cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_sv2_channels_and_waits_for_every_pool_answer() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    let tp = start_quiet_tp().await;
+    let pool = start_pool(tp.addr()).await;
+    let proxy = start_proxy(&pool, 1, "", "").await;
+    let addr = proxy.sv2_addr.unwrap();
+    let key = proxy_authority().public();
+    let std = fixture_miners(addr, key, ChannelKind::Standard, "drain-std");
+    let ext = fixture_miners(
+        addr,
+        key,
+        ChannelKind::Extended { extranonce_size: 4 },
+        "drain-ext",
+    );
+    wait_fixture(&std, 10, "standard", &pool).await;
+    wait_fixture(&ext, 10, "extended", &pool).await;
+
+    let report = proxy.drain(Duration::from_secs(20)).await;
+    assert!(report.complete, "{report:?}");
+    assert_eq!((report.miners_cut, report.unanswered), (0, 0), "{report:?}");
+    for (what, m) in [("standard", &std), ("extended", &ext)] {
+        let e = m.last_error().unwrap_or_default();
+        assert!(e.contains("proxy-restarting"), "{what}: last error {e:?}");
+        assert!(m.stats().disconnects >= 3, "{what}: {:?}", m.stats());
+    }
+    // The port is closed: nothing of this process answers there any more.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the SV2 listener still accepts after the drain"
+    );
+    std.stop();
+    ext.stop();
+    let up = &proxy.ctx.router.pools()[0].stats;
+    assert!(up.submitted.get() > 0);
+    assert_eq!(
+        up.submitted.get(),
+        up.accepted.get() + up.rejected.get(),
+        "every forwarded share answered by the pool"
+    );
+    assert_eq!(up.unanswered.get(), 0);
+}
