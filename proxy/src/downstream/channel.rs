@@ -594,7 +594,11 @@ impl ChannelCore {
         let v = rx.borrow_and_update();
         let epoch_changed = self.jobs.back().is_some_and(|j| j.epoch != v.epoch);
         let same_job = match (&v.job, self.jobs.back()) {
-            (Some(j), Some(l)) => Arc::ptr_eq(j, &l.up) && l.up_target == v.target,
+            // A new pool target re-issues the job only where it applies to
+            // it (a job with its own target keeps that).
+            (Some(j), Some(l)) => {
+                Arc::ptr_eq(j, &l.up) && l.up_target == j.target.unwrap_or(v.target)
+            }
             _ => false,
         };
         drop(v);
@@ -677,7 +681,8 @@ impl ChannelCore {
             epoch: v.epoch,
             target,
             difficulty,
-            up_target: v.target,
+            // Judged as the pool judges this job's shares.
+            up_target: up.target.unwrap_or(v.target),
             rollable: v.rollable as u32,
             mask,
             merkle_root: merkle_root.map(Box::new),
@@ -935,6 +940,7 @@ mod tests {
             coinbase_suffix: vec![0xbb; 30],
             merkle_branch: vec![[3; 32], [4; 32]],
             clean: true,
+            target: None,
         }
     }
 

@@ -55,6 +55,10 @@ pub struct UpJob {
     pub merkle_branch: Vec<[u8; 32]>,
     /// Earlier jobs are void (new block).
     pub clean: bool,
+    /// The pool's target for this job's shares, when the pool fixes it per
+    /// job (SV2: the channel target when the job arrived); `None`: the
+    /// pool's current target applies (SV1 `set_difficulty`).
+    pub target: Option<gridproxy_protocol::difficulty::Target>,
     /// The SV1 `mining.notify` part every miner on this job gets alike
     /// (`encode::notify_shared`), built by the first session that sends the
     /// job and shared by the rest: with thousands of miners a new block

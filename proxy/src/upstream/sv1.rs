@@ -294,6 +294,7 @@ impl Sv1Upstream {
             coinbase_suffix: n.coinb2.clone(),
             merkle_branch: n.merkle_branch.clone(),
             clean,
+            target: None,
         });
         let (target, rollable, live, epoch) = (
             c.target,

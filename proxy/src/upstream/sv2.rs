@@ -75,6 +75,10 @@ struct Job {
     prefix: Vec<u8>,
     suffix: Vec<u8>,
     path: Vec<[u8; 32]>,
+    /// The channel's target when the job arrived: the pool judges the
+    /// job's shares by it, whatever SetTarget says later (as SRI's pool keeps
+    /// a target per job).
+    target: Target,
 }
 
 impl Sv2Upstream {
@@ -368,6 +372,7 @@ impl Sv2Upstream {
                     prefix: j.coinbase_tx_prefix.as_bytes().to_vec(),
                     suffix: j.coinbase_tx_suffix.as_bytes().to_vec(),
                     path: j.merkle_path.iter().map(|h| h.to_array()).collect(),
+                    target: c.target,
                 };
                 match j.min_ntime.into_inner() {
                     None => self.keep_future(c, job),
@@ -456,6 +461,7 @@ impl Sv2Upstream {
             coinbase_suffix: job.suffix.clone(),
             merkle_branch: job.path.clone(),
             clean,
+            target: Some(job.target),
         });
         let (target, rollable) = (c.target, c.rollable);
         if clean {
@@ -618,6 +624,7 @@ mod tests {
                     prefix: vec![],
                     suffix: vec![],
                     path: vec![],
+                    target: Target::MAX,
                 },
             );
         }
