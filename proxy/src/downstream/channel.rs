@@ -1096,6 +1096,49 @@ mod tests {
         assert_eq!(c.worker().accepted.get(), 1);
     }
 
+    /// A pool that fixes a target per job (SV2, as pool_sv2 does) judges the
+    /// job's shares by it even after its SetTarget moved the channel's
+    /// target: forwarding follows the job's target, and a new pool target
+    /// alone does not re-issue the job.
+    #[tokio::test]
+    async fn shares_are_forwarded_by_their_jobs_own_pool_target() {
+        let mut f = fixture();
+        let job_target = Target::from_difficulty(1.0 / 65536.0);
+        f._view.send_modify(|v| {
+            v.job = Some(Arc::new(UpJob {
+                target: Some(job_target),
+                ..up_job()
+            }));
+            // The channel's target now: easier than the job's.
+            v.target = Target::MAX;
+        });
+        let mut c = core(&f, ExtranonceMode::Fixed, TargetScope::Channel);
+        let j = job(c.start());
+        let root = j.merkle_root.unwrap();
+        // Meets the miner's target, not the job's: credited, not forwarded.
+        let easy = nonce_between(&j, &root, j.target, Some(job_target));
+        let a = c.check(&work(&j, easy, None)).unwrap();
+        assert!(
+            !a.forwarded,
+            "judged by the pool's current target, not the job's"
+        );
+        // The pool's target moves again: the same job is not re-issued.
+        f._view
+            .send_modify(|v| v.target = Target::from_difficulty(1e-12));
+        assert!(
+            c.on_wake(Wake::View).is_none(),
+            "re-issued for a target that does not apply"
+        );
+        let hard = nonce_between(&j, &root, job_target, None);
+        assert!(c.check(&work(&j, hard, None)).unwrap().forwarded);
+        let up = f.shares.try_recv().unwrap();
+        assert!(job_target.is_met_by(&hash(&j, &root, up.nonce)));
+        assert!(
+            f.shares.try_recv().is_err(),
+            "only the share that meets the job's target"
+        );
+    }
+
     /// A job's duplicate set, once full, forgets its oldest share only: a
     /// recent share stays a duplicate (it used to be cleared wholesale, so
     /// any share could be replayed and credited again).
