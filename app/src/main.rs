@@ -619,7 +619,23 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     let proxy = app.proxy.clone();
     let report = app.drain(grace).await;
     hurry.abort();
-    // The final counts, for whoever adds up a restart (the API is closed by now).
+    // The final counts per pool, for whoever adds up a restart (the API is
+    // closed by now). Not a status line: those are for terminals only.
+    let pools: Vec<String> = proxy
+        .ctx
+        .router
+        .pools()
+        .iter()
+        .map(|h| {
+            format!(
+                "{}: sent={} acked={} rejected={}",
+                h.stats.name,
+                h.stats.submitted.get(),
+                h.stats.accepted.get(),
+                h.stats.rejected.get()
+            )
+        })
+        .collect();
     println!(
         "gridproxy: drained ({}): {}",
         if report.complete {
@@ -627,7 +643,7 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
         } else {
             "incomplete"
         },
-        gridproxy_proxy::proxy::status_line(&proxy)
+        pools.join(" | ")
     );
     if !report.complete {
         tracing::warn!(
