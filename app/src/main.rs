@@ -612,7 +612,7 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     );
     if let Some(s) = &app.site {
         println!(
-            "gridproxy: the curtailment engine stops after the drain (ledger {})",
+            "gridproxy: stopping the curtailment engine after the drain (ledger {})",
             s.ledger.display()
         );
     }
