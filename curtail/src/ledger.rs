@@ -309,32 +309,8 @@ impl Ledger {
         Ledger::insert_command(&self.conn, c)
     }
 
-    /// Run `f`'s writes as one transaction: all or none, and one fsync for
-    /// all of them (group commit). Nothing is durable before this returns Ok.
-    pub fn batch<T>(
-        &mut self,
-        f: impl FnOnce(&mut Ledger) -> Result<T, LedgerError>,
-    ) -> Result<T, LedgerError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let r = f(self).and_then(|v| {
-            self.conn.execute_batch("COMMIT")?;
-            Ok(v)
-        });
-        if r.is_err() && !self.conn.is_autocommit() {
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-        r
-    }
-
-    /// Record a burst of commands in one transaction: all or none (inside a
-    /// [`Ledger::batch`], part of that one).
+    /// Record a burst of commands in one transaction: all or none.
     pub fn record_commands(&mut self, cs: &[Command]) -> Result<(), LedgerError> {
-        if !self.conn.is_autocommit() {
-            for c in cs {
-                Ledger::insert_command(&self.conn, c)?;
-            }
-            return Ok(());
-        }
         let tx = self.conn.transaction()?;
         for c in cs {
             Ledger::insert_command(&tx, c)?;

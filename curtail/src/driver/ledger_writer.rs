@@ -1,9 +1,5 @@
 //! The ledger writer: one OS thread owning the [`Ledger`], writing records
-//! in order and telling the commit hook after each. What is queued when it
-//! wakes is written as one transaction (group commit: one fsync for up to
-//! [`MAX_BATCH`] records), and nobody hears of a record before that commit
-//! returns, so a command is still durable before it is sent and an
-//! acknowledgement before it is reported.
+//! in order and telling the commit hook after each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,17 +101,6 @@ impl LedgerFault {
     }
 }
 
-/// Most records committed together.
-pub(super) const MAX_BATCH: usize = 1024;
-
-/// Write `batch` in order as one transaction (a lone record as itself).
-fn write_batch(ledger: &mut Ledger, batch: &[Write]) -> Result<(), LedgerError> {
-    if let [one] = batch {
-        return write_one(ledger, &one.record);
-    }
-    ledger.batch(|l| batch.iter().try_for_each(|w| write_one(l, &w.record)))
-}
-
 /// First and longest wait between attempts at a failing write.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -123,47 +108,21 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// write is still retried before the writer gives up.
 const GIVE_UP_AFTER_CLOSE: Duration = Duration::from_secs(5);
 
-/// The writer thread: what is queued, in order, one transaction at a time.
-/// A failed write is retried whole (with backoff) until it succeeds, so no
-/// record is skipped or reordered; `fault` tells the driver meanwhile. It
-/// gives up only when the driver has stopped and the write still fails.
+/// The writer thread: one record at a time, in order. A failed write is
+/// retried (with backoff) until it succeeds, so no record is skipped or
+/// reordered; `fault` tells the driver meanwhile. It gives up only when the
+/// driver has stopped and the write still fails.
 pub(super) fn write_loop(
     mut ledger: Ledger,
     mut rx: mpsc::Receiver<Write>,
     hook: Option<CommitHook>,
     fault: Arc<LedgerFault>,
 ) -> Result<(), LedgerError> {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
+    while let Some(w) = rx.blocking_recv() {
         let mut wait = RETRY_FIRST;
         let mut closed_at: Option<std::time::Instant> = None;
         loop {
-            let mut r = write_batch(&mut ledger, &batch);
-            if r.is_err() && batch.len() > 1 {
-                // A fault (a full disk, the size guard) may refuse the whole
-                // batch where its first records still fit: those go one by
-                // one, as before group commit, and the rest wait.
-                while batch.len() > 1 {
-                    if write_one(&mut ledger, &batch[0].record).is_err() {
-                        break;
-                    }
-                    let w = batch.remove(0);
-                    if let Some(h) = &hook {
-                        h(&w.record);
-                    }
-                    if let Some(done) = w.done {
-                        let _ = done.send(Ok(()));
-                    }
-                }
-                r = write_batch(&mut ledger, &batch);
-            }
-            match r {
+            match write_one(&mut ledger, &w.record) {
                 Ok(()) => {
                     // Healthy again once caught up: on a nearly full disk
                     // one record may fit where the next does not, and the
@@ -171,13 +130,11 @@ pub(super) fn write_loop(
                     if rx.is_empty() {
                         fault.ok();
                     }
-                    for w in batch {
-                        if let Some(h) = &hook {
-                            h(&w.record);
-                        }
-                        if let Some(done) = w.done {
-                            let _ = done.send(Ok(()));
-                        }
+                    if let Some(h) = &hook {
+                        h(&w.record);
+                    }
+                    if let Some(done) = w.done {
+                        let _ = done.send(Ok(()));
                     }
                     break;
                 }
@@ -186,10 +143,8 @@ pub(super) fn write_loop(
                     if rx.is_closed() {
                         let t = *closed_at.get_or_insert_with(std::time::Instant::now);
                         if t.elapsed() >= GIVE_UP_AFTER_CLOSE {
-                            for w in batch {
-                                if let Some(done) = w.done {
-                                    let _ = done.send(Err(e.to_string()));
-                                }
+                            if let Some(done) = w.done {
+                                let _ = done.send(Err(e.to_string()));
                             }
                             return Err(e);
                         }
