@@ -307,7 +307,11 @@ async fn new_block_cleans_every_sv1_miner_and_old_tip_shares_are_stale() {
         m.wait_jobs(1).await;
         miners.push(m);
     }
-    let up_target = up.view.borrow().target;
+    // As the pool judges it: the job's own target (pool_sv2 keeps one per job).
+    let up_target = {
+        let v = up.view.borrow();
+        v.job.as_ref().and_then(|j| j.target).unwrap_or(v.target)
+    };
     let en2 = |m: &RawMiner, last: u8| {
         let mut e = vec![0u8; m.en2_size];
         *e.last_mut().unwrap() = last;

@@ -1167,7 +1167,11 @@ async fn new_block_makes_old_tip_shares_stale_on_a_standard_channel() {
     for i in 0..n {
         chans.push(open_standard(&mut c, i + 1, &format!("stale2.{i}")).await);
     }
-    let up_target = up.view.borrow().target;
+    // As the pool judges it: the job's own target (pool_sv2 keeps one per job).
+    let up_target = {
+        let v = up.view.borrow();
+        v.job.as_ref().and_then(|j| j.target).unwrap_or(v.target)
+    };
     // Before the block: one share each that gridproxy forwards; another of
     // the same job kept for after the block.
     let mut kept = Vec::new();
@@ -1423,7 +1427,13 @@ async fn sv2_version_rolling_inside_the_mask_only() {
         Message::Common(CommonMessagesOwned::SetupConnectionSuccess(_))
     ));
     let (id, target, w) = open_standard(&mut c, 1, "roll.raw").await;
-    let t = target.min(up.view.borrow().target);
+    // The pool judges a share by its job's target (pool_sv2 keeps one per
+    // job), which a later SetTarget (its vardiff) does not move.
+    let pool_target = {
+        let v = up.view.borrow();
+        v.job.as_ref().and_then(|j| j.target).unwrap_or(v.target)
+    };
+    let t = target.min(pool_target);
     let mut seq = 0;
     for outside in [0x0000_0001u32, 0x0000_1000, 0x4000_0000] {
         let v = w.version ^ outside;
