@@ -1501,13 +1501,25 @@ async fn a_drain_closes_sv2_channels_and_waits_for_every_pool_answer() {
     );
     wait_fixture(&std, 10, "standard", &pool).await;
     wait_fixture(&ext, 10, "extended", &pool).await;
+    // Shares reach the pool before the restart (so the drain has answers to wait for).
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    assert!(
+        wait_until(Duration::from_secs(60), || up.accepted.get() >= 1).await,
+        "no share forwarded and acknowledged before the drain"
+    );
 
     let report = proxy.drain(Duration::from_secs(20)).await;
     assert!(report.complete, "{report:?}");
     assert_eq!((report.miners_cut, report.unanswered), (0, 0), "{report:?}");
     for (what, m) in [("standard", &std), ("extended", &ext)] {
+        // The channel was closed for the restart; by now the miner may
+        // already have tried to come back to the closed port, which is
+        // then its last error.
         let e = m.last_error().unwrap_or_default();
-        assert!(e.contains("proxy-restarting"), "{what}: last error {e:?}");
+        assert!(
+            e.contains("proxy-restarting") || e.contains("connect"),
+            "{what}: last error {e:?}"
+        );
         assert!(m.stats().disconnects >= 3, "{what}: {:?}", m.stats());
     }
     // The port is closed: nothing of this process answers there any more.
@@ -1517,7 +1529,6 @@ async fn a_drain_closes_sv2_channels_and_waits_for_every_pool_answer() {
     );
     std.stop();
     ext.stop();
-    let up = &proxy.ctx.router.pools()[0].stats;
     assert!(up.submitted.get() > 0);
     assert_eq!(
         up.submitted.get(),
