@@ -91,12 +91,16 @@ pub fn log_filter(
 
 /// Install the global log subscriber, writing to standard error. Colour
 /// escapes only when standard error is a terminal: a log file or journald
-/// must not get them.
+/// must not get them. A log line that cannot be written is lost quietly:
+/// by default the subscriber reports that with `eprintln!`, which panics
+/// when standard error is the file that cannot grow (a full disk), and
+/// took down whichever task was logging (the curtailment driver).
 pub fn init_logs(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => b.json().init(),

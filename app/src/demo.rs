@@ -439,7 +439,7 @@ token = "{read_token}"
             crate::site::handle::now_ms()
         )),
     };
-    site_handle.set_ledger(ledger.clone());
+    site_handle.set_ledger(ledger.clone().into());
     let tracker = Arc::new(CommandLog::default());
     let dcfg = DriverConfig {
         poll_interval: Duration::from_secs(2),

@@ -188,14 +188,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Summarise a curtailment ledger (SQLite, as written by the driver):
+    /// Summarise a curtailment ledger (SQLite or PostgreSQL, as written by
+    /// the driver):
     /// commands and acknowledgements, DR events and the measured draw
     /// during them, energy; and M&V of the curtailment (baseline vs
     /// measured kW, curtailed MWh, avoided cost, revenue forgone).
     Report {
-        /// Ledger file (the demo prints its path).
+        /// Ledger: a SQLite file (the demo prints its path) or a PostgreSQL
+        /// URL without password (the password from
+        /// GRIDPROXY_LEDGER_PASSWORD).
         #[arg(long)]
-        ledger: PathBuf,
+        ledger: String,
         /// Output: text (summary + M&V totals), csv or json (M&V per interval).
         #[arg(long, default_value = "text", value_parser = ["text", "csv", "json"])]
         format: String,
@@ -534,9 +537,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit::USAGE);
                 }
             };
-            let text = report(&ledger).and_then(|summary| {
+            let loc = match gridproxy_curtail::ledger::Location::parse(&ledger) {
+                Ok(l) => l.with_password(
+                    std::env::var(gridproxy::site::config::LEDGER_PASSWORD_ENV).ok(),
+                ),
+                Err(e) => {
+                    eprintln!("error: --ledger: {e}");
+                    return ExitCode::from(exit::USAGE);
+                }
+            };
+            let text = report(&loc).and_then(|summary| {
                 let input =
-                    gridproxy_curtail::ledger::read_mv_input(&ledger).map_err(|e| e.to_string())?;
+                    gridproxy_curtail::ledger::read_mv_input(&loc).map_err(|e| e.to_string())?;
                 let r = gridproxy_curtail::mv::compute(&input, &mv);
                 Ok(match format.as_str() {
                     "csv" => r.to_csv(),
@@ -554,7 +566,7 @@ fn main() -> ExitCode {
             match written {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {}: {e}", ledger.display());
+                    eprintln!("error: {loc}: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -613,7 +625,7 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     if let Some(s) = &app.site {
         println!(
             "gridproxy: stopping the curtailment engine after the drain (ledger {})",
-            s.ledger.display()
+            s.ledger
         );
     }
     let proxy = app.proxy.clone();
@@ -768,13 +780,13 @@ fn backtest_cmd(
     backtest::backtest(&opts)
 }
 
-fn report(path: &std::path::Path) -> Result<String, String> {
+fn report(loc: &gridproxy_curtail::ledger::Location) -> Result<String, String> {
     use gridproxy_curtail::driver::Audit;
     use std::collections::BTreeMap;
-    if !path.exists() {
+    if loc.path().is_some_and(|p| !p.exists()) {
         return Err("no such file".into());
     }
-    let a = Audit::read(path).map_err(|e| e.to_string())?;
+    let a = Audit::read(loc).map_err(|e| e.to_string())?;
     let mut out = String::new();
     let secs = |t: gridproxy_curtail::time::Timestamp| t.as_millis() as f64 / 1000.0;
     let first = a
@@ -787,7 +799,7 @@ fn report(path: &std::path::Path) -> Result<String, String> {
         .last()
         .map(|i| i.end)
         .or(a.commands.last().map(|c| c.at));
-    out.push_str(&format!("ledger {}\n", path.display()));
+    out.push_str(&format!("ledger {loc}\n"));
     let at = gridproxy_curtail::time::Timestamp::to_rfc3339;
     if let (Some(f), Some(l)) = (first, last) {
         out.push_str(&format!(

@@ -1,6 +1,7 @@
-//! The append-only event ledger (SQLite).
+//! The append-only event ledger (SQLite, or PostgreSQL for a site of
+//! several instances: [`Location`]).
 //!
-//! One file records every signal received, every decision, every command
+//! One store records every signal received, every decision, every command
 //! issued and its acknowledgement and verification, measured kW per interval,
 //! and the life cycle of DR events: the settlement-grade record utilities and
 //! aggregators ask for.
@@ -18,13 +19,21 @@
 //!   ([`Resume`]): the next command id, DR events not ended, and the miners
 //!   whose last command curtailed them, so a restart does not wake them.
 //!
-//! The ledger is synchronous (rusqlite). The async edge owns it on one
-//! blocking thread (`spawn_blocking` or a dedicated thread fed by a bounded
-//! channel); `Connection` is `Send` but not `Sync`.
+//! - **Group commit.** [`Ledger::batch`] writes many records as one
+//!   transaction: one fsync for all, and none of them durable before it
+//!   returns (the driver's writer commits what is queued this way).
+//! - **PostgreSQL.** The same tables, statements and guarantees (a commit
+//!   returns once the server has made it durable, with the server's default
+//!   `synchronous_commit = on`); triggers refuse `UPDATE`, `DELETE` and
+//!   `TRUNCATE`. One database per site. The size guard is SQLite's only.
+//!
+//! The ledger is synchronous (rusqlite; sqlx on its own small runtime for
+//! PostgreSQL). The async edge owns it on one blocking thread
+//! (`spawn_blocking` or a dedicated thread fed by a bounded channel).
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -121,6 +130,13 @@ pub enum LedgerError {
     /// id, or an attempted update/delete).
     #[error("ledger sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (connection, constraint, an attempted
+    /// update/delete).
+    #[error("ledger postgres: {0}")]
+    Postgres(String),
+    /// The ledger's location is not usable as given.
+    #[error("ledger: {0}")]
+    Config(String),
     /// A JSON body could not be written or read.
     #[error("ledger json: {0}")]
     Json(#[from] serde_json::Error),
@@ -168,7 +184,10 @@ pub struct CommandRecord {
 /// The append-only ledger.
 #[derive(Debug)]
 pub struct Ledger {
-    conn: Connection,
+    db: Db,
+    /// Where it was opened (to reopen a connection left in a broken state).
+    loc: Option<Location>,
+    max_bytes: Option<u64>,
 }
 
 fn ms(t: Timestamp) -> i64 {
@@ -180,46 +199,108 @@ fn ts(v: i64) -> Timestamp {
 }
 
 fn miner_i64(m: MinerId) -> i64 {
-    // Stored as the same 64 bits; SQLite integers are signed.
+    // Stored as the same 64 bits; both stores' integers are signed.
     m.0 as i64
 }
 
+fn int(v: i64) -> Val<'static> {
+    Val::Int(Some(v))
+}
+
+fn text(v: &str) -> Val<'_> {
+    Val::Text(Some(v))
+}
+
+/// The schema for PostgreSQL: the same tables, 64-bit integers, doubles,
+/// identity sequence numbers.
+fn pg_schema() -> String {
+    SCHEMA
+        .replace(
+            "seq INTEGER PRIMARY KEY",
+            "seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        )
+        .replace("INTEGER", "BIGINT")
+        .replace("REAL", "DOUBLE PRECISION")
+}
+
+/// Any constant: two instances opening one database at once take turns.
+const PG_INIT_LOCK: i64 = 0x6772_6964_6c65_6467;
+
 impl Ledger {
-    /// Open (creating if needed) the ledger at `path`.
+    /// Open (creating if needed) the SQLite ledger at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Ledger, LedgerError> {
-        Ledger::init(Connection::open(path)?)
+        Ledger::connect(&Location::Sqlite(path.as_ref().to_owned()))
     }
 
-    /// Open the ledger at `path` and recover the engine's [`Resume`] from it
+    /// Open (creating the tables if needed) the ledger at `loc`.
+    pub fn connect(loc: &Location) -> Result<Ledger, LedgerError> {
+        let db = Db::open(loc)?;
+        let mut l = Ledger {
+            db,
+            loc: Some(loc.clone()),
+            max_bytes: None,
+        };
+        l.init()?;
+        Ok(l)
+    }
+
+    /// Open the ledger at `loc` and recover the engine's [`Resume`] from it
     /// in one step (what a daemon does at start-up, before
     /// [`Engine::resume`](crate::policy::Engine::resume)).
-    pub fn open_and_recover(path: impl AsRef<Path>) -> Result<(Ledger, Resume), LedgerError> {
-        let l = Ledger::open(path)?;
+    pub fn open_and_recover(loc: impl Into<Location>) -> Result<(Ledger, Resume), LedgerError> {
+        let mut l = Ledger::connect(&loc.into())?;
         let r = l.recover()?;
         Ok((l, r))
     }
 
     /// Size guard: writes that would grow the file past `bytes` fail
     /// ("database or disk is full", as on a full disk) instead of filling
-    /// the disk. Never below what the file already holds.
-    pub fn set_max_bytes(&self, bytes: u64) -> Result<(), LedgerError> {
-        let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    /// the disk. Never below what the file already holds. SQLite only: a
+    /// PostgreSQL ledger refuses it.
+    pub fn set_max_bytes(&mut self, bytes: u64) -> Result<(), LedgerError> {
+        let Db::Sqlite(conn) = &self.db else {
+            return Err(LedgerError::Config(
+                "the size guard (ledger_max_mib) applies to SQLite ledgers only".into(),
+            ));
+        };
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(1);
         // SQLite keeps the larger of this and the current page count.
-        let _set: i64 = self.conn.query_row(
+        let _set: i64 = conn.query_row(
             &format!("PRAGMA max_page_count={}", pages.max(1)),
             [],
             |r| r.get(0),
         )?;
+        self.max_bytes = Some(bytes);
         Ok(())
     }
 
     /// An in-memory ledger (tests, backtests).
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
-        Ledger::init(Connection::open_in_memory()?)
+        let mut l = Ledger {
+            db: Db::Sqlite(Connection::open_in_memory()?),
+            loc: None,
+            max_bytes: None,
+        };
+        l.init()?;
+        Ok(l)
     }
 
-    fn init(conn: Connection) -> Result<Ledger, LedgerError> {
+    fn init(&mut self) -> Result<(), LedgerError> {
+        match &mut self.db {
+            Db::Sqlite(conn) => Ledger::init_sqlite(conn),
+            Db::Postgres(_) => {
+                self.db.begin()?;
+                let r = Ledger::init_pg(&mut self.db).and_then(|()| self.db.batch("COMMIT"));
+                if r.is_err() {
+                    self.abort();
+                }
+                r
+            }
+        }
+    }
+
+    fn init_sqlite(conn: &mut Connection) -> Result<(), LedgerError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // journal_mode returns a row; an in-memory db answers "memory".
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -242,11 +323,101 @@ impl Ledger {
         }
         sql.push_str(&format!("PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"));
         conn.execute_batch(&sql)?;
-        Ok(Ledger { conn })
+        Ok(())
+    }
+
+    /// Inside a transaction: create what is missing, once per database.
+    fn init_pg(db: &mut Db) -> Result<(), LedgerError> {
+        db.batch(&format!("SELECT pg_advisory_xact_lock({PG_INIT_LOCK})"))?;
+        db.batch(
+            "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        )?;
+        let found = db.query_one(
+            "SELECT value FROM ledger_meta WHERE key = ?1",
+            &[text("schema_version")],
+        )?;
+        if let Some(r) = found {
+            let found = r.int(0)?;
+            if found > SCHEMA_VERSION {
+                return Err(LedgerError::SchemaVersion { found });
+            }
+            return Ok(());
+        }
+        let mut sql = pg_schema();
+        sql.push_str(
+            "CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS \
+             $f$ BEGIN RAISE EXCEPTION 'ledger is append-only'; END $f$;\n",
+        );
+        for t in TABLES.iter().chain(&["ledger_meta"]) {
+            sql.push_str(&format!(
+                "CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {t} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();\n"
+            ));
+        }
+        db.batch(&sql)?;
+        db.exec(
+            "INSERT INTO ledger_meta (key, value) VALUES (?1, ?2)",
+            &[text("schema_version"), int(SCHEMA_VERSION)],
+        )
+    }
+
+    /// Run `f`'s writes as one transaction: all or none, and one fsync for
+    /// all of them (group commit). Nothing is durable before this returns
+    /// Ok. Inside another batch, part of that one.
+    pub fn batch<T>(
+        &mut self,
+        f: impl FnOnce(&mut Ledger) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        if self.db.in_transaction() {
+            return f(self);
+        }
+        self.db.begin()?;
+        let r = f(self).and_then(|v| {
+            self.db.batch("COMMIT")?;
+            Ok(v)
+        });
+        if r.is_err() {
+            self.abort();
+        }
+        r
+    }
+
+    /// After a failed transaction: roll back what is left of it. A
+    /// connection that cannot leave its transaction (SQLite after some I/O
+    /// errors) is closed, which rolls back, and opened again, so the next
+    /// write does not land in a transaction nobody commits.
+    fn abort(&mut self) {
+        if self.db.in_transaction() {
+            let _ = self.db.batch("ROLLBACK");
+        }
+        if !self.db.in_transaction() {
+            return;
+        }
+        let Some(loc) = self.loc.clone() else { return };
+        tracing::warn!(ledger = %loc, "ledger connection stuck in a failed transaction: reopening it");
+        match Db::open(&loc) {
+            Ok(db) => {
+                self.db = db;
+                let reopened = match &mut self.db {
+                    Db::Sqlite(c) => Ledger::init_sqlite(c),
+                    Db::Postgres(_) => Ok(()),
+                };
+                if let (Ok(()), Some(b)) = (reopened, self.max_bytes) {
+                    let _ = self.set_max_bytes(b);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ledger reopen failed; retried at the next write")
+            }
+        }
     }
 
     /// Record a signal as received at `recorded`.
-    pub fn record_signal(&self, recorded: Timestamp, signal: &Signal) -> Result<(), LedgerError> {
+    pub fn record_signal(
+        &mut self,
+        recorded: Timestamp,
+        signal: &Signal,
+    ) -> Result<(), LedgerError> {
         let value = match signal {
             Signal::Price(p) => Some(p.usd_per_mwh),
             Signal::Hashprice(h) => Some(h.usd_per_ph_day),
@@ -257,70 +428,70 @@ impl Ledger {
             }),
             _ => None,
         };
-        self.conn.execute(
+        let body = serde_json::to_string(signal)?;
+        self.db.exec(
             "INSERT INTO signals (recorded_ms, at_ms, kind, value, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                ms(recorded),
-                ms(signal.at()),
-                signal.kind().as_str(),
-                value,
-                serde_json::to_string(signal)?
+            &[
+                int(ms(recorded)),
+                int(ms(signal.at())),
+                text(signal.kind().as_str()),
+                Val::Real(value),
+                text(&body),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Record a decision.
-    pub fn record_decision(&self, d: &Decision) -> Result<(), LedgerError> {
-        self.conn.execute(
+    pub fn record_decision(&mut self, d: &Decision) -> Result<(), LedgerError> {
+        self.db.exec(
             "INSERT INTO decisions (at_ms, mode, cap_kw, expected_kw, changes, reason) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                ms(d.at),
-                d.mode.as_str(),
-                d.cap_kw,
-                d.expected_kw,
-                i64::try_from(d.changes).unwrap_or(i64::MAX),
-                d.reason
+            &[
+                int(ms(d.at)),
+                text(d.mode.as_str()),
+                Val::Real(d.cap_kw),
+                Val::Real(Some(d.expected_kw)),
+                int(i64::try_from(d.changes).unwrap_or(i64::MAX)),
+                text(&d.reason),
             ],
-        )?;
-        Ok(())
+        )
     }
 
-    fn insert_command(conn: &Connection, c: &Command) -> Result<(), LedgerError> {
-        conn.prepare_cached(
+    fn insert_command(&mut self, c: &Command) -> Result<(), LedgerError> {
+        let id = i64::try_from(c.id.0).map_err(|_| LedgerError::Corrupt("command id".into()))?;
+        self.db.exec(
             "INSERT INTO commands (id, at_ms, miner, surface, action, value, curtail) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            i64::try_from(c.id.0).map_err(|_| LedgerError::Corrupt("command id".into()))?,
-            ms(c.issued_at),
-            miner_i64(c.miner),
-            c.surface.as_str(),
-            c.action.as_str(),
-            c.action.value(),
-            c.curtail
-        ])?;
-        Ok(())
+            &[
+                int(id),
+                int(ms(c.issued_at)),
+                int(miner_i64(c.miner)),
+                text(c.surface.as_str()),
+                text(c.action.as_str()),
+                Val::Int(c.action.value().map(i64::from)),
+                int(i64::from(c.curtail)),
+            ],
+        )
     }
 
     /// Record one issued command (before sending it).
-    pub fn record_command(&self, c: &Command) -> Result<(), LedgerError> {
-        Ledger::insert_command(&self.conn, c)
+    pub fn record_command(&mut self, c: &Command) -> Result<(), LedgerError> {
+        self.insert_command(c)
     }
 
-    /// Record a burst of commands in one transaction: all or none.
+    /// Record a burst of commands in one transaction: all or none (inside a
+    /// [`Ledger::batch`], part of that one).
     pub fn record_commands(&mut self, cs: &[Command]) -> Result<(), LedgerError> {
-        let tx = self.conn.transaction()?;
-        for c in cs {
-            Ledger::insert_command(&tx, c)?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.batch(|l| cs.iter().try_for_each(|c| l.insert_command(c)))
     }
 
     /// Record an actuator's acknowledgement.
-    pub fn record_ack(&self, at: Timestamp, id: CommandId, ack: &Ack) -> Result<(), LedgerError> {
+    pub fn record_ack(
+        &mut self,
+        at: Timestamp,
+        id: CommandId,
+        ack: &Ack,
+    ) -> Result<(), LedgerError> {
         let (outcome, detail) = match ack {
             Ack::Ok => ("ack_ok", None),
             Ack::Failed(d) => ("ack_failed", Some(d.as_str())),
@@ -329,32 +500,40 @@ impl Ledger {
     }
 
     fn insert_ack(
-        &self,
+        &mut self,
         at: Timestamp,
         id: CommandId,
         outcome: &str,
         detail: Option<&str>,
     ) -> Result<(), LedgerError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO acks (at_ms, command_id, outcome, detail) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![ms(at), id.0 as i64, outcome, detail])?;
-        Ok(())
+        self.db.exec(
+            "INSERT INTO acks (at_ms, command_id, outcome, detail) VALUES (?1, ?2, ?3, ?4)",
+            &[
+                int(ms(at)),
+                int(id.0 as i64),
+                text(outcome),
+                Val::Text(detail),
+            ],
+        )
     }
 
     /// Record measured draw over an interval.
-    pub fn record_interval(&self, i: &Interval) -> Result<(), LedgerError> {
-        self.conn.execute(
+    pub fn record_interval(&mut self, i: &Interval) -> Result<(), LedgerError> {
+        self.db.exec(
             "INSERT INTO intervals (start_ms, end_ms, fleet_kw, site_kw, miners) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![ms(i.start), ms(i.end), i.fleet_kw, i.site_kw, i.miners],
-        )?;
-        Ok(())
+            &[
+                int(ms(i.start)),
+                int(ms(i.end)),
+                Val::Real(Some(i.fleet_kw)),
+                Val::Real(i.site_kw),
+                int(i64::from(i.miners)),
+            ],
+        )
     }
 
     /// Record a DR event state change.
     pub fn record_event(
-        &self,
+        &mut self,
         at: Timestamp,
         ev: &DrEvent,
         state: DrEventState,
@@ -364,27 +543,27 @@ impl Ledger {
             DrTarget::LimitKw(k) => ("limit", k),
             DrTarget::ShedKw(k) => ("shed", k),
         };
-        self.conn.execute(
+        let body = serde_json::to_string(ev)?;
+        self.db.exec(
             "INSERT INTO events (at_ms, event_id, state, target_kind, target_kw, start_ms, end_ms, baseline_kw, body) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                ms(at),
-                ev.id,
-                state.as_str(),
-                kind,
-                kw,
-                ms(ev.start),
-                ev.end.map(ms),
-                baseline_kw,
-                serde_json::to_string(ev)?
+            &[
+                int(ms(at)),
+                text(&ev.id),
+                text(state.as_str()),
+                text(kind),
+                Val::Real(Some(kw)),
+                int(ms(ev.start)),
+                Val::Int(ev.end.map(ms)),
+                Val::Real(Some(baseline_kw)),
+                text(&body),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Record anything [`Engine::poll_event`](crate::policy::Engine::poll_event)
     /// returned, each in the table it belongs to.
-    pub fn record_policy_event(&self, e: &PolicyEvent) -> Result<(), LedgerError> {
+    pub fn record_policy_event(&mut self, e: &PolicyEvent) -> Result<(), LedgerError> {
         match e {
             PolicyEvent::Decision(d) => self.record_decision(d),
             PolicyEvent::Verified { command, at, .. } => {
@@ -421,74 +600,59 @@ impl Ledger {
     }
 
     fn note(
-        &self,
+        &mut self,
         at: Timestamp,
         kind: &str,
         miner: Option<MinerId>,
         e: &PolicyEvent,
     ) -> Result<(), LedgerError> {
-        self.conn.execute(
+        let body = serde_json::to_string(e)?;
+        self.db.exec(
             "INSERT INTO notes (at_ms, kind, miner, body) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                ms(at),
-                kind,
-                miner.map(miner_i64),
-                serde_json::to_string(e)?
+            &[
+                int(ms(at)),
+                text(kind),
+                Val::Int(miner.map(miner_i64)),
+                text(&body),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Rebuild what a restarted engine needs. Pass the result to
     /// [`Engine::resume`](crate::policy::Engine::resume).
-    pub fn recover(&self) -> Result<Resume, LedgerError> {
-        let max_id: Option<i64> = self
-            .conn
-            .query_row("SELECT MAX(id) FROM commands", [], |r| r.get(0))?;
+    pub fn recover(&mut self) -> Result<Resume, LedgerError> {
+        let max_id = match self.db.query_one("SELECT MAX(id) FROM commands", &[])? {
+            Some(r) => r.opt_int(0)?,
+            None => None,
+        };
         let next_command_id = max_id.map_or(1, |m| m as u64 + 1);
 
         let mut curtailed = Vec::new();
-        let mut stmt = self.conn.prepare(
+        for r in self.db.query(
             "SELECT c.miner, c.action, c.value, c.at_ms FROM commands c \
              JOIN (SELECT miner, MAX(id) AS id FROM commands GROUP BY miner) last ON c.id = last.id \
              WHERE c.curtail = 1 AND c.action IN ('sleep', 'park', 'set_power_target') \
              ORDER BY c.miner",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })?;
-        for row in rows {
-            let (miner, action, value, at) = row?;
-            let value = value.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+            &[],
+        )? {
+            let action = r.text(1)?;
+            let value = r.opt_int(2)?.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
             let action = Action::from_parts(&action, value)
                 .ok_or_else(|| LedgerError::Corrupt(format!("action {action:?}")))?;
-            curtailed.push((MinerId(miner as u64), action, ts(at)));
+            curtailed.push((MinerId(r.int(0)? as u64), action, ts(r.int(3)?)));
         }
 
         let mut events = Vec::new();
-        let mut stmt = self.conn.prepare(
+        for r in self.db.query(
             "SELECT e.body, e.baseline_kw, e.state FROM events e \
              JOIN (SELECT event_id, MAX(seq) AS seq FROM events GROUP BY event_id) last ON e.seq = last.seq \
              ORDER BY e.seq",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, f64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (body, baseline, state) = row?;
-            if state == DrEventState::Ended.as_str() {
+            &[],
+        )? {
+            if r.text(2)? == DrEventState::Ended.as_str() {
                 continue;
             }
-            events.push((serde_json::from_str::<DrEvent>(&body)?, baseline));
+            events.push((serde_json::from_str::<DrEvent>(&r.text(0)?)?, r.real(1)?));
         }
         Ok(Resume {
             next_command_id,
@@ -498,83 +662,105 @@ impl Ledger {
     }
 
     /// A stored command.
-    pub fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, LedgerError> {
-        let row = self
-            .conn
-            .query_row(
+    pub fn command(&mut self, id: CommandId) -> Result<Option<CommandRecord>, LedgerError> {
+        self.db
+            .query_one(
                 "SELECT id, at_ms, miner, action, value, curtail FROM commands WHERE id = ?1",
-                [id.0 as i64],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, Option<i64>>(4)?,
-                        r.get::<_, bool>(5)?,
-                    ))
-                },
-            )
-            .optional()?;
-        row.map(|(id, at, miner, action, value, curtail)| {
-            let value = value.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
-            Ok(CommandRecord {
-                id: CommandId(id as u64),
-                at: ts(at),
-                miner: MinerId(miner as u64),
-                action: Action::from_parts(&action, value)
-                    .ok_or_else(|| LedgerError::Corrupt(format!("action {action:?}")))?,
-                curtail,
-            })
-        })
-        .transpose()
+                &[int(id.0 as i64)],
+            )?
+            .map(|r| command_record(&r))
+            .transpose()
     }
 
     /// Intervals overlapping `[from, to)`, in order.
-    pub fn intervals(&self, from: Timestamp, to: Timestamp) -> Result<Vec<Interval>, LedgerError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT start_ms, end_ms, fleet_kw, site_kw, miners FROM intervals \
-             WHERE end_ms > ?1 AND start_ms < ?2 ORDER BY start_ms, seq",
-        )?;
-        let rows = stmt.query_map([ms(from), ms(to)], |r| {
-            Ok(Interval {
-                start: ts(r.get(0)?),
-                end: ts(r.get(1)?),
-                fleet_kw: r.get(2)?,
-                site_kw: r.get(3)?,
-                miners: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Rows in each table, by name (for reports and tests).
-    pub fn counts(&self) -> Result<Vec<(&'static str, u64)>, LedgerError> {
-        TABLES
+    pub fn intervals(
+        &mut self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<Interval>, LedgerError> {
+        self.db
+            .query(
+                "SELECT start_ms, end_ms, fleet_kw, site_kw, miners FROM intervals \
+                 WHERE end_ms > ?1 AND start_ms < ?2 ORDER BY start_ms, seq",
+                &[int(ms(from)), int(ms(to))],
+            )?
             .iter()
-            .map(|t| {
-                let n: i64 =
-                    self.conn
-                        .query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
-                Ok((*t, n as u64))
-            })
+            .map(interval)
             .collect()
     }
 
-    /// Run SQLite's integrity check; `Ok(())` if the file is sound.
-    pub fn integrity_check(&self) -> Result<(), LedgerError> {
-        let res: String = self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    /// Rows in each table, by name (for reports and tests).
+    pub fn counts(&mut self) -> Result<Vec<(&'static str, u64)>, LedgerError> {
+        let mut out = Vec::new();
+        for t in TABLES {
+            let n = self
+                .db
+                .query_one(&format!("SELECT COUNT(*) FROM {t}"), &[])?
+                .map_or(Ok(0), |r| r.int(0))?;
+            out.push((t, n as u64));
+        }
+        Ok(out)
+    }
+
+    /// Run SQLite's integrity check; `Ok(())` if the file is sound. (A
+    /// PostgreSQL server checks its own pages; there it is a round trip.)
+    pub fn integrity_check(&mut self) -> Result<(), LedgerError> {
+        if self.db.dialect() == Dialect::Postgres {
+            self.db.query("SELECT 1", &[])?;
+            return Ok(());
+        }
+        let res = self
+            .db
+            .query_one("PRAGMA integrity_check", &[])?
+            .map_or(Ok(String::new()), |r| r.text(0))?;
         if res == "ok" {
             Ok(())
         } else {
             Err(LedgerError::Corrupt(res))
         }
     }
+
+    /// The SQLite connection (tests of the file's own settings).
+    #[cfg(test)]
+    pub(crate) fn sqlite(&self) -> &Connection {
+        match &self.db {
+            Db::Sqlite(c) => c,
+            Db::Postgres(_) => panic!("not a SQLite ledger"),
+        }
+    }
 }
 
+/// A `commands` row (id, at_ms, miner, action, value, curtail).
+pub(crate) fn command_record(r: &Row) -> Result<CommandRecord, LedgerError> {
+    let action = r.text(3)?;
+    let value = r.opt_int(4)?.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+    Ok(CommandRecord {
+        id: CommandId(r.int(0)? as u64),
+        at: ts(r.int(1)?),
+        miner: MinerId(r.int(2)? as u64),
+        action: Action::from_parts(&action, value)
+            .ok_or_else(|| LedgerError::Corrupt(format!("action {action:?}")))?,
+        curtail: r.int(5)? != 0,
+    })
+}
+
+/// An `intervals` row (start_ms, end_ms, fleet_kw, site_kw, miners).
+pub(crate) fn interval(r: &Row) -> Result<Interval, LedgerError> {
+    Ok(Interval {
+        start: ts(r.int(0)?),
+        end: ts(r.int(1)?),
+        fleet_kw: r.real(2)?,
+        site_kw: r.opt_real(3)?,
+        miners: u32::try_from(r.int(4)?).unwrap_or(u32::MAX),
+    })
+}
+
+mod db;
+mod location;
+mod postgres;
 mod query;
+pub(crate) use db::{Db, Dialect, Row, Val};
+pub use location::{Location, PgLocation};
 pub use query::read_mv_input;
 
 #[cfg(test)]

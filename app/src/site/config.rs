@@ -2,6 +2,7 @@
 
 use curtail::actuators::WhatsminerApi;
 use curtail::fleet::{ControlSurface, Fleet, MinerId, MinerSpec};
+use curtail::ledger::Location;
 use curtail::policy::{Economics, Freshness, PolicyConfig, SafeState, Staleness};
 use gridproxy_curtail as curtail;
 use gridproxy_grid::mqtt;
@@ -496,8 +497,14 @@ pub struct SignalsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
-    /// The curtailment ledger (SQLite), relative to the config file.
+    /// The curtailment ledger: a SQLite file, relative to the config file,
+    /// or a PostgreSQL database (`postgres://user@host:port/db`, no
+    /// password in it: see `ledger_password_file`).
     pub ledger: PathBuf,
+    /// The PostgreSQL ledger's password, in a file (else the environment
+    /// variable `GRIDPROXY_LEDGER_PASSWORD`, else none).
+    #[serde(default)]
+    pub ledger_password_file: Option<PathBuf>,
     /// Hashprice, $/PH/s/day: enables price mode.
     #[serde(default)]
     pub hashprice_usd_per_ph_day: Option<f64>,
@@ -647,7 +654,41 @@ fn secret_count(inline: bool, env: bool, file: bool) -> usize {
     usize::from(inline) + usize::from(env) + usize::from(file)
 }
 
+/// Where a PostgreSQL ledger's password may come from besides a file.
+pub const LEDGER_PASSWORD_ENV: &str = "GRIDPROXY_LEDGER_PASSWORD";
+
 impl SiteConfig {
+    /// Whether `ledger` names a PostgreSQL database.
+    pub fn ledger_is_postgres(&self) -> bool {
+        self.ledger
+            .to_str()
+            .and_then(|s| Location::parse(s).ok())
+            .is_some_and(|l| l.is_postgres())
+    }
+
+    /// The ledger's location, with the PostgreSQL password read from
+    /// `ledger_password_file` or `GRIDPROXY_LEDGER_PASSWORD`.
+    pub fn ledger_location(&self) -> anyhow::Result<Location> {
+        let s = self
+            .ledger
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("site.ledger: not UTF-8"))?;
+        let loc = Location::parse(s).map_err(|e| anyhow::anyhow!("site.ledger: {e}"))?;
+        if !loc.is_postgres() {
+            return Ok(loc);
+        }
+        let pw = match &self.ledger_password_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("site.ledger_password_file {}: {e}", f.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => std::env::var(LEDGER_PASSWORD_ENV).ok(),
+        };
+        Ok(loc.with_password(pw))
+    }
+
     /// Resolve paths relative to `dir` (the config file's folder).
     pub fn resolve_paths(&mut self, dir: &Path) {
         let fix = |p: &mut PathBuf| {
@@ -655,7 +696,12 @@ impl SiteConfig {
                 *p = dir.join(&*p);
             }
         };
-        fix(&mut self.ledger);
+        if !self.ledger_is_postgres() {
+            fix(&mut self.ledger);
+        }
+        if let Some(p) = &mut self.ledger_password_file {
+            fix(p);
+        }
         for m in &mut self.miners {
             if let Some(p) = &mut m.password_file {
                 fix(p);
@@ -691,7 +737,27 @@ impl SiteConfig {
         if self.ledger.as_os_str().is_empty() {
             return Err(bad_site(
                 "ledger",
-                "give the curtailment ledger's file (SQLite), e.g. \"curtail-ledger.sqlite\"",
+                "give the curtailment ledger's file (SQLite), e.g. \"curtail-ledger.sqlite\", \
+                 or a PostgreSQL URL",
+            ));
+        }
+        if let Some(s) = self.ledger.to_str() {
+            if let Err(e) = Location::parse(s) {
+                return Err(bad_site("ledger", &e.to_string()));
+            }
+        }
+        if self.ledger_is_postgres() {
+            if self.ledger_max_mib.is_some() {
+                return Err(bad_site(
+                    "ledger_max_mib",
+                    "the size guard applies to a SQLite ledger only; a PostgreSQL server \
+                     bounds its own disk",
+                ));
+            }
+        } else if self.ledger_password_file.is_some() {
+            return Err(bad_site(
+                "ledger_password_file",
+                "only a PostgreSQL ledger (ledger = \"postgres://…\") takes a password",
             ));
         }
         let nonneg = |v: f64| v.is_finite() && v >= 0.0;

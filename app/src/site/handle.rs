@@ -236,7 +236,7 @@ pub struct SiteHandle {
     state: RwLock<Arc<SiteState>>,
     miners: RwLock<Arc<HashMap<String, MinerView>>>,
     control: Mutex<Option<mpsc::Sender<SiteCommand>>>,
-    ledger: Mutex<Option<std::path::PathBuf>>,
+    ledger: Mutex<Option<gridproxy_curtail::ledger::Location>>,
     override_note: Mutex<Option<String>>,
     /// What happened (operator actions, curtailment decisions, events).
     pub log: EventLog,
@@ -255,13 +255,13 @@ impl SiteHandle {
         rx
     }
 
-    /// The curtailment ledger (SQLite) the driver writes, for export.
-    pub fn set_ledger(&self, path: std::path::PathBuf) {
+    /// The curtailment ledger the driver writes, for export.
+    pub fn set_ledger(&self, path: gridproxy_curtail::ledger::Location) {
         *self.ledger.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
     }
 
-    /// The ledger path, if a driver registered one.
-    pub fn ledger(&self) -> Option<std::path::PathBuf> {
+    /// The ledger, if a driver registered one.
+    pub fn ledger(&self) -> Option<gridproxy_curtail::ledger::Location> {
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -9,14 +9,13 @@ use curtail::actuators::{FleetActuator, HostPort, MinerEndpoint};
 use curtail::command::Ack;
 use curtail::driver::{self, DriverConfig, DriverHandle, Edge, Record, Route};
 use curtail::fleet::MinerId;
-use curtail::ledger::Ledger;
+use curtail::ledger::{Ledger, Location};
 use curtail::policy::PolicyEvent;
 use curtail::signal::{DrTarget, ManualOverride, OverrideMode, Signal};
 use curtail::time::{Clock, SystemClock};
 use gridproxy_curtail as curtail;
 use gridproxy_grid::{mqtt, openadr, price, site_load};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -163,8 +162,8 @@ pub struct RunningSite {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// One line per part started (for the operator).
     pub started: Vec<String>,
-    /// The ledger file.
-    pub ledger: PathBuf,
+    /// The ledger.
+    pub ledger: Location,
 }
 
 impl RunningSite {
@@ -250,18 +249,19 @@ pub async fn start(
     let telemetry = firmware.clone();
     let tracker = Arc::new(CommandLog::default());
     let names = Arc::new(names);
-    if let Some(dir) = cfg.ledger.parent() {
+    let ledger = cfg.ledger_location()?;
+    if let Some(dir) = ledger.path().and_then(|p| p.parent()) {
         if !dir.as_os_str().is_empty() && !dir.is_dir() {
             anyhow::bail!("site.ledger: folder {} does not exist", dir.display());
         }
     }
-    site.set_ledger(cfg.ledger.clone());
+    site.set_ledger(ledger.clone());
     // Miners left parked before a restart stay parked in the new router.
-    let path = cfg.ledger.clone();
-    let resume = tokio::task::spawn_blocking(move || Ledger::open_and_recover(&path))
+    let loc = ledger.clone();
+    let resume = tokio::task::spawn_blocking(move || Ledger::open_and_recover(loc))
         .await?
         .map(|(_, r)| r)
-        .map_err(|e| anyhow::anyhow!("site.ledger ({}): {e}", cfg.ledger.display()))?;
+        .map_err(|e| anyhow::anyhow!("site.ledger ({ledger}): {e}"))?;
     proxy.restore(&resume);
     let dcfg = DriverConfig {
         poll_interval: Duration::from_secs(cfg.telemetry_secs),
@@ -280,7 +280,7 @@ pub async fn start(
         ..DriverConfig::default()
     };
     let drv = driver::spawn(
-        &cfg.ledger,
+        &ledger,
         cfg.policy(),
         fleet,
         Edge {
@@ -294,7 +294,7 @@ pub async fn start(
         dcfg,
     )
     .await
-    .map_err(|e| anyhow::anyhow!("curtailment driver ({}): {e}", cfg.ledger.display()))?;
+    .map_err(|e| anyhow::anyhow!("curtailment driver ({ledger}): {e}"))?;
 
     let mut started = vec![format!(
         "curtailment engine: {} miners, {:.1} kW nameplate; ledger {}",
@@ -505,7 +505,7 @@ pub async fn start(
         stop,
         tasks,
         started,
-        ledger: cfg.ledger.clone(),
+        ledger,
     })
 }
 

@@ -1,14 +1,9 @@
-//! [`Audit`]: a read-only view of a ledger file (commands, acks, notes, DR
+//! [`Audit`]: a read-only view of a ledger (commands, acks, notes, DR
 //! event states, intervals) for reports and tests.
 
-use std::path::Path;
-use std::time::Duration;
-
-use rusqlite::{Connection, OpenFlags};
-
-use crate::command::{Action, CommandId};
+use crate::command::CommandId;
 use crate::fleet::MinerId;
-use crate::ledger::{CommandRecord, Interval, LedgerError};
+use crate::ledger::{command_record, interval, CommandRecord, Db, Interval, LedgerError, Location};
 use crate::time::Timestamp;
 
 /// One acknowledgement row of the ledger.
@@ -66,86 +61,69 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Read the ledger at `path` (read-only; safe while a driver writes it).
-    pub fn read(path: impl AsRef<Path>) -> Result<Audit, LedgerError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+    /// Read the ledger at `loc` (read-only; safe while a driver writes it).
+    pub fn read(loc: impl Into<Location>) -> Result<Audit, LedgerError> {
+        let mut db = Db::open_read_only(&loc.into())?;
         let ts = |v: i64| Timestamp::from_millis(u64::try_from(v).unwrap_or(0));
-        let mut commands = Vec::new();
-        let mut stmt = conn
-            .prepare("SELECT id, at_ms, miner, action, value, curtail FROM commands ORDER BY id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, bool>(5)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, at, miner, action, value, curtail) = row?;
-            let value = value.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
-            commands.push(CommandRecord {
-                id: CommandId(id as u64),
-                at: ts(at),
-                miner: MinerId(miner as u64),
-                action: Action::from_parts(&action, value)
-                    .ok_or_else(|| LedgerError::Corrupt(format!("action {action:?}")))?,
-                curtail,
-            });
-        }
-        let mut stmt =
-            conn.prepare("SELECT at_ms, command_id, outcome, detail FROM acks ORDER BY seq")?;
-        let acks = stmt
-            .query_map([], |r| {
+        let commands = db
+            .query(
+                "SELECT id, at_ms, miner, action, value, curtail FROM commands ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(command_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        let acks = db
+            .query(
+                "SELECT at_ms, command_id, outcome, detail FROM acks ORDER BY seq",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(AckRecord {
-                    at: ts(r.get(0)?),
-                    command: CommandId(r.get::<_, i64>(1)? as u64),
-                    outcome: r.get(2)?,
-                    detail: r.get(3)?,
+                    at: ts(r.int(0)?),
+                    command: CommandId(r.int(1)? as u64),
+                    outcome: r.text(2)?,
+                    detail: r.opt_text(3)?,
                 })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut stmt = conn.prepare("SELECT at_ms, kind, miner FROM notes ORDER BY seq")?;
-        let notes = stmt
-            .query_map([], |r| {
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        let notes = db
+            .query("SELECT at_ms, kind, miner FROM notes ORDER BY seq", &[])?
+            .iter()
+            .map(|r| {
                 Ok(NoteRecord {
-                    at: ts(r.get(0)?),
-                    kind: r.get(1)?,
-                    miner: r.get::<_, Option<i64>>(2)?.map(|m| MinerId(m as u64)),
+                    at: ts(r.int(0)?),
+                    kind: r.text(1)?,
+                    miner: r.opt_int(2)?.map(|m| MinerId(m as u64)),
                 })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut stmt = conn.prepare("SELECT at_ms, event_id, state FROM events ORDER BY seq")?;
-        let events = stmt
-            .query_map([], |r| {
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        let events = db
+            .query(
+                "SELECT at_ms, event_id, state FROM events ORDER BY seq",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(EventRecord {
-                    at: ts(r.get(0)?),
-                    event_id: r.get(1)?,
-                    state: r.get(2)?,
+                    at: ts(r.int(0)?),
+                    event_id: r.text(1)?,
+                    state: r.text(2)?,
                 })
-            })?
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        let intervals = db
+            .query(
+                "SELECT start_ms, end_ms, fleet_kw, site_kw, miners FROM intervals ORDER BY seq",
+                &[],
+            )?
+            .iter()
+            .map(interval)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut stmt = conn.prepare(
-            "SELECT start_ms, end_ms, fleet_kw, site_kw, miners FROM intervals ORDER BY seq",
-        )?;
-        let intervals = stmt
-            .query_map([], |r| {
-                Ok(Interval {
-                    start: ts(r.get(0)?),
-                    end: ts(r.get(1)?),
-                    fleet_kw: r.get(2)?,
-                    site_kw: r.get(3)?,
-                    miners: r.get(4)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let signals: i64 = conn.query_row("SELECT COUNT(*) FROM signals", [], |r| r.get(0))?;
+        let signals = db
+            .query_one("SELECT COUNT(*) FROM signals", &[])?
+            .map_or(Ok(0), |r| r.int(0))?;
         Ok(Audit {
             commands,
             acks,

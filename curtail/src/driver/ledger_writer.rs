@@ -1,5 +1,9 @@
 //! The ledger writer: one OS thread owning the [`Ledger`], writing records
-//! in order and telling the commit hook after each.
+//! in order and telling the commit hook after each. What is queued when it
+//! wakes is written as one transaction (group commit: one fsync for up to
+//! [`MAX_BATCH`] records), and nobody hears of a record before that commit
+//! returns, so a command is still durable before it is sent and an
+//! acknowledgement before it is reported.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +105,54 @@ impl LedgerFault {
     }
 }
 
+/// Most records committed together.
+pub(super) const MAX_BATCH: usize = 1024;
+
+/// Write `batch` in order as one transaction (a lone record as itself).
+fn write_batch(ledger: &mut Ledger, batch: &[Write]) -> Result<(), LedgerError> {
+    if let [one] = batch {
+        return write_one(ledger, &one.record);
+    }
+    ledger.batch(|l| batch.iter().try_for_each(|w| write_one(l, &w.record)))
+}
+
+/// Tell the hook and the waiting sender that `w` is committed.
+fn committed(w: Write, hook: &Option<CommitHook>) {
+    if let Some(h) = hook {
+        h(&w.record);
+    }
+    if let Some(done) = w.done {
+        let _ = done.send(Ok(()));
+    }
+}
+
+/// Write what can be written of `batch`: whole if the store takes it;
+/// otherwise (a full disk or the size guard may refuse the whole batch
+/// where its first records still fit) one record at a time until one
+/// fails. Returns the first error; `batch` keeps what was not written.
+fn write_some(
+    ledger: &mut Ledger,
+    batch: &mut std::collections::VecDeque<Write>,
+    hook: &Option<CommitHook>,
+) -> Result<(), LedgerError> {
+    let whole = write_batch(ledger, batch.make_contiguous());
+    if whole.is_ok() {
+        for w in batch.drain(..) {
+            committed(w, hook);
+        }
+        return Ok(());
+    }
+    if batch.len() == 1 {
+        return whole;
+    }
+    while let Some(w) = batch.front() {
+        write_one(ledger, &w.record)?;
+        let w = batch.pop_front().expect("front exists");
+        committed(w, hook);
+    }
+    Ok(())
+}
+
 /// First and longest wait between attempts at a failing write.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -108,33 +160,35 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// write is still retried before the writer gives up.
 const GIVE_UP_AFTER_CLOSE: Duration = Duration::from_secs(5);
 
-/// The writer thread: one record at a time, in order. A failed write is
-/// retried (with backoff) until it succeeds, so no record is skipped or
-/// reordered; `fault` tells the driver meanwhile. It gives up only when the
-/// driver has stopped and the write still fails.
+/// The writer thread: what is queued, in order, one transaction at a time.
+/// A failed write is retried (with backoff) until it succeeds, so no record
+/// is skipped or reordered; `fault` tells the driver meanwhile. It gives up
+/// only when the driver has stopped and the write still fails.
 pub(super) fn write_loop(
     mut ledger: Ledger,
     mut rx: mpsc::Receiver<Write>,
     hook: Option<CommitHook>,
     fault: Arc<LedgerFault>,
 ) -> Result<(), LedgerError> {
-    while let Some(w) = rx.blocking_recv() {
+    let mut batch = std::collections::VecDeque::with_capacity(64);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push_back(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push_back(w),
+                Err(_) => break,
+            }
+        }
         let mut wait = RETRY_FIRST;
         let mut closed_at: Option<std::time::Instant> = None;
         loop {
-            match write_one(&mut ledger, &w.record) {
+            match write_some(&mut ledger, &mut batch, &hook) {
                 Ok(()) => {
                     // Healthy again once caught up: on a nearly full disk
                     // one record may fit where the next does not, and the
                     // safe state must not flap with each.
                     if rx.is_empty() {
                         fault.ok();
-                    }
-                    if let Some(h) = &hook {
-                        h(&w.record);
-                    }
-                    if let Some(done) = w.done {
-                        let _ = done.send(Ok(()));
                     }
                     break;
                 }
@@ -143,8 +197,10 @@ pub(super) fn write_loop(
                     if rx.is_closed() {
                         let t = *closed_at.get_or_insert_with(std::time::Instant::now);
                         if t.elapsed() >= GIVE_UP_AFTER_CLOSE {
-                            if let Some(done) = w.done {
-                                let _ = done.send(Err(e.to_string()));
+                            for w in batch.drain(..) {
+                                if let Some(done) = w.done {
+                                    let _ = done.send(Err(e.to_string()));
+                                }
                             }
                             return Err(e);
                         }

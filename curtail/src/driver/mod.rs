@@ -52,7 +52,6 @@
 //! starts, whatever the source puts in them.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actuator::{Actuator, TelemetrySource};
 use crate::fleet::{Fleet, MinerId};
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, Location};
 use crate::policy::{DrEventState, Engine, PolicyConfig, PolicyError, Resume};
 use crate::signal::Signal;
 use crate::time::{EdgeClock, Timestamp};
@@ -268,7 +267,7 @@ impl DriverHandle {
 /// Open (or create) the ledger at `ledger`, recover it, and start the
 /// driver for `fleet` under `policy`. Must be called inside a tokio runtime.
 pub async fn spawn<A, T, C>(
-    ledger: impl AsRef<Path>,
+    ledger: impl Into<Location>,
     policy: PolicyConfig,
     fleet: Fleet,
     edge: Edge<A, T, C>,
@@ -279,8 +278,8 @@ where
     T: TelemetrySource + 'static,
     C: EdgeClock,
 {
-    let path: PathBuf = ledger.as_ref().to_owned();
-    let (ledger, resume) = tokio::task::spawn_blocking(move || Ledger::open_and_recover(&path))
+    let loc: Location = ledger.into();
+    let (mut ledger, resume) = tokio::task::spawn_blocking(move || Ledger::open_and_recover(loc))
         .await
         .map_err(|e| DriverError::Task(e.to_string()))??;
     let clock = Arc::new(edge.clock);

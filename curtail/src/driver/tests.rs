@@ -1,6 +1,7 @@
 //! Driver tests: a stub fleet that obeys at once, a real ledger on disk.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 

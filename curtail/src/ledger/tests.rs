@@ -110,7 +110,7 @@ fn write_reopen_recover() {
         })
         .unwrap();
     }
-    let (l, r) = Ledger::open_and_recover(dir.db()).unwrap();
+    let (mut l, r) = Ledger::open_and_recover(dir.db()).unwrap();
     l.integrity_check().unwrap();
     assert_eq!(r.next_command_id, 7);
     assert_eq!(
@@ -147,13 +147,13 @@ fn write_reopen_recover() {
 
 #[test]
 fn records_are_append_only() {
-    let l = Ledger::open_in_memory().unwrap();
+    let mut l = Ledger::open_in_memory().unwrap();
     l.record_command(&cmd(1, 1, Action::Sleep, true)).unwrap();
     assert!(l
-        .conn
+        .sqlite()
         .execute("UPDATE commands SET action = 'wake'", [])
         .is_err());
-    assert!(l.conn.execute("DELETE FROM commands", []).is_err());
+    assert!(l.sqlite().execute("DELETE FROM commands", []).is_err());
     // A duplicate command id is refused, not overwritten.
     assert!(matches!(
         l.record_command(&cmd(1, 9, Action::Wake, false)),
@@ -179,11 +179,11 @@ fn pragmas_are_wal_and_full() {
     let dir = TempDir::new("pragmas");
     let l = Ledger::open(dir.db()).unwrap();
     let mode: String = l
-        .conn
+        .sqlite()
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     let sync: i64 = l
-        .conn
+        .sqlite()
         .query_row("PRAGMA synchronous", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "wal");
@@ -270,7 +270,7 @@ fn survives_sigkill_mid_write() {
         committed.len()
     );
 
-    let l = Ledger::open(dir.db()).unwrap();
+    let mut l = Ledger::open(dir.db()).unwrap();
     l.integrity_check().unwrap();
     for &id in &committed {
         assert!(
@@ -311,7 +311,7 @@ fn restart_does_not_wake_curtailed_miners() {
     let t0 = Timestamp::from_secs(1_700_000_000);
     let curtailed: Vec<MinerId>;
     {
-        let l = Ledger::open(dir.db()).unwrap();
+        let mut l = Ledger::open(dir.db()).unwrap();
         let mut e = Engine::new(cfg.clone(), small_fleet(20), t0).unwrap();
         let ev = DrEvent {
             id: "ev-1".into(),
@@ -334,7 +334,7 @@ fn restart_does_not_wake_curtailed_miners() {
         curtailed = cmds.iter().map(|c| c.miner).collect();
         // crash: nothing else recorded, engine dropped
     }
-    let l = Ledger::open(dir.db()).unwrap();
+    let mut l = Ledger::open(dir.db()).unwrap();
     let resume = l.recover().unwrap();
     assert_eq!(resume.events.len(), 1);
     let t1 = t0 + Duration::from_secs(20);
@@ -379,4 +379,41 @@ fn restart_does_not_wake_curtailed_miners() {
 
 fn cfg_min_off() -> Duration {
     PolicyConfig::default().min_off
+}
+
+/// Group commit: a batch is one transaction; a failure inside it leaves
+/// none of its records, and a good batch keeps all of them in order.
+#[test]
+fn a_batch_commits_all_or_none() {
+    let dir = TempDir::new("batch");
+    let mut l = Ledger::open(dir.db()).unwrap();
+    let ok = Ack::Ok;
+    l.batch(|l| {
+        l.record_commands(&[
+            cmd(1, 1, Action::Sleep, true),
+            cmd(2, 2, Action::Sleep, true),
+        ])?;
+        l.record_ack(Timestamp::from_secs(2000), CommandId(1), &ok)?;
+        l.record_command(&cmd(3, 3, Action::Wake, false))
+    })
+    .unwrap();
+    // Id 4 is fine, id 2 again is refused (primary key): the batch goes whole.
+    let e = l.batch(|l| {
+        l.record_command(&cmd(4, 4, Action::Sleep, true))?;
+        l.record_command(&cmd(2, 2, Action::Sleep, true))
+    });
+    assert!(e.is_err(), "a duplicate id must fail the batch");
+    assert!(l.command(CommandId(4)).unwrap().is_none(), "rolled back");
+    for id in 1..=3 {
+        assert!(
+            l.command(CommandId(id)).unwrap().is_some(),
+            "command {id} kept"
+        );
+    }
+    // The ledger takes plain writes again after a rolled-back batch.
+    l.record_command(&cmd(4, 4, Action::Sleep, true)).unwrap();
+    drop(l);
+    let mut l = Ledger::open(dir.db()).unwrap();
+    l.integrity_check().unwrap();
+    assert!(l.command(CommandId(4)).unwrap().is_some());
 }

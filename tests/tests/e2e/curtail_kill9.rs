@@ -123,7 +123,9 @@ async fn kill9_child() {
     }
     // What the application does at start: miners the ledger left parked are
     // parked again in this (new) router.
-    let (_, resume) = Ledger::open_and_recover(cfg["ledger"].as_str().unwrap()).expect("ledger");
+    let (_, resume) =
+        Ledger::open_and_recover(std::path::Path::new(cfg["ledger"].as_str().unwrap()))
+            .expect("ledger");
     bridge.restore(&resume);
     let fw = Arc::new(fw);
     let ms = |k: &str| Timestamp::from_millis(cfg["clock"][k].as_u64().unwrap());
@@ -152,7 +154,7 @@ async fn kill9_child() {
     });
     let policy: PolicyConfig = serde_json::from_value(cfg["policy"].clone()).unwrap();
     let h = driver::spawn(
-        cfg["ledger"].as_str().unwrap(),
+        std::path::Path::new(cfg["ledger"].as_str().unwrap()),
         policy,
         Fleet::from_specs(specs).unwrap(),
         Edge {

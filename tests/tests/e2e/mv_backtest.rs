@@ -115,7 +115,7 @@ fn mv_from_a_ledger_by_hand() {
     let path = dir.join("ledger.db");
     let _ = std::fs::remove_file(&path);
     {
-        let l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::open(&path).unwrap();
         // 08:00-09:00 at 800 kW, 5-minute intervals.
         for k in 0..12 {
             l.record_interval(&Interval {

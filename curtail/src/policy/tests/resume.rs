@@ -23,7 +23,7 @@ fn whatsminers(n: u64) -> Vec<MinerSpec> {
 /// restart: a fresh engine, resumed from the ledger's recovery of every
 /// command issued so far.
 fn restart(s: &mut Sim, cfg: PolicyConfig, specs: Vec<MinerSpec>) {
-    let ledger = Ledger::open_in_memory().unwrap();
+    let mut ledger = Ledger::open_in_memory().unwrap();
     for c in &s.log {
         ledger.record_command(c).unwrap();
     }
