@@ -437,6 +437,11 @@ impl Frame {
         Ok(out)
     }
 
+    /// The frame header (for `parsers_sv2` helpers that take it).
+    pub(crate) fn header(&self) -> Header {
+        self.header
+    }
+
     /// Message type byte.
     pub fn msg_type(&self) -> u8 {
         self.header.msg_type()

@@ -102,6 +102,12 @@ pub struct PoolConfig {
     /// send lines far over the miners' 16 KiB.
     #[serde(default = "default_pool_max_line")]
     pub max_line: usize,
+    /// SV2: ask the pool for extension 0x0002 (worker-specific hashrate
+    /// tracking) and, when it grants it, send each share's worker name with
+    /// it. `false` negotiates no extension (a pool that requires 0x0002 then
+    /// refuses the connection). Changing it reconnects the pool.
+    #[serde(default = "yes")]
+    pub worker_identity: bool,
 }
 
 /// Default [`PoolConfig::max_line`]: 1 MiB, a coinbase of ~15,000 outputs.
@@ -138,6 +144,9 @@ fn default_password() -> String {
 }
 fn one() -> f64 {
     1.0
+}
+fn yes() -> bool {
+    true
 }
 fn default_nominal() -> f32 {
     1.0e6
@@ -211,6 +220,7 @@ impl std::fmt::Debug for PoolConfig {
             .field("weight", &self.weight)
             .field("nominal_hashrate", &self.nominal_hashrate)
             .field("max_line", &self.max_line)
+            .field("worker_identity", &self.worker_identity)
             .finish()
     }
 }

@@ -262,6 +262,15 @@ pub enum UpstreamError {
         /// `extranonce.miner_bytes + extranonce2_size`.
         need: usize,
     },
+    /// `RequestExtensions.Error` naming extensions the pool requires that
+    /// we did not request (the pool then disconnects, 0x0001 §4.6).
+    #[error("{}", extensions_required(.required, *.identity_off))]
+    ExtensionsRequired {
+        /// The extensions the pool requires.
+        required: Vec<u16>,
+        /// 0x0002 is among them and `worker_identity = false` here.
+        identity_off: bool,
+    },
     /// The pool closed our SV2 channel, with its reason code.
     #[error("pool closed the channel: {0}")]
     ChannelClosed(String),
@@ -314,5 +323,20 @@ fn tried_list(tried: &[SocketAddr], endpoint: &str) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    }
+}
+
+/// What [`UpstreamError::ExtensionsRequired`] says.
+fn extensions_required(required: &[u16], identity_off: bool) -> String {
+    let list = required
+        .iter()
+        .map(|e| format!("{e:#06x}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let s = if required.len() == 1 { "" } else { "s" };
+    if identity_off {
+        format!("the pool requires SV2 extension{s} {list} and closes the connection without: 0x0002 (worker-specific hashrate tracking) is off for this pool, set worker_identity = true")
+    } else {
+        format!("the pool requires SV2 extension{s} {list}, which gridproxy does not support, and closes the connection without")
     }
 }

@@ -286,6 +286,7 @@ fn same_connection(a: &PoolConfig, b: &PoolConfig) -> bool {
         && a.user == b.user
         && a.password == b.password
         && a.max_line == b.max_line
+        && a.worker_identity == b.worker_identity
 }
 
 /// The routing table.

@@ -63,6 +63,38 @@ impl RejectReason {
     }
 }
 
+/// How the last SV2 extension negotiation for worker-specific hashrate
+/// tracking (0x0002) ended; see `upstream::extensions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityNegotiation {
+    /// The pool granted 0x0002: shares carry the worker's `user_identity`.
+    Granted,
+    /// The pool answered without it (`RequestExtensions.Error`, or a
+    /// success that leaves it out): shares go without.
+    Refused,
+    /// `worker_identity = false`: not requested.
+    Disabled,
+    /// The pool did not answer `RequestExtensions` in time (a pool without
+    /// extension negotiation ignores it): shares go without.
+    NoAnswer,
+}
+
+impl IdentityNegotiation {
+    /// All results, for reporting.
+    pub const ALL: [IdentityNegotiation; 4] =
+        [Self::Granted, Self::Refused, Self::Disabled, Self::NoAnswer];
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Granted => "granted",
+            Self::Refused => "refused",
+            Self::Disabled => "disabled",
+            Self::NoAnswer => "no_answer",
+        }
+    }
+}
+
 /// A relaxed counter.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -225,6 +257,11 @@ pub struct PoolStats {
     /// `UpdateChannel`s sent: the channel's nominal hashrate followed the
     /// miners' measured one.
     pub channel_updates: Counter,
+    /// SV2 connections by how the 0x0002 negotiation ended (indexed as
+    /// [`IdentityNegotiation::ALL`]).
+    identity_negotiations: [Counter; 4],
+    /// 1 while the current SV2 connection sends `user_identity` with shares.
+    identity_granted: AtomicU64,
     /// Measured hashrate of the miners on this pool now (f64 bits, H/s),
     /// written by the router's monitor.
     measured: AtomicU64,
@@ -259,6 +296,24 @@ impl PoolStats {
     /// The SV2 channel's nominal hashrate as last told to the pool (0 before any).
     pub fn channel_nominal(&self) -> f64 {
         f64::from_bits(self.nominal.load(Relaxed))
+    }
+    /// Record how a connection's 0x0002 negotiation ended.
+    pub fn identity_negotiated(&self, r: IdentityNegotiation) {
+        self.identity_negotiations[r as usize].inc();
+        self.identity_granted
+            .store(u64::from(r == IdentityNegotiation::Granted), Relaxed);
+    }
+    /// Connections whose 0x0002 negotiation ended as `r`.
+    pub fn identity_negotiations(&self, r: IdentityNegotiation) -> u64 {
+        self.identity_negotiations[r as usize].get()
+    }
+    /// Whether the current connection sends `user_identity` with shares.
+    pub fn identity_granted(&self) -> bool {
+        self.identity_granted.load(Relaxed) == 1
+    }
+    /// The connection ended: no identity is sent until the next negotiation.
+    pub fn identity_lost(&self) {
+        self.identity_granted.store(0, Relaxed);
     }
     /// Count an acknowledged share.
     pub fn accept(&self, difficulty: f64) {

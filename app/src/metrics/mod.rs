@@ -16,7 +16,7 @@ mod workers;
 
 use crate::site::handle::SiteState;
 use gridproxy_proxy::downstream::Ctx;
-use gridproxy_proxy::stats::{RejectReason, WorkerSnapshot};
+use gridproxy_proxy::stats::{IdentityNegotiation, RejectReason, WorkerSnapshot};
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
@@ -199,6 +199,12 @@ impl Metrics {
                 .absolute(h.stats.channel_updates.get());
             gauge!("gridproxy_pool_channel_nominal_hashes_per_second", "pool" => name.clone())
                 .set(h.stats.channel_nominal());
+            gauge!("gridproxy_pool_worker_identity", "pool" => name.clone())
+                .set(if h.stats.identity_granted() { 1.0 } else { 0.0 });
+            for r in IdentityNegotiation::ALL {
+                counter!("gridproxy_pool_worker_identity_negotiations_total", "pool" => name.clone(), "result" => r.as_str())
+                    .absolute(h.stats.identity_negotiations(r));
+            }
             counter!("gridproxy_limit_trips_total", "limit" => "max_pending_shares", "pool" => name.clone())
                 .absolute(h.stats.pending_dropped.get());
             counter!("gridproxy_limit_trips_total", "limit" => "max_future_jobs", "pool" => name.clone())
@@ -326,6 +332,15 @@ fn describe() {
     describe_gauge!(
         "gridproxy_pool_channel_nominal_hashes_per_second",
         "The SV2 channel's nominal hashrate as last told to the pool (0 for SV1 pools)."
+    );
+    describe_gauge!(
+        "gridproxy_pool_worker_identity",
+        "1 while the SV2 pool's connection has extension 0x0002 (worker-specific hashrate tracking): every share carries its worker's user_identity."
+    );
+    describe_counter!(
+        "gridproxy_pool_worker_identity_negotiations_total",
+        Unit::Count,
+        "SV2 connections by how the 0x0002 negotiation ended: granted, refused (by the pool), disabled (worker_identity = false), no_answer (a pool without extension negotiation)."
     );
     describe_counter!(
         "gridproxy_pool_shares_unanswered_total",

@@ -57,6 +57,9 @@ use gridproxy_protocol::sv2::{
     },
     AuthorityKeypair, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
 };
+use gridproxy_protocol::sv2_ext::{
+    ExtensionsNegotiationOwned, ExtensionsOwned, RequestExtensionsErrorOwned,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -367,6 +370,24 @@ impl Conn {
             Message::Mining(m) => m,
             Message::Common(CommonMessagesOwned::SetupConnection(_)) => {
                 return Err(DownstreamError::SetupTwice)
+            }
+            Message::Extensions(ExtensionsOwned::ExtensionsNegotiation(
+                ExtensionsNegotiationOwned::RequestExtensions(r),
+            )) => {
+                // We offer no extension downstream: sv2-spec 0x0001 §4.1, a
+                // server that supports none of those requested answers
+                // RequestExtensions.Error (and requires none).
+                self.out
+                    .push(Message::Extensions(ExtensionsOwned::ExtensionsNegotiation(
+                        ExtensionsNegotiationOwned::RequestExtensionsError(
+                            RequestExtensionsErrorOwned {
+                                request_id: r.request_id,
+                                unsupported_extensions: r.requested_extensions,
+                                required_extensions: Vec::new().try_into().expect("an empty list"),
+                            },
+                        ),
+                    )));
+                return Ok(());
             }
             other => return Err(DownstreamError::UnexpectedMessage(name(&other))),
         };

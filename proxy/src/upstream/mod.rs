@@ -9,6 +9,7 @@
 //! (SV2 channel prefix, SV1 extranonce1); the proxy rolls the next
 //! `rollable` bytes.
 
+pub mod extensions;
 pub mod sv1;
 pub mod sv2;
 

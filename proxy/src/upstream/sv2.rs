@@ -2,6 +2,7 @@
 //! channel, jobs normalised into [`UpJob`]s, shares sent as
 //! `SubmitSharesExtended` and the pool's answers credited per worker.
 
+use super::extensions::{Negotiated, Negotiation};
 use super::{PoolView, UpJob, UpJobId, UpShare};
 use crate::config::{ExtranonceConfig, PoolConfig, RoutingConfig};
 use crate::endpoint::Endpoint;
@@ -13,8 +14,9 @@ use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::sv2::{
     common_messages_sv2::{Protocol, SetupConnectionOwned},
     mining_sv2::{OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned, UpdateChannelOwned},
-    AuthorityPublicKey, CommonMessagesOwned, Message, MiningOwned, NoiseCodec,
+    AuthorityPublicKey, CommonMessagesOwned, Frame, Message, MiningOwned, NoiseCodec, Sv2Error,
 };
+use gridproxy_protocol::sv2_ext;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +61,8 @@ struct Conn {
     seq: u32,
     pending: BTreeMap<u32, Pending>,
     last_job_at: Instant,
+    /// 0x0002 granted: shares carry the worker's `user_identity` TLV.
+    worker_identity: bool,
 }
 
 impl Conn {
@@ -143,6 +147,7 @@ impl Sv2Upstream {
                 .try_into()
                 .map_err(|_| UpstreamError::FieldTooLong("device"))?,
         };
+        let setup_at = Instant::now();
         framed
             .send(Message::Common(CommonMessagesOwned::SetupConnection(setup)))
             .await?;
@@ -155,6 +160,7 @@ impl Sv2Upstream {
             }
             other => return Err(UpstreamError::UnexpectedSetupReply(name(&other))),
         }
+        let negotiated = self.negotiate(&mut framed, setup_at.elapsed()).await?;
         let need = (self.extranonce.miner_bytes + self.extranonce.extranonce2_size) as u16;
         let open = OpenExtendedMiningChannelOwned {
             request_id: 1,
@@ -193,7 +199,9 @@ impl Sv2Upstream {
                         seq: 0,
                         pending: BTreeMap::new(),
                         last_job_at: Instant::now(),
+                        worker_identity: negotiated.worker_identity,
                     };
+                    self.stats.identity_negotiated(negotiated.result);
                     return Ok((framed, conn));
                 }
                 Message::Mining(MiningOwned::OpenMiningChannelError(e)) => {
@@ -206,6 +214,41 @@ impl Sv2Upstream {
                 }
             }
         }
+    }
+
+    /// Extension negotiation right after `SetupConnection.Success` (see
+    /// [`super::extensions`]): 0x0002 when `worker_identity` is on.
+    async fn negotiate(
+        &self,
+        framed: &mut Framed<TcpStream, NoiseCodec>,
+        setup_rtt: Duration,
+    ) -> Result<Negotiated, UpstreamError> {
+        let neg = Negotiation::new(self.pool.worker_identity);
+        framed.send(neg.request()).await?;
+        let deadline = Instant::now() + super::extensions::answer_wait(setup_rtt);
+        let negotiated = loop {
+            match tokio::time::timeout_at(deadline, next_msg(framed)).await {
+                Err(_) => {
+                    warn!(pool = %self.pool.name, "no answer to RequestExtensions: going on without extensions (a pool without extension negotiation ignores it)");
+                    break neg.no_answer();
+                }
+                Ok(msg) => {
+                    let msg = msg?;
+                    match neg.on_message(&msg) {
+                        Some(Ok(answer)) => break answer,
+                        Some(Err(e)) => {
+                            self.stats.identity_negotiated(neg.refused().result);
+                            return Err(e);
+                        }
+                        None => {
+                            debug!(pool = %self.pool.name, msg = name(&msg), "ignored while negotiating extensions")
+                        }
+                    }
+                }
+            }
+        };
+        info!(pool = %self.pool.name, worker_identity = negotiated.worker_identity, result = negotiated.result.as_str(), "sv2 extensions negotiated (0x0002 worker-specific hashrate tracking)");
+        Ok(negotiated)
     }
 
     async fn serve(
@@ -290,9 +333,16 @@ impl Sv2Upstream {
                                 Err(_) => continue,
                             },
                         };
+                        let frame = match share_frame(submit, conn.worker_identity.then_some(s.worker.name.as_str())) {
+                            Ok(f) => f,
+                            Err(e) => {
+                                warn!(pool = %self.pool.name, worker = %s.worker.name, error = %e, "share not encodable: dropped");
+                                continue;
+                            }
+                        };
                         self.remember(&mut conn, Pending { worker: s.worker, difficulty: s.difficulty });
                         self.stats.submitted.inc();
-                        if let Err(e) = framed.feed(Message::Mining(MiningOwned::SubmitSharesExtended(submit))).await {
+                        if let Err(e) = framed.feed(frame).await {
                             err = Some(e);
                             break;
                         }
@@ -322,6 +372,7 @@ impl Sv2Upstream {
                 _ = tokio::time::sleep_until(deadline) => break Err(UpstreamError::NoJob(no_job)),
             }
         };
+        self.stats.identity_lost();
         if !conn.pending.is_empty() {
             self.stats.unanswered.add(conn.pending.len() as u64);
             warn!(pool = %self.pool.name, unanswered = conn.pending.len(), "connection ended with shares unanswered");
@@ -484,6 +535,21 @@ impl Sv2Upstream {
     }
 }
 
+/// A share's frame: `SubmitSharesExtended`, followed by the worker's
+/// `user_identity` TLV when 0x0002 was granted (0x0002 §1.1 and §2: every
+/// share then carries it; the name is cut to 32 bytes by
+/// [`sv2_ext::tlv_identity`]).
+fn share_frame(
+    submit: SubmitSharesExtendedOwned,
+    identity: Option<&str>,
+) -> Result<Frame, Sv2Error> {
+    let msg = Message::Mining(MiningOwned::SubmitSharesExtended(submit));
+    match identity {
+        None => Frame::from_message(msg),
+        Some(name) => sv2_ext::frame_with_tlvs(msg, &sv2_ext::user_identity_tlv(name)?),
+    }
+}
+
 /// SV2 `user_identity` is at most 255 bytes; cut at a char boundary.
 pub fn truncate_identity(s: &str) -> String {
     let mut end = s.len().min(255);
@@ -569,6 +635,7 @@ mod tests {
             seq: 0,
             pending: BTreeMap::new(),
             last_job_at: Instant::now(),
+            worker_identity: false,
         }
     }
 
@@ -607,6 +674,59 @@ mod tests {
         assert!(!needs_update(1e12, 0.0, 0.1), "nothing measured yet");
         assert!(!needs_update(1e12, f64::NAN, 0.1));
         assert!(!needs_update(1e12, 5e12, 0.0), "updates disabled");
+    }
+
+    /// Golden bytes: a share as gridproxy frames it once 0x0002 is granted,
+    /// against `SubmitSharesExtended` in `05-Mining-Protocol.md` §5.3.11-12
+    /// (type 0x1b, `08-Message-Types.md`), the frame header of
+    /// `03-Protocol-Overview.md` §3.2 and the TLV of 0x0002 §1.1 / §3.4.3,
+    /// written out by hand.
+    #[test]
+    fn share_frame_with_user_identity_golden_bytes() {
+        let submit = || SubmitSharesExtendedOwned {
+            channel_id: 1,
+            sequence_number: 2,
+            job_id: 3,
+            nonce: 0x0403_0201,
+            ntime: 0x6553_f100,
+            version: 0x2000_0000,
+            extranonce: vec![0xaa, 0xbb, 0xcc, 0xdd].try_into().unwrap(),
+        };
+        let ours = share_frame(submit(), Some("Worker_001"))
+            .unwrap()
+            .to_plain()
+            .unwrap();
+        #[rustfmt::skip]
+        let mut spec: Vec<u8> = vec![
+            // header: extension_type U16 = 0x0000 with the channel_msg bit (0x8000),
+            // msg_type U8 = 0x1b, msg_length U24 = 29 + 15
+            0x00, 0x80, 0x1b, 44, 0x00, 0x00,
+            0x01, 0x00, 0x00, 0x00, // channel_id U32
+            0x02, 0x00, 0x00, 0x00, // sequence_number U32
+            0x03, 0x00, 0x00, 0x00, // job_id U32
+            0x01, 0x02, 0x03, 0x04, // nonce U32
+            0x00, 0xf1, 0x53, 0x65, // ntime U32
+            0x00, 0x00, 0x00, 0x20, // version U32
+            0x04, 0xaa, 0xbb, 0xcc, 0xdd, // extranonce B0_32
+            // TLV: extension_type U16 = 0x0002, field_type U8 = 0x01, length U16 = 10
+            0x02, 0x00, 0x01, 0x0a, 0x00,
+        ];
+        spec.extend_from_slice(b"Worker_001");
+        assert_eq!(ours, spec);
+        // Without the extension: the same share, no TLV.
+        let plain = share_frame(submit(), None).unwrap().to_plain().unwrap();
+        let mut without = spec[..35].to_vec();
+        without[3] = 29;
+        assert_eq!(plain, without);
+        // A name over 32 bytes goes cut by the documented rule.
+        let long = "customer-with-a-long-account-name.rig-0001";
+        let f = share_frame(submit(), Some(long))
+            .unwrap()
+            .to_plain()
+            .unwrap();
+        assert_eq!(f[3], 29 + 5 + 32);
+        assert_eq!(&f[35..40], &[0x02, 0x00, 0x01, 32, 0x00]);
+        assert_eq!(&f[40..], sv2_ext::tlv_identity(long).as_bytes());
     }
 
     /// Future jobs a pool never activates are bounded too.

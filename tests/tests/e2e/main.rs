@@ -47,5 +47,6 @@ mod proxy_pool;
 mod proxy_routing;
 mod proxy_sv1_upstream;
 mod proxy_sv2;
+mod proxy_worker_identity;
 mod sri_pool;
 mod translator;
