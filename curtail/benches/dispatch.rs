@@ -179,12 +179,14 @@ fn dispatch(rt: &tokio::runtime::Runtime, dir: &Path, runs: usize) {
         let r = rt.block_on(once(dir, N));
         println!(
             "dispatch_10k [{}] run {i}: {} commands; signal -> first issued {} ms, -> last issued \
-             {:.1} ms; ledger drain at shutdown (10k acks) {:.2} s",
+             {:.1} ms; ledger drain at shutdown (10k acks) {:.2} s; 10k commands and their \
+             acknowledgements recorded in {:.2} s (goal < 1 s, group commit)",
             dir.display(),
             r.issued,
             r.to_first_ms,
             r.to_last.as_secs_f64() * 1e3,
-            r.drain.as_secs_f64()
+            r.drain.as_secs_f64(),
+            (r.to_last + r.drain).as_secs_f64()
         );
         lasts.push(r.to_last);
     }
