@@ -26,6 +26,7 @@
 //! TLS front on a plain-text peer.
 
 pub mod bench;
+pub mod postgres;
 pub mod tls;
 
 use std::{

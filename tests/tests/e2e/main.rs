@@ -28,6 +28,7 @@ mod grid_mqtt;
 mod grid_openadr;
 mod grid_price;
 mod grid_tls;
+mod ledger_postgres;
 mod mv_backtest;
 mod operate_api;
 mod operate_cli;
