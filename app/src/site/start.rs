@@ -258,9 +258,8 @@ pub async fn start(
     site.set_ledger(ledger.clone());
     // Miners left parked before a restart stay parked in the new router.
     let loc = ledger.clone();
-    let resume = tokio::task::spawn_blocking(move || Ledger::open_and_recover(loc))
+    let resume = tokio::task::spawn_blocking(move || Ledger::open_and_recover(loc).map(|(_, r)| r))
         .await?
-        .map(|(_, r)| r)
         .map_err(|e| anyhow::anyhow!("site.ledger ({ledger}): {e}"))?;
     proxy.restore(&resume);
     let dcfg = DriverConfig {

@@ -16,7 +16,8 @@ use super::LedgerError;
 
 /// An open PostgreSQL ledger connection.
 pub(crate) struct Pg {
-    rt: tokio::runtime::Runtime,
+    /// Always Some until dropped (see Drop).
+    rt: Option<tokio::runtime::Runtime>,
     opts: PgConnectOptions,
     conn: Option<PgConnection>,
     in_tx: bool,
@@ -27,6 +28,39 @@ impl fmt::Debug for Pg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The URL as configured carries no password (see PgLocation).
         write!(f, "Pg({})", self.shown)
+    }
+}
+
+/// Dropping a runtime blocks, which tokio forbids on an async thread (a
+/// ledger opened by `spawn_blocking` may be dropped on one): let it go in
+/// the background instead.
+impl Drop for Pg {
+    fn drop(&mut self) {
+        drop(self.conn.take());
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Run `fut` to completion on `rt`. Blocking on a runtime from a thread
+/// that drives async tasks panics in tokio, so a ledger used from one (a
+/// test, a reader called from an async handler) runs the call on a scoped
+/// thread instead (so do `spawn_blocking` callers, which cannot be told
+/// apart); the writer thread, outside any runtime, blocks directly.
+fn block<F>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(fut))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    } else {
+        rt.block_on(fut)
     }
 }
 
@@ -65,7 +99,7 @@ impl Pg {
             .build()
             .map_err(|e| LedgerError::Postgres(format!("runtime: {e}")))?;
         let mut pg = Pg {
-            rt,
+            rt: Some(rt),
             opts,
             conn: None,
             in_tx: false,
@@ -77,10 +111,7 @@ impl Pg {
 
     fn ensure(&mut self) -> Result<(), LedgerError> {
         if self.conn.is_none() {
-            let c = self
-                .rt
-                .block_on(PgConnection::connect_with(&self.opts))
-                .map_err(pg_err)?;
+            let c = block(self.rt(), PgConnection::connect_with(&self.opts)).map_err(pg_err)?;
             self.conn = Some(c);
             self.in_tx = false;
         }
@@ -105,6 +136,10 @@ impl Pg {
         pg_err(e)
     }
 
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime lives until drop")
+    }
+
     pub(crate) fn in_transaction(&self) -> bool {
         self.in_tx
     }
@@ -113,7 +148,10 @@ impl Pg {
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), LedgerError> {
         self.ensure()?;
         let conn = self.conn.as_mut().expect("connected");
-        let r = self.rt.block_on(conn.execute(sql));
+        let r = block(
+            self.rt.as_ref().expect("runtime lives until drop"),
+            conn.execute(sql),
+        );
         match sql.trim().to_ascii_uppercase().as_str() {
             "BEGIN" => self.in_tx = r.is_ok(),
             // A failed COMMIT ends the transaction in PostgreSQL too.
@@ -127,7 +165,10 @@ impl Pg {
         self.ensure()?;
         let sql = dollars(sql);
         let conn = self.conn.as_mut().expect("connected");
-        let r = self.rt.block_on(bind(sqlx::query(&sql), p).execute(conn));
+        let r = block(
+            self.rt.as_ref().expect("runtime lives until drop"),
+            bind(sqlx::query(&sql), p).execute(conn),
+        );
         r.map(|_| ()).map_err(|e| self.fail(e))
     }
 
@@ -135,7 +176,10 @@ impl Pg {
         self.ensure()?;
         let sql = dollars(sql);
         let conn = self.conn.as_mut().expect("connected");
-        let r = self.rt.block_on(bind(sqlx::query(&sql), p).fetch_all(conn));
+        let r = block(
+            self.rt.as_ref().expect("runtime lives until drop"),
+            bind(sqlx::query(&sql), p).fetch_all(conn),
+        );
         r.map_err(|e| self.fail(e))?.iter().map(row).collect()
     }
 }

@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use curtail::command::Action;
 use curtail::driver::Audit;
+use curtail::ledger::Location;
+use gridproxy_tests::postgres::PgCluster;
 
 pub(crate) const TOKEN: &str = "operate-site-token-0123456789";
 pub(crate) const DISPATCH: &str = "site/op1/dispatch";
@@ -258,12 +260,27 @@ async fn dispatch(broker: &Mosquitto, rec: &Recorder, id: &str, payload: Value) 
 async fn run_with_site_follows_mqtt_dispatch_and_keeps_a_ledger() {
     let _gate = gridproxy_tests::module_gate(module_path!());
     let bin = gridproxy_bin();
-    tokio::time::timeout(Duration::from_secs(120), run(bin))
+    tokio::time::timeout(Duration::from_secs(120), run(bin, None))
         .await
         .expect("test finished in time");
 }
 
-async fn run(bin: PathBuf) {
+/// The same run with the ledger in PostgreSQL (issue 19): `ledger =
+/// "postgres://…"`, the password from `GRIDPROXY_LEDGER_PASSWORD`, and
+/// `gridproxy report` reading it back; counts checked with psql.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_site_keeps_its_ledger_in_postgres() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let bin = gridproxy_bin();
+    let pg = tokio::task::spawn_blocking(|| PgCluster::start("operate-site", "site_ledger"))
+        .await
+        .expect("postgres");
+    tokio::time::timeout(Duration::from_secs(120), run(bin, Some(&pg)))
+        .await
+        .expect("test finished in time");
+}
+
+async fn run(bin: PathBuf, pg: Option<&PgCluster>) {
     let t0 = Instant::now();
     let broker = Mosquitto::start("operate-site").await;
     let rec = Recorder::start(broker.port, "operate-site-recorder", &[ACK, STATUS]);
@@ -308,12 +325,25 @@ async fn run(bin: PathBuf) {
 
     let dir = temp_dir("operate-site");
     let cfg_path = dir.join("gridproxy.toml");
-    std::fs::write(
-        &cfg_path,
-        config_text(pool.addr(), sv1, api, &site, broker.port),
-    )
-    .unwrap();
-    let ledger = dir.join("ledger.sqlite");
+    let mut text = config_text(pool.addr(), sv1, api, &site, broker.port);
+    let (ledger, password) = match pg {
+        Some(pg) => {
+            text = text.replace(
+                "ledger = \"ledger.sqlite\"",
+                &format!("ledger = \"{}\"", pg.url()),
+            );
+            let loc = Location::parse(&pg.url())
+                .unwrap()
+                .with_password(Some(pg.password.clone()));
+            (loc, pg.password.clone())
+        }
+        None => (Location::Sqlite(dir.join("ledger.sqlite")), String::new()),
+    };
+    assert!(
+        pg.is_none() || text.contains("ledger = \"postgres://"),
+        "the config's ledger line moved"
+    );
+    std::fs::write(&cfg_path, text).unwrap();
 
     // `check-config` accepts it and counts the miners.
     let out = Command::new(&bin)
@@ -332,6 +362,7 @@ async fn run(bin: PathBuf) {
     cmd.args(["run", "--status-every", "0", "--config"])
         .arg(&cfg_path)
         .env("OPERATE_SITE_MQTT_PASSWORD", PASSWORD)
+        .env("GRIDPROXY_LEDGER_PASSWORD", &password)
         .env("RUST_LOG", "info");
     let mut proxy = PeerProcess::spawn("gridproxy", PeerProcess::make_dir("operate-site"), cmd);
     assert!(
@@ -344,7 +375,8 @@ async fn run(bin: PathBuf) {
     let log = proxy.log();
     assert!(
         log.contains("curtailment engine: 10 miners")
-            && log.contains(&ledger.display().to_string()),
+            && log.contains(&ledger.to_string())
+            && (password.is_empty() || !log.contains(&password)),
         "start-up lines: {log}"
     );
     mirror_parking(api, &site, pools_stop.clone());
@@ -551,10 +583,28 @@ async fn run(bin: PathBuf) {
     assert!(audit.signals >= 3, "{} signals recorded", audit.signals);
     assert!(!audit.intervals.is_empty(), "no measured intervals");
 
-    // `gridproxy report --ledger` summarises the same file.
+    if let Some(pg) = pg {
+        // A hand count, not through our reader.
+        let count = |t: &str| {
+            pg.psql(&pg.db, &format!("SELECT count(*) FROM {t}"))
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        };
+        assert_eq!(count("commands"), audit.commands.len());
+        assert_eq!(count("acks"), audit.acks.len());
+        assert_eq!(count("signals"), audit.signals);
+        assert!(
+            !proxy.log().contains(&password),
+            "the ledger password reached the log"
+        );
+    }
+
+    // `gridproxy report --ledger` summarises the same ledger.
     let out = Command::new(&bin)
         .args(["report", "--ledger"])
-        .arg(&ledger)
+        .arg(ledger.to_string())
+        .env("GRIDPROXY_LEDGER_PASSWORD", &password)
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
