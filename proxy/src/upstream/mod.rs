@@ -308,7 +308,9 @@ pub(crate) async fn reconnect_loop(
         if drain.is_cancelled() {
             // Down while draining: what it had sent is lost with the
             // connection, and nothing new can arrive. Nothing to reconnect for.
-            if !shares.is_empty() {
+            if shares.is_empty() {
+                tracing::info!(pool = %up.pool().name, "upstream drained: pool down, nothing in flight");
+            } else {
                 tracing::warn!(pool = %up.pool().name, queued = shares.len(), "pool down during the drain: queued shares not sent");
             }
             return;
@@ -367,6 +369,9 @@ pub(crate) async fn reconnect_loop(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            // A pool that is down owes no answers: the drain need not wait
+            // out the backoff (the top of the loop ends the task).
+            _ = drain.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
         }
         if grow {
@@ -384,6 +389,85 @@ mod tests {
     fn closed_port() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
+    }
+
+    /// A pool that refuses every connection, counting the attempts.
+    struct Refusing {
+        pool: PoolConfig,
+        routing: RoutingConfig,
+        stats: PoolStats,
+        tries: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Session for Refusing {
+        fn pool(&self) -> &PoolConfig {
+            &self.pool
+        }
+        fn routing(&self) -> &RoutingConfig {
+            &self.routing
+        }
+        fn stats(&self) -> &PoolStats {
+            &self.stats
+        }
+        async fn session(
+            &self,
+            target: &Endpoint,
+            _: &watch::Sender<PoolView>,
+            _: &mut mpsc::Receiver<UpShare>,
+            _: &tokio_util::sync::CancellationToken,
+        ) -> Result<(), UpstreamError> {
+            self.tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(UpstreamError::Connect {
+                endpoint: target.to_string(),
+                tried: vec![],
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            })
+        }
+    }
+
+    /// A pool that is down when the drain starts owes nothing: its upstream
+    /// ends at once instead of sleeping out its reconnect backoff. The clock
+    /// is paused, so the task can only end before the backoff by the drain.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_the_reconnect_backoff_of_a_pool_that_is_down() {
+        let up = Arc::new(Refusing {
+            pool: toml::from_str("name = 'down'\naddress = '127.0.0.1:1'\nuser = 'u'").unwrap(),
+            routing: RoutingConfig {
+                reconnect_ms: 60_000,
+                ..Default::default()
+            },
+            stats: PoolStats::new("down"),
+            tries: Default::default(),
+        });
+        let (vtx, _vrx, srx) = channels();
+        let (shutdown, drain) = (
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let task = tokio::spawn({
+            let (up, shutdown, drain) = (up.clone(), shutdown.clone(), drain.clone());
+            async move { reconnect_loop(&*up, vtx, srx, shutdown, drain).await }
+        });
+        // Well into the first backoff (60 s) after the refused connect.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(up.tries.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let t0 = tokio::time::Instant::now();
+        drain.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the drain ends the backoff: the upstream is done without waiting it out")
+            .unwrap();
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "no time passes: the drain alone ended it"
+        );
+        assert_eq!(
+            up.tries.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "no reconnect once draining"
+        );
+        assert!(!shutdown.is_cancelled());
     }
 
     #[tokio::test]

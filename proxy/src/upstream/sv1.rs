@@ -123,8 +123,12 @@ impl Sv1Upstream {
         shares: &mut mpsc::Receiver<UpShare>,
         drain: &CancellationToken,
     ) -> Result<(), UpstreamError> {
-        let stream = super::connect(target).await?;
-        let (mut rd, mut wr) = stream.into_split();
+        // Still connecting when the drain starts: nothing was sent on this
+        // connection, so nothing is owed (queued shares are an earlier epoch's).
+        let Some(stream) = drain.run_until_cancelled(super::connect(target)).await else {
+            return Ok(());
+        };
+        let (mut rd, mut wr) = stream?.into_split();
         let epoch = view.borrow().epoch + 1;
         let mut c = Conn {
             en1: vec![],

@@ -259,10 +259,18 @@ impl Sv2Upstream {
         shares: &mut mpsc::Receiver<UpShare>,
         drain: &CancellationToken,
     ) -> Result<(), UpstreamError> {
-        let (mut framed, mut conn) =
-            tokio::time::timeout(Duration::from_secs(10), self.open(endpoint, key))
-                .await
-                .map_err(|_| UpstreamError::SetupTimeout)??;
+        // Still setting up when the drain starts: no share was sent on this
+        // connection, so nothing is owed (queued shares are an earlier epoch's).
+        let Some(open) = drain
+            .run_until_cancelled(tokio::time::timeout(
+                Duration::from_secs(10),
+                self.open(endpoint, key),
+            ))
+            .await
+        else {
+            return Ok(());
+        };
+        let (mut framed, mut conn) = open.map_err(|_| UpstreamError::SetupTimeout)??;
         self.stats.connects.inc();
         self.stats.set_error(None);
         let epoch = view.borrow().epoch + 1;

@@ -1537,3 +1537,61 @@ async fn a_drain_closes_sv2_channels_and_waits_for_every_pool_answer() {
     );
     assert_eq!(up.unanswered.get(), 0);
 }
+
+/// A proxy whose only SV2 pool is at `addr`, reconnecting after `reconnect_ms`.
+async fn start_proxy_alone(addr: SocketAddr, reconnect_ms: u64) -> Proxy {
+    let s = format!(
+        "[[pools]]\nname = \"alone\"\naddress = \"{addr}\"\nprotocol = \"sv2\"\nauthority_pubkey = \"{}\"\nuser = \"gridproxy-test\"\n\n[listen]\nsv1 = \"127.0.0.1:0\"\n\n[routing]\nreconnect_ms = {reconnect_ms}\n",
+        proxy_authority().public()
+    );
+    gridproxy_tests::start_proxy(Config::parse(&s, "test").expect("valid test config"))
+        .await
+        .unwrap()
+}
+
+/// A restart while the only pool is down (it refuses connections) does not
+/// wait out the reconnect backoff: a pool that is down owes no answers, so
+/// its upstream ends as soon as the drain tells it to. With a 60 s backoff
+/// and a 5 s grace the drain is complete only if the drain ended the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_does_not_wait_out_the_backoff_of_a_pool_that_is_down() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    // Bound, then closed: connections there are refused.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy_alone(refused, 60_000).await;
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || up.last_error().is_some()).await,
+        "the proxy never tried the pool"
+    );
+    // Now in the first backoff (60 s).
+    let report = proxy.drain(Duration::from_secs(5)).await;
+    assert!(report.complete, "{report:?}; pool: {:?}", up.last_error());
+    assert_eq!(report.upstreams_left, 0, "{report:?}");
+    assert_eq!(up.connects.get(), 0);
+}
+
+/// The same while the pool is being connected to: it accepts the TCP
+/// connection and never answers, so the SV2 setup would wait its whole 10 s
+/// timeout. Nothing was sent on it, so the drain ends it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_does_not_wait_for_a_pool_still_setting_up() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = start_proxy_alone(silent.local_addr().unwrap(), 60_000).await;
+    // Held open, never written to.
+    let (_conn, _) = tokio::time::timeout(Duration::from_secs(10), silent.accept())
+        .await
+        .expect("the proxy never connected")
+        .unwrap();
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    let report = proxy.drain(Duration::from_secs(5)).await;
+    assert!(report.complete, "{report:?}; pool: {:?}", up.last_error());
+    assert_eq!(report.upstreams_left, 0, "{report:?}");
+    assert_eq!(up.connects.get(), 0, "never set up");
+}
