@@ -501,7 +501,7 @@ pub struct RoutingConfig {
     pub failback_cooldown_secs: u64,
     /// Rebalance the weighted split this often, seconds.
     pub rebalance_secs: u64,
-    /// Upstream reconnect delay (first; doubles up to 10 s), milliseconds.
+    /// Upstream reconnect delay (first; doubles up to 5 s, or stays when set above), milliseconds.
     pub reconnect_ms: u64,
     /// Shares sent to a pool and not yet answered, per pool; past it the
     /// oldest is given up (counted), so a pool that never answers cannot
