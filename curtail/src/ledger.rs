@@ -44,7 +44,8 @@ use crate::signal::{DrEvent, DrTarget, Signal};
 use crate::time::Timestamp;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// 2: `commands.fence`, the lease token a command was issued under.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const TABLES: [&str; 7] = [
     "signals",
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS commands (
     surface TEXT NOT NULL,
     action TEXT NOT NULL,
     value INTEGER,
-    curtail INTEGER NOT NULL
+    curtail INTEGER NOT NULL,
+    fence INTEGER
 );
 CREATE INDEX IF NOT EXISTS commands_by_miner ON commands(miner, id);
 CREATE TABLE IF NOT EXISTS acks (
@@ -137,6 +139,10 @@ pub enum LedgerError {
     /// The ledger's location is not usable as given.
     #[error("ledger: {0}")]
     Config(String),
+    /// A command was refused because its lease token is no longer the
+    /// site's (another instance took over): not a fault to retry.
+    #[error("ledger: fenced: {0}")]
+    Fenced(String),
     /// A JSON body could not be written or read.
     #[error("ledger json: {0}")]
     Json(#[from] serde_json::Error),
@@ -169,6 +175,8 @@ pub struct Interval {
 /// A command as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommandRecord {
+    /// The lease token it was issued under (a site of several instances).
+    pub fence: Option<u64>,
     /// Id.
     pub id: CommandId,
     /// Issue time.
@@ -185,6 +193,8 @@ pub struct CommandRecord {
 #[derive(Debug)]
 pub struct Ledger {
     db: Db,
+    /// Commands are recorded only while this lease token is the site's.
+    fence: Option<lease::Fence>,
     /// Where it was opened (to reopen a connection left in a broken state).
     loc: Option<Location>,
     max_bytes: Option<u64>,
@@ -237,6 +247,7 @@ impl Ledger {
         let db = Db::open(loc)?;
         let mut l = Ledger {
             db,
+            fence: None,
             loc: Some(loc.clone()),
             max_bytes: None,
         };
@@ -278,6 +289,7 @@ impl Ledger {
     /// An in-memory ledger (tests, backtests).
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
         let mut l = Ledger {
+            fence: None,
             db: Db::Sqlite(Connection::open_in_memory()?),
             loc: None,
             max_bytes: None,
@@ -311,6 +323,9 @@ impl Ledger {
         }
         let mut sql = String::from("BEGIN;");
         sql.push_str(SCHEMA);
+        if found == 1 {
+            sql.push_str("ALTER TABLE commands ADD COLUMN fence INTEGER;\n");
+        }
         for t in TABLES {
             for op in ["UPDATE", "DELETE"] {
                 sql.push_str(&format!(
@@ -336,10 +351,18 @@ impl Ledger {
             "SELECT value FROM ledger_meta WHERE key = ?1",
             &[text("schema_version")],
         )?;
+        // The lease is not part of the record: it changes in place.
+        db.batch(lease::LEASES_TABLE)?;
         if let Some(r) = found {
             let found = r.int(0)?;
             if found > SCHEMA_VERSION {
                 return Err(LedgerError::SchemaVersion { found });
+            }
+            if found < SCHEMA_VERSION {
+                // PostgreSQL ledgers began at version 2; nothing to migrate.
+                return Err(LedgerError::Config(format!(
+                    "PostgreSQL ledger schema {found} predates fencing: use a fresh database"
+                )));
             }
             return Ok(());
         }
@@ -459,6 +482,9 @@ impl Ledger {
 
     fn insert_command(&mut self, c: &Command) -> Result<(), LedgerError> {
         let id = i64::try_from(c.id.0).map_err(|_| LedgerError::Corrupt("command id".into()))?;
+        if let Some(f) = &self.fence {
+            return lease::insert_fenced(&mut self.db, f, c, id);
+        }
         self.db.exec(
             "INSERT INTO commands (id, at_ms, miner, surface, action, value, curtail) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -665,7 +691,7 @@ impl Ledger {
     pub fn command(&mut self, id: CommandId) -> Result<Option<CommandRecord>, LedgerError> {
         self.db
             .query_one(
-                "SELECT id, at_ms, miner, action, value, curtail FROM commands WHERE id = ?1",
+                "SELECT id, at_ms, miner, action, value, curtail, fence FROM commands WHERE id = ?1",
                 &[int(id.0 as i64)],
             )?
             .map(|r| command_record(&r))
@@ -730,11 +756,12 @@ impl Ledger {
     }
 }
 
-/// A `commands` row (id, at_ms, miner, action, value, curtail).
+/// A `commands` row (id, at_ms, miner, action, value, curtail, fence).
 pub(crate) fn command_record(r: &Row) -> Result<CommandRecord, LedgerError> {
     let action = r.text(3)?;
     let value = r.opt_int(4)?.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
     Ok(CommandRecord {
+        fence: r.opt_int(6)?.map(|f| f as u64),
         id: CommandId(r.int(0)? as u64),
         at: ts(r.int(1)?),
         miner: MinerId(r.int(2)? as u64),
@@ -756,10 +783,12 @@ pub(crate) fn interval(r: &Row) -> Result<Interval, LedgerError> {
 }
 
 mod db;
+mod lease;
 mod location;
 mod postgres;
 mod query;
 pub(crate) use db::{Db, Dialect, Row, Val};
+pub use lease::Lease;
 pub use location::{Location, PgLocation};
 pub use query::read_mv_input;
 

@@ -67,7 +67,7 @@ impl Audit {
         let ts = |v: i64| Timestamp::from_millis(u64::try_from(v).unwrap_or(0));
         let commands = db
             .query(
-                "SELECT id, at_ms, miner, action, value, curtail FROM commands ORDER BY id",
+                "SELECT id, at_ms, miner, action, value, curtail, fence FROM commands ORDER BY id",
                 &[],
             )?
             .iter()

@@ -126,10 +126,20 @@ fn committed(w: Write, hook: &Option<CommitHook>) {
     }
 }
 
+/// Tell the waiting sender that `w` was refused for good (fenced: another
+/// instance holds the site's lease); nothing retries it.
+fn refused(w: Write, e: &LedgerError) {
+    tracing::error!(error = %e, "ledger refused a record");
+    if let Some(done) = w.done {
+        let _ = done.send(Err(e.to_string()));
+    }
+}
+
 /// Write what can be written of `batch`: whole if the store takes it;
 /// otherwise (a full disk or the size guard may refuse the whole batch
-/// where its first records still fit) one record at a time until one
-/// fails. Returns the first error; `batch` keeps what was not written.
+/// where its first records still fit, a fenced command fails only itself)
+/// one record at a time until one fails. Returns the first error to retry;
+/// `batch` keeps what was not written.
 fn write_some(
     ledger: &mut Ledger,
     batch: &mut std::collections::VecDeque<Write>,
@@ -142,13 +152,30 @@ fn write_some(
         }
         return Ok(());
     }
-    if batch.len() == 1 {
-        return whole;
+    if let (Err(e), 1) = (whole, batch.len()) {
+        // A lone record that just failed is not written twice in a row.
+        if matches!(e, LedgerError::Fenced(_)) {
+            if let Some(w) = batch.pop_front() {
+                refused(w, &e);
+            }
+            return Ok(());
+        }
+        return Err(e);
     }
     while let Some(w) = batch.front() {
-        write_one(ledger, &w.record)?;
-        let w = batch.pop_front().expect("front exists");
-        committed(w, hook);
+        match write_one(ledger, &w.record) {
+            Ok(()) => {
+                if let Some(w) = batch.pop_front() {
+                    committed(w, hook);
+                }
+            }
+            Err(e @ LedgerError::Fenced(_)) => {
+                if let Some(w) = batch.pop_front() {
+                    refused(w, &e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -158,11 +158,15 @@ impl Db {
 
     /// Run one statement.
     pub(crate) fn exec(&mut self, sql: &str, p: &[Val<'_>]) -> Result<(), LedgerError> {
+        self.exec_count(sql, p).map(|_| ())
+    }
+
+    /// Run one statement; the number of rows it changed.
+    pub(crate) fn exec_count(&mut self, sql: &str, p: &[Val<'_>]) -> Result<u64, LedgerError> {
         match self {
             Db::Sqlite(c) => {
-                c.prepare_cached(sql)?
-                    .execute(rusqlite::params_from_iter(p.iter()))?;
-                Ok(())
+                Ok(c.prepare_cached(sql)?
+                    .execute(rusqlite::params_from_iter(p.iter()))? as u64)
             }
             Db::Postgres(pg) => pg.exec(sql, p),
         }

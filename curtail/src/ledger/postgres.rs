@@ -161,7 +161,7 @@ impl Pg {
         r.map(|_| ()).map_err(|e| self.fail(e))
     }
 
-    pub(crate) fn exec(&mut self, sql: &str, p: &[Val<'_>]) -> Result<(), LedgerError> {
+    pub(crate) fn exec(&mut self, sql: &str, p: &[Val<'_>]) -> Result<u64, LedgerError> {
         self.ensure()?;
         let sql = dollars(sql);
         let conn = self.conn.as_mut().expect("connected");
@@ -169,7 +169,7 @@ impl Pg {
             self.rt.as_ref().expect("runtime lives until drop"),
             bind(sqlx::query(&sql), p).execute(conn),
         );
-        r.map(|_| ()).map_err(|e| self.fail(e))
+        r.map(|d| d.rows_affected()).map_err(|e| self.fail(e))
     }
 
     pub(crate) fn query(&mut self, sql: &str, p: &[Val<'_>]) -> Result<Vec<Row>, LedgerError> {

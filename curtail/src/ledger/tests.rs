@@ -417,3 +417,37 @@ fn a_batch_commits_all_or_none() {
     l.integrity_check().unwrap();
     assert!(l.command(CommandId(4)).unwrap().is_some());
 }
+
+/// A version-1 file (before `commands.fence`) opens, gains the column, and
+/// keeps its rows.
+#[test]
+fn a_version_1_file_gains_the_fence_column() {
+    let dir = TempDir::new("v1");
+    {
+        let c = rusqlite::Connection::open(dir.db()).unwrap();
+        c.execute_batch(
+            "CREATE TABLE commands (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, \
+             miner INTEGER NOT NULL, surface TEXT NOT NULL, action TEXT NOT NULL, \
+             value INTEGER, curtail INTEGER NOT NULL);
+             INSERT INTO commands VALUES (1, 1000, 7, 'braiins_os', 'sleep', NULL, 1);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let mut l = Ledger::open(dir.db()).unwrap();
+    let c = l.command(CommandId(1)).unwrap().unwrap();
+    assert_eq!(
+        (c.miner, c.action, c.fence),
+        (MinerId(7), Action::Sleep, None)
+    );
+    l.record_command(&cmd(2, 2, Action::Wake, false)).unwrap();
+    let v: i64 = l
+        .sqlite()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    drop(l);
+    // And again: the migration runs once.
+    let mut l = Ledger::open(dir.db()).unwrap();
+    assert_eq!(l.recover().unwrap().next_command_id, 3);
+}

@@ -240,3 +240,90 @@ fn a_postgres_restart_is_a_ledger_fault_that_heals() {
     let ids: Vec<u64> = a.commands.iter().map(|c| c.id.0).collect();
     assert_eq!(ids, vec![1, 2]);
 }
+
+/// The site lease and fencing (issue 19, part 3, ledger side): one holder
+/// at a time, a new token per grant, and a holder whose lease lapsed (a
+/// paused process) cannot record a command, so it cannot send one.
+#[test]
+fn one_lease_holder_at_a_time_and_a_lapsed_holder_is_fenced() {
+    let pg = PgCluster::start("lease", "ledger");
+    let loc = pg_location(&pg);
+    let mut a = Ledger::connect(&loc).unwrap();
+    let mut b = Ledger::connect(&loc).unwrap();
+    let ttl = Duration::from_millis(1500);
+
+    let la = a
+        .acquire_lease("site-1", "a", ttl)
+        .unwrap()
+        .expect("free lease");
+    assert!(
+        b.acquire_lease("site-1", "b", ttl).unwrap().is_none(),
+        "held by a"
+    );
+    // Another site's lease is its own.
+    assert!(b.acquire_lease("site-2", "b", ttl).unwrap().is_some());
+    a.fence(&la).unwrap();
+    a.record_command(&cmd(1, 1, Action::Sleep, true)).unwrap();
+    let mut renewed = la.clone();
+    assert!(a.renew_lease(&mut renewed, ttl).unwrap());
+    assert_eq!(renewed.token, la.token, "a renewal keeps the token");
+
+    // a stops renewing (paused): b takes over once the server says the
+    // lease expired, with the next token.
+    let t0 = Instant::now();
+    let lb = loop {
+        if let Some(l) = b.acquire_lease("site-1", "b", ttl).unwrap() {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "lease never lapsed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(lb.token, la.token + 1);
+    assert!(
+        Instant::now() >= renewed.valid_until,
+        "a's own deadline passed too"
+    );
+
+    // a wakes up: its command is refused, its renewal too.
+    let e = a
+        .record_command(&cmd(2, 2, Action::Sleep, true))
+        .unwrap_err();
+    assert!(matches!(e, curtail::ledger::LedgerError::Fenced(_)), "{e}");
+    assert!(!a.renew_lease(&mut renewed, ttl).unwrap());
+
+    // b follows the ledger and goes on from it.
+    let resume = b.recover().unwrap();
+    assert_eq!(resume.next_command_id, 2, "a's refused command left no gap");
+    assert_eq!(resume.curtailed.len(), 1, "b knows miner 1 is asleep");
+    b.fence(&lb).unwrap();
+    b.record_commands(&[
+        cmd(2, 2, Action::Sleep, true),
+        cmd(3, 3, Action::Park, true),
+    ])
+    .unwrap();
+
+    let audit = Audit::read(&loc).unwrap();
+    let got: Vec<(u64, Option<u64>)> = audit.commands.iter().map(|c| (c.id.0, c.fence)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, Some(la.token)),
+            (2, Some(lb.token)),
+            (3, Some(lb.token))
+        ]
+    );
+
+    // A clean stop hands the lease over at once.
+    b.release_lease(&lb).unwrap();
+    let again = a
+        .acquire_lease("site-1", "a", ttl)
+        .unwrap()
+        .expect("released");
+    assert_eq!(again.token, lb.token + 1);
+
+    // SQLite has no lease: one instance, one file.
+    let dir = temp_dir("ledger-lease");
+    let mut s = Ledger::open(dir.join("l.sqlite")).unwrap();
+    assert!(s.acquire_lease("site-1", "a", ttl).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
