@@ -6,7 +6,7 @@ use crate::api::{self, ApiServer};
 use crate::config::Config;
 use crate::reload::Reloader;
 use crate::site::handle::SiteHandle;
-use crate::site::{self, RunningSite};
+use crate::site::{self, SiteRun};
 use gridproxy_proxy::Proxy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,7 +30,7 @@ pub struct App {
     /// The control API, when `[api] listen` is set.
     pub api: Option<ApiServer>,
     /// The curtailment engine and its sources, when `[site]` is set.
-    pub site: Option<RunningSite>,
+    pub site: Option<SiteRun>,
     /// The site view the API serves.
     pub site_handle: Arc<SiteHandle>,
     /// Hot reload.
@@ -84,17 +84,23 @@ impl App {
         let mut running = None;
         if let Some(s) = &site_cfg {
             let latency = api.as_ref().map(|a| a.metrics.latency_sink());
-            let r = site::start(
-                s,
-                proxy.ctx.router.clone(),
-                site_handle.clone(),
-                latency,
-                stop.clone(),
-            )
-            .await;
+            let router = proxy.ctx.router.clone();
+            let r = match &s.lease {
+                Some(l) => {
+                    site::lease::supervise(s, l, router, site_handle.clone(), latency, stop.clone())
+                        .await
+                        .map(|(r, line)| (SiteRun::Leased(r), vec![line]))
+                }
+                None => site::start(s, router, site_handle.clone(), latency, stop.clone(), None)
+                    .await
+                    .map(|r| {
+                        let lines = r.started.clone();
+                        (SiteRun::Direct(r), lines)
+                    }),
+            };
             match r {
-                Ok(r) => {
-                    started.extend(r.started.iter().cloned());
+                Ok((r, lines)) => {
+                    started.extend(lines);
                     running = Some(r);
                 }
                 Err(e) => return fail(proxy, e.context("[site]")).await,

@@ -625,7 +625,7 @@ async fn run(cfg: Config, path: PathBuf, status_every: u64) -> anyhow::Result<()
     if let Some(s) = &app.site {
         println!(
             "gridproxy: stopping the curtailment engine after the drain (ledger {})",
-            s.ledger
+            s.ledger()
         );
     }
     let proxy = app.proxy.clone();

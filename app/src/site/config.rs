@@ -585,6 +585,10 @@ pub struct SiteConfig {
     /// write that would is a ledger fault, as a full disk is).
     #[serde(default)]
     pub ledger_max_mib: Option<u64>,
+    /// Active/standby with the other instances sharing this (PostgreSQL)
+    /// ledger: only the holder of the site lease runs the engine.
+    #[serde(default)]
+    pub lease: Option<LeaseConfig>,
     /// Bound on each firmware API operation, milliseconds.
     #[serde(default = "d_5000")]
     pub client_timeout_ms: u64,
@@ -597,6 +601,33 @@ pub struct SiteConfig {
 }
 
 /// The serde defaults above: `name: type = value` gives `fn name() -> type`.
+/// `[site.lease]`: several instances, one acting.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// The site all instances share (one lease per site).
+    pub site_id: String,
+    /// This instance's name (unique among them); default: host name and pid.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// How long a lease lasts unrenewed, seconds: a standby takes over
+    /// within this of the active instance dying. Renewed every third.
+    #[serde(default = "d_10")]
+    pub secs: u64,
+}
+
+impl LeaseConfig {
+    /// This instance's name.
+    pub fn instance_name(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "gridproxy".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
 macro_rules! defaults {
     ($($name:ident: $t:ty = $v:expr;)*) => {
         $(fn $name() -> $t {
@@ -754,6 +785,19 @@ impl SiteConfig {
                      bounds its own disk",
                 ));
             }
+            if let Some(l) = &self.lease {
+                if l.site_id.trim().is_empty() {
+                    return Err(bad_site("lease.site_id", "give the site's name"));
+                }
+                if !(3..=3600).contains(&l.secs) {
+                    return Err(bad_site("lease.secs", "must be 3..=3600"));
+                }
+            }
+        } else if self.lease.is_some() {
+            return Err(bad_site(
+                "lease",
+                "instances share a site through a PostgreSQL ledger (ledger = \"postgres://…\")",
+            ));
         } else if self.ledger_password_file.is_some() {
             return Err(bad_site(
                 "ledger_password_file",
@@ -1394,6 +1438,37 @@ mod tests {
         assert!(p.economics.is_none());
         assert!(p.staleness.dispatch.is_none());
         assert_eq!(s.fleet().unwrap().nominal_kw(), 3.0);
+    }
+
+    #[test]
+    fn a_postgres_ledger_and_its_lease() {
+        let pg = "[site]\nledger = \"postgres://gridproxy@127.0.0.1:5432/site\"\n";
+        let lease = "[site.lease]\nsite_id = \"s1\"\ninstance = \"a\"\n";
+        let c = parse(&format!("{pg}{lease}\n{MINER}")).unwrap();
+        let s = c.site.unwrap();
+        assert!(s.ledger_is_postgres());
+        assert_eq!(s.lease.as_ref().map(|l| l.secs), Some(10));
+        assert_eq!(s.lease.unwrap().instance_name(), "a");
+        // The URL is not a path: not joined to the config's folder.
+        let mut s2 = parse(&format!("{pg}\n{MINER}")).unwrap().site.unwrap();
+        s2.resolve_paths(std::path::Path::new("/etc/gridproxy"));
+        assert!(s2.ledger.to_str().unwrap().starts_with("postgres://"));
+        // A lease needs a shared (PostgreSQL) ledger; a size guard does not
+        // apply to one; a password in the URL is refused.
+        let e = parse(&format!("[site]\nledger = \"l.sqlite\"\n{lease}\n{MINER}")).unwrap_err();
+        assert!(e.contains("lease") && e.contains("PostgreSQL"), "{e}");
+        let e = parse(&format!("{pg}ledger_max_mib = 5\n\n{MINER}")).unwrap_err();
+        assert!(e.contains("ledger_max_mib"), "{e}");
+        let e = parse(&format!(
+            "[site]\nledger = \"postgres://u:hunter2@db/site\"\n\n{MINER}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("password") && !e.contains("hunter2"), "{e}");
+        let e = parse(&format!(
+            "{pg}[site.lease]\nsite_id = \"s1\"\nsecs = 1\n\n{MINER}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("lease.secs"), "{e}");
     }
 
     #[test]

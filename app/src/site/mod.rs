@@ -34,15 +34,43 @@
 //!
 //! - [`config`]: the section's schema and validation.
 //! - [`start`]: wiring it up and running it ([`start::start`], [`start::RunningSite`]).
+//! - [`lease`]: active/standby among instances sharing a PostgreSQL ledger.
 //! - [`park`]: the engine's hand on the proxy (park, unpark, reroute).
 //! - [`view`]: the site view, built from the driver's status.
 //! - [`handle`]: the site view's types and the handle the control API reads it through.
 
 pub mod config;
 pub mod handle;
+pub mod lease;
 pub mod park;
 pub mod start;
 pub mod view;
 
 pub use config::{miner_id, SiteConfig};
 pub use start::{start, RunningSite};
+
+/// The site as started: run by this instance, or under the site lease.
+pub enum SiteRun {
+    /// This instance runs the engine.
+    Direct(RunningSite),
+    /// The instance holding the site lease runs it.
+    Leased(lease::LeasedSite),
+}
+
+impl SiteRun {
+    /// The ledger.
+    pub fn ledger(&self) -> &gridproxy_curtail::ledger::Location {
+        match self {
+            SiteRun::Direct(r) => &r.ledger,
+            SiteRun::Leased(l) => &l.ledger,
+        }
+    }
+
+    /// Stop (answers to commands in flight awaited; a lease given up).
+    pub async fn stop(self) {
+        match self {
+            SiteRun::Direct(r) => r.stop().await,
+            SiteRun::Leased(l) => l.stop().await,
+        }
+    }
+}

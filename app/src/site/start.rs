@@ -202,6 +202,7 @@ pub async fn start(
     site: Arc<SiteHandle>,
     latency: Option<LatencySink>,
     shutdown: CancellationToken,
+    fence: Option<curtail::ledger::Lease>,
 ) -> anyhow::Result<RunningSite> {
     let stop = shutdown.child_token();
     let fleet = cfg
@@ -269,6 +270,7 @@ pub async fn start(
         ledger_fault_timeout: Duration::from_secs(cfg.ledger_fault_secs),
         on_ledger_fault: cfg.on_ledger_fault.safe_state(),
         ledger_max_bytes: cfg.ledger_max_mib.map(|m| m.saturating_mul(1 << 20)),
+        fence,
         commit_hook: Some(hook(
             tracker.clone(),
             site.clone(),

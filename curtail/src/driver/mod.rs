@@ -121,6 +121,10 @@ pub struct DriverConfig {
     /// Size guard: the ledger file may not grow past this many bytes (a
     /// write that would is a ledger fault, as a full disk is).
     pub ledger_max_bytes: Option<u64>,
+    /// Record commands only under this site lease's token (instances
+    /// sharing a PostgreSQL ledger): once another instance holds the lease,
+    /// the next command is refused and the driver stops.
+    pub fence: Option<crate::ledger::Lease>,
 }
 
 impl Default for DriverConfig {
@@ -136,6 +140,7 @@ impl Default for DriverConfig {
             ledger_fault_timeout: Duration::from_secs(60),
             on_ledger_fault: crate::policy::SafeState::HoldLast,
             ledger_max_bytes: None,
+            fence: None,
         }
     }
 }
@@ -313,6 +318,9 @@ where
 
     if let Some(max) = cfg.ledger_max_bytes {
         ledger.set_max_bytes(max)?;
+    }
+    if let Some(lease) = &cfg.fence {
+        ledger.fence(lease)?;
     }
     let (ledger_tx, ledger_rx) = mpsc::channel::<Write>(cfg.ledger_queue.max(1));
     let hook = cfg.commit_hook.clone();

@@ -91,8 +91,10 @@ impl Pg {
         }
         // Statements carry settlement data, not secrets, but one log line
         // per record is noise at info level.
+        // NOTICEs ("relation already exists, skipping") are not news.
         opts = opts
             .application_name("gridproxy-ledger")
+            .options([("client_min_messages", "warning")])
             .disable_statement_logging();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

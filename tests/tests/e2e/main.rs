@@ -36,6 +36,7 @@ mod operate_config;
 mod operate_dashboard;
 mod operate_demo;
 mod operate_full_disk;
+mod operate_lease;
 mod operate_metrics;
 mod operate_reload;
 mod operate_restart;

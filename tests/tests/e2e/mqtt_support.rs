@@ -233,6 +233,23 @@ impl Mosquitto {
         )
     }
 
+    /// Publish retained (`-r`) with the right password, QoS 1: what a
+    /// client connecting later receives first.
+    pub fn publish_retained(&self, topic: &str, payload: &str) {
+        let out = Command::new(pub_bin())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-u", USER, "-P", PASSWORD, "-q", "1", "-r", "-t", topic, "-m", payload,
+            ])
+            .output()
+            .expect("run mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -r to {topic} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Publish with the right password; panics if mosquitto_pub fails.
     pub fn publish(&self, topic: &str, payload: &str) {
         let (ok, err) = self.publish_as(PASSWORD, topic, payload);

@@ -36,6 +36,41 @@ fn config(addr: SocketAddr, key: &str, pool_extra: &str, api: bool) -> Config {
     Config::parse(&s, "test").expect("valid test config")
 }
 
+/// After the miners stop: wait until every share gridproxy sent has its
+/// answer and no more are sent (the miners' last shares may still be on
+/// their way when they are told to stop).
+async fn settle(up: &gridproxy_proxy::stats::PoolStats) -> bool {
+    let mut last = u64::MAX;
+    wait_until(Duration::from_secs(10), || {
+        let sent = up.submitted.get();
+        let done = up.accepted.get() + up.rejected.get() >= sent && sent == last;
+        last = sent;
+        done
+    })
+    .await
+}
+
+/// 50 SV1 miners through `proxy` until the pool has acknowledged 20 of
+/// their shares; then they stop and every share sent has its answer.
+async fn twenty_shares(
+    proxy: &gridproxy_proxy::Proxy,
+    pool: &Pool,
+) -> (Arc<gridproxy_proxy::stats::PoolStats>, Arc<MinerStats>) {
+    let (miners, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), 50, "acct.rig", 5_000.0);
+    let up = proxy.ctx.router.pools()[0].stats.clone();
+    assert!(
+        wait_until(Duration::from_secs(60), || up.accepted.get() >= 20).await,
+        "pool acknowledged {} of {} shares; last error {:?}; pool log:\n{}",
+        up.accepted.get(),
+        up.submitted.get(),
+        up.last_error(),
+        pool.process.log_tail(3000)
+    );
+    stop.cancel();
+    assert!(settle(&up).await, "shares still unanswered: {up:?}");
+    (up, miners)
+}
+
 fn pool_env(supported: &str, required: &str) -> PoolOptions {
     let mut env = vec![];
     if !supported.is_empty() {
@@ -66,18 +101,7 @@ async fn pool_sv2_that_requires_0x0002_accepts_it_and_refuses_it_off() {
     let proxy = start_proxy(config(pool.addr, &key, "", false))
         .await
         .unwrap();
-    let (miners, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), 50, "acct.rig", 5_000.0);
-    let up = proxy.ctx.router.pools()[0].stats.clone();
-    assert!(
-        wait_until(Duration::from_secs(60), || up.accepted.get() >= 20).await,
-        "pool acknowledged {} of {} shares; last error {:?}; pool log:\n{}",
-        up.accepted.get(),
-        up.submitted.get(),
-        up.last_error(),
-        pool.process.log_tail(3000)
-    );
-    stop.cancel();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (up, miners) = twenty_shares(&proxy, &pool).await;
     assert!(up.identity_granted());
     assert_eq!(up.identity_negotiations(IdentityNegotiation::Granted), 1);
     assert_eq!(up.rejected.get(), 0, "pool rejects: {:?}", up.reasons());
@@ -148,18 +172,7 @@ async fn pool_sv2_that_supports_0x0002_accepts_gridproxy_with_it_off() {
     let proxy = start_proxy(config(pool.addr, &key, "worker_identity = false", false))
         .await
         .unwrap();
-    let (miners, stop) = start_sv1_miners(proxy.sv1_addr.unwrap(), 50, "acct.rig", 5_000.0);
-    let up = proxy.ctx.router.pools()[0].stats.clone();
-    assert!(
-        wait_until(Duration::from_secs(60), || up.accepted.get() >= 20).await,
-        "pool acknowledged {} of {} shares; last error {:?}; pool log:\n{}",
-        up.accepted.get(),
-        up.submitted.get(),
-        up.last_error(),
-        pool.process.log_tail(3000)
-    );
-    stop.cancel();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (up, miners) = twenty_shares(&proxy, &pool).await;
     assert!(!up.identity_granted());
     assert_eq!(up.identity_negotiations(IdentityNegotiation::Disabled), 1);
     assert_eq!(up.connects.get(), 1);
@@ -223,7 +236,7 @@ async fn per_identity_counts_at_the_pool_equal_per_worker_forwarded_counts() {
         })
         .await
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(settle(&up).await, "shares still unanswered: {up:?}");
 
     let seen = pool.stats();
     assert_eq!(seen.negotiations, vec![(vec![2], Some(vec![2]))]);
