@@ -217,6 +217,10 @@ impl Metrics {
         }
 
         gauge!("gridproxy_site_attached").set(if site.attached { 1.0 } else { 0.0 });
+        if let Some(l) = site.lease {
+            gauge!("gridproxy_site_lease_held").set(if l.held { 1.0 } else { 0.0 });
+            gauge!("gridproxy_site_lease_token").set(l.token as f64);
+        }
         if site.attached {
             gauge!("gridproxy_site_power_watts").set(site.site_kw * 1000.0);
             gauge!("gridproxy_site_target_power_watts")
@@ -427,6 +431,14 @@ fn describe() {
         "gridproxy_ledger_unrecorded_commands_total",
         Unit::Count,
         "Curtailment commands sent without being recorded first (ledger fault engaged)."
+    );
+    describe_gauge!(
+        "gridproxy_site_lease_held",
+        "With [site.lease]: 1 while this instance holds the site lease and runs the engine, 0 in standby."
+    );
+    describe_gauge!(
+        "gridproxy_site_lease_token",
+        "With [site.lease]: the fencing token of the lease this instance holds (0 in standby)."
     );
     describe_gauge!(
         "gridproxy_site_driver_running",

@@ -79,11 +79,23 @@ pub struct LedgerView {
     pub unrecorded_commands: u64,
 }
 
+/// This instance and the site lease (`[site.lease]`).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct LeaseView {
+    /// Whether this instance holds it (and runs the engine).
+    pub held: bool,
+    /// The fencing token held (0 in standby).
+    pub token: u64,
+}
+
 /// The site now.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SiteState {
     /// Whether a curtailment driver publishes this state.
     pub attached: bool,
+    /// With `[site.lease]`: whether this instance holds the site lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseView>,
     /// When it was published, unix ms.
     pub updated_ms: u64,
     /// Measured mining draw, kW.
@@ -237,6 +249,7 @@ pub struct SiteHandle {
     miners: RwLock<Arc<HashMap<String, MinerView>>>,
     control: Mutex<Option<mpsc::Sender<SiteCommand>>>,
     ledger: Mutex<Option<gridproxy_curtail::ledger::Location>>,
+    lease: Mutex<Option<LeaseView>>,
     override_note: Mutex<Option<String>>,
     /// What happened (operator actions, curtailment decisions, events).
     pub log: EventLog,
@@ -294,7 +307,20 @@ impl SiteHandle {
 
     /// The latest state.
     pub fn state(&self) -> Arc<SiteState> {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+        let s = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match *self.lease.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(l) => {
+                let mut s = (*s).clone();
+                s.lease = Some(l);
+                Arc::new(s)
+            }
+            None => s,
+        }
+    }
+
+    /// Say whether this instance holds the site lease (`[site.lease]`).
+    pub fn set_lease(&self, lease: LeaseView) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
     }
 
     /// The latest per-miner view.

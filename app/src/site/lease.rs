@@ -14,7 +14,7 @@ use gridproxy_curtail::ledger::{Lease, Ledger, LedgerError, Location};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{LeaseConfig, SiteConfig};
-use super::handle::SiteHandle;
+use super::handle::{LeaseView, SiteHandle};
 use super::start::{start, LatencySink};
 
 /// The supervisor task of a leased site.
@@ -109,6 +109,7 @@ async fn run(
     let site_id = lease_cfg.site_id.clone();
     loop {
         // Standby until the lease is free.
+        held(&site, None);
         let mut said = false;
         let lease = loop {
             let (s, i) = (site_id.clone(), instance.clone());
@@ -131,6 +132,7 @@ async fn run(
             token = lease.token,
             "site lease acquired: this instance runs the curtailment engine"
         );
+        held(&site, Some(lease.token));
         let running = match start(
             &cfg,
             router.clone(),
@@ -158,6 +160,7 @@ async fn run(
             Held::Stopped(lease) => {
                 running.stop().await;
                 release(&ledger, lease).await;
+                held(&site, None);
                 return;
             }
             Held::Lost(why) => {
@@ -167,6 +170,14 @@ async fn run(
             }
         }
     }
+}
+
+/// Publish whether this instance holds the lease (`/metrics`, `/api/v1/site`).
+fn held(site: &SiteHandle, token: Option<u64>) {
+    site.set_lease(LeaseView {
+        held: token.is_some(),
+        token: token.unwrap_or(0),
+    });
 }
 
 enum Held {

@@ -83,6 +83,7 @@ pub fn build(
         .collect();
     let state = SiteState {
         attached: true,
+        lease: None,
         updated_ms: now_ms(),
         site_kw: st.measured_kw.unwrap_or(measured_w / 1000.0),
         target_kw: st.cap_kw,

@@ -21,7 +21,7 @@ use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
 use gridproxy_tests::bench::{asleep, temp_dir};
 use gridproxy_tests::postgres::PgCluster;
-use gridproxy_tests::{free_addr, wait_until, PeerProcess};
+use gridproxy_tests::{free_addr, http_get, metric_sum, wait_until, PeerProcess};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +53,17 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .unwrap()
         .success());
+}
+
+/// `gridproxy_site_lease_held` from an instance's `/metrics` (absent: a
+/// failure, not a zero).
+async fn lease_held(api: SocketAddr) -> f64 {
+    let text = http_get(api, "/metrics").await.expect("/metrics answers");
+    assert!(
+        text.contains("gridproxy_site_lease_held "),
+        "no lease gauge in /metrics"
+    );
+    metric_sum(&text, "gridproxy_site_lease_held")
 }
 
 struct Instance {
@@ -169,6 +180,8 @@ async fn run(bin: PathBuf, pg: &PgCluster) {
         0,
         "a standby must not subscribe (signals once)"
     );
+    assert_eq!(lease_held(api_a).await, 1.0, "a's /metrics");
+    assert_eq!(lease_held(api_b).await, 0.0, "b's /metrics");
 
     // Dispatch to 0 % (retained, with its time, as a setpoint topic is):
     // A puts the fleet to sleep.
@@ -216,6 +229,11 @@ async fn run(bin: PathBuf, pg: &PgCluster) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(woken, 0, "the handover woke miners");
+    assert_eq!(
+        lease_held(api_b).await,
+        1.0,
+        "b's /metrics after taking over"
+    );
 
     // B acts: a dispatch to 100 % wakes the fleet.
     broker.publish_retained(
