@@ -19,7 +19,7 @@ use gridproxy_curtail::driver::Audit;
 use gridproxy_curtail::ledger::Location;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
 use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
-use gridproxy_tests::bench::{asleep, temp_dir};
+use gridproxy_tests::bench::{asleep, site_kw, temp_dir};
 use gridproxy_tests::postgres::PgCluster;
 use gridproxy_tests::{free_addr, http_get, metric_sum, wait_until, PeerProcess};
 use serde_json::json;
@@ -349,6 +349,218 @@ async fn run(bin: PathBuf, pg: &PgCluster) {
          {} commands under tokens {holders:?}, ids 1..={}, all acknowledged",
         took_over.as_secs_f64(),
         audit.commands.len(),
+        audit.commands.len()
+    );
+    drop(site);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The issue's field case: 100 emulated miners whose SV1 firmware lists
+/// both instances as pools; an MQTT dispatch to 40 % is met by the holder;
+/// it is SIGKILLed mid-event; the standby takes the lease within the term,
+/// wakes none of the miners asleep at the kill, keeps the site within ±2 %
+/// of the target from the takeover on, and the miners that hashed through
+/// the dead instance fail over to the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_is_held_through_a_sigkill_of_the_active_instance() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let bin = gridproxy_bin();
+    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-100", "site_ledger"))
+        .await
+        .expect("postgres");
+    tokio::time::timeout(Duration::from_secs(240), held_through_kill(bin, &pg))
+        .await
+        .expect("test finished in time");
+}
+
+async fn held_through_kill(bin: PathBuf, pg: &PgCluster) {
+    let broker = Mosquitto::start("lease-100").await;
+    let rec = Recorder::start(broker.port, "lease-100-recorder", &[ACK]);
+    let stop = CancellationToken::new();
+    let _stop_guard = stop.clone().drop_guard();
+    let pool = sv1_pool::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        Sv1PoolConfig {
+            name: "pool".into(),
+            difficulty: 1.0 / (1u64 << 22) as f64,
+            job_interval: Duration::from_secs(10),
+            block_interval: Duration::from_secs(60),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("fixture pool");
+    let (sv1_a, api_a, sv1_b, api_b): (SocketAddr, _, SocketAddr, _) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let site = Site::start(SiteConfig {
+        counts: vec![
+            (Firmware::LuxOs, 25),
+            (Firmware::BraiinsOs, 25),
+            (Firmware::Whatsminer, 25),
+            (Firmware::Vnish, 25),
+        ],
+        time_scale: 0.1,
+        subnet: (78, 0),
+        password: "site-secret-pw".into(),
+        worker_prefix: "field".into(),
+        pool: Some(sv1_a),
+        backup_pools: vec![sv1_b],
+        sv1_hashrate: 50.0,
+        follow_every: Duration::from_millis(100),
+        sv1_backoff_max: Duration::from_millis(500),
+        ..SiteConfig::default()
+    })
+    .await
+    .expect("emulators start");
+    let n = site.len();
+    let nominal_kw = site.nominal_w() / 1000.0;
+    let dir = temp_dir("operate-lease-100");
+    let a = Instance::write(
+        &dir,
+        "a",
+        config_text(pool.addr(), sv1_a, api_a, &site, broker.port),
+        pg,
+    );
+    let b = Instance::write(
+        &dir,
+        "b",
+        config_text(pool.addr(), sv1_b, api_b, &site, broker.port),
+        pg,
+    );
+    let pa = a.start(&bin, "lease100-a", pg);
+    let mut pb = b.start(&bin, "lease100-b", pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            pa.count_in_log("MQTT dispatch: broker") == 1 && pb.count_in_log("standby") == 1
+        })
+        .await,
+        "a active and b standby:\n{}\n{}",
+        pa.log_tail(2000),
+        pb.log_tail(2000)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || site.sv1_running() == n).await,
+        "{} of {n} SV1 miners hashing through a",
+        site.sv1_running()
+    );
+
+    // 40 %: met by a.
+    let target = 0.4 * nominal_kw;
+    let within = |kw: f64| (kw - target).abs() <= 0.02 * target;
+    broker.publish_retained(
+        DISPATCH,
+        &json!({"id": "d-40", "target_pct": 40, "ts": now_secs()}).to_string(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || rec.ack(ACK, "d-40").is_some()).await,
+        "no ack for d-40"
+    );
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(90), || within(site_kw(&site))).await,
+        "40 % ({target:.1} kW) not met: {:.1} kW",
+        site_kw(&site)
+    );
+    let met = t0.elapsed();
+    // Settled: a few seconds inside the band.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(3) {
+        assert!(
+            within(site_kw(&site)),
+            "left the band: {:.1} kW",
+            site_kw(&site)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asleep_at_kill: Vec<usize> = site
+        .miners()
+        .iter()
+        .filter(|m| asleep(m))
+        .map(|m| m.index)
+        .collect();
+    assert!(!asleep_at_kill.is_empty());
+
+    // SIGKILL a mid-event.
+    let killed = Instant::now();
+    signal(pa.pid(), "KILL");
+    let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+    let mut woken = std::collections::BTreeSet::new();
+    let mut sample = |lo: &mut f64, hi: &mut f64| {
+        let kw = site_kw(&site);
+        *lo = lo.min(kw);
+        *hi = hi.max(kw);
+        for m in site.miners() {
+            if asleep_at_kill.contains(&m.index) && !asleep(m) {
+                woken.insert(m.index);
+            }
+        }
+    };
+    let took_over = loop {
+        sample(&mut lo, &mut hi);
+        if pb.count_in_log("site lease acquired") > 0 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(LEASE_SECS * 4),
+            "b did not take over:\n{}",
+            pb.log_tail(3000)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // From the takeover on: 10 s inside the band, nobody woken.
+    let (mut tlo, mut thi) = (f64::MAX, f64::MIN);
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(10) {
+        sample(&mut tlo, &mut thi);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(woken.is_empty(), "the handover woke miners {woken:?}");
+    assert!(
+        within(tlo) && within(thi),
+        "site left ±2 % of {target:.1} kW after the takeover: {tlo:.1}..{thi:.1} kW"
+    );
+    // The miners that hashed through a now hash through b.
+    let awake = n - site.miners().iter().filter(|m| asleep(m)).count();
+    let on_b = || async {
+        let text = http_get(api_b, "/metrics").await.unwrap_or_default();
+        metric_sum(&text, "gridproxy_pool_miners") as usize
+    };
+    let t_fail = Instant::now();
+    let mut seen = 0;
+    while t_fail.elapsed() < Duration::from_secs(30) {
+        seen = on_b().await;
+        if seen == awake {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(seen, awake, "miners hashing through b");
+
+    signal(pb.pid(), "INT");
+    assert!(wait_until(Duration::from_secs(20), || !pb.is_running()).await);
+    let loc = Location::parse(&pg.url())
+        .unwrap()
+        .with_password(Some(pg.password.clone()));
+    let audit = Audit::read(&loc).expect("ledger");
+    let ids: Vec<u64> = audit.commands.iter().map(|c| c.id.0).collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "gapless ids"
+    );
+    let mut tokens: Vec<u64> = audit.commands.iter().filter_map(|c| c.fence).collect();
+    assert_eq!(tokens.len(), ids.len(), "every command carries its token");
+    tokens.dedup();
+    assert_eq!(tokens[0], 1, "a's token");
+    println!(
+        "operate_lease (100 miners, {nominal_kw:.0} kW): 40 % = {target:.1} kW met in {:.1} s; \
+         SIGKILL -> b active in {:.2} s (lease {LEASE_SECS} s); during takeover {lo:.1}..{hi:.1} kW, \
+         after it {tlo:.1}..{thi:.1} kW (band ±2 %), 0 of {} sleeping miners woken; \
+         {awake} hashing miners on b; {} commands, tokens {tokens:?}",
+        met.as_secs_f64(),
+        took_over.as_secs_f64(),
+        asleep_at_kill.len(),
         audit.commands.len()
     );
     drop(site);
