@@ -14,11 +14,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::mqtt_support::{Mosquitto, Recorder, PASSWORD};
-use crate::operate_site::{config_text, gridproxy_bin, DISPATCH};
+use crate::operate_site::{config_text, gridproxy_bin, site_pool, DISPATCH};
 use gridproxy_curtail::driver::Audit;
 use gridproxy_curtail::ledger::Location;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
-use gridproxy_fixtures::sv1_pool::{self, Sv1PoolConfig};
+use gridproxy_fixtures::sv1_pool;
 use gridproxy_tests::bench::{asleep, site_kw, temp_dir};
 use gridproxy_tests::postgres::PgCluster;
 use gridproxy_tests::{free_addr, http_get, metric_sum, wait_until, PeerProcess};
@@ -100,61 +100,109 @@ impl Instance {
     }
 }
 
+/// What both tests start: mosquitto and a recorder of acks, the fixture
+/// pool, an emulated site of `per_firmware` LuxOS, Braiins OS, Whatsminer
+/// and VNish miners whose SV1 firmware mines through instance a, and the
+/// configs of instances a and b (same site, same ledger, same lease).
+/// Bind every field (`_stop`, `_pool` too): fields a destructuring leaves
+/// out are dropped at once, which would stop the pool.
+struct Stage {
+    broker: Mosquitto,
+    rec: Recorder,
+    _stop: tokio_util::sync::DropGuard,
+    _pool: sv1_pool::Sv1Pool,
+    site: Site,
+    dir: PathBuf,
+    a: Instance,
+    b: Instance,
+    api_a: SocketAddr,
+    api_b: SocketAddr,
+}
+
+impl Stage {
+    /// `failover_hashrate`: the SV1 miners list b as their backup pool and
+    /// hash at this rate (H/s); `None`: a only, at 200 H/s.
+    async fn start(
+        pg: &PgCluster,
+        name: &str,
+        per_firmware: usize,
+        subnet: (u8, u8),
+        failover_hashrate: Option<f64>,
+    ) -> Stage {
+        let broker = Mosquitto::start(&format!("{name}-site")).await;
+        let rec = Recorder::start(broker.port, &format!("{name}-site-recorder"), &[ACK]);
+        let stop = CancellationToken::new();
+        let pool = site_pool(&stop).await;
+        let (sv1_a, api_a, sv1_b, api_b): (SocketAddr, _, SocketAddr, _) =
+            (free_addr(), free_addr(), free_addr(), free_addr());
+        let mut cfg = SiteConfig {
+            counts: [
+                Firmware::LuxOs,
+                Firmware::BraiinsOs,
+                Firmware::Whatsminer,
+                Firmware::Vnish,
+            ]
+            .map(|f| (f, per_firmware))
+            .to_vec(),
+            time_scale: 0.1,
+            subnet,
+            password: "site-secret-pw".into(),
+            worker_prefix: name.into(),
+            pool: Some(sv1_a),
+            sv1_hashrate: 200.0,
+            follow_every: Duration::from_millis(100),
+            ..SiteConfig::default()
+        };
+        if let Some(h) = failover_hashrate {
+            cfg.backup_pools = vec![sv1_b];
+            cfg.sv1_hashrate = h;
+            cfg.sv1_backoff_max = Duration::from_millis(500);
+        }
+        let site = Site::start(cfg).await.expect("emulators start");
+        let dir = temp_dir(&format!("operate-{name}"));
+        let a = Instance::write(
+            &dir,
+            "a",
+            config_text(pool.addr(), sv1_a, api_a, &site, broker.port),
+            pg,
+        );
+        let b = Instance::write(
+            &dir,
+            "b",
+            config_text(pool.addr(), sv1_b, api_b, &site, broker.port),
+            pg,
+        );
+        Stage {
+            broker,
+            rec,
+            _stop: stop.drop_guard(),
+            _pool: pool,
+            site,
+            dir,
+            a,
+            b,
+            api_a,
+            api_b,
+        }
+    }
+}
+
 async fn run(bin: PathBuf, pg: &PgCluster) {
-    let broker = Mosquitto::start("lease-site").await;
-    let rec = Recorder::start(broker.port, "lease-site-recorder", &[ACK]);
-    let stop = CancellationToken::new();
-    let _stop_guard = stop.clone().drop_guard();
-    let pool = sv1_pool::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        Sv1PoolConfig {
-            name: "pool".into(),
-            difficulty: 1.0 / (1u64 << 22) as f64,
-            job_interval: Duration::from_secs(10),
-            block_interval: Duration::from_secs(60),
-            ..Default::default()
-        },
-        stop.clone(),
-    )
-    .await
-    .expect("fixture pool");
-    let (sv1_a, api_a, sv1_b, api_b): (SocketAddr, _, SocketAddr, _) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
     // Firmware-controlled miners only: they sleep whichever instance
     // commands them (parking acts on the proxy a miner is connected to).
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 2),
-            (Firmware::BraiinsOs, 2),
-            (Firmware::Whatsminer, 2),
-            (Firmware::Vnish, 2),
-        ],
-        time_scale: 0.1,
-        subnet: (77, 0),
-        password: "site-secret-pw".into(),
-        worker_prefix: "lease".into(),
-        pool: Some(sv1_a),
-        sv1_hashrate: 200.0,
-        follow_every: Duration::from_millis(100),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("emulators start");
+    let Stage {
+        broker,
+        rec,
+        site,
+        dir,
+        a,
+        b,
+        api_a,
+        api_b,
+        _stop: _keep_stop,
+        _pool: _keep_pool,
+    } = Stage::start(pg, "lease", 2, (77, 0), None).await;
     let n = site.len();
-    let dir = temp_dir("operate-lease");
-    let a = Instance::write(
-        &dir,
-        "a",
-        config_text(pool.addr(), sv1_a, api_a, &site, broker.port),
-        pg,
-    );
-    let b = Instance::write(
-        &dir,
-        "b",
-        config_text(pool.addr(), sv1_b, api_b, &site, broker.port),
-        pg,
-    );
-
     // A takes the lease; B waits.
     let mut pa = a.start(&bin, "lease-a", pg);
     assert!(
@@ -374,60 +422,20 @@ async fn a_dispatch_is_held_through_a_sigkill_of_the_active_instance() {
 }
 
 async fn held_through_kill(bin: PathBuf, pg: &PgCluster) {
-    let broker = Mosquitto::start("lease-100").await;
-    let rec = Recorder::start(broker.port, "lease-100-recorder", &[ACK]);
-    let stop = CancellationToken::new();
-    let _stop_guard = stop.clone().drop_guard();
-    let pool = sv1_pool::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        Sv1PoolConfig {
-            name: "pool".into(),
-            difficulty: 1.0 / (1u64 << 22) as f64,
-            job_interval: Duration::from_secs(10),
-            block_interval: Duration::from_secs(60),
-            ..Default::default()
-        },
-        stop.clone(),
-    )
-    .await
-    .expect("fixture pool");
-    let (sv1_a, api_a, sv1_b, api_b): (SocketAddr, _, SocketAddr, _) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
-    let site = Site::start(SiteConfig {
-        counts: vec![
-            (Firmware::LuxOs, 25),
-            (Firmware::BraiinsOs, 25),
-            (Firmware::Whatsminer, 25),
-            (Firmware::Vnish, 25),
-        ],
-        time_scale: 0.1,
-        subnet: (78, 0),
-        password: "site-secret-pw".into(),
-        worker_prefix: "field".into(),
-        pool: Some(sv1_a),
-        backup_pools: vec![sv1_b],
-        sv1_hashrate: 50.0,
-        follow_every: Duration::from_millis(100),
-        sv1_backoff_max: Duration::from_millis(500),
-        ..SiteConfig::default()
-    })
-    .await
-    .expect("emulators start");
+    let Stage {
+        broker,
+        rec,
+        site,
+        dir,
+        a,
+        b,
+        api_b,
+        _stop: _keep_stop,
+        _pool: _keep_pool,
+        ..
+    } = Stage::start(pg, "field", 25, (78, 0), Some(50.0)).await;
     let n = site.len();
     let nominal_kw = site.nominal_w() / 1000.0;
-    let dir = temp_dir("operate-lease-100");
-    let a = Instance::write(
-        &dir,
-        "a",
-        config_text(pool.addr(), sv1_a, api_a, &site, broker.port),
-        pg,
-    );
-    let b = Instance::write(
-        &dir,
-        "b",
-        config_text(pool.addr(), sv1_b, api_b, &site, broker.port),
-        pg,
-    );
     let pa = a.start(&bin, "lease100-a", pg);
     let mut pb = b.start(&bin, "lease100-b", pg);
     assert!(

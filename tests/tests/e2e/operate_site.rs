@@ -165,6 +165,24 @@ keepalive_secs = 5
     s
 }
 
+/// The fixture SV1 pool the site tests mine on: easy shares, a job every
+/// 10 s, a block a minute; stopped with `stop`.
+pub(crate) async fn site_pool(stop: &CancellationToken) -> sv1_pool::Sv1Pool {
+    sv1_pool::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        Sv1PoolConfig {
+            name: "pool".into(),
+            difficulty: 1.0 / (1u64 << 22) as f64,
+            job_interval: Duration::from_secs(10),
+            block_interval: Duration::from_secs(60),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("fixture pool")
+}
+
 /// One `[[site.miners]]` table per emulator of `site` (named `m<index>`).
 pub(crate) fn site_miners_toml(site: &Site) -> String {
     let mut s = String::new();
@@ -286,19 +304,7 @@ async fn run(bin: PathBuf, pg: Option<&PgCluster>) {
     let rec = Recorder::start(broker.port, "operate-site-recorder", &[ACK, STATUS]);
     let pools_stop = CancellationToken::new();
     let _pools_guard = pools_stop.clone().drop_guard();
-    let pool = sv1_pool::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        Sv1PoolConfig {
-            name: "pool".into(),
-            difficulty: 1.0 / (1u64 << 22) as f64,
-            job_interval: Duration::from_secs(10),
-            block_interval: Duration::from_secs(60),
-            ..Default::default()
-        },
-        pools_stop.clone(),
-    )
-    .await
-    .expect("fixture pool");
+    let pool = site_pool(&pools_stop).await;
     let sv1 = free_addr();
     let api = free_addr();
     let site = Site::start(SiteConfig {
