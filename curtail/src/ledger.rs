@@ -788,7 +788,7 @@ mod location;
 mod postgres;
 mod query;
 pub(crate) use db::{Db, Dialect, Row, Val};
-pub use lease::Lease;
+pub use lease::{Deadline, Lease};
 pub use location::{Location, PgLocation};
 pub use query::read_mv_input;
 

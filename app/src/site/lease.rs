@@ -6,11 +6,14 @@
 //! which miners are curtailed, so none is woken by the handover. The
 //! engine records commands under its lease token (fencing): once another
 //! instance holds the lease, its next command is refused and never sent.
+//! A command recorded just before a pause that outlasts the lease is not
+//! sent either: the driver checks this instance's own deadline (moved by
+//! each renewal) between record and send.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gridproxy_curtail::ledger::{Lease, Ledger, LedgerError, Location};
+use gridproxy_curtail::ledger::{Deadline, Lease, Ledger, LedgerError, Location};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{LeaseConfig, SiteConfig};
@@ -133,13 +136,14 @@ async fn run(
             "site lease acquired: this instance runs the curtailment engine"
         );
         held(&site, Some(lease.token));
+        let deadline = Deadline::new(&lease);
         let running = match start(
             &cfg,
             router.clone(),
             site.clone(),
             latency.clone(),
             stop.clone(),
-            Some(lease.clone()),
+            Some((lease.clone(), deadline.clone())),
         )
         .await
         {
@@ -156,12 +160,19 @@ async fn run(
         for line in &running.started {
             tracing::info!("{line}");
         }
-        match hold(&ledger, lease, ttl, &stop).await {
+        match hold(&ledger, lease, &deadline, &running, ttl, &stop).await {
             Held::Stopped(lease) => {
                 running.stop().await;
                 release(&ledger, lease).await;
                 held(&site, None);
                 return;
+            }
+            Held::EngineStopped(lease) => {
+                // Give the lease up and compete for it again: whoever takes
+                // it next (this instance too) restarts from the ledger.
+                tracing::error!(site = %site_id, "curtailment engine stopped while holding the site lease: giving it up");
+                running.stop().await;
+                release(&ledger, lease).await;
             }
             Held::Lost(why) => {
                 tracing::error!(site = %site_id, "site lease lost ({why}): stopping the curtailment engine; standby");
@@ -185,15 +196,28 @@ enum Held {
     Stopped(Lease),
     /// Another instance may act now.
     Lost(String),
+    /// The engine stopped by itself (see the log), lease still ours.
+    EngineStopped(Lease),
 }
 
 /// Renew every third of the lease until asked to stop or the lease is
 /// lost (refused, or not renewed before this instance's own deadline).
-async fn hold(ledger: &Shared, mut lease: Lease, ttl: Duration, stop: &CancellationToken) -> Held {
+/// Each renewal moves `deadline`, which the driver checks before sending.
+async fn hold(
+    ledger: &Shared,
+    mut lease: Lease,
+    deadline: &Deadline,
+    running: &super::RunningSite,
+    ttl: Duration,
+    stop: &CancellationToken,
+) -> Held {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Held::Stopped(lease),
             _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        if running.driver_stopped() {
+            return Held::EngineStopped(lease);
         }
         let mut l = lease.clone();
         let r = on_ledger(ledger, move |db| {
@@ -201,7 +225,10 @@ async fn hold(ledger: &Shared, mut lease: Lease, ttl: Duration, stop: &Cancellat
         })
         .await;
         match r {
-            Ok((true, renewed)) => lease = renewed,
+            Ok((true, renewed)) => {
+                deadline.extend(&renewed);
+                lease = renewed;
+            }
             Ok((false, _)) => return Held::Lost("another instance holds it".into()),
             Err(e) if Instant::now() >= lease.valid_until => {
                 return Held::Lost(format!("not renewed in time: {e}"))

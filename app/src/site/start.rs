@@ -167,6 +167,12 @@ pub struct RunningSite {
 }
 
 impl RunningSite {
+    /// Whether the driver has stopped by itself (an error: its ledger
+    /// writer failed, its commands were fenced, its lease lapsed).
+    pub fn driver_stopped(&self) -> bool {
+        self.driver.is_finished()
+    }
+
     /// Stop the sources, then the driver (waiting for answers to commands
     /// in flight, so the ledger is complete).
     pub async fn stop(self) {
@@ -202,7 +208,7 @@ pub async fn start(
     site: Arc<SiteHandle>,
     latency: Option<LatencySink>,
     shutdown: CancellationToken,
-    fence: Option<curtail::ledger::Lease>,
+    fence: Option<(curtail::ledger::Lease, curtail::ledger::Deadline)>,
 ) -> anyhow::Result<RunningSite> {
     let stop = shutdown.child_token();
     let fleet = cfg
@@ -270,7 +276,8 @@ pub async fn start(
         ledger_fault_timeout: Duration::from_secs(cfg.ledger_fault_secs),
         on_ledger_fault: cfg.on_ledger_fault.safe_state(),
         ledger_max_bytes: cfg.ledger_max_mib.map(|m| m.saturating_mul(1 << 20)),
-        fence,
+        send_deadline: fence.as_ref().map(|(_, d)| d.clone()),
+        fence: fence.map(|(l, _)| l),
         commit_hook: Some(hook(
             tracker.clone(),
             site.clone(),

@@ -125,6 +125,11 @@ pub struct DriverConfig {
     /// sharing a PostgreSQL ledger): once another instance holds the lease,
     /// the next command is refused and the driver stops.
     pub fence: Option<crate::ledger::Lease>,
+    /// With `fence`: the holder's own deadline, checked between a
+    /// command's commit and its send. Past it the commands are not sent
+    /// (each gets a failed acknowledgement saying so) and the driver stops:
+    /// a pause between the two that outlasted the lease must not act.
+    pub send_deadline: Option<crate::ledger::Deadline>,
 }
 
 impl Default for DriverConfig {
@@ -141,6 +146,7 @@ impl Default for DriverConfig {
             on_ledger_fault: crate::policy::SafeState::HoldLast,
             ledger_max_bytes: None,
             fence: None,
+            send_deadline: None,
         }
     }
 }
@@ -182,6 +188,10 @@ pub enum DriverError {
     /// The driver task panicked or was cancelled.
     #[error("driver task: {0}")]
     Task(String),
+    /// The site lease's deadline passed between a commit and its send: the
+    /// commands were not sent and the driver stopped.
+    #[error("site lease lapsed before {0} recorded command(s) could be sent; not sent")]
+    LeaseLapsed(usize),
 }
 
 // ---------------------------------------------------------------------------

@@ -275,6 +275,23 @@ impl<A: Actuator + 'static, C: EdgeClock> Run<A, C> {
         } else {
             self.commit(&cmds).await?;
         }
+        if self.cfg.send_deadline.as_ref().is_some_and(|d| d.passed()) {
+            // Recorded under a lease that may be another instance's by now
+            // (this process was paused, or renewals failed): send nothing,
+            // and say so in the ledger.
+            let at = self.clock.now();
+            for c in &cmds {
+                self.write(Record::Ack {
+                    at,
+                    id: c.id,
+                    ack: Ack::Failed(
+                        "not sent: the site lease lapsed between record and send".into(),
+                    ),
+                })
+                .await?;
+            }
+            return Err(DriverError::LeaseLapsed(n));
+        }
         for c in &cmds {
             self.view.commanded(c.miner, c.action);
         }

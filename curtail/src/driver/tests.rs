@@ -498,3 +498,76 @@ fn miners_are_shared_until_changed() {
     assert_eq!(second.iter().count(), 3000);
     assert!(second.get(MinerId(3000)).is_none());
 }
+
+/// A lease deadline that passed between a command's commit and its send
+/// (the holder was paused, or could not renew): the recorded commands are
+/// not sent, each gets a failed acknowledgement saying why, and the driver
+/// stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_not_sent_past_the_lease_deadline() {
+    let d = dir();
+    let path = d.join("ledger.db");
+    let stub = Stub::default();
+    let lease = crate::ledger::Lease {
+        site: "s1".into(),
+        holder: "a".into(),
+        token: 7,
+        valid_until: std::time::Instant::now() + Duration::from_secs(3600),
+    };
+    let deadline = crate::ledger::Deadline::new(&lease);
+    let cfg = DriverConfig {
+        poll_interval: Duration::from_secs(1),
+        send_deadline: Some(deadline.clone()),
+        ..DriverConfig::default()
+    };
+    let h = spawn(&path, policy(), fleet(4), edge(&stub), cfg)
+        .await
+        .unwrap();
+    let now = ScaledClock::new(20.0).now();
+    let event = |id: &str, kw: f64| {
+        Signal::DrEvent(DrEvent {
+            id: id.into(),
+            target: DrTarget::LimitKw(kw),
+            start: now,
+            end: None,
+            issued_at: now,
+        })
+    };
+    // Within the deadline: sent.
+    h.send(event("ev1", 9.0)).await.unwrap();
+    h.wait_for(Duration::from_secs(10), |s| {
+        s.issued > 0 && s.in_flight == 0
+    })
+    .await
+    .expect("sent within the lease");
+    let sent = stub.calls.load(Ordering::Relaxed);
+    assert!(sent > 0);
+    // The deadline passes (as if this process had been paused).
+    deadline.extend(&crate::ledger::Lease {
+        valid_until: std::time::Instant::now(),
+        ..lease
+    });
+    assert!(deadline.passed());
+    h.send(event("ev2", 0.0)).await.unwrap();
+    let err = h.join().await.expect_err("the driver stops");
+    assert!(matches!(err, DriverError::LeaseLapsed(n) if n > 0), "{err}");
+    assert_eq!(stub.calls.load(Ordering::Relaxed), sent, "nothing sent");
+    let audit = Audit::read(&path).unwrap();
+    let unsent: Vec<_> = audit
+        .commands
+        .iter()
+        .filter(|c| {
+            audit.acks_of(c.id).any(|a| {
+                a.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("lease lapsed"))
+            })
+        })
+        .collect();
+    assert!(
+        !unsent.is_empty(),
+        "the unsent commands are recorded as such"
+    );
+    assert_eq!(audit.commands.len() as u64, sent + unsent.len() as u64);
+    let _ = std::fs::remove_dir_all(d);
+}

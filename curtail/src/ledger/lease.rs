@@ -11,8 +11,10 @@
 //! What this cannot stop, and the caller must: a leader paused between the
 //! commit and the send. The holder keeps its own deadline
 //! ([`Lease::valid_until`], measured from before it asked, on the monotonic
-//! clock, which keeps running through SIGSTOP) and checks it before sending.
+//! clock, which keeps running through SIGSTOP), shares it as a [`Deadline`]
+//! and the driver checks it before sending.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::db::{Db, Val};
@@ -46,6 +48,29 @@ pub struct Lease {
     pub token: u64,
     /// Local monotonic deadline: past it, act no more without renewing.
     pub valid_until: Instant,
+}
+
+/// The holder's own deadline, shared: the lease supervisor extends it at
+/// each renewal, the driver checks it between a command's commit and its
+/// send (a pause there outlasting the lease must not send).
+#[derive(Clone, Debug)]
+pub struct Deadline(Arc<Mutex<Instant>>);
+
+impl Deadline {
+    /// A deadline at `lease.valid_until`.
+    pub fn new(lease: &Lease) -> Deadline {
+        Deadline(Arc::new(Mutex::new(lease.valid_until)))
+    }
+
+    /// Move it to `lease.valid_until` (after a renewal).
+    pub fn extend(&self, lease: &Lease) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = lease.valid_until;
+    }
+
+    /// Whether the lease may have lapsed: act no more.
+    pub fn passed(&self) -> bool {
+        Instant::now() >= *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn ms(d: Duration) -> Val<'static> {
