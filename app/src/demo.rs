@@ -377,7 +377,7 @@ token = "{read_token}"
     // The curtailment driver: firmware clients + the proxy's park actuator.
     let mut firmware = FleetActuator::new(Duration::from_secs(3));
     let mut telemetry = FleetActuator::new(Duration::from_secs(3));
-    let proxy_act = ProxyActuator::new(proxy.ctx.router.clone());
+    let proxy_act = ProxyActuator::new(proxy.ctx.router.clone(), site_handle.parks.clone());
     let mut idle_on_park = HashMap::new();
     let mut specs = Vec::new();
     for m in site.miners() {

@@ -15,7 +15,7 @@
 //! | `GET /`, `/app.js` (dashboard), `/healthz` (503 with reasons when the site's driver stopped or its ledger fails), `/api/v1/openapi.json` | none |
 //! | `GET /metrics` | none when `metrics_public` (default: on a loopback listener only), else `read` |
 //! | `GET /api/v1/{whoami,fleet,workers,pools,events,history,ledger}` | `read` |
-//! | `POST /api/v1/curtail`, `POST /api/v1/reload` | `operate` |
+//! | `POST /api/v1/curtail`, `POST /api/v1/reload`, `POST /api/v1/site/parks` (pushed by the active instance, `[[site.peers]]`) | `operate` |
 //!
 //! A missing or unknown token gets 401, a `read` token on an `operate`
 //! route 403.
@@ -254,6 +254,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/ledger", get(ledger_export))
         .route("/api/v1/curtail", post(curtail))
         .route("/api/v1/reload", post(reload))
+        .route(
+            "/api/v1/site/parks",
+            post(site_parks).layer(DefaultBodyLimit::max(crate::site::parks::MAX_BODY)),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(index))
@@ -667,6 +671,8 @@ async fn workers(
                 "state": m.map(|m| m.state.clone()),
                 "power_w": m.map(|m| m.power_w),
                 "ths": m.map(|m| m.ths),
+                "parked": st.ctx.router.is_parked(&w.name),
+                "site_parked": st.site.parks.is_parked(&w.name),
             }))
         })
         .collect();
@@ -794,6 +800,54 @@ pub struct CurtailRequest {
     /// kW of `cap_kw` / `shed_kw`.
     #[serde(default)]
     pub kw: Option<f64>,
+}
+
+/// `POST /api/v1/site/parks`: the active instance's whole set of parks and
+/// pins (`[[site.peers]]`), put in force here; the answer lists the
+/// workers connected here. 409 for a push older than a lease token seen.
+async fn site_parks(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    body: Result<Json<crate::site::parks::ParkSync>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::site::parks::{SyncError, SyncReply};
+    let Json(sync) = match body {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let before = st.site.parks.len();
+    let (parks, router) = (st.site.parks.clone(), st.ctx.router.clone());
+    let from = sync.from.chars().take(64).collect::<String>();
+    let fence = sync.fence;
+    // Each router change re-walks the miners: off the async threads.
+    let r = tokio::task::spawn_blocking(move || parks.receive(&router, &sync)).await;
+    match r {
+        Ok(Ok((applied, unknown_pools))) => {
+            if applied != before {
+                info!(from = %from, token = ?fence, by = %c.name, applied, "site parks pushed by the active instance");
+            }
+            let workers = st
+                .ctx
+                .registry
+                .snapshot()
+                .into_iter()
+                .filter(|w| w.connections > 0)
+                .map(|w| w.name)
+                .collect();
+            Json(SyncReply {
+                applied,
+                unknown_pools,
+                workers,
+            })
+            .into_response()
+        }
+        Ok(Err(e @ SyncError::Fenced { .. })) => {
+            warn!(from = %from, error = %e, "site parks push refused");
+            err(StatusCode::CONFLICT, e.to_string())
+        }
+        Ok(Err(e)) => err(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Whether `name` matches `pattern` (`*` matches any run of characters).

@@ -221,6 +221,21 @@ impl Metrics {
             gauge!("gridproxy_site_lease_held").set(if l.held { 1.0 } else { 0.0 });
             gauge!("gridproxy_site_lease_token").set(l.token as f64);
         }
+        for p in &site.peers {
+            let peer = p.name.clone();
+            gauge!("gridproxy_site_peer_up", "peer" => peer.clone()).set(if p.up {
+                1.0
+            } else {
+                0.0
+            });
+            gauge!("gridproxy_site_peer_workers", "peer" => peer.clone()).set(p.workers as f64);
+            gauge!("gridproxy_site_peer_parks", "peer" => peer.clone()).set(p.applied as f64);
+            counter!("gridproxy_site_peer_pushes_total", "peer" => peer.clone(), "result" => "ok")
+                .absolute(p.pushes_ok);
+            counter!("gridproxy_site_peer_pushes_total", "peer" => peer, "result" => "failed")
+                .absolute(p.pushes_failed);
+        }
+        gauge!("gridproxy_site_parks").set(site.parks as f64);
         if site.attached {
             gauge!("gridproxy_site_power_watts").set(site.site_kw * 1000.0);
             gauge!("gridproxy_site_target_power_watts")
@@ -439,6 +454,27 @@ fn describe() {
     describe_gauge!(
         "gridproxy_site_lease_token",
         "With [site.lease]: the fencing token of the lease this instance holds (0 in standby)."
+    );
+    describe_gauge!(
+        "gridproxy_site_peer_up",
+        "With [[site.peers]], on the instance running the engine: 1 while the last push of parks to that peer was applied there."
+    );
+    describe_gauge!(
+        "gridproxy_site_peer_workers",
+        "With [[site.peers]]: workers connected at that peer, as it answered the last push."
+    );
+    describe_gauge!(
+        "gridproxy_site_peer_parks",
+        "With [[site.peers]]: parks and pins in force at that peer after the last push."
+    );
+    describe_counter!(
+        "gridproxy_site_peer_pushes_total",
+        Unit::Count,
+        "With [[site.peers]]: pushes of the site's parks to that peer, by result (ok, failed)."
+    );
+    describe_gauge!(
+        "gridproxy_site_parks",
+        "Parks and pins the site (this instance's engine, or the active instance's pushes) has in force on this instance's router."
     );
     describe_gauge!(
         "gridproxy_site_driver_running",

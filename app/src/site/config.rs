@@ -589,6 +589,14 @@ pub struct SiteConfig {
     /// ledger: only the holder of the site lease runs the engine.
     #[serde(default)]
     pub lease: Option<LeaseConfig>,
+    /// The other instances miners may connect to: the active engine pushes
+    /// its parks and pins to each through its control API.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Push the whole set to every peer at least this often (and at once on
+    /// a change), seconds: a peer that restarted or missed one catches up.
+    #[serde(default = "d_5")]
+    pub peer_sync_secs: u64,
     /// Bound on each firmware API operation, milliseconds.
     #[serde(default = "d_5000")]
     pub client_timeout_ms: u64,
@@ -598,6 +606,94 @@ pub struct SiteConfig {
     /// Signal sources.
     #[serde(default)]
     pub signals: SignalsConfig,
+}
+
+impl SiteConfig {
+    fn validate_peers(&self) -> Result<(), Invalid> {
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let bad = |k: &str, m: String| Invalid {
+                key: format!("site.peers[{i}].{k}"),
+                message: m,
+            };
+            if p.name.trim().is_empty() || !names.insert(p.name.as_str()) {
+                return Err(bad("name", "give each peer its own name".into()));
+            }
+            let at = p.endpoint().map_err(|e| bad("address", e))?;
+            if p.ca_file.is_none() && !is_loopback(&at.host) {
+                return Err(bad(
+                    "address",
+                    format!(
+                        "plain HTTP to {} would send the token in clear: serve that \
+                         instance's API over HTTPS and give ca_file (plain HTTP is accepted only \
+                         to a loopback address)",
+                        at.host
+                    ),
+                ));
+            }
+            match secret_count(
+                p.token.is_some(),
+                p.token_env.is_some(),
+                p.token_file.is_some(),
+            ) {
+                1 => {}
+                _ => {
+                    return Err(bad(
+                        "token",
+                        "give one of token, token_env, token_file (an operate token of that \
+                         instance)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        if !self.peers.is_empty() && !(1..=3600).contains(&self.peer_sync_secs) {
+            return Err(Invalid {
+                key: "site.peer_sync_secs".into(),
+                message: "must be 1..=3600".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `[[site.peers]]`: another instance, reached through its control API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its name (logs, `/metrics`, `/api/v1/fleet`).
+    pub name: String,
+    /// Its `[api] listen`, `host:port` (a name is looked up at each push).
+    pub address: String,
+    /// An `operate` token of that instance.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// Or: the environment variable holding it.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Or: a file holding it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Reach it over HTTPS, trusting this CA (PEM); its certificate must
+    /// name the address's IP. Without it, plain HTTP, accepted only to a
+    /// loopback address (the token would travel in clear).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl PeerConfig {
+    /// `address` split into host and port.
+    pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
+        Endpoint::parse_with_default_port(&self.address, 0)
+            .map_err(|e| e.to_string())
+            .and_then(|e| {
+                if e.port == 0 {
+                    Err("give host:port (the peer's [api] listen)".into())
+                } else {
+                    Ok(e)
+                }
+            })
+    }
 }
 
 /// The serde defaults above: `name: type = value` gives `fn name() -> type`.
@@ -751,6 +847,14 @@ impl SiteConfig {
                 fix(p);
             }
         }
+        for peer in &mut self.peers {
+            for p in [&mut peer.token_file, &mut peer.ca_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
+        }
         if let Some(o) = &mut self.signals.openadr {
             for p in [&mut o.client_secret_file, &mut o.ca_file]
                 .into_iter()
@@ -804,6 +908,7 @@ impl SiteConfig {
                 "only a PostgreSQL ledger (ledger = \"postgres://…\") takes a password",
             ));
         }
+        self.validate_peers()?;
         let nonneg = |v: f64| v.is_finite() && v >= 0.0;
         if let Some(h) = self.hashprice_usd_per_ph_day {
             if !nonneg(h) {
@@ -1469,6 +1574,59 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("lease.secs"), "{e}");
+    }
+
+    #[test]
+    fn peers_to_push_parks_to() {
+        let site = "[site]\nledger = \"l.sqlite\"\n";
+        let peer = |body: &str| format!("{site}\n[[site.peers]]\nname = \"b\"\n{body}\n{MINER}");
+        let c = parse(&peer(
+            "address = \"127.0.0.1:8081\"\ntoken = \"0123456789abcdef0123\"",
+        ))
+        .unwrap();
+        let s = c.site.unwrap();
+        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.peer_sync_secs, 5);
+        assert!(
+            !format!("{s:?}").contains("0123456789abcdef0123"),
+            "token in Debug"
+        );
+        let mut s = parse(&peer(
+            "address = \"peer-b.site.example:8443\"\ntoken_file = \"b.token\"\nca_file = \"b-ca.pem\"",
+        ))
+        .unwrap()
+        .site
+        .unwrap();
+        s.resolve_paths(std::path::Path::new("/etc/gridproxy"));
+        assert_eq!(
+            s.peers[0].ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/gridproxy/b-ca.pem"))
+        );
+        for (body, key) in [
+            // The token would go in clear off loopback.
+            ("address = \"10.0.0.12:8080\"\ntoken_env = \"T\"", "address"),
+            ("address = \"127.0.0.1\"\ntoken_env = \"T\"", "address"),
+            ("address = \"127.0.0.1:8081\"", "token"),
+            (
+                "address = \"127.0.0.1:8081\"\ntoken_env = \"T\"\ntoken_file = \"f\"",
+                "token",
+            ),
+        ] {
+            let e = parse(&peer(body)).unwrap_err();
+            assert!(e.contains(&format!("site.peers[0].{key}")), "{body}: {e}");
+        }
+        let e = parse(&format!(
+            "{site}peer_sync_secs = 0\n[[site.peers]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n\
+             token_env = \"T\"\n[[site.peers]]\nname = \"c\"\naddress = \"127.0.0.1:2\"\ntoken_env = \"T\"\n\n{MINER}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("peer_sync_secs"), "{e}");
+        let e = parse(&format!(
+            "{site}[[site.peers]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\ntoken_env = \"T\"\n\
+             [[site.peers]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\ntoken_env = \"T\"\n\n{MINER}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("site.peers[1].name"), "{e}");
     }
 
     #[test]

@@ -88,6 +88,29 @@ pub struct LeaseView {
     pub token: u64,
 }
 
+/// Another instance as the active one sees it (`[[site.peers]]`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PeerView {
+    /// Its name in the config.
+    pub name: String,
+    /// Its control API, `host:port`.
+    pub address: String,
+    /// Whether the last push of parks reached it and was applied.
+    pub up: bool,
+    /// When a push last succeeded, unix ms.
+    pub last_ok_ms: Option<u64>,
+    /// Parks and pins in force there after the last push.
+    pub applied: usize,
+    /// Workers connected there (what it reported with the last push).
+    pub workers: usize,
+    /// Pushes applied there, in all.
+    pub pushes_ok: u64,
+    /// Pushes that failed (unreachable, refused, fenced), in all.
+    pub pushes_failed: u64,
+    /// Why the last push failed, while it fails.
+    pub error: Option<String>,
+}
+
 /// The site now.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SiteState {
@@ -96,6 +119,13 @@ pub struct SiteState {
     /// With `[site.lease]`: whether this instance holds the site lease.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseView>,
+    /// With `[[site.peers]]`: the other instances, as the active one last
+    /// reached them (empty on a standby).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerView>,
+    /// Parks and pins the site has in force on this instance's router (its
+    /// engine's, or those the active instance pushed).
+    pub parks: usize,
     /// When it was published, unix ms.
     pub updated_ms: u64,
     /// Measured mining draw, kW.
@@ -250,6 +280,9 @@ pub struct SiteHandle {
     control: Mutex<Option<mpsc::Sender<SiteCommand>>>,
     ledger: Mutex<Option<gridproxy_curtail::ledger::Location>>,
     lease: Mutex<Option<LeaseView>>,
+    peers: Mutex<Vec<PeerView>>,
+    /// The site's parks and pins on this instance's router.
+    pub parks: Arc<super::parks::SiteParks>,
     override_note: Mutex<Option<String>>,
     /// What happened (operator actions, curtailment decisions, events).
     pub log: EventLog,
@@ -308,19 +341,39 @@ impl SiteHandle {
     /// The latest state.
     pub fn state(&self) -> Arc<SiteState> {
         let s = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
-        match *self.lease.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(l) => {
-                let mut s = (*s).clone();
-                s.lease = Some(l);
-                Arc::new(s)
-            }
-            None => s,
+        let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let parks = self.parks.len();
+        if lease.is_none() && peers.is_empty() && parks == s.parks {
+            return s;
         }
+        let mut s = (*s).clone();
+        s.lease = lease;
+        s.peers = peers;
+        s.parks = parks;
+        Arc::new(s)
     }
 
-    /// Say whether this instance holds the site lease (`[site.lease]`).
+    /// Say whether this instance holds the site lease (`[site.lease]`);
+    /// a token held fences older pushes of parks.
     pub fn set_lease(&self, lease: LeaseView) {
+        if lease.held {
+            self.parks.observe_fence(lease.token);
+        }
         *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+    }
+
+    /// Update the view of peer `name` (added when new); `None` clears the
+    /// list (the engine stopped here: a standby reaches no peer).
+    pub fn set_peer(&self, view: Option<PeerView>) {
+        let mut g = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match view {
+            None => g.clear(),
+            Some(v) => match g.iter_mut().find(|p| p.name == v.name) {
+                Some(p) => *p = v,
+                None => g.push(v),
+            },
+        }
     }
 
     /// The latest per-miner view.

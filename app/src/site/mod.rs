@@ -36,6 +36,9 @@
 //! - [`start`]: wiring it up and running it ([`start::start`], [`start::RunningSite`]).
 //! - [`lease`]: active/standby among instances sharing a PostgreSQL ledger.
 //! - [`park`]: the engine's hand on the proxy (park, unpark, reroute).
+//! - [`parks`]: the site's parks and pins on this router, shared with the
+//!   other instances.
+//! - [`peers`]: pushing them to the other instances (`[[site.peers]]`).
 //! - [`view`]: the site view, built from the driver's status.
 //! - [`handle`]: the site view's types and the handle the control API reads it through.
 
@@ -43,6 +46,8 @@ pub mod config;
 pub mod handle;
 pub mod lease;
 pub mod park;
+pub mod parks;
+pub mod peers;
 pub mod start;
 pub mod view;
 

@@ -11,6 +11,8 @@
 //! unparked: nothing here re-applies them. After a restart the engine
 //! resumes parked miners from the ledger without re-sending the park;
 //! [`restore`](ProxyActuator::restore) parks them again in the new router.
+//! Parks and pins go through the instance's [`SiteParks`], from where
+//! [`super::peers`] pushes them to the other instances (`[[site.peers]]`).
 //!
 //! The `gridproxy-curtail` crate is re-exported as [`curtail`], so users of
 //! the daemon crate reach the engine, driver and firmware clients through
@@ -28,6 +30,8 @@ use curtail::fleet::{ControlSurface, MinerId};
 use curtail::policy::Resume;
 use gridproxy_proxy::router::Router;
 
+use super::parks::SiteParks;
+
 #[derive(Debug, Default)]
 struct Inner {
     workers: HashMap<MinerId, String>,
@@ -40,6 +44,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct ProxyActuator {
     router: Arc<Router>,
+    parks: Arc<SiteParks>,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -53,10 +58,12 @@ impl std::fmt::Debug for ProxyActuator {
 }
 
 impl ProxyActuator {
-    /// An actuator over `router` with no miners mapped yet.
-    pub fn new(router: Arc<Router>) -> ProxyActuator {
+    /// An actuator over `router` with no miners mapped yet, keeping what
+    /// it parks and pins in `parks`.
+    pub fn new(router: Arc<Router>, parks: Arc<SiteParks>) -> ProxyActuator {
         ProxyActuator {
             router,
+            parks,
             inner: Arc::new(Mutex::new(Inner::default())),
         }
     }
@@ -94,19 +101,16 @@ impl ProxyActuator {
 
     /// Park again the miners whose last command in the ledger parked them
     /// (what the engine resumes as parked without re-sending the park,
-    /// while a new router starts with none). Call before the driver starts.
-    /// Returns how many were parked.
+    /// while a new router starts with none), and release what another
+    /// instance's engine had parked here that the ledger no longer has.
+    /// Call before the driver starts. Returns how many are parked.
     pub fn restore(&self, resume: &Resume) -> usize {
-        let mut n = 0;
-        for (id, action, _) in &resume.curtailed {
-            if *action == Action::Park {
-                if let Some(w) = self.worker(*id) {
-                    self.router.park_worker(&w, true);
-                    n += 1;
-                }
-            }
-        }
-        n
+        let parked = resume
+            .curtailed
+            .iter()
+            .filter(|(_, action, _)| *action == Action::Park)
+            .filter_map(|(id, _, _)| self.worker(*id));
+        self.parks.adopt(&self.router, parked)
     }
 
     fn apply(&self, command: &Command) -> Result<(), ActuatorError> {
@@ -115,12 +119,8 @@ impl ProxyActuator {
             .worker(miner)
             .ok_or(ActuatorError::UnknownMiner(miner))?;
         match command.action {
-            Action::Park => {
-                self.router.park_worker(&worker, true);
-            }
-            Action::Unpark => {
-                self.router.park_worker(&worker, false);
-            }
+            Action::Park => self.parks.park(&self.router, &worker, true),
+            Action::Unpark => self.parks.park(&self.router, &worker, false),
             Action::Reroute(pool) => {
                 let p = pool.0 as usize;
                 if p >= self.router.pools().len() {
@@ -132,7 +132,7 @@ impl ProxyActuator {
                         ),
                     });
                 }
-                self.router.pin_worker(&worker, Some(p));
+                self.parks.pin(&self.router, &worker, p);
             }
             Action::Sleep | Action::Wake | Action::SetPowerTarget(_) => {
                 return Err(ActuatorError::Unsupported {
@@ -161,11 +161,38 @@ impl Actuator for ProxyActuator {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use curtail::command::{CommandId, PoolId};
     use curtail::time::Timestamp;
     use gridproxy_proxy::ProxyConfig;
+
+    /// A router over pools `a` and `b` that never come up (park and pin
+    /// need no live pool).
+    pub(crate) fn test_router() -> Arc<Router> {
+        let cfg = ProxyConfig::from_toml(
+            "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
+             [[pools]]\nname='b'\naddress='127.0.0.1:2'\nprotocol='sv1'\nuser='u'\n",
+        )
+        .unwrap();
+        let pools = (0..2)
+            .map(|index| gridproxy_proxy::upstream::PoolHandle {
+                index,
+                stats: Arc::new(gridproxy_proxy::stats::PoolStats::new(["a", "b"][index])),
+                view: tokio::sync::watch::channel(gridproxy_proxy::upstream::PoolView {
+                    live: false,
+                    epoch: 0,
+                    job: None,
+                    target: gridproxy_protocol::difficulty::Target::MAX,
+                    rollable: 4,
+                    submit: tokio::sync::mpsc::channel(1).0,
+                    published: std::time::Instant::now(),
+                })
+                .1,
+            })
+            .collect();
+        Router::new(&cfg, pools)
+    }
 
     fn command(miner: u64, action: Action) -> Command {
         Command {
@@ -183,32 +210,8 @@ mod tests {
     /// parked.
     #[tokio::test]
     async fn parks_by_worker_name_and_restores_after_a_restart() {
-        let cfg = ProxyConfig::from_toml(
-            "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='u'\n\
-             [[pools]]\nname='b'\naddress='127.0.0.1:2'\nprotocol='sv1'\nuser='u'\n",
-        )
-        .unwrap();
-        // Two pools that never come up: park and pin need no live pool.
-        let pools = || {
-            (0..2)
-                .map(|index| gridproxy_proxy::upstream::PoolHandle {
-                    index,
-                    stats: Arc::default(),
-                    view: tokio::sync::watch::channel(gridproxy_proxy::upstream::PoolView {
-                        live: false,
-                        epoch: 0,
-                        job: None,
-                        target: gridproxy_protocol::difficulty::Target::MAX,
-                        rollable: 4,
-                        submit: tokio::sync::mpsc::channel(1).0,
-                        published: std::time::Instant::now(),
-                    })
-                    .1,
-                })
-                .collect()
-        };
-        let router = Router::new(&cfg, pools());
-        let p = ProxyActuator::new(router.clone());
+        let router = test_router();
+        let p = ProxyActuator::new(router.clone(), Arc::default());
         p.insert(MinerId(1), "acct.s9-1");
         p.insert(MinerId(2), "acct.s9-2");
         p.execute(&command(1, Action::Park)).await.unwrap();
@@ -225,8 +228,8 @@ mod tests {
         assert!(p.execute(&command(9, Action::Park)).await.is_err());
 
         // A new process: a new router, the ledger's last commands.
-        let router = Router::new(&cfg, pools());
-        let p = ProxyActuator::new(router.clone());
+        let router = test_router();
+        let p = ProxyActuator::new(router.clone(), Arc::default());
         p.insert(MinerId(1), "acct.s9-1");
         p.insert(MinerId(2), "acct.s9-2");
         let resume = Resume {

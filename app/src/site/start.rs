@@ -160,6 +160,7 @@ pub struct RunningSite {
     ven: Option<openadr::VenHandle>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    site: Arc<SiteHandle>,
     /// One line per part started (for the operator).
     pub started: Vec<String>,
     /// The ledger.
@@ -186,6 +187,8 @@ impl RunningSite {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Not running the engine: this instance pushes to no peer now.
+        self.site.set_peer(None);
         match self.driver.shutdown().await {
             Ok(r) => tracing::info!(
                 issued = r.status.issued,
@@ -217,7 +220,7 @@ pub async fn start(
     let nominal_kw = fleet.nominal_kw();
     let timeout = Duration::from_millis(cfg.client_timeout_ms);
     let mut firmware = FleetActuator::new(timeout);
-    let proxy = ProxyActuator::new(router);
+    let proxy = ProxyActuator::new(router, site.parks.clone());
     let mut names = HashMap::new();
     let mut info: Vec<(MinerId, &MinerConfig)> = Vec::new();
     for (i, m) in cfg.miners.iter().enumerate() {
@@ -269,6 +272,7 @@ pub async fn start(
         .await?
         .map_err(|e| anyhow::anyhow!("site.ledger ({ledger}): {e}"))?;
     proxy.restore(&resume);
+    let peer_fence = fence.as_ref().map(|(l, _)| (l.holder.clone(), l.token));
     let dcfg = DriverConfig {
         poll_interval: Duration::from_secs(cfg.telemetry_secs),
         interval: Duration::from_secs(cfg.ledger_interval_secs),
@@ -311,6 +315,29 @@ pub async fn start(
         cfg.ledger.display()
     )];
     let mut tasks = Vec::new();
+    if !cfg.peers.is_empty() {
+        let (from, token) = match &peer_fence {
+            Some((holder, token)) => (holder.clone(), Some(*token)),
+            None => ("gridproxy".to_string(), None),
+        };
+        tasks.extend(super::peers::spawn(
+            &cfg.peers,
+            Duration::from_secs(cfg.peer_sync_secs),
+            from,
+            token,
+            site.clone(),
+            stop.clone(),
+        )?);
+        started.push(format!(
+            "site peers: parks and pins pushed to {} every {} s and on each change",
+            cfg.peers
+                .iter()
+                .map(|p| format!("{} ({})", p.name, p.address))
+                .collect::<Vec<_>>()
+                .join(", "),
+            cfg.peer_sync_secs
+        ));
+    }
 
     // What the sources read back: site status (MQTT) and site kW (VEN).
     let (status_tx, status_rx) = watch::channel(mqtt::SiteStatus::default());
@@ -512,6 +539,7 @@ pub async fn start(
         ven,
         stop,
         tasks,
+        site,
         started,
         ledger,
     })

@@ -84,6 +84,8 @@ pub fn build(
     let state = SiteState {
         attached: true,
         lease: None,
+        peers: Vec::new(),
+        parks: 0,
         updated_ms: now_ms(),
         site_kw: st.measured_kw.unwrap_or(measured_w / 1000.0),
         target_kw: st.cap_kw,
