@@ -141,7 +141,7 @@ pub fn firmware(site: &Site) -> FleetActuator {
 
 /// The proxy bridge with every site miner's worker name.
 pub fn bridge(site: &Site, router: Arc<Router>) -> ProxyActuator {
-    let b = ProxyActuator::new(router);
+    let b = ProxyActuator::new(router, std::sync::Arc::default());
     for m in site.miners() {
         b.insert(id(m), m.worker.clone());
     }

@@ -109,7 +109,7 @@ async fn kill9_child() {
     .expect("proxy starts");
     let specs: Vec<MinerSpec> = serde_json::from_value(cfg["specs"].clone()).unwrap();
     let mut fw = FleetActuator::new(CLIENT_TIMEOUT_REAL);
-    let bridge = ProxyActuator::new(proxy.ctx.router.clone());
+    let bridge = ProxyActuator::new(proxy.ctx.router.clone(), std::sync::Arc::default());
     for m in cfg["miners"].as_array().unwrap() {
         let id = MinerId(m["id"].as_u64().unwrap());
         let surface: ControlSurface = serde_json::from_value(m["surface"].clone()).unwrap();

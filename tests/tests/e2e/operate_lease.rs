@@ -14,7 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::mqtt_support::{Mosquitto, Recorder, PASSWORD};
-use crate::operate_site::{config_text, gridproxy_bin, site_pool, DISPATCH};
+use crate::operate_site::{config_text, gridproxy_bin, site_pool, DISPATCH, TOKEN};
+use gridproxy::api::client;
 use gridproxy_curtail::driver::Audit;
 use gridproxy_curtail::ledger::Location;
 use gridproxy_fixtures::site::{Firmware, Site, SiteConfig};
@@ -71,8 +72,28 @@ struct Instance {
 }
 
 impl Instance {
-    fn write(dir: &std::path::Path, name: &str, text: String, pg: &PgCluster) -> Instance {
+    /// `peer`: the other instance's name and API, to push parks to.
+    fn write(
+        dir: &std::path::Path,
+        name: &str,
+        text: String,
+        pg: &PgCluster,
+        peer: Option<(&str, SocketAddr)>,
+    ) -> Instance {
+        let peers = peer
+            .map(|(n, api)| {
+                format!(
+                    "[[site.peers]]\nname = \"{n}\"\naddress = \"{api}\"\ntoken = \"{TOKEN}\"\n"
+                )
+            })
+            .unwrap_or_default();
+        let sync = if peer.is_some() {
+            "\nmin_on_secs = 1\npeer_sync_secs = 1\n"
+        } else {
+            "\nmin_on_secs = 1\n"
+        };
         let text = text
+            .replace("\nmin_on_secs = 1\n", sync)
             .replace(
                 "ledger = \"ledger.sqlite\"",
                 &format!("ledger = \"{}\"", pg.url()),
@@ -80,7 +101,7 @@ impl Instance {
             .replace(
                 "\n[site.signals.mqtt]",
                 &format!(
-                    "\n[site.lease]\nsite_id = \"op1\"\ninstance = \"{name}\"\nsecs = {LEASE_SECS}\n\n[site.signals.mqtt]"
+                    "\n[site.lease]\nsite_id = \"op1\"\ninstance = \"{name}\"\nsecs = {LEASE_SECS}\n\n{peers}\n[site.signals.mqtt]"
                 ),
             );
         assert!(text.contains("[site.lease]") && text.contains("postgres://"));
@@ -100,10 +121,22 @@ impl Instance {
     }
 }
 
-/// What both tests start: mosquitto and a recorder of acks, the fixture
-/// pool, an emulated site of `per_firmware` LuxOS, Braiins OS, Whatsminer
-/// and VNish miners whose SV1 firmware mines through instance a, and the
-/// configs of instances a and b (same site, same ledger, same lease).
+/// `n` each of LuxOS, Braiins OS, Whatsminer and VNish.
+fn four(n: usize) -> Vec<(Firmware, usize)> {
+    [
+        Firmware::LuxOs,
+        Firmware::BraiinsOs,
+        Firmware::Whatsminer,
+        Firmware::Vnish,
+    ]
+    .map(|f| (f, n))
+    .to_vec()
+}
+
+/// What the tests start: mosquitto and a recorder of acks, the fixture
+/// pool, an emulated site of `counts` miners whose SV1 firmware mines
+/// through instance a, and the configs of instances a and b (same site,
+/// same ledger, same lease).
 /// Bind every field (`_stop`, `_pool` too): fields a destructuring leaves
 /// out are dropped at once, which would stop the pool.
 struct Stage {
@@ -121,13 +154,16 @@ struct Stage {
 
 impl Stage {
     /// `failover_hashrate`: the SV1 miners list b as their backup pool and
-    /// hash at this rate (H/s); `None`: a only, at 200 H/s.
+    /// hash at this rate (H/s); `None`: a only, at 200 H/s. `split`: odd
+    /// miners list b first, and each instance pushes parks to the other
+    /// (`[[site.peers]]`).
     async fn start(
         pg: &PgCluster,
         name: &str,
-        per_firmware: usize,
+        counts: Vec<(Firmware, usize)>,
         subnet: (u8, u8),
         failover_hashrate: Option<f64>,
+        split: bool,
     ) -> Stage {
         let broker = Mosquitto::start(&format!("{name}-site")).await;
         let rec = Recorder::start(broker.port, &format!("{name}-site-recorder"), &[ACK]);
@@ -136,14 +172,7 @@ impl Stage {
         let (sv1_a, api_a, sv1_b, api_b): (SocketAddr, _, SocketAddr, _) =
             (free_addr(), free_addr(), free_addr(), free_addr());
         let mut cfg = SiteConfig {
-            counts: [
-                Firmware::LuxOs,
-                Firmware::BraiinsOs,
-                Firmware::Whatsminer,
-                Firmware::Vnish,
-            ]
-            .map(|f| (f, per_firmware))
-            .to_vec(),
+            counts,
             time_scale: 0.1,
             subnet,
             password: "site-secret-pw".into(),
@@ -157,6 +186,7 @@ impl Stage {
             cfg.backup_pools = vec![sv1_b];
             cfg.sv1_hashrate = h;
             cfg.sv1_backoff_max = Duration::from_millis(500);
+            cfg.alternate_pools = split;
         }
         let site = Site::start(cfg).await.expect("emulators start");
         let dir = temp_dir(&format!("operate-{name}"));
@@ -165,12 +195,14 @@ impl Stage {
             "a",
             config_text(pool.addr(), sv1_a, api_a, &site, broker.port),
             pg,
+            split.then_some(("b", api_b)),
         );
         let b = Instance::write(
             &dir,
             "b",
             config_text(pool.addr(), sv1_b, api_b, &site, broker.port),
             pg,
+            split.then_some(("a", api_a)),
         );
         Stage {
             broker,
@@ -201,7 +233,7 @@ async fn run(bin: PathBuf, pg: &PgCluster) {
         api_b,
         _stop: _keep_stop,
         _pool: _keep_pool,
-    } = Stage::start(pg, "lease", 2, (77, 0), None).await;
+    } = Stage::start(pg, "lease", four(2), (77, 0), None, false).await;
     let n = site.len();
     // A takes the lease; B waits.
     let mut pa = a.start(&bin, "lease-a", pg);
@@ -433,10 +465,19 @@ async fn held_through_kill(bin: PathBuf, pg: &PgCluster) {
         _stop: _keep_stop,
         _pool: _keep_pool,
         ..
-    } = Stage::start(pg, "field", 25, (78, 0), Some(50.0)).await;
+    } = Stage::start(pg, "field", four(25), (78, 0), Some(50.0), false).await;
     let n = site.len();
     let nominal_kw = site.nominal_w() / 1000.0;
+    // a first, so that it takes the lease.
     let pa = a.start(&bin, "lease100-a", pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || pa
+            .count_in_log("MQTT dispatch: broker")
+            == 1)
+        .await,
+        "a active:\n{}",
+        pa.log_tail(2000)
+    );
     let mut pb = b.start(&bin, "lease100-b", pg);
     assert!(
         wait_until(Duration::from_secs(30), || {
@@ -570,6 +611,303 @@ async fn held_through_kill(bin: PathBuf, pg: &PgCluster) {
         took_over.as_secs_f64(),
         asleep_at_kill.len(),
         audit.commands.len()
+    );
+    drop(site);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `cond` comes true within `timeout` (checked every 200 ms).
+async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `GET path` on an instance's API with the operate token.
+async fn api_json(api: SocketAddr, path: &str) -> serde_json::Value {
+    let r = client::request(api, "GET", path, Some(TOKEN), None, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    r.json().expect("JSON")
+}
+
+/// A metric from an instance's `/metrics` (absent: a failure, not a zero).
+async fn metric(api: SocketAddr, name: &str) -> f64 {
+    let text = http_get(api, "/metrics").await.expect("/metrics answers");
+    assert!(
+        text.lines().any(|l| l.starts_with(name)),
+        "no {name} in /metrics"
+    );
+    metric_sum(&text, name)
+}
+
+/// Per worker at an instance: (connected, parked there, accepted there).
+async fn workers_at(api: SocketAddr) -> std::collections::HashMap<String, (bool, bool, u64)> {
+    let v = api_json(api, "/api/v1/workers?limit=1000&sort=name").await;
+    v["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap_or_default().to_owned(),
+                (
+                    w["connections"].as_u64().unwrap_or(0) > 0,
+                    w["parked"].as_bool().expect("workers say parked"),
+                    w["accepted"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Parking across instances (`[[site.peers]]`): a site split between two
+/// instances (odd miners mine through b first). Stock miners, which the
+/// policy parks, are parked at b too by a's pushes; the a-side stock miners
+/// fail over to b when a is SIGKILLed and find themselves parked there
+/// (no share accepted) before and after b takes the lease; b, now active,
+/// unparks them on a dispatch to 100 %. A push under a's old token is
+/// refused by b (fenced), and one without a token is unauthorised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parks_follow_the_miner_across_instances() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let bin = gridproxy_bin();
+    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-peers", "site_ledger"))
+        .await
+        .expect("postgres");
+    tokio::time::timeout(Duration::from_secs(240), parks_across(bin, &pg))
+        .await
+        .expect("test finished in time");
+}
+
+async fn parks_across(bin: PathBuf, pg: &PgCluster) {
+    let Stage {
+        broker,
+        rec,
+        site,
+        dir,
+        a,
+        b,
+        api_a,
+        api_b,
+        _stop: _keep_stop,
+        _pool: _keep_pool,
+    } = Stage::start(
+        pg,
+        "peers",
+        vec![(Firmware::LuxOs, 4), (Firmware::Stock, 4)],
+        (79, 0),
+        Some(50.0),
+        true,
+    )
+    .await;
+    let n = site.len();
+    let stock: Vec<String> = site
+        .miners()
+        .iter()
+        .filter(|m| m.firmware == Firmware::Stock)
+        .map(|m| m.worker.clone())
+        .collect();
+    // a first, so that it takes the lease.
+    let pa = a.start(&bin, "peers-a", pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || pa
+            .count_in_log("MQTT dispatch: broker")
+            == 1)
+        .await,
+        "a active:\n{}",
+        pa.log_tail(2000)
+    );
+    let mut pb = b.start(&bin, "peers-b", pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            pa.count_in_log("MQTT dispatch: broker") == 1 && pb.count_in_log("standby") == 1
+        })
+        .await,
+        "a active and b standby:\n{}\n{}",
+        pa.log_tail(2000),
+        pb.log_tail(2000)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || site.sv1_running() == n).await,
+        "{} of {n} SV1 miners hashing",
+        site.sv1_running()
+    );
+    // Half the site mines through each instance, and a knows which
+    // workers b holds (b's answer to its pushes).
+    let at_b = |w: &std::collections::HashMap<String, (bool, bool, u64)>| {
+        w.values().filter(|(c, _, _)| *c).count()
+    };
+    let t = Instant::now();
+    let mut held_b = 0;
+    while t.elapsed() < Duration::from_secs(30) {
+        held_b = at_b(&workers_at(api_b).await);
+        let fleet = api_json(api_a, "/api/v1/fleet").await;
+        let peer = &fleet["site"]["peers"][0];
+        if held_b == n / 2 && peer["up"] == true && peer["workers"] == held_b {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(held_b, n / 2, "odd miners on b");
+    let fleet = api_json(api_a, "/api/v1/fleet").await;
+    assert_eq!(fleet["site"]["peers"][0]["name"], "b", "{fleet}");
+    assert_eq!(fleet["site"]["peers"][0]["workers"], n / 2, "{fleet}");
+    assert_eq!(metric(api_a, "gridproxy_site_peer_up").await, 1.0);
+
+    let before_zero = workers_at(api_b).await;
+    // 0 %: LuxOS miners sleep; stock miners are parked, at a by its engine
+    // and at b by a's push, wherever they are connected.
+    broker.publish_retained(
+        DISPATCH,
+        &json!({"id": "p-zero", "target_pct": 0, "ts": now_secs()}).to_string(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || rec.ack(ACK, "p-zero").is_some()).await,
+        "no ack for p-zero"
+    );
+    // b lists the workers it has seen; the others' parks wait for them.
+    let stock_at_b: Vec<String> = stock
+        .iter()
+        .filter(|s| before_zero.get(*s).is_some_and(|(c, _, _)| *c))
+        .cloned()
+        .collect();
+    assert_eq!(stock_at_b.len(), stock.len() / 2, "odd stock miners on b");
+    let t = Instant::now();
+    let (mut parked_b, mut kept_b) = (0, 0.0);
+    while t.elapsed() < Duration::from_secs(30) {
+        let w = workers_at(api_b).await;
+        parked_b = stock_at_b
+            .iter()
+            .filter(|s| w.get(*s).is_some_and(|(_, p, _)| *p))
+            .count();
+        kept_b = metric(api_b, "gridproxy_site_parks").await;
+        if parked_b == stock_at_b.len() && kept_b == stock.len() as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        (parked_b, kept_b),
+        (stock_at_b.len(), stock.len() as f64),
+        "stock miners parked at b by a's push:\n{}",
+        pb.log_tail(2000)
+    );
+    // The stock miners connected at b get no work there: none is on a pool.
+    assert!(
+        wait_until_async(Duration::from_secs(20), || async {
+            metric(api_b, "gridproxy_pool_miners").await == 0.0
+        })
+        .await,
+        "b still gives work to a parked miner"
+    );
+    // Pushes are fenced and authenticated.
+    let stale = json!({"from": "old", "fence": 0, "parks": []});
+    let r = client::request(
+        api_b,
+        "POST",
+        "/api/v1/site/parks",
+        Some(TOKEN),
+        Some(&stale),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 409, "an older token is refused: {}", r.text());
+    let r = client::request(
+        api_b,
+        "POST",
+        "/api/v1/site/parks",
+        None,
+        Some(&stale),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    let before = workers_at(api_b).await;
+
+    // SIGKILL a: its stock miners fail over to b, where they are parked.
+    signal(pa.pid(), "KILL");
+    let t = Instant::now();
+    let mut worked = std::collections::BTreeSet::new();
+    let mut took_over = None;
+    let mut all_at_b = false;
+    while t.elapsed() < Duration::from_secs(30) {
+        let w = workers_at(api_b).await;
+        for s in &stock {
+            let accepted_before = before.get(s).map_or(0, |(_, _, a)| *a);
+            if w.get(s).is_some_and(|(_, _, a)| *a > accepted_before) {
+                worked.insert(s.clone());
+            }
+        }
+        if took_over.is_none() && pb.count_in_log("site lease acquired") > 0 {
+            took_over = Some(t.elapsed());
+        }
+        all_at_b = stock.iter().all(|s| w.get(s).is_some_and(|(c, _, _)| *c));
+        if all_at_b && took_over.is_some_and(|d| t.elapsed() > d + Duration::from_secs(3)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(all_at_b, "stock miners did not all fail over to b");
+    let took_over = took_over.expect("b took the lease");
+    assert!(worked.is_empty(), "parked miners got work at b: {worked:?}");
+    assert_eq!(metric(api_b, "gridproxy_pool_miners").await, 0.0);
+    assert_eq!(
+        metric(api_b, "gridproxy_site_parks").await,
+        stock.len() as f64
+    );
+
+    // b, active, unparks on 100 %; a is down for its pushes.
+    broker.publish_retained(
+        DISPATCH,
+        &json!({"id": "p-full", "target_pct": 100, "ts": now_secs()}).to_string(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || rec.ack(ACK, "p-full").is_some()).await,
+        "b did not answer p-full:\n{}",
+        pb.log_tail(3000)
+    );
+    assert!(
+        wait_until_async(Duration::from_secs(60), || async {
+            metric(api_b, "gridproxy_pool_miners").await == n as f64
+        })
+        .await,
+        "b did not put the site back to work:\n{}",
+        pb.log_tail(3000)
+    );
+    assert_eq!(metric(api_b, "gridproxy_site_parks").await, 0.0);
+    assert_eq!(
+        metric(api_b, "gridproxy_site_peer_up").await,
+        0.0,
+        "a is down"
+    );
+    let fleet = api_json(api_b, "/api/v1/fleet").await;
+    let peer = &fleet["site"]["peers"][0];
+    assert!(
+        peer["name"] == "a" && peer["up"] == false && peer["error"].is_string(),
+        "{fleet}"
+    );
+    signal(pb.pid(), "INT");
+    assert!(wait_until(Duration::from_secs(20), || !pb.is_running()).await);
+    println!(
+        "operate_lease (parks across instances): {n} miners split over a and b; 0 % -> {} stock miners \
+         parked at b by a's push; SIGKILL a -> its stock miners on b, parked (0 shares accepted), \
+         b active in {:.2} s; 100 % from b -> all {n} back at work; stale push 409, no token 401",
+        stock.len(),
+        took_over.as_secs_f64()
     );
     drop(site);
     let _ = std::fs::remove_dir_all(&dir);
