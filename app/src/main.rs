@@ -706,10 +706,16 @@ async fn status(
         (None, None) => "127.0.0.1:8080".parse().expect("literal"),
     };
     let (path, timeout) = ("/api/v1/fleet", Duration::from_secs(5));
-    let r = match &tls {
-        Some(t) => client::request_tls(addr, t, "GET", path, token.as_deref(), None, timeout).await,
-        None => client::request(addr, "GET", path, token.as_deref(), None, timeout).await,
-    };
+    let r = client::request_via(
+        addr,
+        tls.as_ref(),
+        "GET",
+        path,
+        token.as_deref(),
+        None,
+        timeout,
+    )
+    .await;
     let r = match r {
         Ok(r) => r,
         Err(e) => {

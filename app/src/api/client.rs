@@ -55,6 +55,22 @@ pub async fn request(
         .map_err(|_| format!("{method} http://{addr}{path}: no answer within {timeout:?}"))?
 }
 
+/// [`request_tls`] when `tls` is given, else [`request`].
+pub async fn request_via(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
+    match tls {
+        Some(t) => request_tls(addr, t, method, path, token, body, timeout).await,
+        None => request(addr, method, path, token, body, timeout).await,
+    }
+}
+
 /// [`request`] over TLS, trusting only what `tls` trusts; the server
 /// certificate must name `addr`'s IP address.
 pub async fn request_tls(

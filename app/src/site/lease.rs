@@ -183,7 +183,7 @@ async fn run(
     }
 }
 
-/// Publish whether this instance holds the lease (`/metrics`, `/api/v1/site`).
+/// Publish whether this instance holds the lease (`/metrics`, `/api/v1/fleet`).
 fn held(site: &SiteHandle, token: Option<u64>) {
     site.set_lease(LeaseView {
         held: token.is_some(),

@@ -70,31 +70,16 @@ impl Link {
             .ok_or_else(|| format!("{}: no address", self.address))?;
         let body = serde_json::to_value(sync).map_err(|e| e.to_string())?;
         let path = "/api/v1/site/parks";
-        let r = match &self.tls {
-            Some(tls) => {
-                client::request_tls(
-                    addr,
-                    tls,
-                    "POST",
-                    path,
-                    Some(&self.token),
-                    Some(&body),
-                    PUSH_TIMEOUT,
-                )
-                .await
-            }
-            None => {
-                client::request(
-                    addr,
-                    "POST",
-                    path,
-                    Some(&self.token),
-                    Some(&body),
-                    PUSH_TIMEOUT,
-                )
-                .await
-            }
-        }?;
+        let r = client::request_via(
+            addr,
+            self.tls.as_ref(),
+            "POST",
+            path,
+            Some(&self.token),
+            Some(&body),
+            PUSH_TIMEOUT,
+        )
+        .await?;
         if r.status != 200 {
             let text = r.text();
             return Err(format!(

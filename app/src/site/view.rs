@@ -1,4 +1,4 @@
-//! The site view: what the dashboard, `/api/v1/site`, the MQTT status and
+//! The site view: what the dashboard, `/api/v1/fleet` (`site`), the MQTT status and
 //! the VEN's reports show, built from the driver's published status alone
 //! (each miner's commanded state and last reading, open DR events, the last
 //! price), so nothing beside the engine tracks state of its own.

@@ -219,6 +219,45 @@ impl Stage {
     }
 }
 
+/// Start a, wait until it runs the engine, then b, in standby; then wait
+/// until every SV1 miner of `site` hashes.
+async fn start_pair(
+    a: &Instance,
+    b: &Instance,
+    bin: &PathBuf,
+    pg: &PgCluster,
+    prefix: &str,
+    site: &Site,
+) -> (PeerProcess, PeerProcess) {
+    // a first, so that it takes the lease.
+    let pa = a.start(bin, &format!("{prefix}-a"), pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || pa
+            .count_in_log("MQTT dispatch: broker")
+            == 1)
+        .await,
+        "a active:\n{}",
+        pa.log_tail(2000)
+    );
+    let pb = b.start(bin, &format!("{prefix}-b"), pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            pa.count_in_log("MQTT dispatch: broker") == 1 && pb.count_in_log("standby") == 1
+        })
+        .await,
+        "a active and b standby:\n{}\n{}",
+        pa.log_tail(2000),
+        pb.log_tail(2000)
+    );
+    let n = site.len();
+    assert!(
+        wait_until(Duration::from_secs(60), || site.sv1_running() == n).await,
+        "{} of {n} SV1 miners hashing",
+        site.sv1_running()
+    );
+    (pa, pb)
+}
+
 async fn run(bin: PathBuf, pg: &PgCluster) {
     // Firmware-controlled miners only: they sleep whichever instance
     // commands them (parking acts on the proxy a miner is connected to).
@@ -468,31 +507,7 @@ async fn held_through_kill(bin: PathBuf, pg: &PgCluster) {
     } = Stage::start(pg, "field", four(25), (78, 0), Some(50.0), false).await;
     let n = site.len();
     let nominal_kw = site.nominal_w() / 1000.0;
-    // a first, so that it takes the lease.
-    let pa = a.start(&bin, "lease100-a", pg);
-    assert!(
-        wait_until(Duration::from_secs(30), || pa
-            .count_in_log("MQTT dispatch: broker")
-            == 1)
-        .await,
-        "a active:\n{}",
-        pa.log_tail(2000)
-    );
-    let mut pb = b.start(&bin, "lease100-b", pg);
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            pa.count_in_log("MQTT dispatch: broker") == 1 && pb.count_in_log("standby") == 1
-        })
-        .await,
-        "a active and b standby:\n{}\n{}",
-        pa.log_tail(2000),
-        pb.log_tail(2000)
-    );
-    assert!(
-        wait_until(Duration::from_secs(60), || site.sv1_running() == n).await,
-        "{} of {n} SV1 miners hashing through a",
-        site.sv1_running()
-    );
+    let (pa, mut pb) = start_pair(&a, &b, &bin, pg, "lease100", &site).await;
 
     // 40 %: met by a.
     let target = 0.4 * nominal_kw;
@@ -719,31 +734,7 @@ async fn parks_across(bin: PathBuf, pg: &PgCluster) {
         .filter(|m| m.firmware == Firmware::Stock)
         .map(|m| m.worker.clone())
         .collect();
-    // a first, so that it takes the lease.
-    let pa = a.start(&bin, "peers-a", pg);
-    assert!(
-        wait_until(Duration::from_secs(30), || pa
-            .count_in_log("MQTT dispatch: broker")
-            == 1)
-        .await,
-        "a active:\n{}",
-        pa.log_tail(2000)
-    );
-    let mut pb = b.start(&bin, "peers-b", pg);
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            pa.count_in_log("MQTT dispatch: broker") == 1 && pb.count_in_log("standby") == 1
-        })
-        .await,
-        "a active and b standby:\n{}\n{}",
-        pa.log_tail(2000),
-        pb.log_tail(2000)
-    );
-    assert!(
-        wait_until(Duration::from_secs(60), || site.sv1_running() == n).await,
-        "{} of {n} SV1 miners hashing",
-        site.sv1_running()
-    );
+    let (pa, mut pb) = start_pair(&a, &b, &bin, pg, "peers", &site).await;
     // Half the site mines through each instance, and a knows which
     // workers b holds (b's answer to its pushes).
     let at_b = |w: &std::collections::HashMap<String, (bool, bool, u64)>| {
