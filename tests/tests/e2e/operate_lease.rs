@@ -110,6 +110,13 @@ impl Instance {
         Instance { cfg }
     }
 
+    /// Add `text` (whole tables) at the end of the config.
+    fn append(&self, text: &str) {
+        let mut t = std::fs::read_to_string(&self.cfg).unwrap();
+        t.push_str(text);
+        std::fs::write(&self.cfg, t).unwrap();
+    }
+
     fn start(&self, bin: &PathBuf, name: &str, pg: &PgCluster) -> PeerProcess {
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--status-every", "0", "--config"])
@@ -901,5 +908,182 @@ async fn parks_across(bin: PathBuf, pg: &PgCluster) {
         took_over.as_secs_f64()
     );
     drop(site);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loopback TCP relay to `to` that counts the connections it carried:
+/// which instance talks to the VTN, seen from outside both.
+struct Relay {
+    addr: SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (n, s) = (connections.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut c, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = s.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut up) => {}
+                    }
+                });
+            }
+        });
+        Relay {
+            addr,
+            connections,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Signals once, for OpenADR: both instances are configured with the same
+/// VEN of a real openleadr-rs VTN, each through its own counting relay.
+/// Only the holder talks to the VTN and follows its capacity-limit event;
+/// the standby makes no connection at all until it takes the lease, then
+/// connects and follows the same event (ending it puts the site back to
+/// work). The VTN has one report per holder for the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_holder_talks_to_the_vtn() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let bin = gridproxy_bin();
+    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-vtn", "site_ledger"))
+        .await
+        .expect("postgres");
+    tokio::time::timeout(Duration::from_secs(240), vtn_once(bin, &pg))
+        .await
+        .expect("test finished in time");
+}
+
+async fn vtn_once(bin: PathBuf, pg: &PgCluster) {
+    let Stage {
+        site,
+        dir,
+        a,
+        b,
+        _stop: _keep_stop,
+        _pool: _keep_pool,
+        ..
+    } = Stage::start(pg, "vtn", four(2), (80, 0), None, false).await;
+    let vtn = crate::vtn_support::Vtn::up(&dir.join("vtn"));
+    let vtn_addr: SocketAddr = vtn
+        .var("VTN_URL")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("VTN on a loopback address");
+    let utility = vtn.utility("lease-dr", "PT10M").await;
+    let (relay_a, relay_b) = (Relay::start(vtn_addr).await, Relay::start(vtn_addr).await);
+    for (inst, relay) in [(&a, &relay_a), (&b, &relay_b)] {
+        inst.append(&format!(
+            "\n[site.signals.openadr]\nvtn_url = \"http://{}\"\nclient_id = \"{}\"\n\
+             client_secret = \"{}\"\nven_name = \"{}\"\npoll_secs = 1\nwebsocket = false\n\
+             report_secs = 1\n",
+            relay.addr,
+            vtn.var("VEN_CLIENT_ID"),
+            vtn.var("VEN_CLIENT_SECRET"),
+            vtn.var("VEN_NAME"),
+        ));
+    }
+    let (pa, mut pb) = start_pair(&a, &b, &bin, pg, "vtn", &site).await;
+    assert_eq!(pa.count_in_log("OpenADR 3 VEN"), 1, "a runs the VEN");
+    assert!(
+        wait_until(Duration::from_secs(20), || relay_a.connections() > 0).await,
+        "a never reached the VTN:\n{}",
+        pa.log_tail(3000)
+    );
+    // A limit at half the site's draw: a follows it.
+    let nominal_kw = site.nominal_w() / 1000.0;
+    let limit = (nominal_kw * 0.5 * 10.0).round() / 10.0;
+    let mut ev = utility
+        .create_limit("lease-half", limit, "KW")
+        .await
+        .expect("event created");
+    assert!(
+        wait_until(Duration::from_secs(60), || site_kw(&site) <= limit * 1.005).await,
+        "a did not follow the VTN's limit of {limit:.1} kW: {:.1} kW\n{}",
+        site_kw(&site),
+        pa.log_tail(3000)
+    );
+    assert_eq!(
+        (relay_b.connections(), pb.count_in_log("OpenADR 3 VEN")),
+        (0, 0),
+        "the standby talked to the VTN"
+    );
+    let a_conns = relay_a.connections();
+
+    // The holder dies; the standby takes the lease, connects and follows.
+    signal(pa.pid(), "KILL");
+    assert!(
+        pb.wait_for_log("site lease acquired", Duration::from_secs(LEASE_SECS * 4))
+            .await,
+        "b did not take over:\n{}",
+        pb.log_tail(3000)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || relay_b.connections() > 0).await,
+        "b never reached the VTN after taking over:\n{}",
+        pb.log_tail(3000)
+    );
+    // b holds the event's limit (nobody woken by the handover) ...
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        assert!(
+            site_kw(&site) <= limit * 1.005,
+            "b let the site past the VTN's limit: {:.1} kW",
+            site_kw(&site)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and follows its end.
+    crate::vtn_support::cut_short(&mut ev).await;
+    assert!(
+        wait_until(Duration::from_secs(90), || site_kw(&site) > limit * 1.5).await,
+        "b did not end the VTN's event: {:.1} kW\n{}",
+        site_kw(&site),
+        pb.log_tail(3000)
+    );
+    // One report per holder that ran the VEN during the event (a's until
+    // the kill, b's after it: a takeover starts a new one), all under the
+    // site's one VEN name; a standby reporting too would make a third.
+    let reports = ev.get_report_list(None).await.expect("list reports");
+    assert_eq!(reports.len(), 2, "one report per holder");
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.content().client_name == vtn.var("VEN_NAME")),
+        "reports from one VEN"
+    );
+    signal(pb.pid(), "INT");
+    assert!(wait_until(Duration::from_secs(20), || !pb.is_running()).await);
+    println!(
+        "operate_lease (OpenADR once): a's VEN followed a {limit:.1} kW limit through {a_conns} \
+         connections while b made 0; after a's SIGKILL b connected ({} connections) and ended the \
+         event; {} report(s) on the VTN, all from one VEN",
+        relay_b.connections(),
+        reports.len()
+    );
+    drop(site);
+    drop(vtn);
     let _ = std::fs::remove_dir_all(&dir);
 }
