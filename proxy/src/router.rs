@@ -721,6 +721,36 @@ impl Router {
         self.update_worker(worker, |c| c.pinned = pool)
     }
 
+    /// Set park and pin of many workers by name at once, connected or not
+    /// (`(worker, parked, pinned)`): one walk of the miners for the whole
+    /// batch, where [`park_worker`](Self::park_worker) walks once per
+    /// worker. Returns the connections touched.
+    pub fn set_controls(
+        &self,
+        controls: impl IntoIterator<Item = (String, bool, Option<usize>)>,
+    ) -> usize {
+        let n = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let mut names = std::collections::HashSet::new();
+            for (w, parked, pinned) in controls {
+                let c = Control { parked, pinned };
+                if c.is_set() {
+                    st.controls.insert(w.clone(), c);
+                } else {
+                    st.controls.remove(&w);
+                }
+                names.insert(w);
+            }
+            if names.is_empty() {
+                return 0;
+            }
+            Self::sync(st, |w| names.contains(w))
+        };
+        self.reevaluate();
+        n
+    }
+
     /// Whether `worker` is parked (connected or not).
     pub fn is_parked(&self, worker: &str) -> bool {
         self.lock().controls.get(worker).is_some_and(|c| c.parked)
@@ -994,5 +1024,21 @@ mod tests {
         assert_eq!(router.move_to(|w| w == "site.a2", None), 2);
         assert_eq!(router.controlled_workers(), 0);
         assert_eq!(back.cell.assignment().pool, Some(0));
+
+        // A batch: connected and away at once, cleared entries removed.
+        let batch = vec![
+            ("site.a1".to_string(), true, None),
+            ("site.c9".to_string(), false, Some(1)),
+            ("site.a2".to_string(), false, None),
+        ];
+        assert_eq!(
+            router.set_controls(batch),
+            3,
+            "connections: a1 once, a2 twice"
+        );
+        assert!(l1.cell.assignment().parked);
+        assert_eq!(router.pin_of("site.c9"), Some(1));
+        assert_eq!(router.controlled_workers(), 2);
+        assert!(router.register("site.c9").cell.assignment().pool == Some(1));
     }
 }

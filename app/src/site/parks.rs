@@ -280,15 +280,22 @@ impl SiteParks {
                     next.insert(w, (c, name));
                 }
             }
-            for (w, (was, _)) in &g.owned {
-                if !next.contains_key(w) {
-                    apply(router, w, *was, Ctl::default());
-                }
-            }
-            for (w, (c, _)) in &next {
-                let was = g.owned.get(w).map(|(c, _)| *c).unwrap_or_default();
-                apply(router, w, was, *c);
-            }
+            // Only what differs, in one router call (one walk of its
+            // miners for the whole set, not one per worker).
+            let released = g
+                .owned
+                .iter()
+                .filter(|(w, _)| !next.contains_key(*w))
+                .map(|(w, _)| (w.clone(), Ctl::default()));
+            let changed = next
+                .iter()
+                .filter(|(w, (c, _))| g.owned.get(*w).map(|(was, _)| was) != Some(c))
+                .map(|(w, (c, _))| (w.clone(), *c));
+            let batch: Vec<(String, bool, Option<usize>)> = released
+                .chain(changed)
+                .map(|(w, c)| (w, c.parked, c.pool))
+                .collect();
+            router.set_controls(batch);
             g.owned = next;
         }
         self.changed.send_modify(|n| *n += 1);
