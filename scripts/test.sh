@@ -111,7 +111,13 @@ log "cargo test: the end-to-end binary (tests/tests/e2e)"
 # hashing miners, and two of them at once on 2 cores makes timings flaky.
 # (--workspace for the same features as stage 1's builds, see above: only
 # gridproxy-tests has an e2e target.)
-cargo test --workspace --test e2e -- --test-threads=1 "${filter[@]}"
+times=$(mktemp)
+GRIDPROXY_TEST_TIMES=$times cargo test --workspace --test e2e -- --test-threads=1 "${filter[@]}"
+# Where the time went (a test's module holds the gate while it runs; a
+# module that runs its tests at several times is listed once per stretch).
+log "slowest end-to-end modules (seconds):"
+awk '{t[$2]+=$1} END {for (m in t) printf "%8.1f %s\n", t[m], m}' "$times" | sort -rn | head -15 >&2
+rm -f "$times"
 
 if [ "${#filter[@]}" -eq 0 ]; then
   log "the Debian package: built (cargo-deb), installed (dpkg -i), unit verified, installed config checked, served /healthz, stopped by SIGTERM"

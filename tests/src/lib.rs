@@ -86,6 +86,25 @@ pub struct ModuleGate {
 struct GateState {
     module: Option<&'static str>,
     holders: usize,
+    /// When the module in the gate first got in.
+    since: Option<std::time::Instant>,
+}
+
+/// Where each module's time in the gate is appended (`module seconds`), for
+/// the test script's summary of the slowest modules: the environment's
+/// `GRIDPROXY_TEST_TIMES`, if set.
+fn record_module_time(module: &str, secs: f64) {
+    let Some(path) = std::env::var_os("GRIDPROXY_TEST_TIMES") else {
+        return;
+    };
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{secs:8.1} {module}");
+    }
 }
 
 fn gate() -> &'static (Mutex<GateState>, std::sync::Condvar) {
@@ -104,6 +123,9 @@ pub fn module_gate(module: &'static str) -> ModuleGate {
     while st.holders > 0 && st.module != Some(module) {
         st = cvar.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+    if st.holders == 0 {
+        st.since = Some(std::time::Instant::now());
+    }
     st.module = Some(module);
     st.holders += 1;
     ModuleGate { _private: () }
@@ -115,6 +137,9 @@ impl Drop for ModuleGate {
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
         st.holders -= 1;
         if st.holders == 0 {
+            if let (Some(m), Some(t)) = (st.module, st.since.take()) {
+                record_module_time(m, t.elapsed().as_secs_f64());
+            }
             st.module = None;
             cvar.notify_all();
         }
