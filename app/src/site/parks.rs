@@ -220,13 +220,14 @@ impl SiteParks {
         }
         {
             let g = self.lock();
-            if let Some(t) = sync.fence {
-                if t < g.max_fence {
-                    return Err(SyncError::Fenced {
-                        got: t,
-                        seen: g.max_fence,
-                    });
-                }
+            // Once a lease token is known here, a push without one (an
+            // instance with no [site.lease]) is as stale as an older one.
+            let t = sync.fence.unwrap_or(0);
+            if t < g.max_fence {
+                return Err(SyncError::Fenced {
+                    got: t,
+                    seen: g.max_fence,
+                });
             }
         }
         let mut unknown = 0;
@@ -383,6 +384,7 @@ mod tests {
         assert!(router.is_parked("w.1"));
         parks.observe_fence(9);
         assert!(parks.receive(&router, &push(Some(8), vec![])).is_err());
+        assert!(parks.receive(&router, &push(None, vec![])).is_err());
         assert!(parks.receive(&router, &push(Some(9), vec![])).is_ok());
         assert!(!router.is_parked("w.1"));
     }
