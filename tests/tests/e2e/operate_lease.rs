@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::mqtt_support::{Mosquitto, Recorder, PASSWORD};
@@ -39,11 +40,21 @@ fn now_secs() -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_a_site_through_the_lease() {
     let _gate = gridproxy_tests::module_gate(module_path!());
+    with_ledger("lease-site", 180, run).await;
+}
+
+/// A private PostgreSQL cluster (`name`) for the site ledger, then `body`
+/// with the gridproxy binary and it, failed after `limit_secs`.
+async fn with_ledger<F: std::future::Future<Output = ()>>(
+    name: &'static str,
+    limit_secs: u64,
+    body: impl FnOnce(PathBuf, Arc<PgCluster>) -> F,
+) {
     let bin = gridproxy_bin();
-    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-site", "site_ledger"))
+    let pg = tokio::task::spawn_blocking(move || PgCluster::start(name, "site_ledger"))
         .await
         .expect("postgres");
-    tokio::time::timeout(Duration::from_secs(180), run(bin, &pg))
+    tokio::time::timeout(Duration::from_secs(limit_secs), body(bin, Arc::new(pg)))
         .await
         .expect("test finished in time");
 }
@@ -265,7 +276,8 @@ async fn start_pair(
     (pa, pb)
 }
 
-async fn run(bin: PathBuf, pg: &PgCluster) {
+async fn run(bin: PathBuf, pg: Arc<PgCluster>) {
+    let pg = &*pg;
     // Firmware-controlled miners only: they sleep whichever instance
     // commands them (parking acts on the proxy a miner is connected to).
     let Stage {
@@ -490,16 +502,11 @@ async fn run(bin: PathBuf, pg: &PgCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_is_held_through_a_sigkill_of_the_active_instance() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let bin = gridproxy_bin();
-    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-100", "site_ledger"))
-        .await
-        .expect("postgres");
-    tokio::time::timeout(Duration::from_secs(240), held_through_kill(bin, &pg))
-        .await
-        .expect("test finished in time");
+    with_ledger("lease-100", 240, held_through_kill).await;
 }
 
-async fn held_through_kill(bin: PathBuf, pg: &PgCluster) {
+async fn held_through_kill(bin: PathBuf, pg: Arc<PgCluster>) {
+    let pg = &*pg;
     let Stage {
         broker,
         rec,
@@ -704,16 +711,11 @@ async fn workers_at(api: SocketAddr) -> std::collections::HashMap<String, (bool,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parks_follow_the_miner_across_instances() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let bin = gridproxy_bin();
-    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-peers", "site_ledger"))
-        .await
-        .expect("postgres");
-    tokio::time::timeout(Duration::from_secs(240), parks_across(bin, &pg))
-        .await
-        .expect("test finished in time");
+    with_ledger("lease-peers", 240, parks_across).await;
 }
 
-async fn parks_across(bin: PathBuf, pg: &PgCluster) {
+async fn parks_across(bin: PathBuf, pg: Arc<PgCluster>) {
+    let pg = &*pg;
     let Stage {
         broker,
         rec,
@@ -966,16 +968,11 @@ impl Relay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_holder_talks_to_the_vtn() {
     let _gate = gridproxy_tests::module_gate(module_path!());
-    let bin = gridproxy_bin();
-    let pg = tokio::task::spawn_blocking(|| PgCluster::start("lease-vtn", "site_ledger"))
-        .await
-        .expect("postgres");
-    tokio::time::timeout(Duration::from_secs(240), vtn_once(bin, &pg))
-        .await
-        .expect("test finished in time");
+    with_ledger("lease-vtn", 240, vtn_once).await;
 }
 
-async fn vtn_once(bin: PathBuf, pg: &PgCluster) {
+async fn vtn_once(bin: PathBuf, pg: Arc<PgCluster>) {
+    let pg = &*pg;
     let Stage {
         site,
         dir,
