@@ -56,7 +56,7 @@ const PER_KIND: usize = 3;
 /// Blocks the pool announces (each followed by a same-tip job).
 const BLOCKS: usize = 10;
 /// How long one announcement may take to reach every miner and be answered.
-const STEP: Duration = Duration::from_secs(60);
+const STEP: Duration = Duration::from_secs(30);
 /// Version bits the SV1 miners ask for: none, or one of two disjoint masks,
 /// so a session given another session's mask rolls bits outside it.
 const ASK_MASKS: [Option<u32>; 3] = [None, Some(0x1fe0_0000), Some(0x001f_e000)];
@@ -776,25 +776,45 @@ fn sv1_faults(i: usize, log: &Sv1Log, pool: &[Notify], layout: &Layout) -> Vec<S
     for (k, (got, want)) in log.jobs.iter().zip(pool).enumerate() {
         // The first job of a session is clean whatever the pool's was.
         let clean = k == 0 || want.clean_jobs;
-        let same = got.prev_hash == want.prev_hash
-            && got.merkle_branch == want.merkle_branch
-            && got.coinb1 == layout.coinb1(want)
-            && got.coinb2 == layout.coinb2(want)
-            && (got.version, got.nbits, got.ntime) == (want.version, want.nbits, want.ntime)
-            && got.clean_jobs == clean;
-        if !same {
+        let differs: Vec<&str> = [
+            ("prev_hash", got.prev_hash == want.prev_hash),
+            ("merkle_branch", got.merkle_branch == want.merkle_branch),
+            ("coinb1", got.coinb1 == layout.coinb1(want)),
+            ("coinb2", got.coinb2 == layout.coinb2(want)),
+            ("version", got.version == want.version),
+            ("nbits", got.nbits == want.nbits),
+            ("ntime", got.ntime == want.ntime),
+            ("clean_jobs", got.clean_jobs == clean),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(field, _)| field)
+        .collect();
+        if !differs.is_empty() {
+            // Once out of step every later job differs: the first one says it.
             f.push(format!(
-                "sv1 {i}: job {k} is not the pool's job {} (clean {clean}): {got:?}",
-                want.job_id
+                "sv1 {i}: job {k} (id {}, clean {}) is not the pool's job {} (new tip {clean}): \
+                 {differs:?} differ",
+                got.job_id, got.clean_jobs, want.job_id
             ));
+            break;
         }
         if !ids.insert(got.job_id.clone()) {
             f.push(format!("sv1 {i}: job id {} sent twice", got.job_id));
         }
-        match log.answers.get(&k) {
-            Some(Ok(())) => {}
-            other => f.push(format!("sv1 {i}: share on job {k} answered {other:?}")),
-        }
+    }
+    let refused: Vec<_> = (0..log.jobs.len())
+        .filter_map(|k| match log.answers.get(&k) {
+            Some(Ok(())) => None,
+            other => Some((k, other)),
+        })
+        .collect();
+    if let Some((k, answer)) = refused.first() {
+        f.push(format!(
+            "sv1 {i}: {} of {} shares not accepted, the first on job {k}: {answer:?}",
+            refused.len(),
+            log.jobs.len()
+        ));
     }
     f
 }
@@ -835,9 +855,8 @@ fn sv2_faults(name: &str, ch: &ChannelLog, pool: &[Notify], layout: &Layout) -> 
             ch.events.len(),
             want.len(),
             pool.len(),
-            ch.events
+            ch.events.iter().map(brief).collect::<Vec<_>>()
         ));
-        return f;
     }
     let mut last_job = None;
     let mut ids = HashSet::new();
@@ -898,22 +917,50 @@ fn sv2_faults(name: &str, ch: &ChannelLog, pool: &[Notify], layout: &Layout) -> 
             _ => false,
         };
         if !ok {
+            // Once out of step every later message differs: the first one says it.
             f.push(format!(
-                "{name}: {e:?} is not what the pool's job {} (new tip {tip}) makes",
+                "{name}: {} is not what the pool's job {} (new tip {tip}) makes",
+                brief(e),
                 p.job_id
             ));
+            break;
         }
     }
-    if ch.sent as usize != pool.len() || (1..=ch.sent).any(|s| ch.answers.get(&s) != Some(&Ok(())))
-    {
+    let refused: Vec<_> = (1..=ch.sent)
+        .filter_map(|s| match ch.answers.get(&s) {
+            Some(Ok(())) => None,
+            other => Some((s, other)),
+        })
+        .collect();
+    if ch.sent as usize != pool.len() || !refused.is_empty() {
         f.push(format!(
-            "{name}: {} shares for {} jobs, answers {:?}",
+            "{name}: {} shares for {} jobs, {} not accepted, the first: {:?}",
             ch.sent,
             pool.len(),
-            ch.answers
+            refused.len(),
+            refused.first()
         ));
     }
     f
+}
+
+/// A channel's message in a few words (for failure messages).
+fn brief(e: &Sv2Event) -> String {
+    match e {
+        Sv2Event::Job {
+            job_id, min_ntime, ..
+        } => match min_ntime {
+            None => format!("future job {job_id}"),
+            Some(t) => format!("job {job_id} at {t}"),
+        },
+        Sv2Event::PrevHash {
+            job_id, prev_hash, ..
+        } => format!(
+            "SetNewPrevHash(job {job_id}, {})",
+            hex::encode(&prev_hash[..4])
+        ),
+        Sv2Event::Target(t) => format!("SetTarget(difficulty {})", t.to_difficulty()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,33 +1007,56 @@ async fn every_miner_gets_every_clean_job_once_in_order() {
 
     // Every miner has the first `jobs` jobs and every share on them was
     // answered, by gridproxy and by the pool.
-    let caught_up = |jobs: usize| {
-        let sv1 = sv1_logs.iter().all(|l| {
-            let l = l.lock().unwrap();
-            l.jobs.len() >= jobs && l.answers.len() >= jobs
-        });
-        let sv2 = sv2_logs.iter().all(|l| {
-            let l = l.lock().unwrap();
-            l.channels.len() == 2 * PER_KIND
-                && l.channels
-                    .values()
-                    .all(|c| c.deliveries() >= jobs && c.answers.len() >= jobs)
-        });
-        let s = pool.stats();
-        let answered = s.accepted.get() + s.rejected_total();
-        sv1 && sv2 && answered >= (jobs * (SV1_MINERS + channels)) as u64
-    };
-    let lagging = |jobs: usize| {
-        let sv1 = sv1_logs
+    // Miners that do not have the first `jobs` jobs, or an answer to their
+    // share on each (SV1 by index, SV2 channels by connection and id).
+    let behind = |jobs: usize| {
+        let sv1: Vec<String> = sv1_logs
             .iter()
             .enumerate()
             .filter(|(_, l)| {
                 let l = l.lock().unwrap();
                 l.jobs.len() < jobs || l.answers.len() < jobs
             })
-            .map(|(i, _)| i)
-            .take(10)
-            .collect::<Vec<_>>();
+            .map(|(i, _)| format!("sv1 {i}"))
+            .collect();
+        let sv2 = sv2_logs.iter().enumerate().flat_map(|(c, l)| {
+            let l = l.lock().unwrap();
+            let missing = (l.channels.len() < 2 * PER_KIND).then(|| format!("sv2 conn {c} opens"));
+            let late: Vec<String> = l
+                .channels
+                .iter()
+                .filter(|(_, ch)| ch.deliveries() < jobs || ch.answers.len() < jobs)
+                .map(|(id, _)| format!("sv2 conn {c} channel {id}"))
+                .collect();
+            missing.into_iter().chain(late).collect::<Vec<_>>()
+        });
+        sv1.into_iter().chain(sv2).collect::<Vec<_>>()
+    };
+    // The pool answered every share gridproxy accepted (it forwards them all).
+    let pool_answered = || {
+        let accepted: usize = sv1_logs
+            .iter()
+            .map(|l| {
+                l.lock()
+                    .unwrap()
+                    .answers
+                    .values()
+                    .filter(|a| a.is_ok())
+                    .count()
+            })
+            .chain(sv2_logs.iter().flat_map(|l| {
+                let l = l.lock().unwrap();
+                l.channels
+                    .values()
+                    .map(|ch| ch.answers.values().filter(|a| a.is_ok()).count())
+                    .collect::<Vec<_>>()
+            }))
+            .sum();
+        let s = pool.stats();
+        s.accepted.get() + s.rejected_total() >= accepted as u64
+    };
+    let caught_up = |jobs: usize| behind(jobs).is_empty() && pool_answered();
+    let lagging = |jobs: usize| {
         let trouble: Vec<String> = sv2_logs
             .iter()
             .flat_map(|l| l.lock().unwrap().trouble.clone())
@@ -997,8 +1067,13 @@ async fn every_miner_gets_every_clean_job_once_in_order() {
             )
             .take(10)
             .collect();
+        let behind = behind(jobs);
         format!(
-            "SV1 miners behind (first 10): {sv1:?}; trouble: {trouble:?}; pool: {}",
+            "{} miners behind (the first 10: {:?}); trouble: {trouble:?}; pool answered all: {}; \
+             pool: {}",
+            behind.len(),
+            &behind[..behind.len().min(10)],
+            pool_answered(),
             pool_counts(&pool)
         )
     };
