@@ -5,7 +5,7 @@
 //!
 //! - [`config`]: the whole file, with the one loader (file, key and line in every error).
 //! - [`app`]: [`App::start`]: what `gridproxy run` and the end-to-end tests start.
-//! - [`api`]: control API, dashboard, `/metrics` (with [`metrics`]).
+//! - [`api`]: control API, dashboard, `/metrics` (with [`metrics`]); [`http`]: its client and TLS.
 //! - [`reload`]: hot reload (SIGHUP, `POST /api/v1/reload`) without dropping miners.
 //! - [`site`]: `[site]`: the curtailment engine, miners and grid signal sources.
 //! - [`demo`], [`backtest`], [`mix`]: simulated sites (feature `sim`, on by default).
@@ -20,6 +20,7 @@ pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod discover;
+pub mod http;
 pub mod metrics;
 #[cfg(feature = "sim")]
 pub mod mix;

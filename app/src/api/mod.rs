@@ -6,7 +6,7 @@
 //! - [`site`]: what a curtailment driver publishes (site kW, target, price,
 //!   DR events, per-miner state) and the commands it accepts.
 //! - [`live`]: sampled rates and the history behind the dashboard's plots.
-//! - [`client`]: a minimal HTTP/1.1 client for `gridproxy status` and tests.
+//! - [`client`] (from [`crate::http`]): a minimal HTTP/1.1 client for `gridproxy status`, peer pushes and tests.
 //!
 //! Routes (see `GET /api/v1/openapi.json`):
 //!
@@ -20,9 +20,11 @@
 //! A missing or unknown token gets 401, a `read` token on an `operate`
 //! route 403.
 
-pub mod client;
 pub mod live;
-pub mod tls;
+
+/// The HTTP client and TLS setup live in [`crate::http`] (the site's peer
+/// pushes use them too); here under their old paths.
+pub use crate::http::{client, tls};
 
 use crate::config::api::{ApiConfig, Role, Token};
 use crate::metrics::Metrics;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{resolve_secret, PeerConfig};
 use super::handle::{now_ms, PeerView, SiteHandle};
 use super::parks::{ParkSync, SiteParks, SyncReply};
-use crate::api::client;
+use crate::http::client;
 
 /// Bound on one push (connect, send, answer).
 const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,7 +49,7 @@ impl Link {
             .ok_or_else(|| anyhow::anyhow!("{key}: none given"))?;
         let tls = match &p.ca_file {
             Some(ca) => Some(
-                crate::api::tls::connector(ca)
+                crate::http::tls::connector(ca)
                     .map_err(|e| anyhow::anyhow!("site.peers[{i}].ca_file: {e}"))?,
             ),
             None => None,
