@@ -297,8 +297,36 @@ pub fn format_fleet(v: &serde_json::Value) -> String {
                 ));
             }
         }
+    } else if s["lease"].is_object() {
+        out.push_str("site: standby (another instance holds the site lease and runs the engine)\n");
     } else {
         out.push_str("site: no curtailment driver attached\n");
+    }
+    if s["lease"]["held"].as_bool() == Some(true) {
+        out.push_str(&format!(
+            "site lease: held, token {}\n",
+            s["lease"]["token"]
+        ));
+    }
+    if let Some(n) = s["parks"].as_u64().filter(|&n| n > 0) {
+        out.push_str(&format!("site parks and pins in force here: {n}\n"));
+    }
+    for p in s["peers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "peer {:<10} {:<4} {} workers, {} parks{}\n",
+            p["name"].as_str().unwrap_or("?"),
+            if p["up"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "down"
+            },
+            p["workers"],
+            p["applied"],
+            p["error"]
+                .as_str()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default()
+        ));
     }
     out
 }
@@ -317,6 +345,35 @@ pub fn si(v: f64, unit: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `gridproxy status` says which instance runs the site and how its
+    /// peers are doing.
+    #[test]
+    fn status_shows_the_lease_and_the_peers() {
+        let holder = serde_json::json!({
+            "site": {"attached": true, "site_kw": 10.0, "nominal_kw": 20.0, "mode": "dispatch",
+                     "miners_curtailed": 2, "miners_total": 4, "parks": 2,
+                     "lease": {"held": true, "token": 7},
+                     "peers": [{"name": "b", "up": false, "workers": 3, "applied": 2,
+                                "error": "connect 127.0.0.1:9: refused"}]}
+        });
+        let t = format_fleet(&holder);
+        assert!(t.contains("site lease: held, token 7"), "{t}");
+        assert!(t.contains("site parks and pins in force here: 2"), "{t}");
+        assert!(
+            t.contains("peer b") && t.contains("down") && t.contains("refused"),
+            "{t}"
+        );
+        let standby =
+            serde_json::json!({"site": {"attached": false, "lease": {"held": false, "token": 0}}});
+        let t = format_fleet(&standby);
+        assert!(
+            t.contains("site: standby") && !t.contains("site lease: held"),
+            "{t}"
+        );
+        let alone = format_fleet(&serde_json::json!({"site": {"attached": false}}));
+        assert!(alone.contains("no curtailment driver attached"), "{alone}");
+    }
 
     #[test]
     fn parses_plain_and_chunked() {
