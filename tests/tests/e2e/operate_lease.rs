@@ -765,6 +765,22 @@ async fn parks_across(bin: PathBuf, pg: Arc<PgCluster>) {
     assert_eq!(fleet["site"]["peers"][0]["name"], "b", "{fleet}");
     assert_eq!(fleet["site"]["peers"][0]["workers"], n / 2, "{fleet}");
     assert_eq!(metric(api_a, "gridproxy_site_peer_up").await, 1.0);
+    // `gridproxy status` says the same, for an operator.
+    let status = |api: SocketAddr| {
+        let out = Command::new(&bin)
+            .args(["status", "--api", &api.to_string(), "--token", TOKEN])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let sa = status(api_a);
+    assert!(
+        sa.contains("site lease: held, token 1") && sa.contains("peer b") && sa.contains(" up "),
+        "status of a:\n{sa}"
+    );
+    let sb = status(api_b);
+    assert!(sb.contains("site: standby"), "status of b:\n{sb}");
 
     let before_zero = workers_at(api_b).await;
     // 0 %: LuxOS miners sleep; stock miners are parked, at a by its engine
