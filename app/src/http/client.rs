@@ -227,6 +227,22 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+/// `up` for a JSON `true`, else `down`.
+fn up_down(v: &serde_json::Value) -> &'static str {
+    if v.as_bool() == Some(true) {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+/// `  last error: …` for a JSON string, else nothing.
+fn last_error(v: &serde_json::Value) -> String {
+    v.as_str()
+        .map(|e| format!("  last error: {e}"))
+        .unwrap_or_default()
+}
+
 /// A readable fleet summary from `GET /api/v1/fleet` (for `gridproxy status`).
 pub fn format_fleet(v: &serde_json::Value) -> String {
     let mut out = String::new();
@@ -253,19 +269,12 @@ pub fn format_fleet(v: &serde_json::Value) -> String {
             out.push_str(&format!(
                 "pool {:<10} {:<4} {:>5} miners  sent {} acked {} rejected {}{}\n",
                 p["name"].as_str().unwrap_or("?"),
-                if p["live"].as_bool() == Some(true) {
-                    "up"
-                } else {
-                    "down"
-                },
+                up_down(&p["live"]),
                 p["miners"],
                 p["submitted"],
                 p["accepted"],
                 p["rejected"],
-                p["last_error"]
-                    .as_str()
-                    .map(|e| format!("  last error: {e}"))
-                    .unwrap_or_default()
+                last_error(&p["last_error"])
             ));
         }
     }
@@ -315,17 +324,10 @@ pub fn format_fleet(v: &serde_json::Value) -> String {
         out.push_str(&format!(
             "peer {:<10} {:<4} {} workers, {} parks{}\n",
             p["name"].as_str().unwrap_or("?"),
-            if p["up"].as_bool() == Some(true) {
-                "up"
-            } else {
-                "down"
-            },
+            up_down(&p["up"]),
             p["workers"],
             p["applied"],
-            p["error"]
-                .as_str()
-                .map(|e| format!("  last error: {e}"))
-                .unwrap_or_default()
+            last_error(&p["error"])
         ));
     }
     out
