@@ -335,7 +335,15 @@ async fn fixture_sv2_miners_standard_and_extended_through_gridproxy() {
     assert_eq!(proxy.ctx.router.move_to(|_| true, Some(1)), 6);
     wait_fixture(&std, s1.accepted + 10, "standard after a pool move", &pool).await;
     wait_fixture(&ext, e1.accepted + 10, "extended after a pool move", &pool).await;
-    assert!(pools[1].stats.accepted.get() > before);
+    // The pool's answers to the forwarded shares come after the miners'
+    // (answered by gridproxy at once): wait for them.
+    assert!(
+        wait_until(Duration::from_secs(20), || pools[1].stats.accepted.get()
+            > before)
+        .await,
+        "upstream 1 acknowledged no share after the move ({} before)",
+        before
+    );
     let shares = proxy.ctx.router.shares();
     assert_eq!((shares[0].miners, shares[1].miners), (0, 6), "{shares:?}");
     std.stop();
