@@ -1,6 +1,6 @@
 //! Parking across instances (`[[site.peers]]`): while this instance runs
 //! the engine, it pushes the site's whole set of parks and pins
-//! ([`SiteParks`]) to every other instance's control API
+//! ([`SiteParks`](super::parks::SiteParks)) to every other instance's control API
 //! (`POST /api/v1/site/parks`, an `operate` token of that instance), at
 //! once on a change and every `peer_sync_secs` besides, so a miner is
 //! parked or moved wherever it connects, and a peer that restarted or
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{resolve_secret, PeerConfig};
 use super::handle::{now_ms, PeerView, SiteHandle};
-use super::parks::{ParkSync, SiteParks, SyncReply};
+use super::parks::{ParkSync, SyncReply};
 use crate::http::client;
 
 /// Bound on one push (connect, send, answer).
@@ -112,7 +112,6 @@ pub fn spawn(
         .map(|link| {
             tokio::spawn(run(
                 link,
-                site.parks.clone(),
                 every,
                 from.clone(),
                 fence,
@@ -125,13 +124,13 @@ pub fn spawn(
 
 async fn run(
     link: Link,
-    parks: Arc<SiteParks>,
     every: Duration,
     from: String,
     fence: Option<u64>,
     site: Arc<SiteHandle>,
     stop: CancellationToken,
 ) {
+    let parks = &site.parks;
     let mut changed = parks.subscribe();
     let mut view = PeerView {
         name: link.name.clone(),

@@ -644,6 +644,35 @@ async fn sv2_session(addr: SocketAddr, conn: usize, log: &Mutex<Sv2Log>) -> Resu
     }
 }
 
+/// Record a channel the proxy opened for request `ids.0` as `ids.1`.
+fn open_channel(
+    log: &mut Sv2Log,
+    opening: &mut BTreeMap<u32, (Kind, f64)>,
+    (request_id, channel_id): (u32, u32),
+    target: Target,
+    prefix: Vec<u8>,
+    en2_size: usize,
+) -> Result<Option<MiningOwned>, String> {
+    let (kind, difficulty) = opening
+        .remove(&request_id)
+        .ok_or(format!("success for request {request_id}"))?;
+    let ch = ChannelLog {
+        kind,
+        difficulty,
+        target,
+        prefix,
+        en2_size,
+        events: vec![],
+        tip: None,
+        sent: 0,
+        answers: BTreeMap::new(),
+    };
+    if log.channels.insert(channel_id, ch).is_some() {
+        return Err(format!("channel id {channel_id} given twice"));
+    }
+    Ok(None)
+}
+
 /// Record one message; when it gives a channel new work, the share on it.
 fn on_sv2_message(
     log: &mut Sv2Log,
@@ -652,44 +681,24 @@ fn on_sv2_message(
 ) -> Result<Option<MiningOwned>, String> {
     let (channel_id, event) = match m {
         MiningOwned::OpenStandardMiningChannelSuccess(s) => {
-            let (kind, difficulty) = opening
-                .remove(&s.request_id)
-                .ok_or(format!("success for request {}", s.request_id))?;
-            let ch = ChannelLog {
-                kind,
-                difficulty,
-                target: Target::from_le_bytes(s.target.to_array()),
-                prefix: s.extranonce_prefix.as_bytes().to_vec(),
-                en2_size: 0,
-                events: vec![],
-                tip: None,
-                sent: 0,
-                answers: BTreeMap::new(),
-            };
-            if log.channels.insert(s.channel_id, ch).is_some() {
-                return Err(format!("channel id {} given twice", s.channel_id));
-            }
-            return Ok(None);
+            return open_channel(
+                log,
+                opening,
+                (s.request_id, s.channel_id),
+                Target::from_le_bytes(s.target.to_array()),
+                s.extranonce_prefix.as_bytes().to_vec(),
+                0,
+            );
         }
         MiningOwned::OpenExtendedMiningChannelSuccess(s) => {
-            let (kind, difficulty) = opening
-                .remove(&s.request_id)
-                .ok_or(format!("success for request {}", s.request_id))?;
-            let ch = ChannelLog {
-                kind,
-                difficulty,
-                target: Target::from_le_bytes(s.target.to_array()),
-                prefix: s.extranonce_prefix.as_bytes().to_vec(),
-                en2_size: s.extranonce_size as usize,
-                events: vec![],
-                tip: None,
-                sent: 0,
-                answers: BTreeMap::new(),
-            };
-            if log.channels.insert(s.channel_id, ch).is_some() {
-                return Err(format!("channel id {} given twice", s.channel_id));
-            }
-            return Ok(None);
+            return open_channel(
+                log,
+                opening,
+                (s.request_id, s.channel_id),
+                Target::from_le_bytes(s.target.to_array()),
+                s.extranonce_prefix.as_bytes().to_vec(),
+                s.extranonce_size as usize,
+            );
         }
         MiningOwned::NewMiningJob(j) => (
             j.channel_id,
