@@ -6,6 +6,7 @@
 //! tables in its own file (with `[api]` and `[site]`) and names file and line
 //! in errors; here an error names the key.
 
+use crate::accounts::{slot_name, AccountConfig, Accounts};
 use crate::endpoint::{PoolAddress, Scheme};
 use gridproxy_protocol::sv2::AuthorityPublicKey;
 use serde::Deserialize;
@@ -33,6 +34,10 @@ pub struct ProxyConfig {
     /// Extranonce layout.
     #[serde(default)]
     pub extranonce: ExtranonceConfig,
+    /// Accounts: which pool user each group of miners' shares go out under
+    /// (none: every share under the pools' own `user`).
+    #[serde(default)]
+    pub accounts: Vec<AccountConfig>,
 }
 
 /// Upstream protocol.
@@ -108,6 +113,14 @@ pub struct PoolConfig {
     /// refuses the connection). Changing it reconnects the pool.
     #[serde(default = "yes")]
     pub worker_identity: bool,
+    /// The account this upstream slot serves (`None`: the default account);
+    /// set by [`ProxyConfig::slots`], never read from the file.
+    #[serde(skip)]
+    pub account: Option<String>,
+    /// The `[[pools]]` entry this slot was made from (empty: `name`); read
+    /// it with [`PoolConfig::pool_name`].
+    #[serde(skip)]
+    pub base: String,
 }
 
 /// Default [`PoolConfig::max_line`]: 1 MiB, a coinbase of ~15,000 outputs.
@@ -120,6 +133,15 @@ fn default_pool_max_line() -> usize {
 }
 
 impl PoolConfig {
+    /// The `[[pools]]` name (a slot of an account is named `pool@account`).
+    pub fn pool_name(&self) -> &str {
+        if self.base.is_empty() {
+            &self.name
+        } else {
+            &self.base
+        }
+    }
+
     /// The protocol: `protocol` if given, else the address URL's scheme.
     /// [`ProxyConfig::validate`] refuses a pool with neither (or with the
     /// two disagreeing); unvalidated, such a pool is taken as SV2, which
@@ -221,6 +243,7 @@ impl std::fmt::Debug for PoolConfig {
             .field("nominal_hashrate", &self.nominal_hashrate)
             .field("max_line", &self.max_line)
             .field("worker_identity", &self.worker_identity)
+            .field("account", &self.account)
             .finish()
     }
 }
@@ -642,6 +665,23 @@ impl ProxyConfig {
                 ));
             }
         }
+        Accounts::new(&self.accounts).map_err(|(key, message)| bad(key, message))?;
+        for (i, a) in self.accounts.iter().enumerate() {
+            if let Some(p) = a.pools.keys().find(|p| !self.pools.iter().any(|q| &q.name == *p)) {
+                return Err(bad(
+                    format!("accounts[{i}].pools"),
+                    format!("{p:?} is not a [[pools]] name"),
+                ));
+            }
+        }
+        if !self.accounts.is_empty() {
+            if let Some(i) = self.pools.iter().position(|p| p.name.contains('@')) {
+                return Err(bad(
+                    format!("pools[{i}].name"),
+                    "with [[accounts]], a pool name may not hold '@' (an account's upstream is named pool@account)".into(),
+                ));
+            }
+        }
         let en = &self.extranonce;
         if !(4..=8).contains(&en.extranonce2_size) {
             return Err(bad(
@@ -769,6 +809,33 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The upstream sessions to run: one per (pool, account). The default
+    /// account's slots come first, one per pool in file order, so without
+    /// accounts the slots are the pools; then each account's, in the order
+    /// of its entry and of the pools.
+    pub fn slots(&self) -> Vec<PoolConfig> {
+        let mut slots: Vec<PoolConfig> = self.pools.clone();
+        for a in &self.accounts {
+            for p in &self.pools {
+                if let Some(login) = a.pools.get(&p.name) {
+                    let mut s = p.clone();
+                    s.name = slot_name(&p.name, Some(&a.name));
+                    s.base = p.name.clone();
+                    s.account = Some(a.name.clone());
+                    s.user = login.user.clone();
+                    s.password = login.password.clone();
+                    slots.push(s);
+                }
+            }
+        }
+        slots
+    }
+
+    /// The accounts, compiled for matching (empty when they do not validate).
+    pub fn compiled_accounts(&self) -> Accounts {
+        Accounts::new(&self.accounts).unwrap_or_default()
     }
 
     /// Pools sorted by priority, keeping file order within a priority.

@@ -1,5 +1,6 @@
 //! gridproxy's proxy engine: miners in, pools out.
 //!
+//! - [`accounts`]: which pool user each miner's shares go out under (`[[accounts]]`, matched by worker name, listener, source network).
 //! - [`config`]: [`ProxyConfig`]: pools, listeners, limits, difficulty, routing, extranonce.
 //! - [`endpoint`]: pool and host addresses as people write them (`host:port`, `stratum+tcp://`, `stratum2+tcp://…/<key>`), resolved at connect.
 //! - [`proxy`]: [`Proxy::start`], live [`Proxy::reconfigure`], an awaited [`Proxy::shutdown`], a restart's [`Proxy::drain`].
@@ -14,6 +15,7 @@
 //! above it: the application (`gridproxy`) embeds it.
 #![warn(missing_docs)]
 
+pub mod accounts;
 pub mod config;
 pub mod downstream;
 pub mod drain;

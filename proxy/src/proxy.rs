@@ -55,7 +55,7 @@ impl Proxy {
         let upstreams = upstream::Upstreams::default();
         let mut handles = Vec::new();
         let mut stops = Vec::new();
-        for (index, pool) in cfg.pools.iter().enumerate() {
+        for (index, pool) in cfg.slots().iter().enumerate() {
             let stop = shutdown.child_token();
             let stats = Arc::new(PoolStats::new(&pool.name));
             handles.push(upstream::spawn(
@@ -140,7 +140,9 @@ impl Proxy {
     }
 
     /// Put a new configuration in force without dropping a miner: pools
-    /// (added, removed, re-addressed), priorities and split weights, routing
+    /// (added, removed, re-addressed), accounts (a miner whose account
+    /// changed moves to the new account's upstream on its next job),
+    /// priorities and split weights, routing
     /// timings, difficulty (at each channel's next retarget) and limits (the
     /// connection cap at once, per-connection limits for new connections).
     /// Listener addresses and keys and the extranonce layout need a restart
@@ -156,6 +158,7 @@ impl Proxy {
         let mut sections = Vec::new();
         for (name, changed) in [
             ("pools", old.pools != new.pools),
+            ("accounts", old.accounts != new.accounts),
             ("routing", old.routing != new.routing),
             ("limits", old.limits != new.limits),
             ("difficulty", old.difficulty != new.difficulty),
@@ -164,7 +167,10 @@ impl Proxy {
                 sections.push(name);
             }
         }
-        let pools = if sections.contains(&"pools") || sections.contains(&"routing") {
+        let pools = if ["pools", "accounts", "routing"]
+            .iter()
+            .any(|s| sections.contains(s))
+        {
             let (routing, extranonce) = (new.routing.clone(), new.extranonce.clone());
             ctx.router.reconfigure(&new, |index, pool, stats| {
                 let stop = ctx.shutdown.child_token();

@@ -15,9 +15,17 @@
 //! and a wake-up, not a reconnect. A `watch` per miner did the same in 344
 //! bytes; at 19k miners per process every byte per miner counts.
 //!
+//! With `[[accounts]]`, every miner belongs to one account (matched on
+//! register by worker name, listener and source) and is routed among that
+//! account's slots only (one upstream per pool and account, see
+//! [`crate::accounts`]): failover, the weighted split and rebalancing run
+//! per account over the same priorities and weights. A pin names a pool;
+//! it takes the miner to its own account's slot of that pool.
+//!
 //! The router's map is locked on connect, disconnect and re-evaluation only,
 //! never on the share path.
 
+use crate::accounts::{Accounts, Origin, DEFAULT_ACCOUNT};
 use crate::config::{PoolConfig, ProxyConfig, RoutingConfig};
 use crate::stats::PoolStats;
 use crate::upstream::PoolHandle;
@@ -104,6 +112,8 @@ pub struct Lease {
     pub id: u64,
     /// Assignment and hashrate, shared with the router.
     pub cell: Arc<MinerCell>,
+    /// The account the miner was matched to when it registered.
+    pub account: usize,
 }
 
 impl Drop for Lease {
@@ -115,6 +125,10 @@ impl Drop for Lease {
 struct Entry {
     cell: Arc<MinerCell>,
     worker: String,
+    /// Where it connected from, to match it again when the accounts change.
+    origin: Origin,
+    account: usize,
+    /// A slot of `account`.
     home: usize,
     /// Copies of the worker's [`Control`], kept in step by the router.
     pinned: Option<usize>,
@@ -145,6 +159,8 @@ struct Health {
 /// retired (its task stopped, never live again) so indices stay stable.
 struct Slot {
     config: PoolConfig,
+    /// The account it serves (`usize::MAX` once retired).
+    account: usize,
     retired: bool,
     stop: Option<CancellationToken>,
 }
@@ -159,6 +175,7 @@ struct State {
     /// Active slots by priority (then config order).
     order: Vec<usize>,
     cfg: RoutingConfig,
+    accounts: Accounts,
     /// When the miners were last walked (see [`Router::tick`]).
     walked_at: Instant,
 }
@@ -166,7 +183,8 @@ struct State {
 /// See [`Router::standing`].
 struct Standing {
     now: Instant,
-    best: Option<usize>,
+    /// By account.
+    best: Vec<Option<usize>>,
 }
 
 impl State {
@@ -186,14 +204,36 @@ impl State {
         self.order = order;
     }
 
-    /// The pools of the best priority: the weighted split shares miners among them.
-    fn split_group(&self) -> Vec<usize> {
-        let best = self.order.first().map(|&i| self.priority(i)).unwrap_or(0);
+    /// Account `a`'s active slots by priority.
+    fn account_order(&self, a: usize) -> impl Iterator<Item = usize> + '_ {
         self.order
             .iter()
             .copied()
-            .filter(|&i| self.priority(i) == best)
+            .filter(move |&i| self.slots[i].account == a)
+    }
+
+    /// Account `a`'s slots of the best priority: the weighted split shares
+    /// its miners among them.
+    fn split_group(&self, a: usize) -> Vec<usize> {
+        let best = self.account_order(a).next().map(|i| self.priority(i));
+        self.account_order(a)
+            .filter(|&i| Some(self.priority(i)) == best)
             .collect()
+    }
+
+    /// The slot of account `a` for the pool that slot `p` is of.
+    fn slot_of(&self, a: usize, p: usize) -> Option<usize> {
+        let name = self.slots.get(p)?.config.pool_name();
+        self.account_order(a)
+            .find(|&i| self.slots[i].config.pool_name() == name)
+    }
+
+    /// The account index of a slot's config (`usize::MAX`: no such account).
+    fn account_index(&self, c: &PoolConfig) -> usize {
+        match &c.account {
+            None => DEFAULT_ACCOUNT,
+            Some(n) => self.accounts.index_of(n).unwrap_or(usize::MAX),
+        }
     }
 
     /// Pool totals of measured hashrate by home, within the split group.
@@ -219,9 +259,10 @@ impl State {
         (totals, avg)
     }
 
-    /// The split-group pool furthest below its weighted share: a new home.
-    fn pick_home(&self) -> usize {
-        let group = self.split_group();
+    /// The split-group slot of account `a` furthest below its weighted
+    /// share: a new home (`usize::MAX` when the account has no slot).
+    fn pick_home(&self, a: usize) -> usize {
+        let group = self.split_group(a);
         let (totals, avg) = self.home_totals(&group);
         let sum: f64 = totals.values().sum::<f64>() + avg;
         let wsum: f64 = group.iter().map(|&p| self.weight(p)).sum();
@@ -233,15 +274,17 @@ impl State {
                 let db = self.weight(b) / wsum * sum - totals[&b];
                 da.partial_cmp(&db).unwrap_or(std::cmp::Ordering::Equal)
             })
-            .unwrap_or(0)
+            .unwrap_or(usize::MAX)
     }
 }
 
 /// Per-pool summary for status output.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PoolShare {
-    /// Pool index.
+    /// Pool (slot) index.
     pub pool: usize,
+    /// The account the slot serves (`default`: the pool's own user).
+    pub account: String,
     /// Miners assigned now.
     pub miners: usize,
     /// Their measured hashrate (H/s).
@@ -250,6 +293,25 @@ pub struct PoolShare {
     pub live: bool,
     /// Removed by a reload (kept so indices stay stable).
     pub retired: bool,
+}
+
+/// One account's totals over its upstream slots.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct AccountTotals {
+    /// Account name (`default`: the pools' own user).
+    pub name: String,
+    /// Its upstream slots, by name (`pool` or `pool@account`).
+    pub slots: Vec<String>,
+    /// Miners connected in it now.
+    pub miners: usize,
+    /// Their measured hashrate (H/s).
+    pub hashrate: f64,
+    /// Shares forwarded to its pools.
+    pub submitted: u64,
+    /// Shares its pools accepted.
+    pub accepted: u64,
+    /// Shares its pools rejected.
+    pub rejected: u64,
 }
 
 /// What a [`Router::reconfigure`] changed, by pool name.
@@ -265,6 +327,9 @@ pub struct Reconfigured {
     pub updated: Vec<String>,
     /// Miners given a new home pool.
     pub rehomed: usize,
+    /// Connected miners whose account changed (they move to the new
+    /// account's upstream without reconnecting).
+    pub remapped: usize,
 }
 
 impl Reconfigured {
@@ -275,6 +340,7 @@ impl Reconfigured {
             && self.replaced.is_empty()
             && self.updated.is_empty()
             && self.rehomed == 0
+            && self.remapped == 0
     }
 }
 
@@ -314,7 +380,9 @@ impl Router {
         pools: Vec<PoolHandle>,
         stops: Vec<CancellationToken>,
     ) -> Arc<Self> {
-        let n = cfg.pools.len();
+        let configs = cfg.slots();
+        let n = configs.len();
+        let accounts = cfg.compiled_accounts();
         let mut stops = stops.into_iter();
         let mut st = State {
             miners: HashMap::new(),
@@ -328,17 +396,21 @@ impl Router {
                 };
                 n
             ],
-            slots: cfg
-                .pools
+            slots: configs
                 .iter()
                 .map(|p| Slot {
                     config: p.clone(),
+                    account: match &p.account {
+                        None => DEFAULT_ACCOUNT,
+                        Some(a) => accounts.index_of(a).unwrap_or(usize::MAX),
+                    },
                     retired: false,
                     stop: stops.next(),
                 })
                 .collect(),
             order: Vec::new(),
             cfg: cfg.routing.clone(),
+            accounts,
             walked_at: Instant::now(),
         };
         st.reorder();
@@ -368,10 +440,18 @@ impl Router {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Register a miner of `worker` name; picks its home pool by weighted deficit.
+    /// Register a miner of `worker` name whose origin is not known (it
+    /// matches only accounts that ask for a name alone).
     pub fn register(self: &Arc<Self>, worker: &str) -> Lease {
+        self.register_from(worker, Origin::default())
+    }
+
+    /// Register a miner of `worker` name from `origin`: matches its account
+    /// and picks its home among the account's pools by weighted deficit.
+    pub fn register_from(self: &Arc<Self>, worker: &str, origin: Origin) -> Lease {
         let mut st = self.lock();
-        let home = st.pick_home();
+        let account = st.accounts.account_of(worker, origin);
+        let home = st.pick_home(account);
         let id = st.next_id;
         st.next_id += 1;
         let none = Assignment {
@@ -383,6 +463,8 @@ impl Router {
         let entry = Entry {
             cell: Arc::new(MinerCell::new(none)),
             worker: worker.to_string(),
+            origin,
+            account,
             home,
             pinned: control.pinned,
             parked: control.parked,
@@ -398,6 +480,7 @@ impl Router {
             router: self.clone(),
             id,
             cell,
+            account,
         }
     }
 
@@ -428,12 +511,13 @@ impl Router {
     /// back from a failure is not, until its cooldown ends), else the first
     /// live one.
     fn standing(st: &State, now: Instant) -> Standing {
-        let best = st
-            .order
-            .iter()
-            .copied()
-            .find(|&p| Self::usable(st, p, now))
-            .or_else(|| st.order.iter().copied().find(|&p| st.health[p].live));
+        let best = (0..st.accounts.names().len())
+            .map(|a| {
+                st.account_order(a)
+                    .find(|&p| Self::usable(st, p, now))
+                    .or_else(|| st.account_order(a).find(|&p| st.health[p].live))
+            })
+            .collect();
         Standing { now, best }
     }
 
@@ -444,17 +528,22 @@ impl Router {
                 parked: true,
             };
         }
-        let want = e.pinned.unwrap_or(e.home);
-        if Self::usable(st, want, at.now) {
+        let best = at.best.get(e.account).copied().flatten();
+        let want = e
+            .pinned
+            .and_then(|p| st.slot_of(e.account, p))
+            .unwrap_or(e.home);
+        let mine = |p: usize| st.slots.get(p).is_some_and(|s| s.account == e.account);
+        if mine(want) && Self::usable(st, want, at.now) {
             return Assignment {
                 pool: Some(want),
                 parked: false,
             };
         }
-        // Failover to the best pool; a miner already on a live pool of its
-        // standing stays.
-        if let (Some(c), Some(b)) = (e.cell.assignment().pool, at.best) {
-            if st.health[c].live && c != want && st.priority(c) <= st.priority(b) {
+        // Failover to the account's best pool; a miner already on a live
+        // pool of its standing stays.
+        if let (Some(c), Some(b)) = (e.cell.assignment().pool, best) {
+            if mine(c) && st.health[c].live && c != want && st.priority(c) <= st.priority(b) {
                 return Assignment {
                     pool: Some(c),
                     parked: false,
@@ -462,7 +551,7 @@ impl Router {
             }
         }
         Assignment {
-            pool: at.best,
+            pool: best,
             parked: false,
         }
     }
@@ -517,10 +606,23 @@ impl Router {
         due.then(|| self.reevaluate())
     }
 
-    /// Move miners between homes so measured hashrate follows the weights.
+    /// Move miners between homes so measured hashrate follows the weights,
+    /// within each account.
     pub fn rebalance(&self) -> usize {
         let mut st = self.lock();
-        let group = st.split_group();
+        let mut moved = 0;
+        for a in 0..st.accounts.names().len() {
+            moved += Self::rebalance_account(&mut st, a);
+        }
+        drop(st);
+        if moved > 0 {
+            self.reevaluate();
+        }
+        moved
+    }
+
+    fn rebalance_account(st: &mut State, account: usize) -> usize {
+        let group = st.split_group(account);
         if group.len() < 2 {
             return 0;
         }
@@ -568,10 +670,6 @@ impl Router {
                 None => break,
             }
         }
-        drop(st);
-        if moved > 0 {
-            self.reevaluate();
-        }
         moved
     }
 
@@ -593,8 +691,9 @@ impl Router {
         let mut added = Vec::new();
         {
             let mut st = self.lock();
+            let old_accounts = std::mem::replace(&mut st.accounts, cfg.compiled_accounts());
             let mut seen = vec![false; st.slots.len()];
-            for pc in &cfg.pools {
+            for pc in &cfg.slots() {
                 let found = (0..st.slots.len())
                     .find(|&i| !st.slots[i].retired && st.slots[i].config.name == pc.name);
                 match found {
@@ -623,6 +722,7 @@ impl Router {
                         pools.push(handle);
                         st.slots.push(Slot {
                             config: pc.clone(),
+                            account: usize::MAX,
                             retired: false,
                             stop: Some(stop),
                         });
@@ -646,12 +746,34 @@ impl Router {
                     }
                 }
             }
+            // Account indices may have moved with the accounts' order.
+            for i in 0..st.slots.len() {
+                st.slots[i].account = if st.slots[i].retired {
+                    usize::MAX
+                } else {
+                    st.account_index(&st.slots[i].config)
+                };
+            }
             st.cfg = cfg.routing.clone();
             st.reorder();
             *self.pools.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pools);
-            // Pins to pools that are gone are void; homes outside the new
-            // split group are reassigned one by one, so each pick sees the last.
-            let group = st.split_group();
+            // Miners are matched to the new accounts; pins to pools that are
+            // gone are void; homes outside their account's split group are
+            // reassigned one by one, so each pick sees the last.
+            let groups: Vec<Vec<usize>> = (0..st.accounts.names().len())
+                .map(|a| st.split_group(a))
+                .collect();
+            let State {
+                miners, accounts, ..
+            } = &mut *st;
+            for e in miners.values_mut() {
+                // By name: indices shift when accounts come and go.
+                let a = accounts.account_of(&e.worker, e.origin);
+                if old_accounts.names().get(e.account) != accounts.names().get(a) {
+                    out.remapped += 1;
+                }
+                e.account = a;
+            }
             let retired: Vec<bool> = st.slots.iter().map(|s| s.retired).collect();
             let mut stray = Vec::new();
             for c in st.controls.values_mut() {
@@ -664,13 +786,13 @@ impl Router {
                 if e.pinned.is_some_and(|p| retired[p]) {
                     e.pinned = None;
                 }
-                if !group.contains(&e.home) {
-                    stray.push(*id);
+                if !groups.get(e.account).is_some_and(|g| g.contains(&e.home)) {
+                    stray.push((*id, e.account));
                     e.home = usize::MAX;
                 }
             }
-            for id in stray {
-                let home = st.pick_home();
+            for (id, account) in stray {
+                let home = st.pick_home(account);
                 if let Some(e) = st.miners.get_mut(&id) {
                     e.home = home;
                     out.rehomed += 1;
@@ -834,6 +956,11 @@ impl Router {
         let mut v: Vec<PoolShare> = (0..st.slots.len())
             .map(|p| PoolShare {
                 pool: p,
+                account: st.slots[p]
+                    .config
+                    .account
+                    .clone()
+                    .unwrap_or_else(|| crate::accounts::DEFAULT_NAME.into()),
                 miners: 0,
                 hashrate: 0.0,
                 live: st.health[p].live,
@@ -847,6 +974,68 @@ impl Router {
             }
         }
         v
+    }
+
+    /// Account names by index (`default`, the pools' own user, first).
+    pub fn account_names(&self) -> Vec<String> {
+        self.lock().accounts.names().to_vec()
+    }
+
+    /// Each account's miners, hashrate and pool share counts (summed over
+    /// its slots, a replaced slot's counters carried over; a removed
+    /// account is not listed).
+    pub fn account_totals(&self) -> Vec<AccountTotals> {
+        let pools = self.pools();
+        let st = self.lock();
+        let mut out: Vec<AccountTotals> = st
+            .accounts
+            .names()
+            .iter()
+            .map(|n| AccountTotals {
+                name: n.clone(),
+                ..AccountTotals::default()
+            })
+            .collect();
+        for (i, slot) in st.slots.iter().enumerate() {
+            let (Some(t), Some(h)) = (out.get_mut(slot.account), pools.get(i)) else {
+                continue;
+            };
+            t.slots.push(slot.config.name.clone());
+            t.submitted += h.stats.submitted.get();
+            t.accepted += h.stats.accepted.get();
+            t.rejected += h.stats.rejected.get();
+        }
+        for e in st.miners.values() {
+            if let Some(t) = out.get_mut(e.account) {
+                t.miners += 1;
+                t.hashrate += hr(&e.cell.hashrate);
+            }
+        }
+        out
+    }
+
+    /// The connected workers of the account named `account`.
+    pub fn workers_of_account(&self, account: &str) -> Vec<String> {
+        let st = self.lock();
+        let Some(a) = st.accounts.index_of(account) else {
+            return Vec::new();
+        };
+        st.miners
+            .values()
+            .filter(|e| e.account == a)
+            .map(|e| e.worker.clone())
+            .collect()
+    }
+
+    /// The account of each connected worker name (a name connected under
+    /// two accounts shows the last one walked).
+    pub fn worker_accounts(&self) -> HashMap<String, String> {
+        let st = self.lock();
+        let names = st.accounts.names();
+        st.miners
+            .values()
+            .filter_map(|e| Some((e.worker.clone(), names.get(e.account)?.clone())))
+            .collect()
     }
 
     /// Tell each pool's upstream the measured hashrate of the miners on it
@@ -921,6 +1110,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounts::Listener;
     use crate::upstream::PoolView;
     use gridproxy_protocol::difficulty::Target;
     use tokio::sync::mpsc;
@@ -1040,5 +1230,93 @@ mod tests {
         assert_eq!(router.pin_of("site.c9"), Some(1));
         assert_eq!(router.controlled_workers(), 2);
         assert!(router.register("site.c9").cell.assignment().pool == Some(1));
+    }
+
+    /// Each account's miners go to its own slots only, fail over within
+    /// them, follow a pin by pool name to their own slot of that pool, and
+    /// move to a new account's slots on a reload without reconnecting.
+    #[test]
+    fn accounts_route_among_their_own_slots() {
+        let pools = "[[pools]]\nname='a'\naddress='127.0.0.1:1'\nprotocol='sv1'\nuser='site'\npriority=0\n\
+                     [[pools]]\nname='b'\naddress='127.0.0.1:2'\nprotocol='sv1'\nuser='site'\npriority=1\n";
+        let accounts = "[[accounts]]\nname='acme'\nworkers=['acme.*']\n\
+                        [accounts.pools.a]\nuser='acme.a'\n[accounts.pools.b]\nuser='acme.b'\n\
+                        [[accounts]]\nname='rack'\nsources=['10.7.0.0/16']\nlisteners=['sv1']\n\
+                        [accounts.pools.b]\nuser='rack.b'\npassword='p'\n";
+        let cfg = ProxyConfig::from_toml(&format!("{pools}{accounts}")).expect("config");
+        let slots = cfg.slots();
+        let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "a@acme", "b@acme", "b@rack"]);
+        assert_eq!(slots[2].user, "acme.a");
+        assert_eq!(slots[4].password, "p");
+        assert_eq!(slots[4].pool_name(), "b");
+        let mut txs = Vec::new();
+        let handles = (0..slots.len())
+            .map(|index| {
+                let (tx, rx) = watch::channel(view(true));
+                txs.push(tx);
+                PoolHandle {
+                    index,
+                    stats: Arc::new(PoolStats::default()),
+                    view: rx,
+                }
+            })
+            .collect();
+        let router = Router::new(&cfg, handles);
+        router.reevaluate();
+        let rack = Origin {
+            listener: Some(Listener::Sv1),
+            source: Some("10.7.1.1".parse().unwrap()),
+        };
+        let plain = router.register("bob.1");
+        let acme = router.register("acme.1");
+        let racked = router.register_from("bob.2", rack);
+        assert_eq!((plain.account, acme.account, racked.account), (0, 1, 2));
+        assert_eq!(plain.cell.assignment().pool, Some(0));
+        assert_eq!(acme.cell.assignment().pool, Some(2));
+        assert_eq!(racked.cell.assignment().pool, Some(4));
+
+        // acme's primary slot drops: acme fails over to its own backup, the
+        // default account stays.
+        txs[2].send_replace(view(false));
+        router.reevaluate();
+        assert_eq!(acme.cell.assignment().pool, Some(3));
+        assert_eq!(plain.cell.assignment().pool, Some(0));
+        txs[2].send_replace(view(true));
+        router.reevaluate();
+
+        // A pin to pool "b" (given as the default slot) takes each miner to
+        // its own account's slot of b.
+        router.move_to(|_| true, Some(1));
+        assert_eq!(plain.cell.assignment().pool, Some(1));
+        assert_eq!(acme.cell.assignment().pool, Some(3));
+        assert_eq!(racked.cell.assignment().pool, Some(4));
+        router.move_to(|_| true, None);
+        assert_eq!(router.workers_of_account("acme"), ["acme.1"]);
+        assert_eq!(router.worker_accounts()["bob.2"], "rack");
+
+        // Reload: acme's prefix moves to a new account "beta" on pool a; the
+        // rack account is gone. Miners are re-matched in place.
+        let accounts2 = "[[accounts]]\nname='beta'\nworkers=['acme.*']\n[accounts.pools.a]\nuser='beta.a'\n";
+        let cfg2 = ProxyConfig::from_toml(&format!("{pools}{accounts2}")).expect("config");
+        let out = router.reconfigure(&cfg2, |index, _pc, stats| {
+            // A dropped sender leaves the last view readable: live.
+            let (_tx, rx) = watch::channel(view(true));
+            (
+                PoolHandle {
+                    index,
+                    stats,
+                    view: rx,
+                },
+                CancellationToken::new(),
+            )
+        });
+        assert_eq!(out.added, ["a@beta"]);
+        assert_eq!(out.removed.len(), 3, "{:?}", out.removed);
+        assert_eq!(out.remapped, 2, "acme.1 to beta, bob.2 to default");
+        assert_eq!(router.account_names(), ["default", "beta"]);
+        assert_eq!(acme.cell.assignment().pool, Some(5), "beta's slot of a");
+        assert_eq!(racked.cell.assignment().pool, Some(0));
+        assert_eq!(plain.cell.assignment().pool, Some(0));
     }
 }

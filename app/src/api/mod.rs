@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `GET /`, `/app.js` (dashboard), `/healthz` (503 with reasons when the site's driver stopped or its ledger fails), `/api/v1/openapi.json` | none |
 //! | `GET /metrics` | none when `metrics_public` (default: on a loopback listener only), else `read` |
-//! | `GET /api/v1/{whoami,fleet,workers,pools,events,history,ledger}` | `read` |
+//! | `GET /api/v1/{whoami,fleet,workers,pools,accounts,events,history,ledger}` | `read` |
 //! | `POST /api/v1/curtail`, `POST /api/v1/reload`, `POST /api/v1/site/parks` (pushed by the active instance, `[[site.peers]]`) | `operate` |
 //!
 //! A missing or unknown token gets 401, a `read` token on an `operate`
@@ -251,6 +251,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/fleet", get(fleet))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/pools", get(pools))
+        .route("/api/v1/accounts", get(accounts))
         .route("/api/v1/events", get(events))
         .route("/api/v1/history", get(history))
         .route("/api/v1/ledger", get(ledger_export))
@@ -498,8 +499,12 @@ async fn whoami(Extension(c): Extension<Caller>) -> Json<Value> {
 pub struct PoolView {
     /// Config index.
     pub index: usize,
-    /// Name.
+    /// Name: the `[[pools]]` name, or `pool@account` for an account's upstream.
     pub name: String,
+    /// The `[[pools]]` entry it connects to.
+    pub pool: String,
+    /// The account whose user it logs in as (`default`: the pool's own).
+    pub account: String,
     /// Address.
     pub address: String,
     /// `sv1` / `sv2`.
@@ -547,6 +552,10 @@ fn pool_views(st: &ApiState) -> Vec<PoolView> {
             PoolView {
                 index: i,
                 name: h.stats.name.clone(),
+                pool: pc
+                    .map(|p| p.pool_name().to_string())
+                    .unwrap_or_else(|| h.stats.name.clone()),
+                account: s.map(|s| s.account.clone()).unwrap_or_default(),
                 address: pc.map(|p| p.address.to_string()).unwrap_or_default(),
                 protocol: pc
                     .map(|p| p.protocol().as_str().to_string())
@@ -573,6 +582,14 @@ fn pool_views(st: &ApiState) -> Vec<PoolView> {
 
 async fn pools(State(st): State<Arc<ApiState>>) -> Json<Vec<PoolView>> {
     Json(pool_views(&st))
+}
+
+/// `GET /api/v1/accounts`: each account's upstreams, miners, hashrate and
+/// the pools' answers to its shares.
+async fn accounts(
+    State(st): State<Arc<ApiState>>,
+) -> Json<Vec<gridproxy_proxy::router::AccountTotals>> {
+    Json(st.ctx.router.account_totals())
 }
 
 async fn fleet(State(st): State<Arc<ApiState>>) -> Json<Value> {
@@ -640,6 +657,7 @@ async fn workers(
     let needle = q.q.unwrap_or_default().to_lowercase();
     let rates = st.live.worker_rates();
     let miners = st.site.miners();
+    let accounts = st.ctx.router.worker_accounts();
     let all = st.ctx.registry.snapshot();
     let total = all.len();
     let mut rows: Vec<Value> = all
@@ -675,6 +693,7 @@ async fn workers(
                 "ths": m.map(|m| m.ths),
                 "parked": st.ctx.router.is_parked(&w.name),
                 "site_parked": st.site.parks.is_parked(&w.name),
+                "account": accounts.get(&w.name),
             }))
         })
         .collect();
@@ -796,6 +815,10 @@ pub struct CurtailRequest {
     /// Worker group: an exact name or a glob with `*` (`site.s9-*`, `*`).
     #[serde(default)]
     pub workers: Option<String>,
+    /// Or every connected worker of this account (`park`, `unpark`,
+    /// `move`, `unpin`).
+    #[serde(default)]
+    pub account: Option<String>,
     /// Target pool of `move`: its name or index.
     #[serde(default)]
     pub pool: Option<Value>,
@@ -852,30 +875,8 @@ async fn site_parks(
     }
 }
 
-/// Whether `name` matches `pattern` (`*` matches any run of characters).
-pub fn glob(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let mut rest = name;
-    for (i, p) in parts.iter().enumerate() {
-        if i == 0 {
-            match rest.strip_prefix(p) {
-                Some(r) => rest = r,
-                None => return false,
-            }
-        } else if i == parts.len() - 1 {
-            return rest.ends_with(p);
-        } else {
-            match rest.find(p) {
-                Some(at) => rest = &rest[at + p.len()..],
-                None => return false,
-            }
-        }
-    }
-    true
-}
+/// Worker-name globs, as accounts match them.
+pub use gridproxy_proxy::accounts::glob;
 
 async fn curtail(
     State(st): State<Arc<ApiState>>,
@@ -886,7 +887,37 @@ async fn curtail(
         Ok(b) => b,
         Err(e) => return err(StatusCode::BAD_REQUEST, e.body_text()),
     };
+    let router = &st.ctx.router;
+    // `account`: the account's connected workers, by name.
+    let members: Option<std::collections::HashSet<String>> = match &r.account {
+        Some(a) if router.account_names().contains(a) => {
+            Some(router.workers_of_account(a).into_iter().collect())
+        }
+        Some(a) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "account: unknown {a:?}; one of {}",
+                    router.account_names().join(", ")
+                ),
+            )
+        }
+        None => None,
+    };
+    let selects = |g: &str, w: &str| match &members {
+        Some(m) => m.contains(w),
+        None => glob(g, w),
+    };
     let group = || -> Result<String, ApiError> {
+        if let Some(a) = &r.account {
+            if r.workers.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "give workers or account, not both",
+                ));
+            }
+            return Ok(format!("account {a}"));
+        }
         let g = r.workers.clone().unwrap_or_default();
         if g.is_empty() || g.len() > 256 {
             return Err(ApiError::new(
@@ -905,16 +936,15 @@ async fn curtail(
             )),
         }
     };
-    let router = &st.ctx.router;
     let by = c.name.clone();
     let result: Result<(usize, String), ApiError> = (|| {
         match r.action.as_str() {
         "park" | "unpark" | "unpin" => {
             let g = group()?;
             let n = match r.action.as_str() {
-                "park" => router.park(|w| glob(&g, w)),
-                "unpark" => router.unpark(|w| glob(&g, w)),
-                _ => router.move_to(|w| glob(&g, w), None),
+                "park" => router.park(|w| selects(&g, w)),
+                "unpark" => router.unpark(|w| selects(&g, w)),
+                _ => router.move_to(|w| selects(&g, w), None),
             };
             Ok((n, format!("{} {g:?}: {n} miners", r.action)))
         }
@@ -935,7 +965,7 @@ async fn curtail(
                     ),
                 ));
             };
-            let n = router.move_to(|w| glob(&g, w), Some(idx));
+            let n = router.move_to(|w| selects(&g, w), Some(idx));
             Ok((n, format!("move {g:?} to {}: {n} miners", pools[idx].stats.name)))
         }
         "cap_kw" | "shed_kw" | "curtail_all" | "run_all" | "clear" => {
@@ -977,17 +1007,6 @@ async fn curtail(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob("*", "a.b"));
-        assert!(glob("site.s9-*", "site.s9-12"));
-        assert!(!glob("site.s9-*", "site.s19-12"));
-        assert!(glob("*-12", "site.s9-12"));
-        assert!(glob("site.*-1*", "site.s9-12"));
-        assert!(glob("exact", "exact"));
-        assert!(!glob("exact", "exact2"));
-    }
 
     #[test]
     fn health_tells_a_stopped_driver_and_a_failing_ledger() {

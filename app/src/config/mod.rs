@@ -1,5 +1,5 @@
 //! The configuration file: the engine's tables (`[[pools]]`, `[listen]`,
-//! `[limits]`, `[difficulty]`, `[routing]`, `[extranonce]`), the control
+//! `[limits]`, `[difficulty]`, `[routing]`, `[extranonce]`, `[[accounts]]`), the control
 //! API (`[api]`) and the site (`[site]`), with the one loader that reads,
 //! parses and validates all of them.
 //!
@@ -13,6 +13,7 @@ pub mod locate;
 
 use crate::site::config::SiteConfig;
 use api::ApiConfig;
+use gridproxy_proxy::accounts::AccountConfig;
 use gridproxy_proxy::config::{
     DifficultyConfig, ExtranonceConfig, Invalid, Limits, ListenConfig, PoolConfig, RoutingConfig,
 };
@@ -43,6 +44,9 @@ pub struct Config {
     /// Extranonce layout.
     #[serde(default)]
     pub extranonce: ExtranonceConfig,
+    /// Accounts: which pool user each group of miners' shares go out under.
+    #[serde(default)]
+    pub accounts: Vec<AccountConfig>,
     /// Control API, metrics and dashboard.
     #[serde(default)]
     pub api: ApiConfig,
@@ -164,6 +168,7 @@ impl Config {
             difficulty: self.difficulty.clone(),
             routing: self.routing.clone(),
             extranonce: self.extranonce.clone(),
+            accounts: self.accounts.clone(),
         }
     }
 }

@@ -216,6 +216,19 @@ impl Metrics {
             counter!("gridproxy_pool_jobs_total", "pool" => name).absolute(h.stats.jobs.get());
         }
 
+        for a in ctx.router.account_totals() {
+            let name = a.name;
+            gauge!("gridproxy_account_miners", "account" => name.clone()).set(a.miners as f64);
+            gauge!("gridproxy_account_hashrate_hashes_per_second", "account" => name.clone())
+                .set(a.hashrate);
+            counter!("gridproxy_account_shares_submitted_total", "account" => name.clone())
+                .absolute(a.submitted);
+            counter!("gridproxy_account_shares_total", "account" => name.clone(), "result" => "accepted")
+                .absolute(a.accepted);
+            counter!("gridproxy_account_shares_total", "account" => name, "result" => "rejected")
+                .absolute(a.rejected);
+        }
+
         gauge!("gridproxy_site_attached").set(if site.attached { 1.0 } else { 0.0 });
         if let Some(l) = site.lease {
             gauge!("gridproxy_site_lease_held").set(if l.held { 1.0 } else { 0.0 });
@@ -370,6 +383,25 @@ fn describe() {
         "gridproxy_pool_jobs_total",
         Unit::Count,
         "Jobs received from the pool."
+    );
+    describe_gauge!(
+        "gridproxy_account_miners",
+        Unit::Count,
+        "Miners connected in each account ([[accounts]]; default: the pools' own user)."
+    );
+    describe_gauge!(
+        "gridproxy_account_hashrate_hashes_per_second",
+        "Measured hashrate of each account's miners, H/s."
+    );
+    describe_counter!(
+        "gridproxy_account_shares_submitted_total",
+        Unit::Count,
+        "Shares forwarded to the pools under each account's user."
+    );
+    describe_counter!(
+        "gridproxy_account_shares_total",
+        Unit::Count,
+        "The pools' answers to each account's forwarded shares, by result."
     );
     describe_gauge!(
         "gridproxy_site_attached",

@@ -8,6 +8,7 @@
 //! padding in coinb2. That is what lets a miner change pools — failover,
 //! split, reroute — without reconnecting: its extranonce1 never changes.
 
+use crate::accounts::{Listener, Origin};
 use super::channel::{
     self, ChannelCore, ChannelSetup, ExtranonceMode, Out, SlotGuard, SubmitBucket, TargetScope,
     Work, WorkerGuard,
@@ -422,7 +423,13 @@ impl Session {
                 let name = channel::truncate(&user, self.ctx.cfg().limits.max_worker_name);
                 if self.worker.is_none() && self.core.is_none() {
                     let w = WorkerGuard::new(&self.ctx, &name);
-                    let lease = self.ctx.router.register(&name);
+                    let lease = self.ctx.router.register_from(
+                        &name,
+                        Origin {
+                            listener: Some(Listener::Sv1),
+                            source: Some(self.peer.ip()),
+                        },
+                    );
                     self.worker = Some((w, lease));
                 }
                 self.out.push_str(&encode::result(&id, Value::Bool(true)));

@@ -42,6 +42,7 @@ mod operate_reload;
 mod operate_restart;
 mod operate_site;
 mod operate_tls;
+mod proxy_accounts;
 mod proxy_control;
 mod proxy_endpoints;
 mod proxy_fanout;
