@@ -45,6 +45,7 @@ mod operate_tls;
 mod proxy_control;
 mod proxy_endpoints;
 mod proxy_fanout;
+mod proxy_group;
 mod proxy_hung_pool;
 mod proxy_pool;
 mod proxy_routing;
