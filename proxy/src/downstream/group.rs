@@ -257,13 +257,17 @@ impl Groups {
             }
             return (Some(job_id), out);
         }
-        let tip_moved = g.last.as_ref().is_none_or(|l| {
-            l.up.prev_hash != j.up.prev_hash || l.up.nbits != j.up.nbits
-        });
+        let tip_moved = g
+            .last
+            .as_ref()
+            .is_none_or(|l| l.up.prev_hash != j.up.prev_hash || l.up.nbits != j.up.nbits);
         let all_synced = g.members.iter().all(|c| self.members[c].synced);
         let clean = j.clean || tip_moved || !all_synced;
         let job_id = self.next_job();
-        let g = self.groups.get_mut(&pool).expect("the member's group exists");
+        let g = self
+            .groups
+            .get_mut(&pool)
+            .expect("the member's group exists");
         g.last = Some(Sent {
             up: j.up.clone(),
             up_target: j.up_target,
@@ -351,7 +355,13 @@ mod tests {
                 first_id = Some(id);
             } else {
                 assert_eq!(id, first_id.unwrap(), "the same job keeps its id");
-                assert_eq!(out, vec![Send::ChannelJob { channel: c, job_id: id }]);
+                assert_eq!(
+                    out,
+                    vec![Send::ChannelJob {
+                        channel: c,
+                        job_id: id
+                    }]
+                );
             }
         }
         let gid = group.unwrap();
@@ -381,10 +391,7 @@ mod tests {
         for &c in &ids {
             sends.extend(g.update(c, Some(0), Some(&job(&u3, false))).1);
         }
-        assert!(matches!(
-            sends[..],
-            [Send::GroupJob { clean: false, .. }]
-        ));
+        assert!(matches!(sends[..], [Send::GroupJob { clean: false, .. }]));
     }
 
     /// A channel routed to another pool is moved to that pool's group before

@@ -49,8 +49,7 @@ use gridproxy_protocol::sv2::{
         CloseChannelOwned, NewExtendedMiningJobOwned, NewMiningJobOwned,
         OpenExtendedMiningChannelSuccessOwned, OpenMiningChannelErrorOwned,
         OpenStandardMiningChannelSuccessOwned, SetGroupChannelOwned, SetNewPrevHashOwned,
-        SetTargetOwned,
-        SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
+        SetTargetOwned, SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
         SubmitSharesSuccessOwned, UpdateChannelErrorOwned, UpdateChannelOwned,
         ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
         ERROR_CODE_OPEN_MINING_CHANNEL_EXTENDED_CHANNELS_NOT_SUPPORTED_FOR_STANDARD_JOBS,
@@ -819,9 +818,7 @@ impl Sv2Channel {
     async fn deliver(&mut self, o: Option<Out>, out: &mpsc::Sender<Message>) -> Result<(), End> {
         if self.group.is_some() {
             return match o {
-                Some(Out::Target { target, .. }) => {
-                    Self::send(out, self.set_target(target)).await
-                }
+                Some(Out::Target { target, .. }) => Self::send(out, self.set_target(target)).await,
                 // Nothing new, but the channel may have left its pool (parked).
                 None if self.member_of == Some(self.core.pool()) => Ok(()),
                 o => self.grouped(None, o, out).await,
@@ -940,9 +937,7 @@ impl Sv2Channel {
         // voids the miner's earlier jobs.
         let msg = match self.kind {
             Kind::Standard => standard_job(self.id, j.id, &j, j.clean),
-            Kind::Extended => {
-                extended_job(self.id, j.id, &j, j.clean, j.coinbase_suffix.clone())?
-            }
+            Kind::Extended => extended_job(self.id, j.id, &j, j.clean, j.coinbase_suffix.clone())?,
         };
         buf.push(msg);
         if j.clean {

@@ -187,7 +187,12 @@ async fn assert_accounting(proxy: &Proxy, pool: &Sv1Pool, user: &str) {
         })
         .collect();
     let forwarded = || workers.iter().map(|w| w.forwarded.get()).sum::<u64>();
-    let up_accepted = || workers.iter().map(|w| w.upstream_accepted.get()).sum::<u64>();
+    let up_accepted = || {
+        workers
+            .iter()
+            .map(|w| w.upstream_accepted.get())
+            .sum::<u64>()
+    };
     let settled = wait_until(Duration::from_secs(10), || up_accepted() >= forwarded()).await;
     assert!(
         settled,
@@ -353,8 +358,12 @@ async fn mining_device_keeps_standard_jobs() {
             dev.log_tail(3000)
         );
         assert!(
-            dev.wait_for_log_count(MINING_DEVICE_ACCEPTED, accepted + 1, Duration::from_secs(60))
-                .await,
+            dev.wait_for_log_count(
+                MINING_DEVICE_ACCEPTED,
+                accepted + 1,
+                Duration::from_secs(60)
+            )
+            .await,
             "block {b}: no share accepted after it; device log:\n{}",
             dev.log_tail(3000)
         );
