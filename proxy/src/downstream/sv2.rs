@@ -79,11 +79,12 @@ use tracing::{debug, info};
 /// The only SV2 protocol version.
 const VERSION: u16 = 2;
 /// `SetupConnection` flag (mining protocol): the device understands standard
-/// jobs only. SRI's `mining_device` sets it (sv2-apps,
-/// `integration-tests/lib/mining_device/mod.rs`,
-/// `SetupConnectionHandler::get_setup_connection_message`: `flags: 0b…0001`)
-/// and fails on any `NewExtendedMiningJob`, so it keeps getting a
-/// `NewMiningJob` per channel.
+/// jobs only. SRI's `mining_device` sets it (crate `integration_tests_sv2`
+/// 0.6.0, the one `scripts/peers.sh` installs, `lib/mining_device/mod.rs`,
+/// `SetupConnectionHandler::get_setup_connection_message`: `flags: 0b…0001`;
+/// the same in sv2-apps' main branch) and its message handler fails on any
+/// `NewExtendedMiningJob`, so it keeps getting a `NewMiningJob` per channel
+/// (e2e `proxy_group::mining_device_keeps_standard_jobs`).
 pub const REQUIRES_STANDARD_JOBS: u32 = 1;
 /// `SetupConnection` flag (mining protocol): the device wants to choose its own work.
 pub const REQUIRES_WORK_SELECTION: u32 = 1 << 1;
