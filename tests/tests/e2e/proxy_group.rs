@@ -33,14 +33,23 @@ fn proxy_authority() -> AuthorityKeypair {
 /// gridproxy on the fixture SV1 pool; vardiff held still, so the only
 /// messages after the first jobs are the pool's.
 async fn start_proxy(pool: &Sv1Pool) -> Proxy {
-    let kp = proxy_authority();
-    let text = format!(
-        r#"[[pools]]
-name = "p"
-address = "{pool}"
-protocol = "sv1"
-user = "acct"
+    start_proxy_on(pool, 1).await
+}
 
+/// The same with `upstreams` pool entries, all on `pool` (equal priority
+/// and weight: the router splits the miners between them).
+async fn start_proxy_on(pool: &Sv1Pool, upstreams: usize) -> Proxy {
+    let kp = proxy_authority();
+    let pools: String = (0..upstreams)
+        .map(|i| {
+            format!(
+                "[[pools]]\nname = \"p{i}\"\naddress = \"{}\"\nprotocol = \"sv1\"\nuser = \"acct\"\n\n",
+                pool.addr()
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"{pools}
 [listen]
 sv2 = "127.0.0.1:0"
 sv2_authority_pubkey = "{pubkey}"
@@ -55,7 +64,6 @@ retarget_secs = 3600
 [routing]
 reconnect_ms = 100
 "#,
-        pool = pool.addr(),
         pubkey = kp.public(),
         secret = kp.secret_string(),
     );
@@ -63,7 +71,12 @@ reconnect_ms = 100
         .await
         .expect("proxy starts");
     let live = wait_until(Duration::from_secs(10), || {
-        proxy.ctx.router.pools()[0].view.borrow().live
+        proxy
+            .ctx
+            .router
+            .pools()
+            .iter()
+            .all(|p| p.view.borrow().live)
     })
     .await;
     assert!(live, "upstream never went live");
@@ -279,6 +292,85 @@ async fn twenty_standard_channels_get_one_group_job_per_block() {
          accepted, {} rejected",
         per_block[0], same_tip, s.group_jobs, s.standard_jobs, s.accepted, s.rejected
     );
+    miners.stop();
+    proxy.stop.cancel();
+    stop.cancel();
+}
+
+/// Two upstreams (one group each on the connection): channels the router
+/// moves to the other pool are moved to its group with SetGroupChannel
+/// first; a block then reaches the connection as one group job per pool,
+/// and every channel's shares are accepted on its new pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_channels_follow_their_pool() {
+    let _gate = gridproxy_tests::module_gate(module_path!());
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let stop = CancellationToken::new();
+    let pool = start_pool(&stop).await;
+    let proxy = start_proxy_on(&pool, 2).await;
+    let miners = miners(&proxy, "mv", false);
+    every_channel_accepted(&miners, "mv", &Default::default(), "first job").await;
+    let router = &proxy.ctx.router;
+    // Everyone on pool 0, then the even channels to pool 1.
+    router.move_to(|w| w.starts_with("mv."), Some(0));
+    let floor = miners.accepted_by_user();
+    every_channel_accepted(&miners, "mv", &floor, "all on pool 0").await;
+    let on_zero = miners.stats();
+    let even = |w: &str| {
+        w.strip_prefix("mv.0.")
+            .and_then(|k| k.parse::<usize>().ok())
+            .is_some_and(|k| k % 2 == 0)
+    };
+    assert_eq!(router.move_to(even, Some(1)), CHANNELS / 2);
+    let half = CHANNELS as u64 / 2;
+    let moved = wait_until(Duration::from_secs(20), || {
+        let s = miners.stats();
+        s.set_groups >= on_zero.set_groups + half
+            && s.standard_jobs + s.group_jobs >= on_zero.standard_jobs + on_zero.group_jobs + half
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = miners.stats();
+    assert!(moved, "{s:?}");
+    assert_eq!(
+        (
+            s.set_groups - on_zero.set_groups,
+            s.standard_jobs - on_zero.standard_jobs,
+            s.group_jobs - on_zero.group_jobs
+        ),
+        (half, half - 1, 1),
+        "a SetGroupChannel for each moved channel; the first into pool 1's (new) group gets \
+         the job as the group's, the others each alone"
+    );
+    let floor = miners.accepted_by_user();
+    every_channel_accepted(&miners, "mv", &floor, "after the move").await;
+    // Pool 0 and pool 1 each send the new block: one group job each.
+    let d = announce(&pool, &miners, true, |d| d.group_prev_hashes >= 2).await;
+    assert_eq!(
+        d,
+        Delta {
+            standard_jobs: 0,
+            group_jobs: 2,
+            extended_jobs: 2,
+            prev_hashes: 2,
+            group_prev_hashes: 2,
+        }
+    );
+    let floor = miners.accepted_by_user();
+    every_channel_accepted(&miners, "mv", &floor, "after the block").await;
+    assert_accounting(&proxy, &pool, "mv").await;
+    let pools = router.pools();
+    assert!(pools[0].stats.accepted.get() > 0 && pools[1].stats.accepted.get() > 0);
+    let s = miners.stats();
+    println!(
+        "group channels on two pools: {} SetGroupChannel in all ({} for the move of {half}); \
+         per block {d:?}; {} rejected",
+        s.set_groups,
+        s.set_groups - on_zero.set_groups,
+        s.rejected
+    );
+    assert_eq!(s.rejected, 0, "rejects: {:?}", miners.reject_reasons());
     miners.stop();
     proxy.stop.cancel();
     stop.cancel();
