@@ -5,9 +5,12 @@
 //! one `NewExtendedMiningJob` and one `SetNewPrevHash`, both addressed to
 //! the group channel, instead of 20 `NewMiningJob`s; every channel builds
 //! its merkle root from the group job and its own extranonce prefix, and its
-//! shares are accepted by gridproxy and by the pool. A connection that sets
-//! `REQUIRES_STANDARD_JOBS` keeps one `NewMiningJob` per channel, and so
-//! does SRI's `mining_device`, which sets it (when the peer is installed).
+//! shares are accepted by gridproxy and by the pool. With two upstreams the
+//! connection has a group per pool: channels the router moves get
+//! `SetGroupChannel` first, and a block comes as one group job per pool. A
+//! connection that sets `REQUIRES_STANDARD_JOBS` keeps one `NewMiningJob`
+//! per channel, and so does SRI's `mining_device`, which sets it (needs
+//! `scripts/peers.sh install`).
 
 use gridproxy::config::Config;
 use gridproxy_fixtures::sv1_pool::{self, PoolReject, Sv1Pool, Sv1PoolConfig};
