@@ -248,6 +248,9 @@ pub struct JobOut {
     pub difficulty: f64,
     /// The job's target.
     pub target: Target,
+    /// The pool's target its shares are forwarded at (the job's own, else
+    /// the pool's current one when it was issued).
+    pub up_target: Target,
     /// Version bits the miner may roll on it.
     pub version_mask: u32,
     /// Coinbase bytes after the miner's extranonce: zero padding ‖ the pool's suffix.
@@ -469,6 +472,32 @@ impl ChannelCore {
         self.setup.version_allowed = mask;
     }
 
+    /// The pool this channel's jobs come from (None: no pool assigned).
+    pub fn pool(&self) -> Option<usize> {
+        self.view.as_ref().map(|(p, _)| *p)
+    }
+
+    /// Whether a job with this id is live on the channel.
+    pub fn has_job(&self, id: u32) -> bool {
+        self.jobs.iter().any(|j| j.id == id)
+    }
+
+    /// Give the newest job the id `id` (an SV2 group channel's jobs carry
+    /// the group's ids, see `group.rs`); an older job with that id is
+    /// dropped, so ids stay unique on the channel.
+    pub fn relabel_last_job(&mut self, id: u32) {
+        let Some(last) = self.jobs.len().checked_sub(1) else {
+            return;
+        };
+        if self.jobs[last].id == id {
+            return;
+        }
+        self.jobs.retain(|j| j.id != id);
+        if let Some(j) = self.jobs.back_mut() {
+            j.id = id;
+        }
+    }
+
     /// Start: the current job of the assigned pool, if one is live.
     pub fn start(&mut self) -> Option<Out> {
         self.on_assignment()
@@ -675,14 +704,15 @@ impl ChannelCore {
             self.jobs.pop_front();
         }
         let target = Target::from_difficulty(difficulty);
+        // Judged as the pool judges this job's shares.
+        let up_target = up.target.unwrap_or(v.target);
         self.jobs.push_back(LocalJob {
             id,
             up: up.clone(),
             epoch: v.epoch,
             target,
             difficulty,
-            // Judged as the pool judges this job's shares.
-            up_target: up.target.unwrap_or(v.target),
+            up_target,
             rollable: v.rollable as u32,
             mask,
             merkle_root: merkle_root.map(Box::new),
@@ -699,6 +729,7 @@ impl ChannelCore {
             clean,
             difficulty,
             target,
+            up_target,
             version_mask: mask,
             coinbase_suffix,
             merkle_root,
@@ -1173,6 +1204,26 @@ mod tests {
             Err(RejectReason::Duplicate)
         );
         assert!(c.check(&work(&j, nonces[0], None)).is_ok());
+    }
+
+    /// A grouped SV2 channel's job carries the group's id: after the
+    /// relabel, shares name that id and the core's own is unknown.
+    #[tokio::test]
+    async fn a_relabelled_job_answers_to_its_new_id_only() {
+        let mut f = fixture();
+        let mut c = core(&f, ExtranonceMode::Fixed, TargetScope::Channel);
+        let j = job(c.start());
+        assert_eq!(c.pool(), Some(0));
+        assert!(c.has_job(j.id));
+        c.relabel_last_job(500);
+        assert!(c.has_job(500) && !c.has_job(j.id));
+        let root = j.merkle_root.unwrap();
+        let n = nonce_between(&j, &root, j.target, None);
+        assert_eq!(c.check(&work(&j, n, None)), Err(RejectReason::StaleJob));
+        let mut w = work(&j, n, None);
+        w.job_id = 500;
+        assert!(c.check(&w).unwrap().forwarded);
+        assert!(f.shares.try_recv().is_ok());
     }
 
     #[tokio::test]

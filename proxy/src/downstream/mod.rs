@@ -3,8 +3,10 @@
 //! - [`channel`]: the protocol-neutral per-channel core (jobs, validation, vardiff, pool switch).
 //! - [`sv1`]: one SV1 connection = one channel.
 //! - [`sv2`]: one SV2 connection (Noise) with any number of standard / extended channels.
+//! - [`group`]: the group channels of one SV2 connection (sans-IO).
 
 pub mod channel;
+pub mod group;
 pub mod sv1;
 pub mod sv2;
 

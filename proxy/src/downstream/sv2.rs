@@ -9,8 +9,12 @@
 //! ```
 //!
 //! - Standard channel: the extranonce is fixed to the channel's miner part
-//!   followed by zeros, so every job is a `NewMiningJob` whose merkle root the
-//!   proxy computes.
+//!   followed by zeros. On a connection that set `REQUIRES_STANDARD_JOBS`
+//!   every job is a `NewMiningJob` whose merkle root the proxy computes;
+//!   otherwise the standard channels are grouped per pool and a new pool job
+//!   goes out once per group as a `NewExtendedMiningJob` (and
+//!   `SetNewPrevHash`) addressed to the group channel (rules in
+//!   [`super::group`]).
 //! - Extended channel: `extranonce_prefix` = miner part, `extranonce_size` =
 //!   the configured extranonce2 size; jobs are `NewExtendedMiningJob`s.
 //! - New block (or pool switch): a future job then `SetNewPrevHash`; same-block
@@ -27,11 +31,12 @@ use super::channel::{
     self, ChannelCore, ChannelSetup, ExtranonceMode, JobOut, Out, SlotGuard, SubmitBucket,
     TargetScope, Work, WorkerGuard,
 };
+use super::group::{Groups, Send};
 use super::Ctx;
 use crate::error::DownstreamError;
 use crate::stats::RejectReason;
 use crate::sv2_io::accept_noise;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use gridproxy_protocol::difficulty::Target;
 use gridproxy_protocol::sv2::{
     binary_sv2::{Seq0255Owned, Sv2OptionOwned, U256Owned},
@@ -44,8 +49,8 @@ use gridproxy_protocol::sv2::{
     mining_sv2::{
         CloseChannelOwned, NewExtendedMiningJobOwned, NewMiningJobOwned,
         OpenExtendedMiningChannelSuccessOwned, OpenMiningChannelErrorOwned,
-        OpenStandardMiningChannelSuccessOwned, SetNewPrevHashOwned, SetTargetOwned,
-        SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
+        OpenStandardMiningChannelSuccessOwned, SetGroupChannelOwned, SetNewPrevHashOwned,
+        SetTargetOwned, SubmitSharesErrorOwned, SubmitSharesExtendedOwned, SubmitSharesStandard,
         SubmitSharesSuccessOwned, UpdateChannelErrorOwned, UpdateChannelOwned,
         ERROR_CODE_OPEN_MINING_CHANNEL_CHANNEL_CAPACITY_EXHAUSTED,
         ERROR_CODE_OPEN_MINING_CHANNEL_EXTENDED_CHANNELS_NOT_SUPPORTED_FOR_STANDARD_JOBS,
@@ -63,7 +68,7 @@ use gridproxy_protocol::sv2_ext::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -74,7 +79,13 @@ use tracing::{debug, info};
 
 /// The only SV2 protocol version.
 const VERSION: u16 = 2;
-/// `SetupConnection` flag (mining protocol): the device understands standard jobs only.
+/// `SetupConnection` flag (mining protocol): the device understands standard
+/// jobs only. SRI's `mining_device` sets it (crate `integration_tests_sv2`
+/// 0.6.0, the one `scripts/peers.sh` installs, `lib/mining_device/mod.rs`,
+/// `SetupConnectionHandler::get_setup_connection_message`: `flags: 0b…0001`;
+/// the same in sv2-apps' main branch) and its message handler fails on any
+/// `NewExtendedMiningJob`, so it keeps getting a `NewMiningJob` per channel
+/// (e2e `proxy_group::mining_device_keeps_standard_jobs`).
 pub const REQUIRES_STANDARD_JOBS: u32 = 1;
 /// `SetupConnection` flag (mining protocol): the device wants to choose its own work.
 pub const REQUIRES_WORK_SELECTION: u32 = 1 << 1;
@@ -88,6 +99,9 @@ const OUT_QUEUE: usize = 1024;
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Channels one connection may hold (each one holds a miner part and a router entry).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 4096;
+/// Most messages one grouped channel writes for one job: its `Success`,
+/// `SetTarget`, `SetGroupChannel`, a job and its `SetNewPrevHash`.
+const GROUP_SENDS_MAX: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -117,7 +131,9 @@ struct Conn {
     peer: SocketAddr,
     requires_standard: bool,
     channels: HashMap<u32, ChannelEntry>,
-    next_channel: u32,
+    /// Channel and group ids, group membership and group job ids (shared
+    /// with the channel tasks, which write under its lock).
+    groups: Arc<Mutex<Groups>>,
     tasks: JoinSet<(u32, Option<DownstreamError>)>,
     out_tx: mpsc::Sender<Message>,
     out_rx: mpsc::Receiver<Message>,
@@ -159,7 +175,7 @@ pub async fn serve(
         peer,
         requires_standard: false,
         channels: HashMap::new(),
-        next_channel: 1,
+        groups: Arc::new(Mutex::new(Groups::new())),
         tasks: JoinSet::new(),
         out_tx,
         out_rx,
@@ -423,6 +439,13 @@ impl Conn {
             MiningOwned::CloseChannel(c) => {
                 // Dropping the sender ends the channel task once it has answered
                 // what was already queued; its miner part and router entry go with it.
+                // A group channel id closes every channel of the group.
+                let members = lock(&self.groups).members_of(c.channel_id);
+                for id in members {
+                    if self.channels.remove(&id).is_some() {
+                        debug!(peer = %self.peer, channel = id, group = c.channel_id, "miner closed a group");
+                    }
+                }
                 if self.channels.remove(&c.channel_id).is_some() {
                     debug!(
                         peer = %self.peer,
@@ -528,8 +551,8 @@ impl Conn {
             version_allowed: u32::MAX,
         };
         let core = ChannelCore::new(self.ctx.clone(), slot, worker, lease, setup);
-        let channel_id = self.next_channel;
-        self.next_channel = self.next_channel.wrapping_add(1).max(1);
+        let channel_id = lock(&self.groups).next_id();
+        let grouped = r.kind == Kind::Standard && !self.requires_standard;
         let target = core.target();
         let prefix = core.slot().prefix().to_vec();
         let success = match r.kind {
@@ -562,16 +585,25 @@ impl Conn {
             difficulty = core.difficulty(),
             "sv2 channel open"
         );
-        // The success is written before the task can produce the channel's first job.
-        self.out.push(Message::Mining(success));
+        // The success is written before the task can produce the channel's
+        // first job: here, or for a grouped channel by its task, with its
+        // group id and under the groups' lock.
+        let success = if grouped {
+            Some(success)
+        } else {
+            self.out.push(Message::Mining(success));
+            None
+        };
         let (tx, rx) = mpsc::channel(self.inbox_size);
         let ch = Sv2Channel {
             id: channel_id,
             kind: r.kind,
             core,
             target_sent: target,
+            group: grouped.then(|| self.groups.clone()),
+            member_of: None,
         };
-        self.tasks.spawn(ch.run(rx, self.out_tx.clone()));
+        self.tasks.spawn(ch.run(rx, self.out_tx.clone(), success));
         self.channels.insert(
             channel_id,
             ChannelEntry {
@@ -663,12 +695,34 @@ fn submit_error(channel_id: u32, seq: u32, code: &str) -> Message {
     }))
 }
 
+/// Why a channel task stopped writing.
+enum End {
+    /// The connection is gone (its writer dropped the queue).
+    Gone,
+    /// The channel failed; the connection ends with this reason.
+    Failed(DownstreamError),
+}
+
+impl From<DownstreamError> for End {
+    fn from(e: DownstreamError) -> Self {
+        End::Failed(e)
+    }
+}
+
+fn lock(groups: &Mutex<Groups>) -> std::sync::MutexGuard<'_, Groups> {
+    groups.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A channel task: owns the channel's core, answers its shares, sends its work.
 struct Sv2Channel {
     id: u32,
     kind: Kind,
     core: ChannelCore,
     target_sent: Target,
+    /// The connection's groups, for a grouped standard channel.
+    group: Option<Arc<Mutex<Groups>>>,
+    /// The pool whose group this grouped channel is in (Some once it joined).
+    member_of: Option<Option<usize>>,
 }
 
 impl Sv2Channel {
@@ -676,35 +730,54 @@ impl Sv2Channel {
         mut self,
         mut inbox: mpsc::Receiver<Cmd>,
         out: mpsc::Sender<Message>,
+        success: Option<MiningOwned>,
     ) -> (u32, Option<DownstreamError>) {
         let id = self.id;
-        let mut buf = Vec::new();
-        let r: Result<(), DownstreamError> = async {
+        let r: Result<(), End> = async {
             let first = self.core.start();
-            self.emit(first, &mut buf)?;
+            if success.is_some() {
+                self.grouped(success, first, &out).await?;
+            } else {
+                self.deliver(first, &out).await?;
+            }
             loop {
-                for m in buf.drain(..) {
-                    if out.send(m).await.is_err() {
-                        return Ok(()); // the connection is gone
-                    }
-                }
                 tokio::select! {
                     cmd = inbox.recv() => match cmd {
                         None => return Ok(()),
-                        Some(c) => self.on_cmd(c, &mut buf)?,
+                        Some(c) => self.on_cmd(c, &out).await?,
                     },
                     w = self.core.wake() => {
                         let o = self.core.on_wake(w?);
-                        self.emit(o, &mut buf)?;
+                        self.deliver(o, &out).await?;
                     }
                 }
             }
         }
         .await;
-        (id, r.err())
+        if let Some(g) = &self.group {
+            lock(g).leave(id);
+        }
+        match r {
+            Ok(()) | Err(End::Gone) => (id, None),
+            Err(End::Failed(e)) => (id, Some(e)),
+        }
     }
 
-    fn on_cmd(&mut self, c: Cmd, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
+    async fn send(out: &mpsc::Sender<Message>, m: Message) -> Result<(), End> {
+        out.send(m).await.map_err(|_| End::Gone)
+    }
+
+    async fn on_cmd(&mut self, c: Cmd, out: &mpsc::Sender<Message>) -> Result<(), End> {
+        if let (Cmd::Standard(s), Some(_)) = (&c, &self.group) {
+            if !self.core.has_job(s.job_id) {
+                // The group's job may have reached the miner (sent by another
+                // member's task) before this channel's core woke up for it.
+                if let Some(w) = self.core.wake().now_or_never() {
+                    let o = self.core.on_wake(w?);
+                    self.deliver(o, out).await?;
+                }
+            }
+        }
         let (seq, r) = match &c {
             Cmd::Standard(s) => (
                 s.sequence_number,
@@ -729,11 +802,11 @@ impl Sv2Channel {
             Cmd::Update { difficulty, floor } => {
                 let d = difficulty.unwrap_or(self.core.difficulty()).max(*floor);
                 let o = self.core.reconfigure(d, *floor);
-                return self.emit(o, buf);
+                return self.deliver(o, out).await;
             }
         };
         let accepted = r.is_ok();
-        buf.push(match r {
+        let answer = match r {
             Ok(a) => Message::Mining(MiningOwned::SubmitSharesSuccess(SubmitSharesSuccessOwned {
                 channel_id: self.id,
                 last_sequence_number: seq,
@@ -744,90 +817,205 @@ impl Sv2Channel {
                 self.core.worker().reject(why);
                 submit_error(self.id, seq, why.sv2_code())
             }
-        });
-        self.core.count_answer(accepted)
+        };
+        Self::send(out, answer).await?;
+        Ok(self.core.count_answer(accepted)?)
     }
 
-    fn emit(&mut self, o: Option<Out>, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
-        match o {
-            None => Ok(()),
-            Some(Out::Target { target, .. }) => {
-                self.set_target(target, buf);
-                Ok(())
-            }
-            Some(Out::Job(j)) => self.job(j, buf),
+    /// Tell the miner what the core decided.
+    async fn deliver(&mut self, o: Option<Out>, out: &mpsc::Sender<Message>) -> Result<(), End> {
+        if self.group.is_some() {
+            return match o {
+                Some(Out::Target { target, .. }) => Self::send(out, self.set_target(target)).await,
+                // Nothing new, but the channel may have left its pool (parked).
+                None if self.member_of == Some(self.core.pool()) => Ok(()),
+                o => self.grouped(None, o, out).await,
+            };
         }
+        let mut buf = Vec::new();
+        match o {
+            None => {}
+            Some(Out::Target { target, .. }) => buf.push(self.set_target(target)),
+            Some(Out::Job(j)) => self.job(j, &mut buf)?,
+        }
+        for m in buf {
+            Self::send(out, m).await?;
+        }
+        Ok(())
     }
 
-    fn set_target(&mut self, target: Target, buf: &mut Vec<Message>) {
+    /// A grouped channel's writes: its `Success` (with its group id) when
+    /// it opens, then whatever [`Groups::update`] decides for its job. They
+    /// are queued under the groups' lock, so the miner sees membership and
+    /// group jobs in the order they were decided.
+    async fn grouped(
+        &mut self,
+        success: Option<MiningOwned>,
+        o: Option<Out>,
+        out: &mpsc::Sender<Message>,
+    ) -> Result<(), End> {
+        let permits = out
+            .reserve_many(GROUP_SENDS_MAX)
+            .await
+            .map_err(|_| End::Gone)?;
+        let groups = self.group.clone().expect("a grouped channel");
+        let mut g = lock(&groups);
+        let pool = self.core.pool();
+        let mut msgs = Vec::with_capacity(GROUP_SENDS_MAX);
+        if let Some(mut s) = success {
+            if let MiningOwned::OpenStandardMiningChannelSuccess(s) = &mut s {
+                s.group_channel_id = g.join(self.id, pool);
+            }
+            msgs.push(Message::Mining(s));
+        }
+        self.member_of = Some(pool);
+        let job = match o {
+            Some(Out::Job(j)) => Some(j),
+            Some(Out::Target { target, .. }) => {
+                msgs.push(self.set_target(target));
+                None
+            }
+            None => None,
+        };
+        if let Some(j) = &job {
+            self.core.observe_fanout(j);
+            if j.target != self.target_sent {
+                msgs.push(self.set_target(j.target));
+            }
+        }
+        let (job_id, sends) = g.update(self.id, pool, job.as_ref());
+        if let Some(id) = job_id {
+            self.core.relabel_last_job(id);
+        }
+        for s in sends {
+            match s {
+                Send::SetGroup { group, channel } => {
+                    debug!(channel, group, "sv2 channel moved to another group");
+                    msgs.push(Message::Mining(MiningOwned::SetGroupChannel(
+                        SetGroupChannelOwned {
+                            group_channel_id: group,
+                            channel_ids: vec![channel].try_into().expect("one id"),
+                        },
+                    )))
+                }
+                Send::GroupJob {
+                    group,
+                    job_id,
+                    clean,
+                } => {
+                    let j = job.as_ref().expect("a group job comes from a job");
+                    // The members' extranonce is their prefix and zeros: the
+                    // zeros go at the head of the group's coinbase suffix.
+                    let mut suffix = vec![0u8; self.core.extranonce2_size()];
+                    suffix.extend_from_slice(&j.coinbase_suffix);
+                    msgs.push(extended_job(group, job_id, j, clean, suffix)?);
+                    if clean {
+                        msgs.push(prev_hash(group, job_id, &j.up));
+                    }
+                }
+                Send::ChannelJob { channel, job_id } => {
+                    let j = job.as_ref().expect("a channel job comes from a job");
+                    msgs.push(standard_job(channel, job_id, j, true));
+                    msgs.push(prev_hash(channel, job_id, &j.up));
+                }
+            }
+        }
+        debug_assert!(msgs.len() <= GROUP_SENDS_MAX, "{msgs:?}");
+        for (permit, m) in permits.zip(msgs) {
+            permit.send(m);
+        }
+        drop(g);
+        Ok(())
+    }
+
+    fn set_target(&mut self, target: Target) -> Message {
         self.target_sent = target;
-        buf.push(Message::Mining(MiningOwned::SetTarget(SetTargetOwned {
+        Message::Mining(MiningOwned::SetTarget(SetTargetOwned {
             channel_id: self.id,
             maximum_target: U256Owned::from(target.to_le_bytes()),
-        })));
+        }))
     }
 
     fn job(&mut self, j: JobOut, buf: &mut Vec<Message>) -> Result<(), DownstreamError> {
         self.core.observe_fanout(&j);
         if j.target != self.target_sent {
-            self.set_target(j.target, buf);
+            buf.push(self.set_target(j.target));
         }
-        let up = &j.up;
         // A clean job is a future job activated by SetNewPrevHash: that is what
         // voids the miner's earlier jobs.
-        let min_ntime = Sv2OptionOwned::new((!j.clean).then_some(up.ntime));
         let msg = match self.kind {
-            Kind::Standard => MiningOwned::NewMiningJob(NewMiningJobOwned {
-                channel_id: self.id,
-                job_id: j.id,
-                min_ntime,
-                version: up.version,
-                merkle_root: U256Owned::from(j.merkle_root.unwrap_or_default()),
-            }),
-            Kind::Extended => MiningOwned::NewExtendedMiningJob(NewExtendedMiningJobOwned {
-                channel_id: self.id,
-                job_id: j.id,
-                min_ntime,
-                version: up.version,
-                version_rolling_allowed: j.version_mask != 0,
-                merkle_path: Seq0255Owned::new(
-                    up.merkle_branch
-                        .iter()
-                        .map(|h| U256Owned::from(*h))
-                        .collect(),
-                )
-                .map_err(|error| DownstreamError::JobTooLarge {
-                    what: "merkle path",
-                    error,
-                })?,
-                coinbase_tx_prefix: up.coinbase_prefix.clone().try_into().map_err(|error| {
-                    DownstreamError::JobTooLarge {
-                        what: "coinbase prefix",
-                        error,
-                    }
-                })?,
-                coinbase_tx_suffix: j.coinbase_suffix.try_into().map_err(|error| {
-                    DownstreamError::JobTooLarge {
-                        what: "coinbase suffix",
-                        error,
-                    }
-                })?,
-            }),
+            Kind::Standard => standard_job(self.id, j.id, &j, j.clean),
+            Kind::Extended => extended_job(self.id, j.id, &j, j.clean, j.coinbase_suffix.clone())?,
         };
-        buf.push(Message::Mining(msg));
+        buf.push(msg);
         if j.clean {
-            buf.push(Message::Mining(MiningOwned::SetNewPrevHash(
-                SetNewPrevHashOwned {
-                    channel_id: self.id,
-                    job_id: j.id,
-                    prev_hash: U256Owned::from(up.prev_hash),
-                    min_ntime: up.ntime,
-                    nbits: up.nbits,
-                },
-            )));
+            buf.push(prev_hash(self.id, j.id, &j.up));
         }
         Ok(())
     }
+}
+
+/// `NewMiningJob` for a standard channel (a future job when `future`).
+fn standard_job(channel_id: u32, job_id: u32, j: &JobOut, future: bool) -> Message {
+    Message::Mining(MiningOwned::NewMiningJob(NewMiningJobOwned {
+        channel_id,
+        job_id,
+        min_ntime: Sv2OptionOwned::new((!future).then_some(j.up.ntime)),
+        version: j.up.version,
+        merkle_root: U256Owned::from(j.merkle_root.unwrap_or_default()),
+    }))
+}
+
+/// `NewExtendedMiningJob` to an extended channel or a group (a future job when `future`).
+fn extended_job(
+    channel_id: u32,
+    job_id: u32,
+    j: &JobOut,
+    future: bool,
+    coinbase_suffix: Vec<u8>,
+) -> Result<Message, DownstreamError> {
+    let up = &j.up;
+    Ok(Message::Mining(MiningOwned::NewExtendedMiningJob(
+        NewExtendedMiningJobOwned {
+            channel_id,
+            job_id,
+            min_ntime: Sv2OptionOwned::new((!future).then_some(up.ntime)),
+            version: up.version,
+            version_rolling_allowed: j.version_mask != 0,
+            merkle_path: Seq0255Owned::new(
+                up.merkle_branch
+                    .iter()
+                    .map(|h| U256Owned::from(*h))
+                    .collect(),
+            )
+            .map_err(|error| DownstreamError::JobTooLarge {
+                what: "merkle path",
+                error,
+            })?,
+            coinbase_tx_prefix: up.coinbase_prefix.clone().try_into().map_err(|error| {
+                DownstreamError::JobTooLarge {
+                    what: "coinbase prefix",
+                    error,
+                }
+            })?,
+            coinbase_tx_suffix: coinbase_suffix.try_into().map_err(|error| {
+                DownstreamError::JobTooLarge {
+                    what: "coinbase suffix",
+                    error,
+                }
+            })?,
+        },
+    )))
+}
+
+fn prev_hash(channel_id: u32, job_id: u32, up: &crate::upstream::UpJob) -> Message {
+    Message::Mining(MiningOwned::SetNewPrevHash(SetNewPrevHashOwned {
+        channel_id,
+        job_id,
+        prev_hash: U256Owned::from(up.prev_hash),
+        min_ntime: up.ntime,
+        nbits: up.nbits,
+    }))
 }
 
 /// A short name for a message in logs.

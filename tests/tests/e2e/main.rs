@@ -46,6 +46,7 @@ mod proxy_accounts;
 mod proxy_control;
 mod proxy_endpoints;
 mod proxy_fanout;
+mod proxy_group;
 mod proxy_hung_pool;
 mod proxy_pool;
 mod proxy_routing;

@@ -12,7 +12,9 @@
 //! - SV1 miners, each with its own `mining.suggest_difficulty` and, for two
 //!   thirds of them, a `mining.configure` version mask (two disjoint masks);
 //! - SV2 connections, each with standard and extended channels of their own
-//!   nominal hashrates (so their own targets).
+//!   nominal hashrates (so their own targets). They do not set
+//!   `REQUIRES_STANDARD_JOBS`, so their standard channels are grouped: a job
+//!   or `SetNewPrevHash` addressed to a group counts as each member's.
 //!
 //! Each miner submits one share on every job it gets, built from what its
 //! session was told (extranonce1 or extranonce prefix, difficulty or target,
@@ -524,6 +526,9 @@ impl ChannelLog {
 #[derive(Default)]
 struct Sv2Log {
     channels: BTreeMap<u32, ChannelLog>,
+    /// Each channel's group channel (its Success, then SetGroupChannel): a
+    /// job or SetNewPrevHash addressed to a group is every member's.
+    groups: BTreeMap<u32, u32>,
     trouble: Vec<String>,
 }
 
@@ -637,8 +642,8 @@ async fn sv2_session(addr: SocketAddr, conn: usize, log: &Mutex<Sv2Log>) -> Resu
             log.lock().unwrap().trouble.push(format!("{m:?}"));
             continue;
         };
-        let share = on_sv2_message(&mut log.lock().unwrap(), &mut opening, m)?;
-        if let Some(share) = share {
+        let shares = on_sv2_message(&mut log.lock().unwrap(), &mut opening, m)?;
+        for share in shares {
             sv2_write(&mut framed, Message::Mining(share)).await?;
         }
     }
@@ -648,11 +653,11 @@ async fn sv2_session(addr: SocketAddr, conn: usize, log: &Mutex<Sv2Log>) -> Resu
 fn open_channel(
     log: &mut Sv2Log,
     opening: &mut BTreeMap<u32, (Kind, f64)>,
-    (request_id, channel_id): (u32, u32),
+    (request_id, channel_id, group): (u32, u32, u32),
     target: Target,
     prefix: Vec<u8>,
     en2_size: usize,
-) -> Result<Option<MiningOwned>, String> {
+) -> Result<Vec<MiningOwned>, String> {
     let (kind, difficulty) = opening
         .remove(&request_id)
         .ok_or(format!("success for request {request_id}"))?;
@@ -670,21 +675,25 @@ fn open_channel(
     if log.channels.insert(channel_id, ch).is_some() {
         return Err(format!("channel id {channel_id} given twice"));
     }
-    Ok(None)
+    if log.channels.contains_key(&group) {
+        return Err(format!("group id {group} is a channel's"));
+    }
+    log.groups.insert(channel_id, group);
+    Ok(vec![])
 }
 
-/// Record one message; when it gives a channel new work, the share on it.
+/// Record one message; when it gives channels new work, the shares on it.
 fn on_sv2_message(
     log: &mut Sv2Log,
     opening: &mut BTreeMap<u32, (Kind, f64)>,
     m: MiningOwned,
-) -> Result<Option<MiningOwned>, String> {
+) -> Result<Vec<MiningOwned>, String> {
     let (channel_id, event) = match m {
         MiningOwned::OpenStandardMiningChannelSuccess(s) => {
             return open_channel(
                 log,
                 opening,
-                (s.request_id, s.channel_id),
+                (s.request_id, s.channel_id, s.group_channel_id),
                 Target::from_le_bytes(s.target.to_array()),
                 s.extranonce_prefix.as_bytes().to_vec(),
                 0,
@@ -694,7 +703,7 @@ fn on_sv2_message(
             return open_channel(
                 log,
                 opening,
-                (s.request_id, s.channel_id),
+                (s.request_id, s.channel_id, s.group_channel_id),
                 Target::from_le_bytes(s.target.to_array()),
                 s.extranonce_prefix.as_bytes().to_vec(),
                 s.extranonce_size as usize,
@@ -744,7 +753,7 @@ fn on_sv2_message(
                 .get_mut(&s.channel_id)
                 .ok_or(format!("answer on unknown channel {}", s.channel_id))?;
             ch.answers.insert(s.last_sequence_number, Ok(()));
-            return Ok(None);
+            return Ok(vec![]);
         }
         MiningOwned::SubmitSharesError(e) => {
             let ch = log
@@ -753,13 +762,45 @@ fn on_sv2_message(
                 .ok_or(format!("answer on unknown channel {}", e.channel_id))?;
             let code = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
             ch.answers.insert(e.sequence_number, Err(code));
-            return Ok(None);
+            return Ok(vec![]);
+        }
+        MiningOwned::SetGroupChannel(g) => {
+            for id in g.channel_ids.into_inner() {
+                if !log.channels.contains_key(&id) {
+                    return Err(format!("SetGroupChannel for unknown channel {id}"));
+                }
+                log.groups.insert(id, g.group_channel_id);
+            }
+            return Ok(vec![]);
         }
         other => return Err(format!("unexpected {other:?}")),
     };
-    let Some(ch) = log.channels.get_mut(&channel_id) else {
-        return Err(format!("{event:?} on unknown channel {channel_id}"));
+    // A channel's own message, or its group's.
+    let to: Vec<u32> = if log.channels.contains_key(&channel_id) {
+        vec![channel_id]
+    } else {
+        (log.groups.iter())
+            .filter(|(_, g)| **g == channel_id)
+            .map(|(c, _)| *c)
+            .collect()
     };
+    if to.is_empty() {
+        return Err(format!("{event:?} on unknown channel {channel_id}"));
+    }
+    let mut shares = vec![];
+    for c in to {
+        shares.extend(on_channel_event(log, c, event.clone())?);
+    }
+    Ok(shares)
+}
+
+/// Record `event` on channel `channel_id`; when it gives new work, the share on it.
+fn on_channel_event(
+    log: &mut Sv2Log,
+    channel_id: u32,
+    event: Sv2Event,
+) -> Result<Option<MiningOwned>, String> {
+    let ch = log.channels.get_mut(&channel_id).expect("a known channel");
     ch.events.push(event.clone());
     // The job to mine now, on the current tip, if this message made one.
     let job = match &event {
@@ -813,6 +854,22 @@ fn on_sv2_message(
                 version, &prev_hash, &root, ntime, nbits, nonce,
             ))
         }
+    };
+    // A standard channel's work from its group's extended job: the coinbase
+    // with its own prefix (and no extranonce of its own).
+    let body = match (ch.kind, body) {
+        (
+            Kind::Standard,
+            Sv2Body::Extended {
+                prefix,
+                suffix,
+                path,
+                ..
+            },
+        ) => Sv2Body::Standard {
+            merkle_root: share::merkle_root(&[&prefix, &ch.prefix, &suffix], &path),
+        },
+        (_, b) => b,
     };
     Ok(Some(match body {
         Sv2Body::Standard { merkle_root } => {
@@ -1028,8 +1085,11 @@ fn sv2_faults(name: &str, ch: &ChannelLog, pool: &[PoolJob], layout: &Layout) ->
                         path,
                         rolling,
                     } => {
+                        // A standard channel's group job: the zeros after
+                        // its prefix open the suffix.
+                        let zeros = vec![0u8; EN2_SIZE - ch.en2_size];
                         *prefix == layout.coinb1(p)
-                            && *suffix == layout.coinb2(p)
+                            && *suffix == [&zeros[..], &layout.coinb2(p)].concat()
                             && *path == p.branch
                             && *rolling
                     }

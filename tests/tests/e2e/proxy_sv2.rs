@@ -674,17 +674,20 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         },
     ))
     .await;
-    let (std_id, std_target, std_prefix) = c
+    let (std_id, std_target, std_prefix, std_group) = c
         .expect("OpenStandardMiningChannel.Success", |m| match m {
             MiningOwned::OpenStandardMiningChannelSuccess(s) if s.request_id == 1 => Some((
                 s.channel_id,
                 Target::from_le_bytes(s.target.to_array()),
                 s.extranonce_prefix.as_bytes().to_vec(),
+                s.group_channel_id,
             )),
             _ => None,
         })
         .await;
     assert_eq!(std_prefix.len(), 3, "miner part");
+    // No REQUIRES_STANDARD_JOBS: the standard channel is in a group of its own id.
+    assert!(std_group != 0 && std_group != std_id, "group {std_group}");
     // nominal 1 H/s: the configured floor, rounded up to a power of two (2^-29).
     assert_eq!(std_target, Target::from_difficulty(2f64.powi(-29)));
     c.send(MiningOwned::OpenExtendedMiningChannel(
@@ -708,6 +711,7 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         })
         .await;
     assert_ne!(std_id, ext_id);
+    assert_ne!(std_group, ext_id, "one id space for channels and groups");
     assert_eq!(ext_size, 4);
     assert_ne!(ext_prefix, std_prefix, "miner parts are unique");
     // More extranonce than configured: refused, the connection stays.
@@ -754,10 +758,13 @@ async fn sv2_protocol_edges_with_a_raw_client() {
     assert_eq!(code, "channel-capacity-exhausted");
     assert_eq!(proxy.ctx.trips.channels.get(), 1);
 
-    // Each channel got a future job activated by SetNewPrevHash.
+    // Each channel got a future job activated by SetNewPrevHash: the
+    // standard channel through its group (it was the group's only member
+    // when the job went out), as an extended job whose coinbase takes the
+    // channel's prefix.
     let j = c
-        .expect("standard future job", |m| match m {
-            MiningOwned::NewMiningJob(j) if j.channel_id == std_id => Some(j.clone()),
+        .expect("standard channel's group future job", |m| match m {
+            MiningOwned::NewExtendedMiningJob(j) if j.channel_id == std_group => Some(j.clone()),
             _ => None,
         })
         .await;
@@ -766,8 +773,8 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         "first job is a future job"
     );
     let p = c
-        .expect("standard SetNewPrevHash", |m| match m {
-            MiningOwned::SetNewPrevHash(p) if p.channel_id == std_id => Some(p.clone()),
+        .expect("group SetNewPrevHash", |m| match m {
+            MiningOwned::SetNewPrevHash(p) if p.channel_id == std_group => Some(p.clone()),
             _ => None,
         })
         .await;
@@ -775,7 +782,17 @@ async fn sv2_protocol_edges_with_a_raw_client() {
     let sw = StdWork {
         job_id: j.job_id,
         version: j.version,
-        merkle_root: j.merkle_root.to_array(),
+        merkle_root: share::merkle_root(
+            &[
+                j.coinbase_tx_prefix.as_bytes(),
+                &std_prefix,
+                j.coinbase_tx_suffix.as_bytes(),
+            ],
+            &j.merkle_path
+                .iter()
+                .map(|h| h.to_array())
+                .collect::<Vec<_>>(),
+        ),
         prev_hash: p.prev_hash.to_array(),
         nbits: p.nbits,
         ntime: p.min_ntime,
@@ -863,8 +880,9 @@ async fn sv2_protocol_edges_with_a_raw_client() {
         ]
     );
 
-    // The standard job's merkle root is the extended coinbase with this channel's miner
-    // part and zeros in place of extranonce2 (both channels derive from the same pool job).
+    // The standard channel's merkle root (from its group's job) is the extended coinbase
+    // with this channel's miner part and zeros in place of extranonce2 (both channels
+    // derive from the same pool job).
     let std_root = share::merkle_root(&[&ew.prefix, &std_prefix, &[0u8; 4], &ew.suffix], &ew.path);
     if ew.ntime == sw.ntime {
         assert_eq!(std_root, sw.merkle_root);
