@@ -199,7 +199,10 @@ impl Accounts {
     /// (as `accounts[i].key`, message).
     pub fn new(accounts: &[AccountConfig]) -> Result<Accounts, (String, String)> {
         if accounts.len() > MAX_ACCOUNTS {
-            return Err(("accounts".into(), format!("at most {MAX_ACCOUNTS} accounts")));
+            return Err((
+                "accounts".into(),
+                format!("at most {MAX_ACCOUNTS} accounts"),
+            ));
         }
         let mut names = vec![DEFAULT_NAME.to_string()];
         let mut rules = Vec::new();
@@ -222,7 +225,10 @@ impl Accounts {
                 return Err((key("workers"), format!("at most {MAX_RULES} entries each")));
             }
             if let Some(w) = a.workers.iter().find(|w| w.is_empty() || w.len() > 256) {
-                return Err((key("workers"), format!("{w:?}: a glob of 1..=256 characters")));
+                return Err((
+                    key("workers"),
+                    format!("{w:?}: a glob of 1..=256 characters"),
+                ));
             }
             let sources = a
                 .sources
@@ -278,7 +284,12 @@ pub fn slot_name(pool: &str, account: Option<&str>) -> String {
 mod tests {
     use super::*;
 
-    fn account(name: &str, workers: &[&str], listeners: &[Listener], sources: &[&str]) -> AccountConfig {
+    fn account(
+        name: &str,
+        workers: &[&str],
+        listeners: &[Listener],
+        sources: &[&str],
+    ) -> AccountConfig {
         AccountConfig {
             name: name.into(),
             workers: workers.iter().map(|s| s.to_string()).collect(),
@@ -312,10 +323,17 @@ mod tests {
         ])
         .unwrap();
         let o = from(Listener::Sv1, "10.7.3.4");
-        assert_eq!(a.account_of("acme.x1", o), 1, "first match wins over a later one");
+        assert_eq!(
+            a.account_of("acme.x1", o),
+            1,
+            "first match wins over a later one"
+        );
         assert_eq!(a.account_of("bob.1", o), 2, "source network");
         assert_eq!(a.account_of("bob.1", from(Listener::Sv2, "10.8.0.1")), 3);
-        assert_eq!(a.account_of("bob.1", from(Listener::Sv1, "10.8.0.1")), DEFAULT_ACCOUNT);
+        assert_eq!(
+            a.account_of("bob.1", from(Listener::Sv1, "10.8.0.1")),
+            DEFAULT_ACCOUNT
+        );
         // An unknown origin matches only accounts that do not ask for one.
         assert_eq!(a.account_of("bob.1", Origin::default()), DEFAULT_ACCOUNT);
         assert_eq!(a.names(), ["default", "acme", "rack7", "sv2", "late"]);
@@ -324,13 +342,17 @@ mod tests {
 
     #[test]
     fn all_given_criteria_must_match() {
-        let a = Accounts::new(&[account("x", &["a*"], &[Listener::Sv1], &["192.168.1.0/24"])]).unwrap();
+        let a =
+            Accounts::new(&[account("x", &["a*"], &[Listener::Sv1], &["192.168.1.0/24"])]).unwrap();
         assert_eq!(a.account_of("a1", from(Listener::Sv1, "192.168.1.9")), 1);
         assert_eq!(a.account_of("b1", from(Listener::Sv1, "192.168.1.9")), 0);
         assert_eq!(a.account_of("a1", from(Listener::Sv2, "192.168.1.9")), 0);
         assert_eq!(a.account_of("a1", from(Listener::Sv1, "192.168.2.9")), 0);
         // A v4 miner on a dual-stack socket.
-        assert_eq!(a.account_of("a1", from(Listener::Sv1, "::ffff:192.168.1.9")), 1);
+        assert_eq!(
+            a.account_of("a1", from(Listener::Sv1, "::ffff:192.168.1.9")),
+            1
+        );
     }
 
     #[test]
@@ -338,8 +360,12 @@ mod tests {
         let n = Net::parse("fd00::/8").unwrap();
         assert!(n.contains("fd12::1".parse().unwrap()));
         assert!(!n.contains("fe80::1".parse().unwrap()));
-        assert!(Net::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert!(Net::parse("10.0.0.1").unwrap().contains("10.0.0.1".parse().unwrap()));
+        assert!(Net::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Net::parse("10.0.0.1")
+            .unwrap()
+            .contains("10.0.0.1".parse().unwrap()));
         assert!(Net::parse("10.0.0.0/33").is_err());
         assert!(Net::parse("ten/8").is_err());
     }
@@ -350,13 +376,17 @@ mod tests {
         assert_eq!(e.0, "accounts[0].name");
         let e = Accounts::new(&[account("a b", &[], &[], &[])]).unwrap_err();
         assert_eq!(e.0, "accounts[0].name");
-        let e = Accounts::new(&[account("a", &[], &[], &[]), account("a", &[], &[], &[])]).unwrap_err();
+        let e =
+            Accounts::new(&[account("a", &[], &[], &[]), account("a", &[], &[], &[])]).unwrap_err();
         assert_eq!(e.0, "accounts[1].name");
         let e = Accounts::new(&[account("a", &[], &[], &["10.0.0.0/99"])]).unwrap_err();
         assert_eq!(e.0, "accounts[0].sources");
         let mut no_pools = account("a", &[], &[], &[]);
         no_pools.pools.clear();
-        assert_eq!(Accounts::new(&[no_pools]).unwrap_err().0, "accounts[0].pools");
+        assert_eq!(
+            Accounts::new(&[no_pools]).unwrap_err().0,
+            "accounts[0].pools"
+        );
     }
 
     #[test]

@@ -667,7 +667,11 @@ impl ProxyConfig {
         }
         Accounts::new(&self.accounts).map_err(|(key, message)| bad(key, message))?;
         for (i, a) in self.accounts.iter().enumerate() {
-            if let Some(p) = a.pools.keys().find(|p| !self.pools.iter().any(|q| &q.name == *p)) {
+            if let Some(p) = a
+                .pools
+                .keys()
+                .find(|p| !self.pools.iter().any(|q| &q.name == *p))
+            {
                 return Err(bad(
                     format!("accounts[{i}].pools"),
                     format!("{p:?} is not a [[pools]] name"),

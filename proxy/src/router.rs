@@ -1297,7 +1297,8 @@ mod tests {
 
         // Reload: acme's prefix moves to a new account "beta" on pool a; the
         // rack account is gone. Miners are re-matched in place.
-        let accounts2 = "[[accounts]]\nname='beta'\nworkers=['acme.*']\n[accounts.pools.a]\nuser='beta.a'\n";
+        let accounts2 =
+            "[[accounts]]\nname='beta'\nworkers=['acme.*']\n[accounts.pools.a]\nuser='beta.a'\n";
         let cfg2 = ProxyConfig::from_toml(&format!("{pools}{accounts2}")).expect("config");
         let out = router.reconfigure(&cfg2, |index, _pc, stats| {
             // A dropped sender leaves the last view readable: live.

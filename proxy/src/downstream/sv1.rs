@@ -8,12 +8,12 @@
 //! padding in coinb2. That is what lets a miner change pools — failover,
 //! split, reroute — without reconnecting: its extranonce1 never changes.
 
-use crate::accounts::{Listener, Origin};
 use super::channel::{
     self, ChannelCore, ChannelSetup, ExtranonceMode, Out, SlotGuard, SubmitBucket, TargetScope,
     Work, WorkerGuard,
 };
 use super::{Ctx, FanoutTurn};
+use crate::accounts::{Listener, Origin};
 use crate::error::DownstreamError;
 use crate::router::Lease;
 use crate::stats::{RejectReason, WorkerStats};

@@ -26,13 +26,13 @@
 //! on `CloseChannel`, `SetExtranoncePrefix` and `OpenMiningChannel.Error`.
 //! Errors that end the connection are logged with the peer and the reason.
 
-use crate::accounts::{Listener, Origin};
 use super::channel::{
     self, ChannelCore, ChannelSetup, ExtranonceMode, JobOut, Out, SlotGuard, SubmitBucket,
     TargetScope, Work, WorkerGuard,
 };
 use super::group::{Groups, Send};
 use super::Ctx;
+use crate::accounts::{Listener, Origin};
 use crate::error::DownstreamError;
 use crate::stats::RejectReason;
 use crate::sv2_io::accept_noise;
@@ -532,12 +532,12 @@ impl Conn {
         let name = channel::truncate(&r.user, cfg.limits.max_worker_name);
         let worker = WorkerGuard::new(&self.ctx, &name);
         let lease = self.ctx.router.register_from(
-                        &name,
-                        Origin {
-                            listener: Some(Listener::Sv2),
-                            source: Some(self.peer.ip()),
-                        },
-                    );
+            &name,
+            Origin {
+                listener: Some(Listener::Sv2),
+                source: Some(self.peer.ip()),
+            },
+        );
         let initial = initial_difficulty(&self.ctx, r.nominal).max(floor);
         let setup = ChannelSetup {
             extranonce: match r.kind {

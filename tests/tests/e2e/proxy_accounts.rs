@@ -110,7 +110,10 @@ async fn three_accounts() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("gridproxy.toml");
     let listen = free_addr().to_string();
-    write(&path, &config_text(pool.addr(), &key, &listen, &accounts(false)));
+    write(
+        &path,
+        &config_text(pool.addr(), &key, &listen, &accounts(false)),
+    );
     let cfg = gridproxy::Config::load(&path).expect("valid config");
     let app = start_app(cfg, Some(path.clone())).await;
     let proxy = app.proxy.clone();
@@ -143,8 +146,16 @@ async fn three_accounts() {
     let seen = pool.stats();
     assert_eq!(seen.channels, 4, "{seen:?}");
     let users: Vec<&String> = seen.by_user.keys().collect();
-    assert_eq!(users, ["acme.site", "beta.site", "rack.site"], "shares by channel user");
-    for (user, prefix) in [("acme.site", "acme."), ("beta.site", "beta."), ("rack.site", "other.")] {
+    assert_eq!(
+        users,
+        ["acme.site", "beta.site", "rack.site"],
+        "shares by channel user"
+    );
+    for (user, prefix) in [
+        ("acme.site", "acme."),
+        ("beta.site", "beta."),
+        ("rack.site", "other."),
+    ] {
         let ids = &seen.by_user[user];
         assert!(
             ids.keys().all(|id| id.starts_with(prefix)),
@@ -153,25 +164,48 @@ async fn three_accounts() {
     }
     let t = totals(&proxy);
     assert_eq!(
-        (t["default"].miners, t["acme"].miners, t["beta"].miners, t["rack"].miners),
+        (
+            t["default"].miners,
+            t["acme"].miners,
+            t["beta"].miners,
+            t["rack"].miners
+        ),
         (0, 40, 30, 30)
     );
 
     // The API and /metrics show the accounts.
-    let r = client::request(api, "GET", "/api/v1/accounts", Some(OPERATE), None, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let r = client::request(
+        api,
+        "GET",
+        "/api/v1/accounts",
+        Some(OPERATE),
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     let v: Value = r.json().unwrap();
-    let names: Vec<&str> = v.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["default", "acme", "beta", "rack"]);
     assert_eq!(v[1]["slots"], json!(["p@acme"]));
     let metrics = http_get(api, "/metrics").await.unwrap();
-    assert!(metrics.contains("gridproxy_account_miners{account=\"acme\"} 40"), "{metrics}");
+    assert!(
+        metrics.contains("gridproxy_account_miners{account=\"acme\"} 40"),
+        "{metrics}"
+    );
 
     // Hot reload: beta.1* moves to acme. No miner reconnects; their
     // shares go out on acme's channel from then on.
-    write(&path, &config_text(pool.addr(), &key, &listen, &accounts(true)));
+    write(
+        &path,
+        &config_text(pool.addr(), &key, &listen, &accounts(true)),
+    );
     let r = post(api, "/api/v1/reload", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let v: Value = r.json().unwrap();
@@ -179,7 +213,12 @@ async fn three_accounts() {
     assert_eq!(v["pools"]["remapped"], 11, "{v}");
     let moved = |id: &str| id == "beta.1" || id.starts_with("beta.1");
     assert!(
-        wait_until(Duration::from_secs(60), || pool_count(&pool, "acme.site", moved) >= 10).await,
+        wait_until(Duration::from_secs(60), || pool_count(
+            &pool,
+            "acme.site",
+            moved
+        ) >= 10)
+        .await,
         "beta.1* shares did not reach acme's channel: {:?}",
         pool.stats().by_user
     );
@@ -187,18 +226,32 @@ async fn three_accounts() {
     let on_beta = pool_count(&pool, "beta.site", moved);
     let on_acme = pool_count(&pool, "acme.site", |_| true);
     assert!(
-        wait_until(Duration::from_secs(60), || pool_count(&pool, "acme.site", |_| true) >= on_acme + 40).await
+        wait_until(Duration::from_secs(60), || pool_count(
+            &pool,
+            "acme.site",
+            |_| true
+        ) >= on_acme + 40)
+        .await
     );
-    assert_eq!(pool_count(&pool, "beta.site", moved), on_beta, "beta.1* still on beta's channel");
+    assert_eq!(
+        pool_count(&pool, "beta.site", moved),
+        on_beta,
+        "beta.1* still on beta's channel"
+    );
     assert_eq!(connects(), 100, "a miner reconnected");
     assert_eq!(disconnects(), 0);
     let t = totals(&proxy);
     assert_eq!((t["acme"].miners, t["beta"].miners), (51, 19));
 
     // An operator parks the whole rack account, and lets it go again.
-    let r = post(api, "/api/v1/curtail", Some(json!({"action": "park", "account": "rack"}))).await;
+    let r = post(
+        api,
+        "/api/v1/curtail",
+        Some(json!({"action": "park", "account": "rack"})),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json::<Value>().unwrap()["affected"], 30);
+    assert_eq!(r.json().unwrap()["affected"], 30);
     let slot = |name: &str| {
         let pools = proxy.ctx.router.pools();
         let i = pools.iter().position(|p| p.stats.name == name).unwrap();
@@ -206,9 +259,19 @@ async fn three_accounts() {
     };
     assert_eq!(slot("p@rack").miners, 0, "parked miners hold no pool");
     assert_eq!(slot("p@acme").miners, 51);
-    let r = post(api, "/api/v1/curtail", Some(json!({"action": "park", "account": "nobody"}))).await;
+    let r = post(
+        api,
+        "/api/v1/curtail",
+        Some(json!({"action": "park", "account": "nobody"})),
+    )
+    .await;
     assert_eq!(r.status, 400);
-    let r = post(api, "/api/v1/curtail", Some(json!({"action": "unpark", "account": "rack"}))).await;
+    let r = post(
+        api,
+        "/api/v1/curtail",
+        Some(json!({"action": "unpark", "account": "rack"})),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(slot("p@rack").miners, 30);
 
@@ -233,9 +296,16 @@ async fn three_accounts() {
     );
     let seen = pool.stats();
     let t = totals(&proxy);
-    for (account, user) in [("acme", "acme.site"), ("beta", "beta.site"), ("rack", "rack.site")] {
+    for (account, user) in [
+        ("acme", "acme.site"),
+        ("beta", "beta.site"),
+        ("rack", "rack.site"),
+    ] {
         let pool_side: u64 = seen.by_user[user].values().sum();
-        assert_eq!(pool_side, t[account].accepted, "{account}: pool-side vs gridproxy");
+        assert_eq!(
+            pool_side, t[account].accepted,
+            "{account}: pool-side vs gridproxy"
+        );
         assert_eq!(t[account].rejected, 0);
     }
     let workers = proxy.ctx.registry.snapshot();
