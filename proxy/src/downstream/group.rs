@@ -230,18 +230,8 @@ impl Groups {
             return (None, out);
         };
         if m.pool != pool {
-            let old = m.pool;
-            self.remove_from_group(channel, old);
-            let g = self.group_mut(pool);
-            g.members.push(channel);
-            let group = g.id;
-            self.members.insert(
-                channel,
-                Member {
-                    pool,
-                    synced: false,
-                },
-            );
+            // Moved: it joins the new pool's group, as a new channel does.
+            let group = self.join(channel, pool);
             out.push(Send::SetGroup { group, channel });
         }
         let Some(j) = job else {
